@@ -1,0 +1,150 @@
+"""Shared fixtures: an isolated settings + database per test, real PostgreSQL and Redis.
+
+Every test runs in its own temporary directory with its own SQLite file and outbox;
+``PAPERMAIL_*`` variables from the caller's environment are cleared so nothing leaks in.
+PostgreSQL and Redis tests use the real local servers and are skipped *loudly* (a warning
+plus the skip reason in the summary) when those cannot be reached.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from worker import config, db
+
+PG_ADMIN_URL = os.environ.get(
+    "PAPERMAIL_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+)
+REDIS_URL = os.environ.get("PAPERMAIL_TEST_REDIS_URL", "redis://127.0.0.1:6379")
+SEEDS = Path(__file__).resolve().parent / "data"
+
+
+def _clear_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in list(os.environ):
+        if key.startswith(config.ENV_PREFIX) and not key.startswith("PAPERMAIL_TEST_"):
+            monkeypatch.delenv(key, raising=False)
+
+
+@pytest.fixture
+def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
+    """Isolated environment: cwd is tmp_path, settings read fresh from these variables.
+
+    Tests may ``monkeypatch.setenv`` more ``PAPERMAIL_*`` variables, then call
+    ``config.reset_settings()``.
+    """
+    _clear_env(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    values = {
+        "PAPERMAIL_DATABASE_URL": f"sqlite:///{tmp_path / 'papermail.db'}",
+        "PAPERMAIL_OUTBOX_DIR": str(tmp_path / "outbox"),
+        "PAPERMAIL_BASE_URL": "http://papermail.test",
+    }
+    for key, value in values.items():
+        monkeypatch.setenv(key, value)
+    config.reset_settings()
+    db.dispose_engines()
+    yield values
+    db.dispose_engines()
+    config.reset_settings()
+
+
+@pytest.fixture
+def settings(env: dict[str, str]) -> config.Settings:
+    """Settings of the isolated environment, with the schema migrated to head."""
+    from worker import migrate
+
+    migrate.upgrade()
+    return config.get_settings()
+
+
+@pytest.fixture
+def session(settings: config.Settings) -> Iterator[db.Session]:
+    with db.session_scope() as s:
+        yield s
+
+
+def _pg_reachable() -> str | None:
+    try:
+        import psycopg
+
+        url = PG_ADMIN_URL.replace("postgresql+psycopg://", "postgresql://")
+        with psycopg.connect(url, connect_timeout=3):
+            return None
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+
+
+@pytest.fixture(scope="session")
+def pg_admin_url() -> str:
+    problem = _pg_reachable()
+    if problem:
+        msg = f"PostgreSQL NOT REACHABLE at {PG_ADMIN_URL} ({problem}); PostgreSQL tests SKIPPED"
+        warnings.warn(msg, stacklevel=1)
+        pytest.skip(msg)
+    return PG_ADMIN_URL
+
+
+@pytest.fixture
+def pg_url(pg_admin_url: str) -> Iterator[str]:
+    """A brand-new, empty PostgreSQL database for one test, dropped afterwards."""
+    import psycopg
+
+    admin = pg_admin_url.replace("postgresql+psycopg://", "postgresql://")
+    name = f"papermail_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    base = pg_admin_url.rsplit("/", 1)[0]
+    yield f"{base}/{name}"
+    db.dispose_engines()
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def pg_env(env: dict[str, str], pg_url: str, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """Like ``env`` but on a fresh PostgreSQL database, migrated to head."""
+    from worker import migrate
+
+    monkeypatch.setenv("PAPERMAIL_DATABASE_URL", pg_url)
+    config.reset_settings()
+    db.dispose_engines()
+    migrate.upgrade()
+    return {**env, "PAPERMAIL_DATABASE_URL": pg_url}
+
+
+@pytest.fixture(scope="session")
+def redis_base_url() -> str:
+    try:
+        import redis
+
+        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).ping()
+    except Exception as exc:
+        msg = f"Redis NOT REACHABLE at {REDIS_URL} ({exc}); Redis tests SKIPPED"
+        warnings.warn(msg, stacklevel=1)
+        pytest.skip(msg)
+    return REDIS_URL
+
+
+_redis_db_counter = iter(range(1, 16))
+
+
+@pytest.fixture
+def redis_url(redis_base_url: str) -> Iterator[str]:
+    """A Redis database (1-15) flushed before and after the test."""
+    import redis
+
+    number = next(_redis_db_counter, None)
+    if number is None:  # more than 15 Redis tests in a session: recycle
+        number = 15
+    url = f"{redis_base_url}/{number}"
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    yield url
+    client.flushdb()
+    client.close()

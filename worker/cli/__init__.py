@@ -1,0 +1,65 @@
+"""The operator CLI: a click group whose commands call the same functions as tasks and web."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+from typing import Any
+
+import click
+
+from worker import __version__
+from worker.config import ConfigError, get_settings
+from worker.errors import PapermailError
+
+# Each module defines a click command or group named `command`.
+_COMMAND_MODULES = [
+    "db",
+]
+
+
+class PapermailGroup(click.Group):
+    """Turns expected errors into one clear line and a non-zero exit, not a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except ConfigError as exc:
+            click.secho(f"error: {exc}", fg="red", err=True)
+            sys.exit(2)
+        except PapermailError as exc:
+            click.secho(f"error: {exc}", fg="red", err=True)
+            sys.exit(exc.exit_code)
+
+
+@click.group(cls=PapermailGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="papermail")
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+def main(verbose: int) -> None:
+    """papermail: trending research papers by email, personalised, exactly once.
+
+    \b
+    Example:
+      papermail demo              # schema, sample papers and subscribers, one edition
+      papermail digest run        # send today's edition to everyone due
+    """
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _register() -> None:
+    for name in _COMMAND_MODULES:
+        module = importlib.import_module(f"worker.cli.{name}")
+        main.add_command(module.command)
+
+
+_register()
+
+
+def settings_or_exit() -> Any:
+    """Settings for a command, as a clean error when the configuration is invalid."""
+    try:
+        return get_settings()
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None

@@ -1,0 +1,327 @@
+"""Tables and their state enums.
+
+States follow DESIGN.md. Enums are stored as plain strings (no native DB enum) so the
+same migrations run unchanged on SQLite and PostgreSQL and a new state is one line.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import UTC, date, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    Date,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+from sqlalchemy.types import TypeDecorator
+
+from worker.db import Base
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on every backend (SQLite stores naive values)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given; papermail stores UTC-aware datetimes")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class StrEnum(enum.StrEnum):
+    pass
+
+
+class SubscriberStatus(StrEnum):
+    PENDING = "pending"  # not yet confirmed (double opt-in)
+    ACTIVE = "active"
+    PAUSED = "paused"
+    UNSUBSCRIBED = "unsubscribed"
+    BOUNCED = "bounced"
+    COMPLAINED = "complained"
+
+
+# Nothing is ever sent to these until an operator lifts it.
+SUPPRESSED_STATUSES = frozenset(
+    {SubscriberStatus.UNSUBSCRIBED, SubscriberStatus.BOUNCED, SubscriberStatus.COMPLAINED}
+)
+
+
+class Frequency(StrEnum):
+    DAILY = "daily"
+    WEEKLY = "weekly"
+
+
+class DeliveryState(StrEnum):
+    PENDING = "pending"
+    SENDING = "sending"
+    SENT = "sent"
+    DELIVERED = "delivered"
+    BOUNCED = "bounced"
+    COMPLAINED = "complained"
+    SKIPPED = "skipped"
+    FAILED = "failed"
+    UNKNOWN = "unknown"
+
+
+FINAL_DELIVERY_STATES = frozenset(
+    {
+        DeliveryState.SENT,
+        DeliveryState.DELIVERED,
+        DeliveryState.BOUNCED,
+        DeliveryState.COMPLAINED,
+        DeliveryState.SKIPPED,
+        DeliveryState.FAILED,
+        DeliveryState.UNKNOWN,
+    }
+)
+
+# States in which the provider accepted the message.
+ACCEPTED_DELIVERY_STATES = frozenset(
+    {
+        DeliveryState.SENT,
+        DeliveryState.DELIVERED,
+        DeliveryState.BOUNCED,
+        DeliveryState.COMPLAINED,
+    }
+)
+
+WEEKDAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
+
+
+def _state_check(column: str, enum_cls: type[enum.Enum]) -> str:
+    values = ", ".join(f"'{member.value}'" for member in enum_cls)
+    return f"{column} IN ({values})"
+
+
+class Paper(Base):
+    __tablename__ = "papers"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)  # arXiv id or source id
+    title: Mapped[str] = mapped_column(Text)
+    abstract: Mapped[str] = mapped_column(Text, default="")
+    authors: Mapped[list[str]] = mapped_column(JSON, default=list)
+    upvotes: Mapped[int] = mapped_column(Integer, default=0)
+    published_at: Mapped[datetime | None] = mapped_column(UTCDateTime, index=True)
+    ingested_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+    source: Mapped[str] = mapped_column(String(16), default="jsonl")
+    url: Mapped[str | None] = mapped_column(Text)  # the paper's page
+    pdf_url: Mapped[str | None] = mapped_column(Text)
+    hf_url: Mapped[str | None] = mapped_column(Text)
+
+    @property
+    def effective_date(self) -> datetime:
+        """When the paper counts as published for the look-back window."""
+        return self.published_at or self.ingested_at
+
+
+class Subscriber(Base):
+    __tablename__ = "subscribers"
+    __table_args__ = (
+        CheckConstraint("max_papers BETWEEN 1 AND 50", name="max_papers_range"),
+        CheckConstraint("send_hour BETWEEN 0 AND 23", name="send_hour_range"),
+        CheckConstraint("weekday IS NULL OR weekday BETWEEN 0 AND 6", name="weekday_range"),
+        CheckConstraint(_state_check("status", SubscriberStatus), name="status_valid"),
+        CheckConstraint(_state_check("frequency", Frequency), name="frequency_valid"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    email: Mapped[str] = mapped_column(String(320), unique=True)  # normalised
+    status: Mapped[str] = mapped_column(String(16), default=SubscriberStatus.PENDING, index=True)
+    topics: Mapped[list[str]] = mapped_column(JSON, default=list)
+    max_papers: Mapped[int] = mapped_column(Integer, default=5)
+    frequency: Mapped[str] = mapped_column(String(8), default=Frequency.DAILY)
+    weekday: Mapped[int | None] = mapped_column(Integer)  # 0 = Monday; weekly only
+    send_hour: Mapped[int] = mapped_column(Integer, default=7)
+    timezone: Mapped[str] = mapped_column(String(64), default="UTC")
+    paused_until: Mapped[date | None] = mapped_column(Date)
+    # Operator suppression, independent of status (e.g. a legal request).
+    suppressed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    suppression_reason: Mapped[str | None] = mapped_column(Text)
+    soft_bounce_count: Mapped[int] = mapped_column(Integer, default=0)
+    source: Mapped[str] = mapped_column(String(16), default="cli")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+    confirmed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    unsubscribed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    deliveries: Mapped[list[Delivery]] = relationship(back_populates="subscriber")
+
+    @property
+    def is_suppressed(self) -> bool:
+        return self.status in SUPPRESSED_STATUSES or self.suppressed_at is not None
+
+
+class Delivery(Base):
+    """One edition for one subscriber: the unique row that decides whether mail goes out."""
+
+    __tablename__ = "deliveries"
+    __table_args__ = (
+        UniqueConstraint("subscriber_id", "edition_date", name="uq_deliveries_subscriber_edition"),
+        CheckConstraint(_state_check("state", DeliveryState), name="state_valid"),
+        Index("ix_deliveries_edition_state", "edition_date", "state"),
+        Index("ix_deliveries_state_claimed", "state", "claimed_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    subscriber_id: Mapped[int] = mapped_column(ForeignKey("subscribers.id", ondelete="CASCADE"))
+    edition_date: Mapped[date] = mapped_column(Date)
+    state: Mapped[str] = mapped_column(String(16), default=DeliveryState.PENDING)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    message_id: Mapped[str | None] = mapped_column(String(255), index=True)  # provider's id
+    rfc_message_id: Mapped[str | None] = mapped_column(String(255))  # our Message-ID header
+    last_error: Mapped[str | None] = mapped_column(Text)
+    skip_reason: Mapped[str | None] = mapped_column(Text)
+    # When the send is due (local send hour in UTC); retries push it later.
+    scheduled_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+    claimed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # Provider outcome timestamps.
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    bounced_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    complained_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    subscriber: Mapped[Subscriber] = relationship(back_populates="deliveries")
+    papers: Mapped[list[DeliveryPaper]] = relationship(
+        back_populates="delivery", order_by="DeliveryPaper.position", cascade="all, delete-orphan"
+    )
+    attempts_log: Mapped[list[DeliveryAttempt]] = relationship(
+        back_populates="delivery", order_by="DeliveryAttempt.id", cascade="all, delete-orphan"
+    )
+
+
+class DeliveryPaper(Base):
+    """Which papers a delivery carried, in order, and why each was chosen."""
+
+    __tablename__ = "delivery_papers"
+
+    delivery_id: Mapped[int] = mapped_column(
+        ForeignKey("deliveries.id", ondelete="CASCADE"), primary_key=True
+    )
+    paper_id: Mapped[str] = mapped_column(
+        ForeignKey("papers.id", ondelete="CASCADE"), primary_key=True, index=True
+    )
+    position: Mapped[int] = mapped_column(Integer)
+    matched_topic: Mapped[str | None] = mapped_column(Text)
+    score: Mapped[float] = mapped_column(Float, default=0.0)
+
+    delivery: Mapped[Delivery] = relationship(back_populates="papers")
+
+
+class DeliveryAttempt(Base):
+    """Attempt history of a delivery: every send, retry and operator resend."""
+
+    __tablename__ = "delivery_attempts"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    delivery_id: Mapped[int] = mapped_column(
+        ForeignKey("deliveries.id", ondelete="CASCADE"), index=True
+    )
+    kind: Mapped[str] = mapped_column(String(16), default="send")  # send | retry | resend
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    outcome: Mapped[str | None] = mapped_column(String(16))  # sent | transient | failed | ...
+    error: Mapped[str | None] = mapped_column(Text)
+    message_id: Mapped[str | None] = mapped_column(String(255))
+    reason: Mapped[str | None] = mapped_column(Text)  # operator's --reason
+    actor: Mapped[str | None] = mapped_column(String(64))
+
+    delivery: Mapped[Delivery] = relationship(back_populates="attempts_log")
+
+
+class ProviderEvent(Base):
+    """A provider notification (bounce, complaint, delivery...), stored raw."""
+
+    __tablename__ = "provider_events"
+    __table_args__ = (Index("ix_provider_events_message", "provider_message_id"),)
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    # SNS MessageId (or a content hash when there is none): the deduplication key.
+    dedupe_key: Mapped[str] = mapped_column(String(255), unique=True)
+    event_type: Mapped[str] = mapped_column(String(32))  # Bounce, Complaint, Delivery, ...
+    subtype: Mapped[str | None] = mapped_column(String(64))  # e.g. Permanent/General
+    provider_message_id: Mapped[str | None] = mapped_column(String(255))
+    delivery_id: Mapped[int | None] = mapped_column(
+        ForeignKey("deliveries.id", ondelete="SET NULL"), index=True
+    )
+    recipients: Mapped[list[str]] = mapped_column(JSON, default=list)
+    occurred_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    via: Mapped[str] = mapped_column(String(16), default="sns")  # sns | sqs | file
+    orphan: Mapped[bool] = mapped_column(Boolean, default=False)
+    raw: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+
+class Feedback(Base):
+    """A subscriber's "more like this" (+1) or "less like this" (-1) on a paper."""
+
+    __tablename__ = "feedback"
+    __table_args__ = (
+        UniqueConstraint("subscriber_id", "paper_id", name="uq_feedback_subscriber_paper"),
+        CheckConstraint("vote IN (-1, 1)", name="vote_valid"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    subscriber_id: Mapped[int] = mapped_column(
+        ForeignKey("subscribers.id", ondelete="CASCADE"), index=True
+    )
+    paper_id: Mapped[str] = mapped_column(ForeignKey("papers.id", ondelete="CASCADE"))
+    vote: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+
+
+class SubscriberLog(Base):
+    """Audit trail of changes to a subscriber: who, when, what, why."""
+
+    __tablename__ = "subscriber_log"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    subscriber_id: Mapped[int] = mapped_column(
+        ForeignKey("subscribers.id", ondelete="CASCADE"), index=True
+    )
+    at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    action: Mapped[str] = mapped_column(String(32))
+    detail: Mapped[str | None] = mapped_column(Text)
+    actor: Mapped[str] = mapped_column(String(32), default="cli")
+
+
+class ControlFlag(Base):
+    """Operator-visible switches, e.g. sending paused by the reputation guard."""
+
+    __tablename__ = "control_flags"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
