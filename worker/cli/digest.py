@@ -1,0 +1,205 @@
+"""`papermail digest ...`: send an edition now, or preview one subscriber's."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from worker import delivery
+from worker.cli.common import date_option, echo_json, parse_date, require_schema
+from worker.config import get_settings
+from worker.db import session_scope
+from worker.errors import PapermailError
+
+
+@click.group("digest")
+def command() -> None:
+    """Send or preview the digest.
+
+    \b
+    Example:
+      papermail digest run --date 2026-11-27
+      papermail digest preview ada@example.org -o ada.html
+    """
+
+
+@command.command("run")
+@date_option()
+@click.option("--dry-run", is_flag=True, help="Select and render, but send and record nothing.")
+@click.option("--wait", is_flag=True, help="With a broker: follow the edition until it is done.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def run(date_: str | None, dry_run: bool, wait: bool, as_json: bool) -> None:
+    """Send edition D now to every subscriber due that day.
+
+    Daily subscribers are due every day, weekly ones on their weekday; their delivery hour
+    is ignored here (the hourly beat is what waits for it). Running it twice for the same
+    date sends nothing the second time.
+
+    \b
+    Example:
+      papermail digest run                   # today's edition (UTC date)
+      papermail digest run --date 2026-11-27 --dry-run
+    """
+    require_schema()
+    settings = get_settings()
+    edition = parse_date(date_)
+    if dry_run:
+        _dry_run(edition, as_json)
+        return
+    if not settings.in_process:
+        from worker.tasks import enqueue_edition, follow_edition
+
+        planned = enqueue_edition(edition)
+        if not as_json:
+            click.echo(
+                f"edition {edition}: {planned.due} due, {planned.created} new deliveries, "
+                f"{len(planned.pending_ids)} queued in chunks of {settings.chunk_size}"
+            )
+        if wait:
+            follow_edition(edition, planned_ids=planned.pending_ids, show_progress=not as_json)
+        _summary(edition, None, as_json)
+        return
+
+    bar_holder: dict[str, object] = {}
+
+    def on_planned(n: int) -> None:
+        bar = click.progressbar(
+            length=n, label=f"edition {edition}", file=click.get_text_stream("stderr")
+        )
+        bar.__enter__()
+        bar_holder["bar"] = bar
+
+    def on_progress(n: int) -> None:
+        bar = bar_holder.get("bar")
+        if bar is not None:
+            bar.update(n)  # type: ignore[attr-defined]
+
+    try:
+        plan, outcome = delivery.run_in_process(
+            edition,
+            settings=settings,
+            on_planned=on_planned if not as_json else None,
+            on_progress=on_progress,
+        )
+    finally:
+        bar = bar_holder.get("bar")
+        if bar is not None:
+            bar.__exit__(None, None, None)  # type: ignore[attr-defined]
+    _summary(edition, (plan, outcome), as_json)
+
+
+def _summary(
+    edition: object,
+    result: tuple[delivery.PlanResult, delivery.ChunkOutcome] | None,
+    as_json: bool,
+) -> None:
+    with session_scope() as session:
+        counts = delivery.edition_counts(session, edition)  # type: ignore[arg-type]
+        paused = delivery.sending_paused(session)
+    data: dict[str, object] = {"edition": str(edition), "states": counts, "paused": paused}
+    if result is not None:
+        plan, outcome = result
+        data["this_run"] = {
+            "due": plan.due,
+            "planned": plan.created,
+            "sent": outcome.sent,
+            "skipped": outcome.skipped,
+            "failed": outcome.failed,
+            "unknown": outcome.unknown,
+            "retry_later": len(outcome.retry),
+        }
+    if as_json:
+        echo_json(data)
+    else:
+        if result is not None:
+            run_counts = data["this_run"]
+            click.echo(f"\nedition {edition}: this run")
+            for key, value in run_counts.items():  # type: ignore[union-attr]
+                click.echo(f"  {key:<12} {value:>8}")
+        click.echo(f"\nedition {edition}: all deliveries by state")
+        for key, value in counts.items():
+            if value:
+                click.echo(f"  {key:<12} {value:>8}")
+        if paused:
+            click.secho(
+                f"\nsending is PAUSED: {paused}\n"
+                "the rest stays pending; fix the cause, then `papermail sending resume`",
+                fg="red",
+                err=True,
+            )
+    failed = counts.get("failed", 0) + counts.get("unknown", 0)
+    if paused or (result is not None and (result[1].failed or result[1].unknown)):
+        raise SystemExit(1)
+    del failed
+
+
+def _dry_run(edition: object, as_json: bool) -> None:
+    """Render what would go out, write nothing, send nothing."""
+    from worker.previews import dry_run_edition
+
+    with session_scope() as session:
+        result = dry_run_edition(session, edition)  # type: ignore[arg-type]
+    rows = [
+        {
+            "email": p.email,
+            "papers": len(p.papers),
+            "subject": p.subject,
+            "bytes": p.size,
+            "skip": p.skip_reason,
+        }
+        for p in result.previews
+    ]
+    if as_json:
+        echo_json(
+            {
+                "edition": str(edition),
+                "dry_run": True,
+                "due": result.due,
+                "already_planned": result.already_planned,
+                "would_send": result.would_send,
+                "would_skip": result.would_skip,
+                "emails": rows,
+            }
+        )
+        return
+    for row in rows:
+        if row["papers"]:
+            click.echo(f"  send  {row['email']:<40} {row['papers']:>2} papers  {row['subject']}")
+        else:
+            click.echo(f"  skip  {row['email']:<40} {row['skip']}")
+    click.echo(
+        f"dry run of edition {edition}: {result.due} due, {result.already_planned} already "
+        f"planned, would send {result.would_send}, skip {result.would_skip}; nothing written"
+    )
+
+
+@command.command("preview")
+@click.argument("email")
+@date_option()
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the HTML here (default: print it).",
+)
+def preview(email: str, date_: str | None, output: Path | None) -> None:
+    """Render the digest EMAIL would get for edition D, without sending or recording.
+
+    \b
+    Example:
+      papermail digest preview ada@example.org -o ada.html
+    """
+    require_schema()
+    from worker.previews import preview_digest
+
+    edition = parse_date(date_)
+    with session_scope() as session:
+        result = preview_digest(session, email, edition)
+    if result.html is None:
+        raise PapermailError(f"{email} would get no email on {edition}: {result.skip_reason}")
+    if output:
+        output.write_text(result.html, encoding="utf-8")
+        click.echo(f"wrote {output} ({len(result.papers)} papers)")
+    else:
+        click.echo(result.html)

@@ -1,0 +1,155 @@
+"""`papermail resend`: send an edition again, without ever duplicating by accident."""
+
+from __future__ import annotations
+
+import click
+
+from worker import operations
+from worker.cli.common import date_option, echo_json, parse_date, require_schema
+from worker.config import get_settings
+from worker.db import session_scope
+from worker.errors import PapermailError
+
+
+@click.command("resend")
+@date_option("Edition date, YYYY-MM-DD (required).")
+@click.option("--subscriber", "email", metavar="EMAIL", help="Re-send this subscriber's edition.")
+@click.option(
+    "--state",
+    type=click.Choice(operations.RESENDABLE_STATES),
+    help="Re-send every delivery of the date in this state.",
+)
+@click.option(
+    "--reason",
+    default="operator resend",
+    show_default=True,
+    help="Why; recorded in the delivery's attempt history.",
+)
+@click.option("--dry-run", is_flag=True, help="List who would get what; change nothing.")
+@click.option("--force", is_flag=True, help="Also re-send editions already sent or delivered.")
+@click.option(
+    "--include-suppressed",
+    is_flag=True,
+    help="Also send to suppressed addresses (asks for confirmation).",
+)
+@click.option("--yes", is_flag=True, help="Confirm --include-suppressed without asking.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def command(
+    date_: str | None,
+    email: str | None,
+    state: str | None,
+    reason: str,
+    dry_run: bool,
+    force: bool,
+    include_suppressed: bool,
+    yes: bool,
+    as_json: bool,
+) -> None:
+    """Re-send one subscriber's edition, or every failed/unknown/skipped/bounced one of a date.
+
+    The resend carries the papers the edition originally had (re-rendered with today's
+    template), goes through the same queue and rate limit, and is recorded in the
+    delivery's attempt history. An edition already sent or delivered needs --force; a
+    suppressed address needs --include-suppressed, confirmed.
+
+    \b
+    Example:
+      papermail resend --date 2026-11-27 --state unknown --dry-run
+      papermail resend --date 2026-11-27 --subscriber ada@example.org --reason "lost mail"
+    """
+    if date_ is None:
+        raise click.UsageError("--date is required (the edition to re-send)")
+    require_schema()
+    settings = get_settings()
+    edition = parse_date(date_)
+    with session_scope() as session:
+        plan = operations.plan_resend(
+            session,
+            edition,
+            subscriber_email=email,
+            state=state,
+            force=force,
+            include_suppressed=include_suppressed,
+        )
+    to_send = plan.to_send
+    if include_suppressed and not dry_run and any(i.suppressed for i in to_send) and not yes:
+        names = ", ".join(i.email for i in to_send if i.suppressed)
+        if not click.confirm(f"send to suppressed address(es) {names}?", default=False):
+            raise PapermailError("nothing sent: sending to suppressed addresses was not confirmed")
+    if dry_run or not to_send:
+        _report(plan, [], None, dry_run, as_json)
+        if plan.refused and not to_send:
+            raise SystemExit(1)
+        return
+    with session_scope() as session:
+        ids = operations.requeue_for_resend(session, to_send, reason=reason)
+    lost = {i.delivery_id for i in to_send} - set(ids)
+    for item in to_send:
+        if item.delivery_id in lost:
+            item.action, item.why = "refused", "changed meanwhile (a running edition has it)"
+    outcome = None
+    if settings.in_process:
+        from worker.delivery import process_deliveries
+
+        with click.progressbar(
+            length=len(ids), label="resending", file=click.get_text_stream("stderr")
+        ) as bar:
+            outcome = process_deliveries(
+                ids,
+                settings=settings,
+                attempt_kind="resend",
+                reason=reason,
+                actor="cli",
+                include_suppressed=include_suppressed,
+                on_progress=bar.update,
+            )
+    else:
+        from worker.tasks import enqueue_chunks
+
+        enqueue_chunks(ids, kind="resend", reason=reason, include_suppressed=include_suppressed)
+    _report(plan, ids, outcome, False, as_json)
+    if outcome is not None and (outcome.failed or outcome.unknown or outcome.paused):
+        raise SystemExit(1)
+
+
+def _report(
+    plan: operations.ResendPlan, queued: list[int], outcome: object, dry_run: bool, as_json: bool
+) -> None:
+    data: dict[str, object] = {
+        "edition": plan.edition_date.isoformat(),
+        "dry_run": dry_run,
+        "items": [
+            {
+                "delivery_id": i.delivery_id,
+                "email": i.email,
+                "state": i.state,
+                "papers": i.papers,
+                "suppressed": i.suppressed,
+                "action": i.action,
+                "why": i.why,
+            }
+            for i in plan.items
+        ],
+        "queued": len(queued),
+    }
+    if outcome is not None:
+        data["sent"] = outcome.sent  # type: ignore[attr-defined]
+        data["failed"] = outcome.failed  # type: ignore[attr-defined]
+        data["unknown"] = outcome.unknown  # type: ignore[attr-defined]
+        data["skipped"] = outcome.skipped  # type: ignore[attr-defined]
+    if as_json:
+        echo_json(data)
+        return
+    for i in plan.items:
+        verb = "would resend" if dry_run and i.action == "resend" else i.action
+        line = f"  {verb:<12} {i.email:<36} was {i.state:<9} {len(i.papers)} papers"
+        click.echo(line + (f"  ({i.why})" if i.why else ""))
+    if dry_run:
+        click.echo(f"dry run: {len(plan.to_send)} would be re-sent, {len(plan.refused)} refused")
+    elif outcome is not None:
+        click.echo(
+            f"re-sent {data['sent']}, failed {data['failed']}, unknown {data['unknown']},"
+            f" skipped {data['skipped']}"
+        )
+    else:
+        click.echo(f"queued {len(queued)} for the workers")

@@ -1,0 +1,89 @@
+"""`papermail stats`: how the editions went."""
+
+from __future__ import annotations
+
+import click
+
+from worker import operations
+from worker.cli.common import echo_json, parse_date, require_schema
+from worker.db import session_scope
+from worker.delivery import sending_paused
+
+
+@click.command("stats")
+@click.option("--date", "date_", metavar="D", help="One edition, YYYY-MM-DD (default: the last 7).")
+@click.option("--json", "as_json", is_flag=True, help="Stable JSON for scripts.")
+def command(date_: str | None, as_json: bool) -> None:
+    """Per edition: counts by state, bounce and complaint rates against SES's review
+    thresholds, when sending started and ended, achieved rate, oldest pending.
+
+    Exits 1 when an edition has failed or unknown deliveries, a rate over its threshold,
+    or sending is paused.
+
+    \b
+    Example:
+      papermail stats
+      papermail stats --date 2026-11-27 --json | jq .states
+    """
+    require_schema()
+    with session_scope() as session:
+        dates = [parse_date(date_)] if date_ else operations.recent_editions(session)
+        editions = [operations.edition_stats(session, d) for d in dates]
+        paused = sending_paused(session)
+    if as_json:
+        echo_json({"paused": paused, "editions": editions})
+    else:
+        _table(editions, paused)
+    bad = paused or any(
+        e["states"]["failed"] or e["states"]["unknown"] or e["bounce_over"] or e["complaint_over"]  # type: ignore[index]
+        for e in editions
+    )
+    if bad:
+        raise SystemExit(1)
+
+
+def _table(editions: list[dict[str, object]], paused: str | None) -> None:
+    if paused:
+        click.secho(f"sending is PAUSED: {paused}  (resume: papermail sending resume)", fg="red")
+    if not editions:
+        click.echo("no editions yet; run `papermail digest run`")
+        return
+    cols = [
+        "pending",
+        "sending",
+        "sent",
+        "delivered",
+        "bounced",
+        "complained",
+        "skipped",
+        "failed",
+        "unknown",
+    ]
+    head = f"{'edition':<11}" + "".join(f"{c[:9]:>10}" for c in cols)
+    head += f"{'bounce%':>9}{'compl%':>8}{'rate/s':>8}"
+    click.echo(head)
+    for e in editions:
+        states = e["states"]
+        line = f"{e['edition']:<11}" + "".join(f"{states[c]:>10}" for c in cols)  # type: ignore[index]
+        bounce = f"{100 * e['bounce_rate']:.2f}"  # type: ignore[operator]
+        compl = f"{100 * e['complaint_rate']:.3f}"  # type: ignore[operator]
+        rate = e["send_rate_per_second"]
+        click.echo(line, nl=False)
+        click.secho(f"{bounce:>9}", nl=False, fg="red" if e["bounce_over"] else None)
+        click.secho(f"{compl:>8}", nl=False, fg="red" if e["complaint_over"] else None)
+        click.echo(f"{rate if rate is not None else '-':>8}")
+    for e in editions:
+        extra = []
+        if e["started_at"]:
+            extra.append(f"started {e['started_at']}")
+        if e["ended_at"]:
+            extra.append(f"ended {e['ended_at']}")
+        if e["oldest_pending_at"]:
+            extra.append(f"oldest pending since {e['oldest_pending_at']}")
+        if extra:
+            click.echo(f"{e['edition']}: " + ", ".join(extra))
+    t = editions[0]
+    click.echo(
+        f"thresholds: bounce {100 * t['bounce_threshold']:.1f}%, "  # type: ignore[operator]
+        f"complaint {100 * t['complaint_threshold']:.2f}% (SES review levels)"  # type: ignore[operator]
+    )

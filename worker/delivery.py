@@ -1,0 +1,733 @@
+"""Plan editions; claim, send and record deliveries.
+
+The unique (subscriber, edition date) row and the conditional pending -> sending UPDATE
+decide whether an email goes out, never the queue: a chunk processed twice, by two
+workers or after a redelivery, sends each email once.
+
+One commit per email: the record of message *i* and the claim of message *i+1* share a
+transaction. A worker killed after the provider accepted *i* but before that commit leaves
+*i* in ``sending`` (the reaper makes it ``unknown``, never re-sent automatically) and *i+1*
+still ``pending`` (claimable again after recovery).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, time, timedelta
+from zoneinfo import ZoneInfo
+
+from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy.orm import Session
+
+from worker.config import Settings, get_settings
+from worker.db import insert_ignore_or_update, session_scope
+from worker.mailers.errors import (
+    AccountError,
+    AmbiguousError,
+    MailerError,
+    PermanentError,
+    ThrottledError,
+    TransientError,
+)
+from worker.models import (
+    ControlFlag,
+    Delivery,
+    DeliveryAttempt,
+    DeliveryPaper,
+    DeliveryState,
+    Frequency,
+    Paper,
+    Subscriber,
+    SubscriberStatus,
+    utcnow,
+)
+
+log = logging.getLogger(__name__)
+
+PAUSE_FLAG = "sending_paused"
+
+
+# ---------------------------------------------------------------------------------------
+# Who is due
+
+
+def sendable_filter(today: date) -> list:  # type: ignore[type-arg]
+    """SQL conditions for a subscriber who may receive mail on ``today``."""
+    return [
+        Subscriber.status == SubscriberStatus.ACTIVE,
+        Subscriber.suppressed_at.is_(None),
+        or_(Subscriber.paused_until.is_(None), Subscriber.paused_until < today),
+    ]
+
+
+def due_filter(edition_date: date) -> list:  # type: ignore[type-arg]
+    """Daily subscribers every day; weekly ones on their weekday."""
+    return [
+        *sendable_filter(edition_date),
+        or_(
+            Subscriber.frequency == Frequency.DAILY,
+            and_(
+                Subscriber.frequency == Frequency.WEEKLY,
+                func.coalesce(Subscriber.weekday, 0) == edition_date.weekday(),
+            ),
+        ),
+    ]
+
+
+def send_time(sub: Subscriber, edition_date: date) -> datetime:
+    """The edition's nominal send time: local send hour on the edition date, in UTC.
+
+    Built with fold=0 and normalised through UTC, so a send hour that falls into a DST gap
+    (e.g. 02:00 on a spring-forward day) resolves to a real instant.
+    """
+    tz = ZoneInfo(sub.timezone)
+    local = datetime.combine(edition_date, time(sub.send_hour), tzinfo=tz)
+    return local.astimezone(UTC)
+
+
+def window_end(sub: Subscriber, edition_date: date, now: datetime) -> datetime:
+    """Selection window end: the edition's send time, or now when that is still ahead."""
+    return min(send_time(sub, edition_date), now)
+
+
+# ---------------------------------------------------------------------------------------
+# Planning
+
+
+@dataclass
+class PlanResult:
+    edition_date: date
+    due: int = 0  # subscribers due that day
+    created: int = 0  # new delivery rows
+    pending_ids: list[int] = field(default_factory=list)  # rows waiting to be sent
+
+
+def plan_edition(
+    session: Session,
+    edition_date: date,
+    *,
+    subscriber_ids: Iterable[int] | None = None,
+    now: datetime | None = None,
+) -> PlanResult:
+    """Insert one pending delivery per due subscriber (idempotent) and list what waits.
+
+    Re-planning the same date creates nothing: the unique constraint drops the conflicts.
+    Rows left ``pending`` by an earlier, interrupted run are returned too, so they are
+    picked up again.
+    """
+    now = now or utcnow()
+    query = select(Subscriber.id).where(*due_filter(edition_date))
+    if subscriber_ids is not None:
+        ids = list(subscriber_ids)
+        if not ids:
+            return PlanResult(edition_date)
+        query = query.where(Subscriber.id.in_(ids))
+    due_ids = list(session.scalars(query.order_by(Subscriber.id)))
+    before = _count_for_date(session, edition_date)
+    insert_ignore_or_update(
+        session,
+        Delivery.__table__,
+        [
+            {
+                "subscriber_id": sid,
+                "edition_date": edition_date,
+                "state": DeliveryState.PENDING.value,
+                "attempts": 0,
+                "scheduled_at": now,
+                "created_at": now,
+                "updated_at": now,
+            }
+            for sid in due_ids
+        ],
+        ["subscriber_id", "edition_date"],
+    )
+    created = _count_for_date(session, edition_date) - before
+    pending = pending_delivery_ids(session, edition_date, subscriber_ids=due_ids)
+    return PlanResult(edition_date, due=len(due_ids), created=created, pending_ids=pending)
+
+
+def _count_for_date(session: Session, edition_date: date) -> int:
+    return (
+        session.scalar(
+            select(func.count()).select_from(Delivery).where(Delivery.edition_date == edition_date)
+        )
+        or 0
+    )
+
+
+def pending_delivery_ids(
+    session: Session,
+    edition_date: date,
+    *,
+    subscriber_ids: Sequence[int] | None = None,
+    now: datetime | None = None,
+) -> list[int]:
+    query = select(Delivery.id).where(
+        Delivery.edition_date == edition_date, Delivery.state == DeliveryState.PENDING
+    )
+    if now is not None:  # only rows whose (retry) time has come
+        query = query.where(or_(Delivery.scheduled_at.is_(None), Delivery.scheduled_at <= now))
+    ids = list(session.scalars(query.order_by(Delivery.id)))
+    if subscriber_ids is not None:
+        wanted = set(subscriber_ids)
+        sub_of = (
+            dict(
+                session.execute(
+                    select(Delivery.id, Delivery.subscriber_id).where(Delivery.id.in_(ids))
+                )
+                .tuples()
+                .all()
+            )
+            if ids
+            else {}
+        )
+        ids = [i for i in ids if sub_of.get(i) in wanted]
+    return ids
+
+
+def chunks(ids: Sequence[int], size: int) -> list[list[int]]:
+    return [list(ids[i : i + size]) for i in range(0, len(ids), size)]
+
+
+# ---------------------------------------------------------------------------------------
+# Sending
+
+
+@dataclass
+class ChunkOutcome:
+    sent: int = 0
+    skipped: int = 0
+    failed: int = 0
+    unknown: int = 0
+    not_claimed: int = 0  # someone else had it, or it was no longer pending
+    retry: list[tuple[int, float]] = field(default_factory=list)  # (delivery id, delay s)
+    paused: str | None = None  # why sending stopped (account-level error or guard)
+    dry_run_messages: int = 0
+
+    def merge(self, other: ChunkOutcome) -> None:
+        self.sent += other.sent
+        self.skipped += other.skipped
+        self.failed += other.failed
+        self.unknown += other.unknown
+        self.not_claimed += other.not_claimed
+        self.retry.extend(other.retry)
+        self.paused = self.paused or other.paused
+        self.dry_run_messages += other.dry_run_messages
+
+    @property
+    def handled(self) -> int:
+        return self.sent + self.skipped + self.failed + self.unknown + self.not_claimed
+
+
+def sending_paused(session: Session) -> str | None:
+    flag = session.get(ControlFlag, PAUSE_FLAG)
+    if flag and flag.value.get("paused"):
+        return str(flag.value.get("reason") or "sending is paused")
+    return None
+
+
+def pause_sending(session: Session, reason: str, by: str = "system") -> None:
+    flag = session.get(ControlFlag, PAUSE_FLAG)
+    value = {"paused": True, "reason": reason, "by": by, "at": utcnow().isoformat()}
+    if flag is None:
+        session.add(ControlFlag(key=PAUSE_FLAG, value=value))
+    else:
+        flag.value = value
+    log.error("sending paused: %s (resume with `papermail sending resume`)", reason)
+
+
+def resume_sending(session: Session, by: str = "cli") -> bool:
+    flag = session.get(ControlFlag, PAUSE_FLAG)
+    if not flag or not flag.value.get("paused"):
+        return False
+    flag.value = {"paused": False, "resumed_by": by, "at": utcnow().isoformat()}
+    return True
+
+
+def backoff_delay(attempt: int, settings: Settings) -> float:
+    """Exponential backoff with full jitter, capped at an hour."""
+    cap = min(3600.0, settings.retry_base_seconds * (2 ** max(0, attempt - 1)))
+    return random.uniform(cap / 2, cap)
+
+
+@dataclass
+class _Prepared:
+    delivery_id: int
+    subscriber_id: int
+    message: object  # OutgoingMessage
+
+
+def process_deliveries(
+    delivery_ids: Sequence[int],
+    *,
+    settings: Settings | None = None,
+    mailer: object | None = None,
+    limiter: object | None = None,
+    now: datetime | None = None,
+    attempt_kind: str = "send",
+    reason: str | None = None,
+    actor: str | None = None,
+    include_suppressed: bool = False,
+    on_progress: Callable[[int], None] | None = None,
+) -> ChunkOutcome:
+    """Select, render, claim, rate-limit, send and record one chunk of deliveries.
+
+    Only rows still ``pending`` are handled; anything else is counted as not claimed, so
+    calling this twice with the same ids (a redelivered task) sends nothing twice.
+    """
+    from worker.mailers.base import get_mailer
+    from worker.ratelimit import get_limiter
+
+    settings = settings or get_settings()
+    mailer = mailer or get_mailer(settings)
+    limiter = limiter or get_limiter(settings)
+    outcome = ChunkOutcome()
+    if not delivery_ids:
+        return outcome
+    now = now or utcnow()
+
+    with session_scope() as session:
+        paused = sending_paused(session)
+        if paused:
+            outcome.paused = paused
+            return outcome
+        prepared, prep_outcome = prepare_messages(
+            session, delivery_ids, settings, now, include_suppressed=include_suppressed
+        )
+    outcome.merge(prep_outcome)
+    if on_progress and prep_outcome.handled:
+        on_progress(prep_outcome.handled)
+
+    session = _new_session()
+    try:
+        pending_record: Callable[[Session], None] | None = None
+        for index, item in enumerate(prepared):
+            # Claim i (and record i-1) in one transaction.
+            if pending_record:
+                pending_record(session)
+                pending_record = None
+            claimed = _claim(session, item.delivery_id, attempt_kind, reason, actor)
+            session.commit()
+            if not claimed:
+                outcome.not_claimed += 1
+                if on_progress:
+                    on_progress(1)
+                continue
+            limiter.acquire()  # type: ignore[attr-defined]
+            try:
+                result = mailer.send(item.message)  # type: ignore[attr-defined]
+            except MailerError as exc:
+                stop = _record_failure(session, item.delivery_id, exc, settings, outcome, limiter)
+                session.commit()
+                if on_progress:
+                    on_progress(1)
+                if stop:
+                    # Release nothing else: the rest of the chunk was never claimed.
+                    rest = len(prepared) - index - 1
+                    log.error("stopping: %s; %d deliveries left pending", exc, rest)
+                    break
+                continue
+            message_id = result.message_id
+            delivery_id = item.delivery_id
+
+            def record(s: Session, delivery_id: int = delivery_id, mid: str = message_id) -> None:
+                _record_sent(s, delivery_id, mid)
+
+            pending_record = record
+            outcome.sent += 1
+            if on_progress:
+                on_progress(1)
+        if pending_record:
+            pending_record(session)
+            session.commit()
+    finally:
+        session.close()
+    return outcome
+
+
+def _new_session() -> Session:
+    from worker.db import session_factory
+
+    return session_factory()()
+
+
+def prepare_messages(
+    session: Session,
+    delivery_ids: Sequence[int],
+    settings: Settings,
+    now: datetime,
+    *,
+    include_suppressed: bool = False,
+) -> tuple[list[_Prepared], ChunkOutcome]:
+    """Bulk-load a chunk, re-check each subscriber, select papers and render the messages.
+
+    Deliveries with nothing new, or whose subscriber can no longer receive mail, become
+    ``skipped`` here (a conditional update, so a concurrent worker cannot be overridden).
+    """
+    from worker.rendering import get_renderer, paper_view
+    from worker.selection import select_for_subscribers
+
+    outcome = ChunkOutcome()
+    rows = session.execute(
+        select(Delivery, Subscriber)
+        .join(Subscriber, Subscriber.id == Delivery.subscriber_id)
+        .where(Delivery.id.in_(list(delivery_ids)), Delivery.state == DeliveryState.PENDING)
+        .order_by(Delivery.id)
+    ).all()
+    outcome.not_claimed += len(set(delivery_ids)) - len(rows)
+
+    sendable: list[tuple[Delivery, Subscriber]] = []
+    for delivery, sub in rows:
+        why = unsendable_reason(sub, delivery.edition_date, include_suppressed=include_suppressed)
+        if why:
+            if _skip(session, delivery.id, why):
+                outcome.skipped += 1
+            else:
+                outcome.not_claimed += 1
+        else:
+            sendable.append((delivery, sub))
+    if not sendable:
+        session.commit()
+        return [], outcome
+
+    # Papers already recorded for a delivery (a retry, or an operator resend) are reused so
+    # the email carries the same papers; the rest are selected in one batch.
+    ids = [d.id for d, _ in sendable]
+    recorded: dict[int, list[DeliveryPaper]] = {}
+    for dp in session.scalars(
+        select(DeliveryPaper)
+        .where(DeliveryPaper.delivery_id.in_(ids))
+        .order_by(DeliveryPaper.delivery_id, DeliveryPaper.position)
+    ):
+        recorded.setdefault(dp.delivery_id, []).append(dp)
+    to_select = [(d, s) for d, s in sendable if d.id not in recorded]
+    results = (
+        select_for_subscribers(
+            session,
+            [s for _, s in to_select],
+            {s.id: window_end(s, d.edition_date, now) for d, s in to_select},
+            settings,
+        )
+        if to_select
+        else {}
+    )
+    new_rows: list[dict[str, object]] = []
+    chosen: list[tuple[Delivery, Subscriber, list[tuple[str, str | None]]]] = []
+    for delivery, sub in sendable:
+        if delivery.id in recorded:
+            picks = [(dp.paper_id, dp.matched_topic) for dp in recorded[delivery.id]]
+        else:
+            result = results[sub.id]
+            if not result.picks:
+                if _skip(session, delivery.id, result.skip_reason or "nothing new to send"):
+                    outcome.skipped += 1
+                else:
+                    outcome.not_claimed += 1
+                continue
+            picks = [(p.paper_id, p.matched_topic) for p in result.picks]
+            new_rows.extend(
+                {
+                    "delivery_id": delivery.id,
+                    "paper_id": p.paper_id,
+                    "position": pos,
+                    "matched_topic": p.matched_topic,
+                    "score": float(p.score),
+                }
+                for pos, p in enumerate(result.picks)
+            )
+        chosen.append((delivery, sub, picks))
+    insert_ignore_or_update(session, DeliveryPaper.__table__, new_rows, ["delivery_id", "paper_id"])
+    session.commit()
+
+    paper_ids = {pid for _, _, picks in chosen for pid, _ in picks}
+    papers = (
+        {p.id: p for p in session.scalars(select(Paper).where(Paper.id.in_(paper_ids)))}
+        if paper_ids
+        else {}
+    )
+    renderer = get_renderer(settings)
+    prepared: list[_Prepared] = []
+    for delivery, sub, picks in chosen:
+        views = [paper_view(papers[pid], topic) for pid, topic in picks if pid in papers]
+        message = renderer.render_digest(
+            recipient_of(sub), delivery.edition_date, views, delivery_id=delivery.id
+        )
+        prepared.append(_Prepared(delivery.id, sub.id, message))
+    return prepared, outcome
+
+
+def recipient_of(sub: Subscriber):  # type: ignore[no-untyped-def]
+    from worker.rendering import Recipient
+
+    return Recipient(
+        subscriber_id=sub.id,
+        email=sub.email,
+        topics=tuple(sub.topics or ()),
+        frequency=sub.frequency,
+        weekday=sub.weekday,
+        send_hour=sub.send_hour,
+        timezone=sub.timezone,
+    )
+
+
+def unsendable_reason(
+    sub: Subscriber, today: date, *, include_suppressed: bool = False
+) -> str | None:
+    """Why this subscriber must not get mail now (checked again just before sending).
+
+    ``include_suppressed`` is the operator's explicit, confirmed override of a resend.
+    """
+    if include_suppressed and sub.is_suppressed:
+        return None
+    if sub.suppressed_at is not None:
+        return f"suppressed: {sub.suppression_reason or 'by operator'}"
+    if sub.status != SubscriberStatus.ACTIVE:
+        return f"subscriber is {sub.status}"
+    if sub.paused_until is not None and sub.paused_until >= today:
+        return f"paused until {sub.paused_until.isoformat()}"
+    return None
+
+
+def _skip(session: Session, delivery_id: int, why: str) -> bool:
+    now = utcnow()
+    res = session.execute(
+        update(Delivery)
+        .where(Delivery.id == delivery_id, Delivery.state == DeliveryState.PENDING)
+        .values(state=DeliveryState.SKIPPED, skip_reason=why, finished_at=now, updated_at=now)
+    )
+    return res.rowcount == 1  # type: ignore[attr-defined]
+
+
+def _claim(
+    session: Session, delivery_id: int, kind: str, reason: str | None, actor: str | None
+) -> bool:
+    now = utcnow()
+    res = session.execute(
+        update(Delivery)
+        .where(Delivery.id == delivery_id, Delivery.state == DeliveryState.PENDING)
+        .values(
+            state=DeliveryState.SENDING,
+            claimed_at=now,
+            attempts=Delivery.attempts + 1,
+            updated_at=now,
+        )
+    )
+    if res.rowcount != 1:  # type: ignore[attr-defined]
+        return False
+    session.add(
+        DeliveryAttempt(
+            delivery_id=delivery_id, kind=kind, started_at=now, reason=reason, actor=actor
+        )
+    )
+    return True
+
+
+def _finish_attempt(
+    session: Session, delivery_id: int, outcome: str, error: str | None, message_id: str | None
+) -> None:
+    attempt = session.scalars(
+        select(DeliveryAttempt)
+        .where(DeliveryAttempt.delivery_id == delivery_id, DeliveryAttempt.finished_at.is_(None))
+        .order_by(DeliveryAttempt.id.desc())
+        .limit(1)
+    ).first()
+    if attempt is not None:
+        attempt.finished_at = utcnow()
+        attempt.outcome = outcome
+        attempt.error = error
+        attempt.message_id = message_id
+
+
+def _record_sent(session: Session, delivery_id: int, message_id: str) -> None:
+    now = utcnow()
+    session.execute(
+        update(Delivery)
+        .where(Delivery.id == delivery_id, Delivery.state == DeliveryState.SENDING)
+        .values(
+            state=DeliveryState.SENT,
+            message_id=message_id,
+            sent_at=now,
+            finished_at=now,
+            last_error=None,
+            updated_at=now,
+        )
+    )
+    _finish_attempt(session, delivery_id, "sent", None, message_id)
+
+
+def _record_failure(
+    session: Session,
+    delivery_id: int,
+    exc: MailerError,
+    settings: Settings,
+    outcome: ChunkOutcome,
+    limiter: object,
+) -> bool:
+    """Record a mailer error; True when the whole run must stop (account-level)."""
+    now = utcnow()
+    reason = str(exc)[:2000]
+    where = (Delivery.id == delivery_id, Delivery.state == DeliveryState.SENDING)
+    if isinstance(exc, AmbiguousError):
+        session.execute(
+            update(Delivery)
+            .where(*where)
+            .values(state=DeliveryState.UNKNOWN, last_error=reason, finished_at=now, updated_at=now)
+        )
+        _finish_attempt(session, delivery_id, "unknown", reason, None)
+        outcome.unknown += 1
+        return False
+    if isinstance(exc, AccountError):
+        # The provider refused before sending: hand the row back, stop the run.
+        session.execute(
+            update(Delivery)
+            .where(*where)
+            .values(
+                state=DeliveryState.PENDING,
+                last_error=reason,
+                updated_at=now,
+                attempts=Delivery.attempts - 1,
+            )
+        )
+        _finish_attempt(session, delivery_id, "paused", reason, None)
+        pause_sending(session, f"provider refused sending: {reason}")
+        outcome.paused = reason
+        return True
+    if isinstance(exc, TransientError):
+        if isinstance(exc, ThrottledError):
+            limiter.slow_down()  # type: ignore[attr-defined]
+        attempts = session.scalar(select(Delivery.attempts).where(Delivery.id == delivery_id)) or 1
+        if attempts >= settings.max_attempts:
+            session.execute(
+                update(Delivery)
+                .where(*where)
+                .values(
+                    state=DeliveryState.FAILED,
+                    finished_at=now,
+                    updated_at=now,
+                    last_error=f"gave up after {attempts} attempts: {reason}",
+                )
+            )
+            _finish_attempt(session, delivery_id, "failed", reason, None)
+            outcome.failed += 1
+            return False
+        delay = exc.retry_after or backoff_delay(attempts, settings)
+        session.execute(
+            update(Delivery)
+            .where(*where)
+            .values(
+                state=DeliveryState.PENDING,
+                last_error=reason,
+                updated_at=now,
+                scheduled_at=now + timedelta(seconds=delay),
+            )
+        )
+        _finish_attempt(session, delivery_id, "transient", reason, None)
+        outcome.retry.append((delivery_id, delay))
+        return False
+    # PermanentError and anything unclassified: fail this message with the reason.
+    kind = "failed" if isinstance(exc, PermanentError) else "error"
+    session.execute(
+        update(Delivery)
+        .where(*where)
+        .values(state=DeliveryState.FAILED, last_error=reason, finished_at=now, updated_at=now)
+    )
+    _finish_attempt(session, delivery_id, kind, reason, None)
+    outcome.failed += 1
+    return False
+
+
+# ---------------------------------------------------------------------------------------
+# Recovery
+
+
+def reap_stale_sending(
+    session: Session, settings: Settings | None = None, now: datetime | None = None
+) -> int:
+    """Rows stuck in ``sending`` past the timeout: the worker died mid-send -> ``unknown``.
+
+    The provider may or may not have accepted the message, so it is never re-sent
+    automatically; ``papermail resend --state unknown`` is the operator's decision.
+    """
+    settings = settings or get_settings()
+    now = now or utcnow()
+    cutoff = now - timedelta(seconds=settings.sending_timeout_seconds)
+    res = session.execute(
+        update(Delivery)
+        .where(Delivery.state == DeliveryState.SENDING, Delivery.claimed_at < cutoff)
+        .values(
+            state=DeliveryState.UNKNOWN,
+            last_error="worker stopped while sending; the provider may have accepted it",
+            finished_at=now,
+            updated_at=now,
+        )
+    )
+    count = res.rowcount or 0  # type: ignore[attr-defined]
+    if count:
+        log.warning("reaper: %d deliveries stuck in sending marked unknown", count)
+    return count
+
+
+# ---------------------------------------------------------------------------------------
+# Reporting
+
+
+def edition_counts(session: Session, edition_date: date) -> dict[str, int]:
+    rows = session.execute(
+        select(Delivery.state, func.count())
+        .where(Delivery.edition_date == edition_date)
+        .group_by(Delivery.state)
+    ).all()
+    counts = {state.value: 0 for state in DeliveryState}
+    counts.update({str(state): n for state, n in rows})
+    return counts
+
+
+def run_in_process(
+    edition_date: date,
+    *,
+    settings: Settings | None = None,
+    now: datetime | None = None,
+    on_planned: Callable[[int], None] | None = None,
+    on_progress: Callable[[int], None] | None = None,
+    max_wait_seconds: float = 600.0,
+    sleep: Callable[[float], None] | None = None,
+) -> tuple[PlanResult, ChunkOutcome]:
+    """Plan edition D and send it in this process, chunk by chunk, retries included.
+
+    Transient failures wait out their backoff here (bounded by ``max_wait_seconds`` in
+    total); whatever is still pending after that stays pending for the next run.
+    """
+    import time as _time
+
+    settings = settings or get_settings()
+    sleep = sleep or _time.sleep
+    with session_scope() as session:
+        reap_stale_sending(session, settings)
+        plan = plan_edition(session, edition_date, now=now)
+    if on_planned:
+        on_planned(len(plan.pending_ids))
+    total = ChunkOutcome()
+    queue = list(plan.pending_ids)
+    waited = 0.0
+    while queue:
+        for chunk in chunks(queue, settings.chunk_size):
+            out = process_deliveries(chunk, settings=settings, on_progress=on_progress)
+            retries = out.retry
+            out.retry = []
+            total.merge(out)
+            total.retry.extend(retries)
+            if out.paused:
+                return plan, total
+        if not total.retry:
+            break
+        delay = max(d for _, d in total.retry)
+        if waited + delay > max_wait_seconds:
+            break
+        sleep(delay)
+        waited += delay
+        queue = [i for i, _ in total.retry]
+        total.retry = []
+    return plan, total

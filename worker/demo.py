@@ -1,0 +1,94 @@
+"""`papermail demo`: the whole job on the embedded default, from a fresh clone."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import date
+from pathlib import Path
+
+from sqlalchemy import select
+
+from worker import delivery, migrate
+from worker.config import Settings, get_settings
+from worker.db import session_scope
+from worker.models import Delivery, DeliveryState, Subscriber, utcnow
+
+# Different interests, zones and cadences, so the emails differ; the last one's topic
+# matches nothing in the sample papers and shows a skipped edition (no empty email).
+SAMPLE_SUBSCRIBERS: list[dict[str, object]] = [
+    {"email": "ada@example.org", "topics": ["pruning", "image compression"]},
+    {
+        "email": "grace@example.org",
+        "topics": ["gaussian processes", "kernel methods"],
+        "timezone": "Europe/Paris",
+        "max_papers": 4,
+    },
+    {"email": "alan@example.org", "topics": [], "max_papers": 5},
+    {
+        "email": "emmy@example.org",
+        "topics": ["model security", "machine unlearning"],
+        "timezone": "America/New_York",
+        "send_hour": 6,
+    },
+    {"email": "katherine@example.org", "topics": ["quantum chemistry"]},
+]
+
+
+@dataclass
+class DemoResult:
+    edition_date: date
+    papers_new: int
+    papers_updated: int
+    subscribers_added: int
+    plan: delivery.PlanResult
+    outcome: delivery.ChunkOutcome
+    outbox: Path
+    previews: list[Path] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+def run_demo(settings: Settings | None = None) -> DemoResult:
+    from worker.papers import load_sample_papers
+    from worker.previews import edition_html
+    from worker.subscribers import SubscriberInput, add_subscriber
+
+    settings = settings or get_settings()
+    migrate.upgrade()
+    now = utcnow()
+    edition = now.date()
+    with session_scope() as session:
+        counts = load_sample_papers(session, now=now)
+        added = 0
+        for spec in SAMPLE_SUBSCRIBERS:
+            exists = session.scalar(select(Subscriber.id).where(Subscriber.email == spec["email"]))
+            if exists is None:
+                add_subscriber(session, SubscriberInput.parse(**spec), confirmed=True, actor="demo")
+                added += 1
+    plan, outcome = delivery.run_in_process(edition, settings=settings)
+
+    result = DemoResult(
+        edition,
+        counts.new,
+        counts.updated,
+        added,
+        plan,
+        outcome,
+        Path(settings.outbox_dir).resolve(),
+    )
+    preview_dir = result.outbox / "previews" / edition.isoformat()
+    preview_dir.mkdir(parents=True, exist_ok=True)
+    with session_scope() as session:
+        rows = session.execute(
+            select(Delivery, Subscriber.email)
+            .join(Subscriber, Subscriber.id == Delivery.subscriber_id)
+            .where(Delivery.edition_date == edition)
+            .order_by(Subscriber.email)
+        ).all()
+        for row, email in rows:
+            if row.state == DeliveryState.SKIPPED:
+                result.skipped[email] = row.skip_reason or ""
+            elif row.state in (DeliveryState.SENT, DeliveryState.DELIVERED):
+                path = preview_dir / f"{email}.html"
+                path.write_text(edition_html(session, row, settings), encoding="utf-8")
+                result.previews.append(path)
+    return result

@@ -1,0 +1,170 @@
+"""One send-rate limit for every worker: a token bucket in Redis, or in-process.
+
+The Redis bucket is a single Lua script, so refill-and-take is atomic across every
+worker process on every machine. Celery's ``rate_limit`` is per worker and would
+multiply the provider's rate by the number of workers; this is not that.
+
+Throttling from the provider calls :meth:`slow_down`, which lowers the shared rate for
+a while (all workers see it) before it recovers on its own.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Protocol
+
+from worker.config import Settings, get_settings
+
+
+class RateLimiter(Protocol):
+    def acquire(self, tokens: int = 1) -> float:
+        """Block until ``tokens`` may be spent; return the seconds waited."""
+        ...
+
+    def slow_down(self, factor: float = 0.5, seconds: float = 60.0) -> None:
+        """Multiply the rate by ``factor`` for ``seconds`` (provider throttling)."""
+        ...
+
+    @property
+    def rate(self) -> float: ...
+
+
+class LocalBucket:
+    """Thread-safe token bucket for one process (no broker configured)."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        if rate <= 0 or burst < 1:
+            raise ValueError("rate must be > 0 and burst >= 1")
+        self._base_rate = rate
+        self._burst = burst
+        self._tokens = float(burst)
+        self._stamp = time.monotonic()
+        self._slow_until = 0.0
+        self._factor = 1.0
+        self._lock = threading.Lock()
+
+    @property
+    def rate(self) -> float:
+        if time.monotonic() < self._slow_until:
+            return self._base_rate * self._factor
+        return self._base_rate
+
+    def _take(self, tokens: int) -> float:
+        """Take tokens if available; else the seconds until they will be."""
+        with self._lock:
+            now = time.monotonic()
+            rate = self.rate
+            self._tokens = min(self._burst, self._tokens + (now - self._stamp) * rate)
+            self._stamp = now
+            if self._tokens >= tokens:
+                self._tokens -= tokens
+                return 0.0
+            return (tokens - self._tokens) / rate
+
+    def acquire(self, tokens: int = 1) -> float:
+        waited = 0.0
+        while True:
+            wait = self._take(tokens)
+            if wait <= 0:
+                return waited
+            time.sleep(wait)
+            waited += wait
+
+    def slow_down(self, factor: float = 0.5, seconds: float = 60.0) -> None:
+        with self._lock:
+            # Repeated throttling compounds; the rate never drops below 5%.
+            current = self._factor if time.monotonic() < self._slow_until else 1.0
+            self._factor = max(0.05, min(1.0, factor * current))
+            self._slow_until = time.monotonic() + seconds
+
+
+# KEYS[1] bucket hash, KEYS[2] slow-down factor key.
+# ARGV: rate, burst, requested tokens. Time comes from the Redis server (TIME), so clocks
+# of different worker machines never disagree. Returns wait in microseconds (0 = taken).
+_LUA_TAKE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local rate = tonumber(ARGV[1])
+local burst = tonumber(ARGV[2])
+local want = tonumber(ARGV[3])
+local factor = tonumber(redis.call('GET', KEYS[2]) or '1')
+rate = rate * factor
+local state = redis.call('HMGET', KEYS[1], 'tokens', 'stamp')
+local tokens = tonumber(state[1])
+local stamp = tonumber(state[2])
+if tokens == nil then tokens = burst; stamp = now end
+local elapsed = math.max(0, now - stamp)
+tokens = math.min(burst, tokens + elapsed * rate / 1000000)
+local wait = 0
+if tokens >= want then
+  tokens = tokens - want
+else
+  wait = math.ceil((want - tokens) * 1000000 / rate)
+end
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'stamp', tostring(now))
+redis.call('PEXPIRE', KEYS[1], math.ceil(1000 * burst / rate) + 60000)
+return wait
+"""
+
+
+class RedisBucket:
+    """Token bucket shared through Redis by every worker process on every machine."""
+
+    def __init__(self, url: str, rate: float, burst: int, name: str = "send") -> None:
+        import redis
+
+        if rate <= 0 or burst < 1:
+            raise ValueError("rate must be > 0 and burst >= 1")
+        self._client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+        self._script = self._client.register_script(_LUA_TAKE)
+        self._rate = rate
+        self._burst = burst
+        self._key = f"papermail:ratelimit:{name}"
+        self._slow_key = f"papermail:ratelimit:{name}:factor"
+
+    @property
+    def rate(self) -> float:
+        factor = self._client.get(self._slow_key)
+        return self._rate * (float(factor) if factor else 1.0)
+
+    def acquire(self, tokens: int = 1) -> float:
+        waited = 0.0
+        while True:
+            keys = [self._key, self._slow_key]
+            wait_us = int(self._script(keys=keys, args=[self._rate, self._burst, tokens]))
+            if wait_us <= 0:
+                return waited
+            wait = wait_us / 1_000_000
+            time.sleep(wait)
+            waited += wait
+
+    def slow_down(self, factor: float = 0.5, seconds: float = 60.0) -> None:
+        current = self._client.get(self._slow_key)
+        new = max(0.05, min(1.0, factor * (float(current) if current else 1.0)))
+        self._client.set(self._slow_key, str(new), px=int(seconds * 1000))
+
+
+_limiter: RateLimiter | None = None
+_limiter_lock = threading.Lock()
+
+
+def make_limiter(settings: Settings) -> RateLimiter:
+    if settings.broker_url and settings.broker_url.startswith(("redis://", "rediss://", "unix://")):
+        return RedisBucket(settings.broker_url, settings.send_rate, settings.burst)
+    return LocalBucket(settings.send_rate, settings.burst)
+
+
+def get_limiter(settings: Settings | None = None) -> RateLimiter:
+    """The process-wide limiter chosen by settings."""
+    global _limiter
+    with _limiter_lock:
+        if _limiter is None:
+            _limiter = make_limiter(settings or get_settings())
+        return _limiter
+
+
+def reset_limiter() -> None:
+    global _limiter
+    with _limiter_lock:
+        _limiter = None
