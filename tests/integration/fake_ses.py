@@ -1,0 +1,247 @@
+"""A small SES-compatible HTTP server (sesv2 ``SendEmail``) with programmable faults.
+
+It speaks just enough of the sesv2 REST-JSON protocol for boto3: ``POST
+/v2/email/outbound-emails`` answers ``{"MessageId": ...}``, or the next queued fault.
+Every request is recorded, and every message the server *accepted* (including one whose
+answer was then delayed or lost) is counted per raw body, so tests can assert that a
+failure never produced a second copy at the server.
+
+Run it in a thread (``FakeSes().start()``) or as its own process, as the benchmark does::
+
+    python tests/integration/fake_ses.py --port 0   # prints the URL, serves until killed
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import contextlib
+import json
+import socket
+import sys
+import threading
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+SEND_PATH = "/v2/email/outbound-emails"
+
+
+@dataclass(frozen=True)
+class Fault:
+    """What the server does with one request instead of a plain success."""
+
+    status: int = 200
+    code: str = ""  # the AWS error code (x-amzn-ErrorType); empty for success
+    message: str = ""
+    delay: float = 0.0  # seconds to wait before answering
+    accept: bool = False  # the message counts as sent at the server despite the fault
+    drop: bool = False  # close the connection without any answer
+    headers: dict[str, str] = field(default_factory=dict)
+    json_body: bool = True  # False: a proxy-style plain-text error page
+
+
+# The faults tests ask for by name.
+THROTTLE = Fault(
+    429, "TooManyRequestsException", "Maximum sending rate exceeded.", headers={"Retry-After": "2"}
+)
+INTERNAL = Fault(500, "InternalFailure", "The request processing has failed.")
+REJECTED = Fault(400, "MessageRejected", "Email address is not verified.")
+BAD_REQUEST = Fault(400, "BadRequestException", "Invalid tag value.")
+PAUSED = Fault(400, "SendingPausedException", "Sending is paused for this account.")
+QUOTA = Fault(400, "LimitExceededException", "Daily message quota exceeded.")
+SUSPENDED = Fault(400, "AccountSuspendedException", "Account is suspended.")
+GATEWAY_TIMEOUT = Fault(504, "", "Gateway Timeout", json_body=False)
+
+
+def slow(delay: float) -> Fault:
+    """SES sends the email, but its answer comes after ``delay`` seconds."""
+    return Fault(delay=delay, accept=True)
+
+
+DROP_AFTER_ACCEPT = Fault(accept=True, drop=True)
+
+
+@dataclass
+class Received:
+    sender: str
+    recipients: list[str]
+    raw: bytes
+    body: dict[str, Any]  # the whole JSON request (EmailTags, ConfigurationSetName, …)
+    headers: dict[str, str]
+    outcome: str  # "accepted", the fault code, or "dropped"
+
+
+class FakeSes:
+    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        self._lock = threading.Lock()
+        self._faults: list[Fault] = []
+        self._stopping = threading.Event()
+        self._connections: set[socket.socket] = set()
+        self.requests: list[Received] = []  # every SendEmail request, faulted or not
+        self.accepted: Counter[bytes] = Counter()  # raw body -> copies the server "sent"
+        self.message_ids: list[str] = []
+        self._server = _Server((host, port), _make_handler(self))
+        self._thread: threading.Thread | None = None
+
+    # -- control ---------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    @property
+    def port(self) -> int:
+        return int(self._server.server_address[1])
+
+    def start(self) -> FakeSes:
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop listening AND cut open keep-alive connections: the port now refuses."""
+        self._stopping.set()
+        self._server.shutdown()
+        self._server.server_close()
+        with self._lock:
+            connections, self._connections = set(self._connections), set()
+        for conn in connections:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+        if self._thread:
+            self._thread.join(timeout=5)
+
+    def push(self, *faults: Fault) -> None:
+        """Queue faults: each applies to one future request, in order."""
+        with self._lock:
+            self._faults.extend(faults)
+
+    def copies(self, raw: bytes) -> int:
+        with self._lock:
+            return self.accepted[raw]
+
+    def total_accepted(self) -> int:
+        with self._lock:
+            return sum(self.accepted.values())
+
+    # -- internals -------------------------------------------------------------------
+
+    def _next_fault(self) -> Fault | None:
+        with self._lock:
+            return self._faults.pop(0) if self._faults else None
+
+    def _record(self, received: Received, accepted: bool) -> str | None:
+        with self._lock:
+            self.requests.append(received)
+            if not accepted:
+                return None
+            self.accepted[received.raw] += 1
+            message_id = f"fake-{uuid.uuid4()}"
+            self.message_ids.append(message_id)
+            return message_id
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+def _make_handler(state: FakeSes) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive, like the real endpoint
+
+        def setup(self) -> None:
+            super().setup()
+            with state._lock:
+                state._connections.add(self.connection)
+
+        def finish(self) -> None:
+            with state._lock:
+                state._connections.discard(self.connection)
+            with contextlib.suppress(OSError):
+                super().finish()
+
+        def log_message(self, format: str, *args: Any) -> None:  # quiet
+            pass
+
+        def _answer(
+            self, status: int, payload: dict[str, Any] | str, extra: dict[str, str]
+        ) -> None:
+            body = (payload if isinstance(payload, str) else json.dumps(payload)).encode()
+            try:
+                self.send_response(status)
+                ctype = "application/json" if isinstance(payload, dict) else "text/html"
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.send_header("x-amzn-RequestId", str(uuid.uuid4()))
+                for name, value in extra.items():
+                    self.send_header(name, value)
+                self.end_headers()
+                self.wfile.write(body)
+            except OSError:  # the client gave up (slow answer): nothing to do
+                self.close_connection = True
+
+        def _error(self, fault: Fault) -> None:
+            if not fault.json_body:
+                self._answer(fault.status, f"<html>{fault.message}</html>", fault.headers)
+                return
+            headers = {"x-amzn-ErrorType": f"{fault.code}:", **fault.headers}
+            self._answer(fault.status, {"message": fault.message}, headers)
+
+        def do_POST(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            data = self.rfile.read(length)
+            if self.path != SEND_PATH:
+                self._error(Fault(404, "NotFoundException", f"no route {self.path}"))
+                return
+            try:
+                body = json.loads(data)
+                raw = base64.b64decode(body["Content"]["Raw"]["Data"], validate=True)
+                sender = body["FromEmailAddress"]
+                recipients = list(body["Destination"]["ToAddresses"])
+            except (ValueError, KeyError, TypeError, binascii.Error) as exc:
+                self._error(Fault(400, "BadRequestException", f"malformed request: {exc}"))
+                return
+            fault = state._next_fault()
+            ok = fault is None or fault.status == 200
+            accepted = ok or bool(fault and fault.accept)
+            outcome = "accepted" if ok else (fault.code if fault else "accepted")
+            if fault and fault.drop:
+                outcome = "dropped"
+            received = Received(sender, recipients, raw, body, dict(self.headers), outcome)
+            message_id = state._record(received, accepted)
+            if fault and fault.delay:
+                state._stopping.wait(fault.delay)
+            if fault and fault.drop:
+                self.close_connection = True
+                with contextlib.suppress(OSError):
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                return
+            if ok:
+                self._answer(200, {"MessageId": message_id}, fault.headers if fault else {})
+            else:
+                assert fault is not None
+                self._error(fault)
+
+    return Handler
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    args = parser.parse_args(argv)
+    server = FakeSes(args.host, args.port)
+    print(server.url, flush=True)
+    with contextlib.suppress(KeyboardInterrupt):
+        server._server.serve_forever()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

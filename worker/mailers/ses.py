@@ -1,0 +1,257 @@
+"""Amazon SES (or any SES-compatible API) through boto3's ``sesv2`` ``SendEmail``, raw MIME.
+
+One botocore client per mailer (so per process, see ``get_mailer``), shared by the threads
+of that process: botocore clients are thread-safe and pool their connections. SDK retries
+are OFF: if SendEmail timed out after the request left, a retry could send the email twice;
+the delivery layer retries only what is known not to have gone out.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import logging
+import re
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+import boto3
+import botocore.exceptions as bx
+from botocore.config import Config
+
+from worker.config import ConfigError, Settings
+from worker.mailers.base import Mailer, SendResult
+from worker.mailers.errors import (
+    AccountError,
+    AmbiguousError,
+    MailerError,
+    PermanentError,
+    ThrottledError,
+    TransientError,
+)
+from worker.message import OutgoingMessage
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT_SECONDS = 5.0
+MAX_POOL_CONNECTIONS = 50  # >= the threads of one worker process sharing the client
+
+# SES message tags: ASCII letters, digits, "_", "-", "." and "@"; at most 256 characters.
+_TAG_UNSAFE = re.compile(r"[^A-Za-z0-9_.@-]")
+_TAG_MAX = 256
+
+_THROTTLED_CODES = frozenset({"TooManyRequestsException", "Throttling", "ThrottlingException"})
+_ACCOUNT_CODES = frozenset(
+    {
+        "AccountSuspendedException",
+        "SendingPausedException",
+        "LimitExceededException",
+        # Credentials or configuration every message shares: nothing will get through.
+        "NotFoundException",
+        "ConfigurationSetDoesNotExist",
+        "AccessDenied",
+        "AccessDeniedException",
+        "UnrecognizedClientException",
+        "InvalidClientTokenId",
+        "SignatureDoesNotMatch",
+        "ExpiredToken",
+        "ExpiredTokenException",
+        "IncompleteSignature",
+        "MissingAuthenticationToken",
+    }
+)
+_PERMANENT_CODES = frozenset(
+    {
+        "MessageRejected",
+        "BadRequestException",
+        "InvalidParameterValue",
+        "ValidationError",
+        "ValidationException",
+        "MailFromDomainNotVerifiedException",
+        "MailFromDomainNotVerified",
+        "InvalidRequest",
+    }
+)
+_TRANSIENT_CODES = frozenset(
+    {"InternalFailure", "InternalServerError", "ServiceUnavailable", "ServiceUnavailableException"}
+)
+# Messages that decide the kind whatever the code (SES v1 reports the daily quota as
+# "Throttling", and the sandbox's unverified recipients as MessageRejected).
+_ACCOUNT_PHRASES = ("daily message quota", "sending paused", "account suspended")
+
+
+def tag_value(value: object) -> str:
+    """A value SES accepts as a message-tag name or value."""
+    cleaned = _TAG_UNSAFE.sub("_", str(value))[:_TAG_MAX]
+    return cleaned or "_"
+
+
+def email_tags(tags: Mapping[str, str]) -> list[dict[str, str]]:
+    return [{"Name": tag_value(name), "Value": tag_value(value)} for name, value in tags.items()]
+
+
+class SesMailer(Mailer):
+    name = "ses"
+
+    def __init__(self, settings: Settings, client: Any | None = None) -> None:
+        super().__init__(settings)
+        self.configuration_set = settings.ses_configuration_set
+        self.client = client if client is not None else make_client(settings)
+
+    def request_for(self, message: OutgoingMessage) -> dict[str, Any]:
+        """The SendEmail arguments for ``message`` (tags come from ``message.tags``)."""
+        kwargs: dict[str, Any] = {
+            "FromEmailAddress": message.sender,
+            "Destination": {"ToAddresses": [message.recipient]},
+            "Content": {"Raw": {"Data": message.raw}},
+        }
+        if self.configuration_set:
+            kwargs["ConfigurationSetName"] = self.configuration_set
+        if message.tags:
+            kwargs["EmailTags"] = email_tags(message.tags)
+        return kwargs
+
+    def _send(self, message: OutgoingMessage) -> SendResult:
+        try:
+            response = self.client.send_email(**self.request_for(message))
+        except (bx.ClientError, bx.BotoCoreError) as exc:
+            error = classify(exc)
+            log.warning(
+                "SES refused %s (delivery %s): %s [%s]",
+                _mask(message.recipient),
+                message.tags.get("delivery_id", "-"),
+                error.reason,
+                error.kind,
+            )
+            raise error from exc
+        message_id = response.get("MessageId") if isinstance(response, dict) else None
+        if not message_id:
+            # Accepted (HTTP 200) but no id: it probably went out; never send it again.
+            raise AmbiguousError("SES answered without a MessageId", code="NoMessageId")
+        return SendResult(message_id)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def make_client(settings: Settings) -> Any:
+    """A sesv2 client: retries off, short connect timeout, pool >= concurrency."""
+    key_id, secret = settings.aws_access_key_id, settings.aws_secret_access_key
+    if bool(key_id) != bool(secret):
+        raise ConfigError(
+            "PAPERMAIL_AWS_ACCESS_KEY_ID and PAPERMAIL_AWS_SECRET_ACCESS_KEY must be set "
+            "together (or neither, to use the standard AWS credential chain)"
+        )
+    config = Config(
+        retries={"max_attempts": 1, "mode": "standard"},  # 1 attempt = no SDK retry
+        connect_timeout=min(CONNECT_TIMEOUT_SECONDS, settings.send_timeout_seconds),
+        read_timeout=settings.send_timeout_seconds,
+        max_pool_connections=MAX_POOL_CONNECTIONS,
+        tcp_keepalive=True,
+    )
+    # A private Session: boto3's default session is not safe to share between threads.
+    session = boto3.session.Session(
+        aws_access_key_id=key_id or None,
+        aws_secret_access_key=secret or None,
+        region_name=settings.ses_region,
+    )
+    return session.client("sesv2", endpoint_url=settings.ses_endpoint_url or None, config=config)
+
+
+def _retry_after(headers: Mapping[str, str]) -> float | None:
+    """Seconds from a Retry-After header (delta-seconds or an HTTP date), if any."""
+    value = headers.get("retry-after") or headers.get("Retry-After")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+
+
+def classify(exc: Exception) -> MailerError:
+    """Map a botocore failure to the error kind that decides the delivery's fate."""
+    if isinstance(exc, bx.ClientError):
+        return _classify_client_error(exc)
+    if isinstance(exc, bx.ReadTimeoutError):
+        return AmbiguousError(
+            f"no answer from SES within the read timeout: {exc}", code="ReadTimeout"
+        )
+    if isinstance(exc, bx.HTTPClientError):
+        # ConnectionClosedError and the like: the request was (or may have been) sent.
+        return AmbiguousError(f"connection to SES lost: {exc}", code=type(exc).__name__)
+    if isinstance(exc, bx.ConnectionError):
+        # Refused, unresolvable, connect timeout, proxy or TLS handshake: it never left.
+        return TransientError(f"could not connect to SES: {exc}", code=type(exc).__name__)
+    if isinstance(exc, bx.NoCredentialsError | bx.PartialCredentialsError | bx.NoRegionError):
+        return AccountError(f"SES is not configured: {exc}", code=type(exc).__name__)
+    if isinstance(exc, bx.ParamValidationError):
+        return PermanentError(f"invalid SendEmail request: {exc}", code="ParamValidation")
+    # Unknown botocore failure: we cannot tell whether it left, so assume it might have.
+    return AmbiguousError(f"SES call failed: {exc}", code=type(exc).__name__)
+
+
+def _classify_client_error(exc: bx.ClientError) -> MailerError:
+    response: dict[str, Any] = exc.response or {}
+    error = response.get("Error") or {}
+    meta = response.get("ResponseMetadata") or {}
+    code = str(error.get("Code") or "Unknown")
+    message = str(error.get("Message") or "").strip()
+    status = int(meta.get("HTTPStatusCode") or 0)
+    reason = f"{code}: {message}" if message else code
+    lowered = message.lower()
+
+    if any(phrase in lowered for phrase in _ACCOUNT_PHRASES) or code in _ACCOUNT_CODES:
+        return AccountError(reason, code=code)
+    if code in _THROTTLED_CODES or status == 429:
+        return ThrottledError(
+            reason, code=code, retry_after=_retry_after(meta.get("HTTPHeaders") or {})
+        )
+    if code in _PERMANENT_CODES or "not verified" in lowered:
+        return PermanentError(reason, code=code)
+    if status == 504:
+        # A gateway gave up waiting for SES: the request reached it and may have been sent.
+        return AmbiguousError(reason, code=code)
+    if code in _TRANSIENT_CODES or status >= 500:
+        return TransientError(
+            reason, code=code, retry_after=_retry_after(meta.get("HTTPHeaders") or {})
+        )
+    if 400 <= status < 500:
+        return PermanentError(reason, code=code)
+    return TransientError(reason, code=code)
+
+
+def _mask(address: str) -> str:
+    """``jane@example.com`` -> ``j***@example.com``: enough to correlate, not to harvest."""
+    local, _, domain = address.partition("@")
+    return f"{local[:1]}***@{domain}"
+
+
+class _RedactBotocoreRequests(logging.Filter):
+    """botocore logs whole requests at DEBUG: the email body and the access key id.
+
+    Keep the line (useful when debugging connectivity) but drop its arguments.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = str(record.msg)
+        if msg.startswith("Making request for"):
+            operation = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
+            record.msg, record.args = "Making request for %s (params redacted)", (operation,)
+        elif msg.startswith("Sending http request"):
+            record.msg, record.args = "Sending http request (redacted)", ()
+        return True
+
+
+def _install_log_redaction() -> None:
+    logger = logging.getLogger("botocore.endpoint")
+    if not any(isinstance(f, _RedactBotocoreRequests) for f in logger.filters):
+        logger.addFilter(_RedactBotocoreRequests())
+
+
+_install_log_redaction()
