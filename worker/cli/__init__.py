@@ -16,6 +16,7 @@ from worker.errors import PapermailError
 # Each module defines a click command or group named `command`.
 _COMMAND_MODULES = [
     "db",
+    "papers",
 ]
 
 
