@@ -17,6 +17,12 @@ from worker.errors import PapermailError
 _COMMAND_MODULES = [
     "db",
     "papers",
+    "digest",
+    "resend",
+    "stats",
+    "sending",
+    "demo",
+    "events",
 ]
 
 
