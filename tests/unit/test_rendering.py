@@ -1,0 +1,376 @@
+"""Rendering: the message parsed back with the stdlib, links, escaping, injection, cache."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import re
+import shutil
+import uuid
+from datetime import date
+from email.message import EmailMessage
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+from worker import links, rendering
+from worker.config import Settings, load_settings
+from worker.errors import InvalidInput
+from worker.rendering import PaperView, Recipient, Renderer
+
+EDITION = date(2026, 11, 27)
+INJECT = "x\r\nBcc: victim@example.org"
+BASE = "http://papermail.test"
+
+
+@pytest.fixture
+def settings(env: dict[str, str]) -> Settings:  # no database needed here
+    return load_settings(
+        from_address="Zoë's papers <digest@papermail.test>",
+        reply_to="help@papermail.test",
+        secret_key="new-key,old-key",
+    )
+
+
+@pytest.fixture
+def renderer(settings: Settings, tmp_path: Path) -> Renderer:
+    return Renderer(settings, cache_dir=tmp_path / "cache")
+
+
+def _paper(pid: str, title: str, **kw: object) -> PaperView:
+    values: dict[str, object] = {
+        "id": pid,
+        "title": title,
+        "authors": ["Zoë Müller", "李 数据"],
+        "upvotes": 12,
+        "abstract": "A short abstract.",
+        "url": f"https://huggingface.co/papers/{pid}",
+        "pdf_url": f"https://arxiv.org/pdf/{pid}",
+        "hf_url": f"https://huggingface.co/papers/{pid}",
+        "matched_topic": "diffusion models",
+    }
+    values.update(kw)
+    return PaperView(**values)  # type: ignore[arg-type]
+
+
+PAPERS = [
+    _paper("2611.00001", "数据 Diffusion for Zoë Müller"),
+    _paper("2611.00002", "<script>alert(1)</script>", matched_topic=None),
+    _paper(
+        "2611.00003",
+        "Many authors",
+        authors=["Ada Lovelace", "Alan Turing", "Grace Hopper", "Edsger Dijkstra"],
+        abstract=("word " * 120).strip(),
+        pdf_url=None,
+        hf_url="javascript:alert(2)",
+    ),
+]
+RECIPIENT = Recipient(
+    42, "reader@example.org", ("diffusion models", "RLHF"), "daily", None, 7, "Europe/Paris"
+)
+
+
+def _parse(raw: bytes) -> EmailMessage:
+    msg = email.message_from_bytes(raw, policy=email.policy.default)
+    assert isinstance(msg, EmailMessage)
+    return msg
+
+
+def _parts(msg: EmailMessage) -> tuple[str, str]:
+    assert msg.get_content_type() == "multipart/alternative"
+    parts = list(msg.iter_parts())
+    assert [p.get_content_type() for p in parts] == ["text/plain", "text/html"]
+    assert all(p.get_content_charset() == "utf-8" for p in parts)
+    return parts[0].get_content(), parts[1].get_content()
+
+
+class _Hrefs(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.hrefs: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.hrefs += [v for k, v in attrs if k == "href" and v is not None]
+
+
+def _hrefs(html: str) -> list[str]:
+    parser = _Hrefs()
+    parser.feed(html)
+    return parser.hrefs
+
+
+def _read_link(url: str, settings: Settings) -> tuple[str, dict]:
+    route, token = url.removeprefix(BASE + "/").split("/")
+    purpose = {v: k for k, v in links.ROUTES.items()}[route]
+    return purpose, links.read_token(purpose, token, settings)
+
+
+def test_digest_message_parses_back(renderer: Renderer, settings: Settings) -> None:
+    out = renderer.render_digest(RECIPIENT, EDITION, PAPERS, delivery_id=9001)
+    msg = _parse(out.raw)
+    for name in (
+        "From",
+        "To",
+        "Subject",
+        "Date",
+        "Message-ID",
+        "MIME-Version",
+        "List-Id",
+        "List-Unsubscribe",
+        "List-Unsubscribe-Post",
+        "Reply-To",
+    ):
+        assert len(msg.get_all(name) or []) == 1, name
+    assert msg["To"] == "reader@example.org"
+    assert msg["From"].addresses[0].display_name == "Zoë's papers"
+    assert msg["From"].addresses[0].addr_spec == "digest@papermail.test" == out.sender
+    assert msg["Reply-To"] == "help@papermail.test"
+    assert msg["List-Id"] == "papermail daily papers <digest.papermail.localhost>"
+    assert msg["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+    assert msg["Date"].datetime is not None
+    assert re.fullmatch(r"<2026-11-27\.9001\.[0-9a-f]+@papermail\.test>", msg["Message-ID"])
+    assert out.message_id == msg["Message-ID"] and out.recipient == "reader@example.org"
+    assert out.tags == {"delivery_id": "9001", "edition": "2026-11-27"}
+    # UTF-8 survives in the subject and both bodies.
+    assert msg["Subject"] == out.subject
+    assert "数据 Diffusion for Zoë Müller" in msg["Subject"]
+    text, html = _parts(msg)
+    assert (text.replace("\r\n", "\n"), html.replace("\r\n", "\n")) == (out.text, out.html)
+    for body in (text, html):
+        assert "Zoë Müller" in body and "数据" in body
+        assert "matched: diffusion models" in body
+    # Wire format: CRLF only, no line over 78 octets after the headers.
+    _head, _, body_raw = out.raw.partition(b"\r\n\r\n")
+    assert b"\n" not in out.raw.replace(b"\r\n", b"")
+    assert max(len(line) for line in body_raw.split(b"\r\n")) <= 78
+    assert out.raw.isascii()
+
+
+def test_content(renderer: Renderer) -> None:
+    out = renderer.render_digest(RECIPIENT, EDITION, PAPERS, delivery_id=1)
+    text, html = _parts(_parse(out.raw))
+    # The script title is text, never markup.
+    assert "<script>alert(1)</script>" not in html
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    assert "<script>alert(1)</script>" in text
+    assert "javascript:" not in html and "javascript:" not in text
+    # Authors shortened, abstract trimmed at a word boundary.
+    assert "Ada Lovelace, Alan Turing, Grace Hopper et al." in html
+    assert "Edsger" not in html
+    trimmed = re.search(r"((?:word )+word…)", html)
+    assert trimmed and len(trimmed.group(1)) <= rendering.ABSTRACT_CHARS + 1
+    assert "word " * 100 not in html
+    # Header, footer and the reason for this email.
+    assert "Friday, 27 November 2026" in html
+    for label in (
+        "Manage preferences",
+        "Unsubscribe",
+        "View in browser",
+        "PDF",
+        "Hugging Face",
+        "More like this",
+        "Less like this",
+    ):
+        assert label in html and label in text, label
+    reason = (
+        "You get this because you subscribed to papermail with reader@example.org, "
+        "daily at 07:00 Europe/Paris, topics: diffusion models, RLHF."
+    )
+    assert reason in html
+    assert reason in " ".join(text.split())
+    assert "12 upvotes" in text
+
+
+def test_html_is_self_contained_and_responsive(renderer: Renderer) -> None:
+    html = renderer.digest_html(RECIPIENT, EDITION, PAPERS)
+    assert html.lower().startswith("<!doctype html>")
+    lowered = html.lower()
+    for banned in ("<mj-", "</mj-", "@import", "fonts.googleapis", "{{", "{%", "pmjx"):
+        assert banned not in lowered, banned
+    assert not re.search(r"<link[^>]+stylesheet", lowered)
+    assert '<meta name="viewport"' in html
+    assert '<meta name="color-scheme" content="light dark">' in html
+    assert '<meta name="supported-color-schemes" content="light dark">' in html
+    assert "@media (prefers-color-scheme: dark)" in html
+    assert "mj-column-per-50" in html  # the two-column masthead that stacks on phones
+    assert 'style="' in html and "color:#1f2937" in html.replace(" ", "")  # CSS inlined
+
+
+def test_every_link_carries_a_valid_token(renderer: Renderer, settings: Settings) -> None:
+    out = renderer.render_digest(RECIPIENT, EDITION, PAPERS, delivery_id=5)
+    msg = _parse(out.raw)
+    text, html = _parts(msg)
+    ours = [h for h in _hrefs(html) if h.startswith(BASE)]
+    assert len(ours) == 3 + 2 * len(PAPERS)  # footer links, then more/less per paper
+    seen: dict[str, list[dict]] = {}
+    for url in ours + [u for u in re.findall(r"https?://\S+", text) if u.startswith(BASE)]:
+        purpose, payload = _read_link(url, settings)
+        assert payload["s"] == 42
+        seen.setdefault(purpose, []).append(payload)
+    assert set(seen) == {"preferences", "unsubscribe", "view", "feedback"}
+    assert {p["d"] for p in seen["view"]} == {"2026-11-27"}
+    votes = {(p["p"], p["v"]) for p in seen["feedback"]}
+    assert votes == {(p.id, v) for p in PAPERS for v in (1, -1)}
+    # List-Unsubscribe: the http(s) URL (an unsubscribe token) and a mailto.
+    unsub = re.findall(r"<([^>]+)>", msg["List-Unsubscribe"])
+    assert len(unsub) == 2
+    assert _read_link(unsub[0], settings)[0] == "unsubscribe"
+    assert unsub[1].startswith("mailto:unsubscribe@papermail.test?subject=unsubscribe%20")
+    token = unsub[1].rpartition("%20")[2]
+    assert links.read_token("unsubscribe", token, settings) == {"s": 42}
+
+
+def test_header_injection_is_impossible(renderer: Renderer) -> None:
+    papers = [_paper("2611.09999", INJECT, matched_topic=INJECT, authors=[INJECT])]
+    recipient = Recipient(42, "reader@example.org", (INJECT, "ok"), "daily", None, 7, "UTC")
+    out = renderer.render_digest(recipient, EDITION, papers, delivery_id=1)
+    msg = _parse(out.raw)
+    assert msg.get_all("Bcc") is None
+    head = out.raw.partition(b"\r\n\r\n")[0]
+    assert not re.search(rb"(?im)^bcc:", head)
+    assert "\r" not in out.subject and "\n" not in out.subject
+    assert msg["Subject"].startswith("x Bcc: victim@example.org")
+    # An address with a line break is refused outright, not cleaned.
+    for bad in (
+        INJECT,
+        "a@b.org\nBcc: v@x.org",
+        "a b@example.org",
+        "no-at-sign",
+        "zoë@example.org",
+    ):
+        with pytest.raises(InvalidInput):
+            renderer.render_digest(
+                Recipient(1, bad, (), "daily", None, 7, "UTC"), EDITION, PAPERS[:1]
+            )
+        with pytest.raises(InvalidInput):
+            renderer.render_confirm(bad, 1)
+
+
+def test_injection_through_settings_is_refused(env: dict[str, str], tmp_path: Path) -> None:
+    with pytest.raises(InvalidInput):
+        Renderer(load_settings(from_address="a@b.org\r\nBcc: v@x.org"), cache_dir=tmp_path)
+    with pytest.raises(InvalidInput):
+        Renderer(load_settings(list_id="x\r\nBcc: v@x.org"), cache_dir=tmp_path)
+    # A non-ASCII display name is fine (RFC 2047), an IDN domain becomes punycode.
+    r = Renderer(load_settings(from_address="Données <d@exämple.org>"), cache_dir=tmp_path)
+    msg = _parse(r.render_confirm("reader@exämple.org", 3).raw)
+    assert msg["From"].addresses[0].display_name == "Données"
+    assert msg["To"] == "reader@xn--exmple-cua.org"
+
+
+def test_weekly_no_topics_and_defaults(renderer: Renderer) -> None:
+    recipient = Recipient(8, "w@example.org", (), "weekly", 0, 9, "America/New_York")
+    out = renderer.render_digest(recipient, EDITION, PAPERS[:1])
+    msg = _parse(out.raw)
+    _text, html = _parts(msg)
+    assert "weekly on Mondays at 09:00 America/New_York" in html
+    assert "topics: none" in html
+    assert "delivery_id" not in out.tags
+    assert re.fullmatch(r"<2026-11-27\.s8\.[0-9a-f]+@papermail\.test>", out.message_id)
+    with pytest.raises(InvalidInput, match="at least one paper"):
+        renderer.render_digest(recipient, EDITION, [])
+
+
+def test_confirm_message(renderer: Renderer, settings: Settings) -> None:
+    out = renderer.render_confirm("new@example.org", 77)
+    msg = _parse(out.raw)
+    text, html = _parts(msg)
+    assert msg["Subject"] == "Confirm your papermail subscription"
+    assert msg.get_all("List-Unsubscribe") is None  # not a list message yet
+    assert "Confirm your subscription" in html and "new@example.org" in text
+    urls = {h for h in _hrefs(html) if h.startswith(BASE)}
+    assert len(urls) == 1
+    assert _read_link(urls.pop(), settings) == ("confirm", {"s": 77})
+    assert '<meta name="color-scheme" content="light dark">' in html
+
+
+def test_paper_view_from_model() -> None:
+    from worker.models import Paper
+
+    paper = Paper(
+        id="2611.1",
+        title="T",
+        abstract="A",
+        authors=["X"],
+        upvotes=3,
+        url=None,
+        pdf_url="https://arxiv.org/pdf/2611.1",
+        hf_url="https://huggingface.co/papers/2611.1",
+    )
+    view = rendering.paper_view(paper, "topic")
+    assert view.url == "https://huggingface.co/papers/2611.1"  # falls back to the HF page
+    assert (view.matched_topic, view.upvotes, view.authors) == ("topic", 3, ["X"])
+
+
+def test_compile_cache_memory_then_disk(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[int] = []
+    real = rendering.mjml2html
+
+    def counting(*args: object, **kwargs: object) -> str:
+        calls.append(1)
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(rendering, "mjml2html", counting)
+    templates = tmp_path / "templates"
+    shutil.copytree(rendering.email_templates_dir(), templates)
+    head = templates / "_head.mjml"  # a version no other test has compiled yet
+    head.write_text(head.read_text() + f"{{# {uuid.uuid4()} #}}\n")
+    cache = tmp_path / "cache"
+
+    first = Renderer(settings, templates_dir=templates, cache_dir=cache)
+    assert len(calls) == len(rendering.MJML_TEMPLATES)  # compiled: one per MJML template
+    calls.clear()
+    second = Renderer(settings, templates_dir=templates, cache_dir=cache)
+    assert calls == [] and second.templates is first.templates  # memory hit
+
+    rendering.clear_memory_cache()  # as a new process would be
+    third = Renderer(settings, templates_dir=templates, cache_dir=cache)
+    assert calls == []  # disk hit
+    files = list(cache.iterdir())
+    assert [f.name for f in files] == [f"{third.templates.key}.json"]  # no temp file left over
+    assert third.digest_html(RECIPIENT, EDITION, PAPERS).count("数据") >= 1
+
+    # A corrupt cache file is recompiled, not trusted.
+    rendering.clear_memory_cache()
+    files[0].write_text("{not json")
+    Renderer(settings, templates_dir=templates, cache_dir=cache)
+    assert len(calls) == len(rendering.MJML_TEMPLATES)
+
+    # Editing a template (here the footer partial) is a new version.
+    calls.clear()
+    footer = templates / "_footer.mjml"
+    footer.write_text(footer.read_text().replace("View in browser", "Open in browser"))
+    edited = Renderer(settings, templates_dir=templates, cache_dir=cache)
+    assert len(calls) == len(rendering.MJML_TEMPLATES)
+    assert "Open in browser" in edited.digest_html(RECIPIENT, EDITION, PAPERS)
+
+
+def test_jinja_tags_survive_or_fail_loudly() -> None:
+    src = (
+        "<mjml><mj-body><mj-section><mj-column>"
+        '<mj-button href="{{ url }}?a=1&amp;b={{ b }}">Go {{ name }}</mj-button>'
+        '<mj-text>{% if flag %}<a href="{{ url }}">yes</a>{% endif %}</mj-text>'
+        "</mj-column></mj-section></mj-body></mjml>"
+    )
+    compiled = rendering.compile_mjml(src)
+    assert 'href="{{ url }}?a=1&amp;b={{ b }}"' in compiled
+    assert "{% if flag %}" in compiled and "{% endif %}" in compiled
+    in_attribute = src.replace('href="{{ url }}?', 'href="{% if x %}u{% endif %}?')
+    assert 'href="{% if x %}u{% endif %}?a=1' in rendering.compile_mjml(in_attribute)
+    # MJML computes with an image width: a placeholder there cannot come back.
+    bad = src.replace("<mj-text>", '<mj-image src="{{ s }}" width="{{ w }}" /><mj-text>')
+    with pytest.raises(rendering.TemplateError, match="did not survive"):
+        rendering.compile_mjml(bad)
+    with pytest.raises(rendering.TemplateError, match="cycle"):
+        rendering.resolve_includes("a", {"a": '{% include "b" %}', "b": '{% include "a" %}'})
+    with pytest.raises(rendering.TemplateError, match="not found"):
+        rendering.resolve_includes("a", {"a": '{% include "missing.mjml" %}'})
+
+
+def test_get_renderer_is_cached(settings: Settings) -> None:
+    assert rendering.get_renderer(settings) is rendering.get_renderer(settings)
+    other = load_settings(base_url="https://elsewhere.example")
+    assert rendering.get_renderer(other) is not rendering.get_renderer(settings)

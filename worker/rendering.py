@@ -1,0 +1,780 @@
+"""Compile the email templates once; render one digest into an outgoing message.
+
+Compile (once per template version, cached in memory and on disk):
+    Jinja ``{% include %}`` resolved as text -> every other Jinja tag swapped for an
+    inert placeholder -> mjml-python (MJML -> HTML, no web fonts) -> premailer (CSS
+    inlined, no network) -> placeholders swapped back: a Jinja template of the final HTML.
+    Placeholders are needed because lxml percent-encodes ``{{ }}`` inside ``href`` and
+    may move stray text; a statement tag becomes an HTML comment (safe between table
+    rows), an expression becomes a bare alphanumeric word (safe in text and attributes).
+Fill (per email): the Jinja render, a dozen signed links and a hand-built MIME message
+(the stdlib ``EmailMessage`` costs more than the whole render; tests parse ours back).
+"""
+
+from __future__ import annotations
+
+import binascii
+import contextlib
+import email.utils
+import hashlib
+import json
+import logging
+import os
+import re
+import secrets
+import tempfile
+import textwrap
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from functools import lru_cache
+from importlib import metadata
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from jinja2 import Environment, StrictUndefined, Template
+from mjml import mjml2html
+from premailer import Premailer
+
+from worker import links
+from worker.config import Settings, get_settings
+from worker.errors import InvalidInput
+from worker.message import OutgoingMessage
+from worker.models import WEEKDAYS, Paper
+from worker.resources import email_templates_dir
+
+log = logging.getLogger(__name__)
+
+# Bump when the compile pipeline changes in a way the template sources do not show.
+COMPILER_VERSION = "1"
+MJML_TEMPLATES = ("digest", "confirm")
+ABSTRACT_CHARS = 300
+TEXT_WIDTH = 72
+MAX_SUBJECT_CHARS = 200
+
+
+# --------------------------------------------------------------------------- public types
+
+
+@dataclass(frozen=True)
+class PaperView:
+    """What the email shows of one paper (``matched_topic`` is per subscriber)."""
+
+    id: str
+    title: str
+    authors: list[str]
+    upvotes: int
+    abstract: str
+    url: str
+    pdf_url: str | None
+    hf_url: str | None
+    matched_topic: str | None
+
+
+@dataclass(frozen=True)
+class Recipient:
+    subscriber_id: int
+    email: str
+    topics: tuple[str, ...]
+    frequency: str
+    weekday: int | None
+    send_hour: int
+    timezone: str
+
+
+def paper_view(paper: Paper, matched_topic: str | None) -> PaperView:
+    return PaperView(
+        id=paper.id,
+        title=paper.title,
+        authors=list(paper.authors or ()),
+        upvotes=int(paper.upvotes or 0),
+        abstract=paper.abstract or "",
+        url=paper.url or paper.hf_url or "",
+        pdf_url=paper.pdf_url,
+        hf_url=paper.hf_url,
+        matched_topic=matched_topic,
+    )
+
+
+# --------------------------------------------------------------------------- text helpers
+
+# Anything that could end a header line in some parser: C0/C1 controls, DEL, U+2028/9.
+_BREAKERS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]+")
+_SPACES = re.compile(r"\s+")
+
+
+def clean_line(value: str) -> str:
+    """One line of text: every control character and run of whitespace becomes one space."""
+    return _SPACES.sub(" ", _BREAKERS.sub(" ", value)).strip()
+
+
+@lru_cache(maxsize=8192)
+def shorten(text: str, limit: int) -> str:
+    """``text`` on one line, cut at a word boundary to at most ``limit`` chars plus "…"."""
+    text = clean_line(text)
+    if len(text) <= limit:
+        return text
+    cut = text[: limit + 1]
+    space = cut.rfind(" ")
+    cut = cut[:space] if space > limit // 2 else text[:limit]
+    return cut.rstrip(" ,;:.-–—") + "…"
+
+
+def short_authors(authors: Sequence[str], keep: int = 3) -> str:
+    names = [clean_line(a) for a in authors if a and a.strip()]
+    if len(names) <= keep:
+        return ", ".join(names)
+    return ", ".join(names[:keep]) + " et al."
+
+
+@lru_cache(maxsize=8192)
+def _wrap(text: str, indent: str = "") -> str:
+    return textwrap.fill(
+        text, TEXT_WIDTH, initial_indent=indent, subsequent_indent=indent, break_on_hyphens=False
+    )
+
+
+def _safe_url(url: str | None) -> str | None:
+    # Only web links: a javascript: or data: URL must never become an href.
+    if not url or not url.startswith(("https://", "http://")) or _BREAKERS.search(url):
+        return None
+    return url.replace(" ", "%20")
+
+
+_MONTHS = (
+    *("January", "February", "March", "April", "May", "June"),
+    *("July", "August", "September", "October", "November", "December"),
+)
+
+
+@lru_cache(maxsize=512)
+def _date_labels(day: date) -> tuple[str, str]:
+    weekday = WEEKDAYS[day.weekday()].capitalize()
+    return (
+        f"{weekday}, {day.day} {_MONTHS[day.month - 1]} {day.year}",
+        f"{day.day} {_MONTHS[day.month - 1][:3]}",
+    )
+
+
+def schedule_text(recipient: Recipient) -> str:
+    when = f"{recipient.send_hour:02d}:00 {recipient.timezone}"
+    if recipient.frequency == "weekly" and recipient.weekday is not None:
+        return f"weekly on {WEEKDAYS[recipient.weekday].capitalize()}s at {when}"
+    return f"{recipient.frequency} at {when}"
+
+
+# --------------------------------------------------------------------------- compile
+
+_INCLUDE = re.compile(r"\{%-?\s*include\s+[\"']([^\"']+)[\"']\s*-?%\}")
+_JINJA_COMMENT = re.compile(r"\{#.*?#\}", re.S)
+_JINJA_TAG = re.compile(r"\{\{.*?\}\}|\{%.*?%\}", re.S)
+_PLACEHOLDER = "pmjx{:05d}x"
+_FONT_LINK = re.compile(r"<link\b[^>]*>", re.I)
+_IMPORT = re.compile(r"@import\b[^;]*;?", re.I)
+_EMPTY_IFNOTMSO = re.compile(r"<!--\[if !mso\]><!-->\s*<!--<!\[endif\]-->")
+_DOCTYPE = "<!doctype html>\n"
+
+
+class TemplateError(Exception):
+    """An email template cannot be compiled; the message says which and why."""
+
+
+def _read_sources(directory: Path) -> dict[str, str]:
+    if not directory.is_dir():
+        raise TemplateError(f"email templates directory {directory} is missing")
+    return {
+        path.name: path.read_text(encoding="utf-8")
+        for path in sorted(directory.iterdir())
+        if path.is_file() and not path.name.startswith(".")
+    }
+
+
+def _versions() -> str:
+    parts = [COMPILER_VERSION]
+    for dist in ("mjml-python", "premailer", "lxml", "cssutils", "Jinja2"):
+        try:
+            parts.append(f"{dist}={metadata.version(dist)}")
+        except metadata.PackageNotFoundError:
+            parts.append(f"{dist}=?")
+    return ";".join(parts)
+
+
+def cache_key(sources: Mapping[str, str]) -> str:
+    digest = hashlib.sha256(_versions().encode())
+    for name in sorted(sources):
+        digest.update(f"\0{name}\0{len(sources[name])}\0".encode())
+        digest.update(sources[name].encode())
+    return digest.hexdigest()
+
+
+def resolve_includes(name: str, sources: Mapping[str, str], _stack: tuple[str, ...] = ()) -> str:
+    """The template's text with every ``{% include "x" %}`` replaced by x's text."""
+    if name in _stack:
+        raise TemplateError(f"email template include cycle: {' -> '.join((*_stack, name))}")
+    if name not in sources:
+        where = f" (included from {_stack[-1]})" if _stack else ""
+        raise TemplateError(f"email template {name!r} not found{where}")
+    text = _JINJA_COMMENT.sub("", sources[name])
+    return _INCLUDE.sub(lambda m: resolve_includes(m.group(1), sources, (*_stack, name)), text)
+
+
+def _protect(source: str) -> tuple[str, dict[str, tuple[str, str]]]:
+    """Swap Jinja tags for placeholders: {placeholder: (form in the compiled HTML, tag)}."""
+    if "pmjx" in source:
+        raise TemplateError("email templates must not contain the reserved word 'pmjx'")
+    found: dict[str, tuple[str, str]] = {}
+
+    def swap(match: re.Match[str]) -> str:
+        word = _PLACEHOLDER.format(len(found))
+        tag = match.group(0)
+        form = f"<!--{word}-->" if tag.startswith("{%") else word
+        found[word] = (form, tag)
+        return form
+
+    return _JINJA_TAG.sub(swap, source), found
+
+
+def _restore(html: str, found: Mapping[str, tuple[str, str]], name: str) -> str:
+    for form, tag in found.values():
+        if form not in html:
+            raise TemplateError(
+                f"{name}: the Jinja tag {tag!r} did not survive the MJML compile (put "
+                "statement tags between elements in <mj-raw>; MJML computes with sizes, "
+                "so those cannot be Jinja)"
+            )
+        html = html.replace(form, tag)
+    if "pmjx" in html:
+        raise TemplateError(f"{name}: a Jinja tag ended up somewhere MJML or premailer changed it")
+    return html
+
+
+def compile_mjml(mjml_source: str, name: str = "template") -> str:
+    """MJML with Jinja tags -> standalone HTML (inlined CSS) with the same Jinja tags."""
+    protected, found = _protect(mjml_source)
+    try:
+        html = mjml2html(protected, disable_comments=False, fonts={})
+    except Exception as exc:  # mrml raises its own error types
+        raise TemplateError(f"{name}: MJML error: {exc}") from exc
+    # No network at render time: MJML's web-font link and @import go, if any slipped in.
+    html = _FONT_LINK.sub(lambda m: "" if "stylesheet" in m.group(0).lower() else m.group(0), html)
+    html = _IMPORT.sub("", html)
+    html = _EMPTY_IFNOTMSO.sub("", html)
+    inliner = Premailer(
+        html,
+        allow_network=False,
+        allow_loading_external_files=False,
+        disable_link_rewrites=True,
+        remove_classes=False,
+        keep_style_tags=True,  # media queries (stacking, dark mode) and client hacks stay
+        strip_important=False,
+        disable_validation=True,
+        cssutils_logging_level=logging.CRITICAL,
+        method="html",
+    )
+    html = inliner.transform()
+    if not html.lstrip().lower().startswith("<!doctype"):
+        html = _DOCTYPE + html
+    html = _restore(html, found, name)
+    lowered = html.lower()
+    for banned in ("<mj-", "fonts.googleapis", "@import", 'rel="stylesheet"'):
+        if banned in lowered:
+            raise TemplateError(f"{name}: compiled HTML still contains {banned!r}")
+    return html
+
+
+def compile_sources(sources: Mapping[str, str]) -> dict[str, str]:
+    """Every template's Jinja source, MJML ones compiled: {"digest.html": ..., ...}."""
+    out: dict[str, str] = {}
+    for name in MJML_TEMPLATES:
+        out[f"{name}.html"] = compile_mjml(resolve_includes(f"{name}.mjml", sources), name)
+        out[f"{name}.txt"] = resolve_includes(f"{name}.txt", sources)
+        out[f"{name}.subject"] = resolve_includes(f"{name}.subject", sources)
+    return out
+
+
+def default_cache_dir() -> Path:
+    uid = getattr(os, "getuid", lambda: 0)()
+    return Path(tempfile.gettempdir()) / f"papermail-{uid}" / "templates"
+
+
+def _load_disk(path: Path) -> dict[str, str] | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    expected = {f"{n}.{ext}" for n in MJML_TEMPLATES for ext in ("html", "txt", "subject")}
+    if not isinstance(data, dict) or set(data) != expected:
+        return None
+    if not all(isinstance(v, str) for v in data.values()):
+        return None
+    return data
+
+
+def _store_disk(path: Path, compiled: Mapping[str, str]) -> None:
+    # Write-then-rename: concurrent processes each write their own temp file, and
+    # readers only ever see a complete cache file.
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                json.dump(compiled, fh)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+    except OSError as exc:  # a read-only or full disk costs a recompile, not a failure
+        log.warning("cannot write the template cache %s: %s", path, exc)
+
+
+def _html_env() -> Environment:
+    return Environment(autoescape=True, undefined=StrictUndefined, auto_reload=False)
+
+
+def _text_env() -> Environment:
+    return Environment(
+        autoescape=False, undefined=StrictUndefined, auto_reload=False, keep_trailing_newline=True
+    )
+
+
+class _Templates(NamedTuple):
+    key: str
+    digest_html: Template
+    digest_text: Template
+    digest_subject: Template
+    confirm_html: Template
+    confirm_text: Template
+    confirm_subject: Template
+
+
+_MEMORY: dict[str, _Templates] = {}
+_MEMORY_LOCK = threading.Lock()
+
+
+def load_templates(templates_dir: Path | None = None, cache_dir: Path | None = None) -> _Templates:
+    """The compiled templates for the current sources: memory, else disk, else compile."""
+    sources = _read_sources(templates_dir or email_templates_dir())
+    key = cache_key(sources)
+    with _MEMORY_LOCK:
+        cached = _MEMORY.get(key)
+        if cached is not None:
+            return cached
+        path = (cache_dir or default_cache_dir()) / f"{key}.json"
+        compiled = _load_disk(path)
+        if compiled is None:
+            compiled = compile_sources(sources)
+            _store_disk(path, compiled)
+        html, text = _html_env(), _text_env()
+        templates = _Templates(
+            key,
+            html.from_string(compiled["digest.html"]),
+            text.from_string(compiled["digest.txt"]),
+            text.from_string(compiled["digest.subject"]),
+            html.from_string(compiled["confirm.html"]),
+            text.from_string(compiled["confirm.txt"]),
+            text.from_string(compiled["confirm.subject"]),
+        )
+        _MEMORY[key] = templates
+        return templates
+
+
+def clear_memory_cache() -> None:
+    with _MEMORY_LOCK:
+        _MEMORY.clear()
+
+
+# --------------------------------------------------------------------------- MIME
+
+_ATEXT_PHRASE = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~ -]*$")
+_LOCAL = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+$")
+_DOMAIN = re.compile(r"^[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*$")
+_NAME_ADDR = re.compile(r"(.*?)\s*<([^<>\s]+)>|([^<>\s]+)")
+_EW_BYTES = 45  # 45 bytes -> 60 base64 chars -> a 72-char encoded-word (limit 75)
+
+
+def _encoded_words(text: str) -> list[str]:
+    words, chunk, size = [], [], 0
+    for char in text:
+        n = len(char.encode())
+        if size + n > _EW_BYTES:
+            words.append("".join(chunk))
+            chunk, size = [], 0
+        chunk.append(char)
+        size += n
+    if chunk:
+        words.append("".join(chunk))
+    return [f"=?utf-8?b?{binascii.b2a_base64(w.encode(), newline=False).decode()}?=" for w in words]
+
+
+def _fold_words(name: str, words: Sequence[str]) -> str:
+    """``Name: w1 w2 ...`` folded before 78 columns (unfolding restores single spaces)."""
+    lines, current = [], f"{name}:"
+    for word in words:
+        if len(current) + 1 + len(word) > 78 and current != f"{name}:":
+            lines.append(current)
+            current = " " + word
+        else:
+            current += " " + word
+    lines.append(current)
+    return "\r\n".join(lines)
+
+
+def _plain_word(word: str) -> bool:
+    return word.isascii() and "=?" not in word
+
+
+def unstructured_header(name: str, value: str) -> str:
+    """A complete ``Name: value`` header; value cleaned to one line, RFC 2047 when needed.
+
+    ASCII words stay readable; each run of other words becomes encoded-words, spaces
+    inside the run encoded too (decoders drop whitespace between two encoded-words)."""
+    value = clean_line(value)
+    if _plain_word(value):
+        return _fold_words(name, value.split(" ") if value else [])
+    words: list[str] = []
+    run: list[str] = []
+    for word in value.split(" "):
+        if _plain_word(word):
+            if run:
+                words += _encoded_words(" ".join(run))
+                run = []
+            words.append(word)
+        else:
+            run.append(word)
+    if run:
+        words += _encoded_words(" ".join(run))
+    return _fold_words(name, words)
+
+
+def _phrase(display: str) -> str:
+    display = clean_line(display)
+    if not display:
+        return ""
+    if not display.isascii():
+        return " ".join(_encoded_words(display))
+    if _ATEXT_PHRASE.match(display) and "=?" not in display:
+        return display
+    return '"' + display.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def bare_address(addr: str) -> str:
+    """An ASCII ``local@domain`` for a header, or InvalidInput (never a second header)."""
+    if not isinstance(addr, str) or _BREAKERS.search(addr) or " " in addr.strip():
+        raise InvalidInput(f"invalid email address {addr!r}: it contains spaces or line breaks")
+    local, at, domain = addr.strip().rpartition("@")
+    if not at or not local or not domain:
+        raise InvalidInput(f"invalid email address {addr!r}: expected name@domain")
+    if not domain.isascii():
+        try:
+            domain = domain.encode("idna").decode("ascii")
+        except UnicodeError:
+            raise InvalidInput(f"invalid email address {addr!r}: bad domain") from None
+    if not _LOCAL.match(local) or not _DOMAIN.match(domain):
+        raise InvalidInput(
+            f"invalid email address {addr!r}: only ASCII before the @ can be sent (no SMTPUTF8)"
+        )
+    return f"{local}@{domain}"
+
+
+def address_header(value: str, what: str) -> tuple[str, str]:
+    """(header value ``Name <addr>``, bare addr) from a configured address."""
+    if _BREAKERS.search(value):
+        raise InvalidInput(f"{what}: {value!r} contains a line break or control character")
+    match = _NAME_ADDR.fullmatch(value.strip())
+    if not match:
+        raise InvalidInput(f"{what}: {value!r} is not an address like 'Name <name@example.org>'")
+    display, addr = match.group(1) or "", match.group(2) or match.group(3)
+    if display.startswith('"') and display.endswith('"') and len(display) >= 2:
+        display = re.sub(r"\\(.)", r"\1", display[1:-1])
+    addr = bare_address(addr)
+    phrase = _phrase(display)
+    return (f"{phrase} <{addr}>" if phrase else addr), addr
+
+
+def list_id_header(value: str) -> str:
+    if _BREAKERS.search(value):
+        raise InvalidInput(f"PAPERMAIL_LIST_ID: {value!r} contains a line break")
+    value = value.strip()
+    match = re.fullmatch(r"(.*?)\s*<([^<>\s]+)>", value)
+    display, ident = (match.group(1), match.group(2)) if match else ("", value)
+    if not ident or not _DOMAIN.match(ident):
+        raise InvalidInput(f"PAPERMAIL_LIST_ID: {value!r} needs an id like <digest.example.org>")
+    phrase = _phrase(display)
+    return f"{phrase} <{ident}>" if phrase else f"<{ident}>"
+
+
+def _qp(text: str) -> bytes:
+    # One line-ending convention in, CRLF out; b2a_qp (C) soft-wraps at 76 columns.
+    body = text.replace("\r\n", "\n").replace("\r", "\n").encode()
+    return binascii.b2a_qp(body, quotetabs=False, istext=True, header=False).replace(b"\n", b"\r\n")
+
+
+def build_mime(headers: Sequence[str], text: str, html: str) -> bytes:
+    """multipart/alternative (text, then HTML), both UTF-8 quoted-printable, CRLF."""
+    # "=_" never occurs in quoted-printable output, so the boundary cannot collide.
+    boundary = f"=_pm_{secrets.token_hex(12)}"
+    head = "\r\n".join(
+        (
+            *headers,
+            "MIME-Version: 1.0",
+            f'Content-Type: multipart/alternative; boundary="{boundary}"',
+            "",
+            "",
+        )
+    ).encode("ascii")
+    part = (
+        '\r\n--{b}\r\nContent-Type: text/{k}; charset="utf-8"\r\n'
+        "Content-Transfer-Encoding: quoted-printable\r\n\r\n"
+    )
+    return b"".join(
+        (
+            head,
+            b"This is a multipart message in MIME format.",
+            part.format(b=boundary, k="plain").encode(),
+            _qp(text),
+            part.format(b=boundary, k="html").encode(),
+            _qp(html),
+            f"\r\n--{boundary}--\r\n".encode(),
+        )
+    )
+
+
+# --------------------------------------------------------------------------- renderer
+
+
+class _Parts(NamedTuple):
+    title: str
+    authors: str
+    abstract: str
+    abstract_text: str
+    url: str | None
+    pdf_url: str | None
+    hf_url: str | None
+
+
+class Renderer:
+    """Fills the compiled templates. One per process; thread-safe after construction."""
+
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        templates_dir: Path | None = None,
+        cache_dir: Path | None = None,
+    ) -> None:
+        self.settings = settings = settings or get_settings()
+        self.templates = load_templates(templates_dir, cache_dir)
+        self.from_header, self.sender = address_header(
+            settings.from_address, "PAPERMAIL_FROM_ADDRESS"
+        )
+        self.domain = self.sender.rpartition("@")[2]
+        self.reply_to = (
+            address_header(settings.reply_to, "PAPERMAIL_REPLY_TO")[0]
+            if settings.reply_to
+            else None
+        )
+        self.list_id = list_id_header(settings.list_id)
+        mailto = (settings.unsubscribe_mailto or f"unsubscribe@{self.domain}").removeprefix(
+            "mailto:"
+        )
+        self.unsubscribe_mailto = bare_address(mailto)
+        self._base = settings.base_url
+        self._mint: dict[str, Callable[[dict[str, Any]], str]] = {
+            purpose: links.minter(purpose, settings) for purpose in links.PURPOSES
+        }
+        # Papers repeat across thousands of emails: their cleaned text is computed once.
+        # Keyed by object identity; the stored object keeps the id from being reused.
+        self._parts: dict[int, tuple[PaperView, _Parts]] = {}
+
+    # -- links
+
+    def _url(self, purpose: str, payload: dict[str, Any]) -> str:
+        return f"{self._base}/{links.ROUTES[purpose]}/{self._mint[purpose](payload)}"
+
+    # -- digest
+
+    def _paper_parts(self, paper: PaperView) -> _Parts:
+        entry = self._parts.get(id(paper))
+        if entry is not None and entry[0] is paper:
+            return entry[1]
+        abstract = shorten(paper.abstract, ABSTRACT_CHARS)
+        parts = _Parts(
+            title=clean_line(paper.title) or paper.id,
+            authors=short_authors(paper.authors),
+            abstract=abstract,
+            abstract_text=_wrap(abstract, "   "),
+            url=_safe_url(paper.url),
+            pdf_url=_safe_url(paper.pdf_url),
+            hf_url=_safe_url(paper.hf_url),
+        )
+        if len(self._parts) > 20_000:
+            self._parts.clear()
+        self._parts[id(paper)] = (paper, parts)
+        return parts
+
+    def digest_context(
+        self, recipient: Recipient, edition_date: date, papers: Sequence[PaperView]
+    ) -> dict[str, Any]:
+        if not papers:
+            raise InvalidInput("a digest needs at least one paper (skip the delivery instead)")
+        sid = recipient.subscriber_id
+        feedback = self._mint["feedback"]
+        fb = f"{self._base}/{links.ROUTES['feedback']}/"
+        items = []
+        for paper in papers:
+            parts = self._paper_parts(paper)
+            topic = clean_line(paper.matched_topic) if paper.matched_topic else None
+            items.append(
+                {
+                    "id": paper.id,
+                    "title": parts.title,
+                    "authors": parts.authors,
+                    "abstract": parts.abstract,
+                    "abstract_text": parts.abstract_text,
+                    "upvotes": paper.upvotes,
+                    "matched_topic": topic,
+                    "url": parts.url,
+                    "pdf_url": parts.pdf_url,
+                    "hf_url": parts.hf_url,
+                    "more_url": fb + feedback({"s": sid, "p": paper.id, "v": 1}),
+                    "less_url": fb + feedback({"s": sid, "p": paper.id, "v": -1}),
+                }
+            )
+        long_label, short_label = _date_labels(edition_date)
+        topics = [t for t in (clean_line(t) for t in recipient.topics) if t]
+        count = len(items)
+        period = "week" if recipient.frequency == "weekly" else "day"
+        noun = "paper" if count == 1 else "papers"
+        intro = (
+            f"{count} trending {noun} matching your topics"
+            if topics
+            else f"The {count} most upvoted {noun} of the {period}"
+        )
+        email_addr = clean_line(recipient.email)
+        why = (
+            f"You get this because you subscribed to papermail with {email_addr}, "
+            f"{schedule_text(recipient)}, topics: "
+            + (", ".join(topics) if topics else "none (the overall trending top)")
+            + "."
+        )
+        return {
+            "subject": "",  # filled below, once the subject template has run
+            "preheader": shorten(" · ".join(i["title"] for i in items), 140),
+            "edition_label": long_label,
+            "short_date": short_label,
+            "edition_date": edition_date.isoformat(),
+            "intro": intro,
+            "papers": items,
+            "lead_title": shorten(items[0]["title"], 90),
+            "more": count - 1,
+            "preferences_url": self._url("preferences", {"s": sid}),
+            "unsubscribe_url": self._url("unsubscribe", {"s": sid}),
+            "view_url": self._url("view", {"s": sid, "d": edition_date.isoformat()}),
+            "email": email_addr,
+            "topics": topics,
+            "schedule": schedule_text(recipient),
+            "reason": why,
+            "reason_text": _wrap(why),
+        }
+
+    def _fill(self, ctx: dict[str, Any], html_t: Template, text_t: Template, subj_t: Template):
+        subject = shorten(subj_t.render(ctx), MAX_SUBJECT_CHARS)
+        ctx["subject"] = subject
+        return subject, text_t.render(ctx), html_t.render(ctx)
+
+    def digest_html(
+        self, recipient: Recipient, edition_date: date, papers: Sequence[PaperView]
+    ) -> str:
+        t = self.templates
+        ctx = self.digest_context(recipient, edition_date, papers)
+        return self._fill(ctx, t.digest_html, t.digest_text, t.digest_subject)[2]
+
+    def render_digest(
+        self,
+        recipient: Recipient,
+        edition_date: date,
+        papers: Sequence[PaperView],
+        *,
+        delivery_id: int | None = None,
+    ) -> OutgoingMessage:
+        to = bare_address(recipient.email)
+        t = self.templates
+        ctx = self.digest_context(recipient, edition_date, papers)
+        subject, text, html = self._fill(ctx, t.digest_html, t.digest_text, t.digest_subject)
+        iso = edition_date.isoformat()
+        ref = str(delivery_id) if delivery_id is not None else f"s{recipient.subscriber_id}"
+        message_id = f"<{iso}.{ref}.{secrets.token_hex(6)}@{self.domain}>"
+        token = ctx["unsubscribe_url"].rpartition("/")[2]
+        headers = [
+            *self._common_headers(to, subject, message_id),
+            f"List-Id: {self.list_id}",
+            f"List-Unsubscribe: <{ctx['unsubscribe_url']}>,\r\n"
+            f" <mailto:{self.unsubscribe_mailto}?subject=unsubscribe%20{token}>",
+            "List-Unsubscribe-Post: List-Unsubscribe=One-Click",
+        ]
+        tags = {"edition": iso}
+        if delivery_id is not None:
+            tags["delivery_id"] = str(delivery_id)
+        return OutgoingMessage(
+            sender=self.sender,
+            recipient=to,
+            subject=subject,
+            message_id=message_id,
+            raw=build_mime(headers, text, html),
+            html=html,
+            text=text,
+            tags=tags,
+        )
+
+    # -- confirmation (double opt-in)
+
+    def render_confirm(self, email_addr: str, subscriber_id: int) -> OutgoingMessage:
+        to = bare_address(email_addr)
+        t = self.templates
+        ctx: dict[str, Any] = {
+            "subject": "",
+            "preheader": "One click to start receiving trending research papers.",
+            "email": to,
+            "confirm_url": self._url("confirm", {"s": subscriber_id}),
+            "valid_days": links.MAX_AGES["confirm"] // links.DAY,
+        }
+        subject, text, html = self._fill(ctx, t.confirm_html, t.confirm_text, t.confirm_subject)
+        message_id = f"<confirm.{subscriber_id}.{secrets.token_hex(6)}@{self.domain}>"
+        return OutgoingMessage(
+            sender=self.sender,
+            recipient=to,
+            subject=subject,
+            message_id=message_id,
+            raw=build_mime(self._common_headers(to, subject, message_id), text, html),
+            html=html,
+            text=text,
+            tags={"kind": "confirm"},
+        )
+
+    def _common_headers(self, to: str, subject: str, message_id: str) -> list[str]:
+        headers = [
+            f"From: {self.from_header}",
+            f"To: {to}",
+            unstructured_header("Subject", subject),
+            f"Date: {email.utils.format_datetime(datetime.now(UTC))}",
+            f"Message-ID: {message_id}",
+        ]
+        if self.reply_to:
+            headers.append(f"Reply-To: {self.reply_to}")
+        return headers
+
+
+_RENDERER: tuple[Settings, Renderer] | None = None
+_RENDERER_LOCK = threading.Lock()
+
+
+def get_renderer(settings: Settings | None = None) -> Renderer:
+    """The process-wide renderer for these settings (rebuilt if the settings change)."""
+    global _RENDERER
+    settings = settings or get_settings()
+    with _RENDERER_LOCK:
+        if _RENDERER is None or _RENDERER[0] is not settings:
+            _RENDERER = (settings, Renderer(settings))
+        return _RENDERER[1]
