@@ -23,6 +23,7 @@ _COMMAND_MODULES = [
     "sending",
     "demo",
     "events",
+    "web",
 ]
 
 

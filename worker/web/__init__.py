@@ -17,6 +17,7 @@ log = logging.getLogger(__name__)
 # Each module defines a Blueprint named `bp`.
 _BLUEPRINTS = [
     "worker.web.webhooks",
+    "worker.web.pages",
 ]
 
 

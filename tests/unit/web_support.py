@@ -1,0 +1,87 @@
+"""Shared helpers for the subscriber-page tests (imported by tests/unit/test_web_*.py)."""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+from typing import Any
+
+from flask import Flask
+from flask.testing import FlaskClient
+from sqlalchemy import func, select
+
+from worker import links
+from worker.config import Settings
+from worker.db import session_scope
+from worker.models import Feedback, Paper, Subscriber, SubscriberLog, utcnow
+from worker.subscribers import SubscriberInput, add_subscriber
+
+
+def make_app(settings: Settings) -> Flask:
+    from worker.web import create_app
+
+    app = create_app(settings)
+    app.config["TESTING"] = True
+    return app
+
+
+def make_client(settings: Settings) -> FlaskClient:
+    return make_app(settings).test_client()
+
+
+def add_sub(email: str = "ada@example.org", confirmed: bool = True, **prefs: Any) -> int:
+    with session_scope() as s:
+        sub, _ = add_subscriber(s, SubscriberInput(email, **prefs), confirmed=confirmed)
+        return sub.id
+
+
+def add_papers(specs: list[tuple[str, str]], hours_ago: float = 2.0) -> None:
+    """Papers (id, title) published a little while ago, so they are in the window."""
+    now = utcnow()
+    with session_scope() as s:
+        for i, (pid, title) in enumerate(specs):
+            s.add(
+                Paper(
+                    id=pid,
+                    title=title,
+                    abstract=f"{title}. An abstract about {title.lower()}.",
+                    authors=["A. Author", "B. Author"],
+                    upvotes=10 + i,
+                    published_at=now - timedelta(hours=hours_ago),
+                    ingested_at=now,
+                    url=f"https://papers.example/{pid}",
+                )
+            )
+
+
+def token(purpose: str, settings: Settings, **payload: Any) -> str:
+    return links.make_token(purpose, payload, settings)
+
+
+def snapshot(sid: int) -> dict[str, Any]:
+    """Everything a page could change about a subscriber, for before/after comparisons."""
+    with session_scope() as s:
+        sub = s.get(Subscriber, sid)
+        assert sub is not None
+        row = {c.name: getattr(sub, c.name) for c in Subscriber.__table__.columns}
+        row["_log"] = s.scalar(
+            select(func.count())
+            .select_from(SubscriberLog)
+            .where(SubscriberLog.subscriber_id == sid)
+        )
+        row["_feedback"] = s.scalar(select(func.count()).select_from(Feedback))
+        row["_subscribers"] = s.scalar(select(func.count()).select_from(Subscriber))
+        return row
+
+
+def csrf_from(html: str) -> str:
+    match = re.search(r'name="csrf_token" value="([^"]+)"', html)
+    assert match, "no CSRF field on the page"
+    return match.group(1)
+
+
+def status_of(sid: int) -> str:
+    with session_scope() as s:
+        sub = s.get(Subscriber, sid)
+        assert sub is not None
+        return sub.status

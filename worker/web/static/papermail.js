@@ -1,0 +1,43 @@
+// papermail pages: small progressive enhancements; every page works without this file.
+(function () {
+  "use strict";
+  var zone = "";
+  try {
+    zone = Intl.DateTimeFormat().resolvedOptions().timeZone || "";
+  } catch (e) {
+    zone = "";
+  }
+
+  // "Use this device's time zone" buttons: shown only when the browser knows its zone.
+  document.querySelectorAll("[data-browser-tz]").forEach(function (button) {
+    var target = document.getElementById(button.getAttribute("data-browser-tz"));
+    if (!zone || !target) return;
+    button.querySelector("[data-tz-name]").textContent = zone;
+    button.hidden = false;
+    button.addEventListener("click", function () {
+      target.value = zone;
+      target.focus();
+    });
+  });
+
+  // Hidden zone fields (subscribe form) take the browser's zone when empty.
+  document.querySelectorAll("input[data-fill-tz]").forEach(function (input) {
+    if (zone && !input.value) input.value = zone;
+  });
+
+  // The weekday only matters for weekly digests: hide it for daily ones.
+  var weekday = document.querySelector("[data-weekly-only]");
+  if (weekday) {
+    var radios = document.querySelectorAll('input[name="frequency"]');
+    var sync = function () {
+      var weekly = document.querySelector('input[name="frequency"][value="weekly"]');
+      weekday.hidden = !(weekly && weekly.checked);
+    };
+    radios.forEach(function (r) { r.addEventListener("change", sync); });
+    sync();
+  }
+
+  // After a failed save, move focus to the summary so screen readers announce it.
+  var summary = document.getElementById("error-summary");
+  if (summary) summary.focus();
+})();
