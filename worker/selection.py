@@ -1,0 +1,826 @@
+"""Rank candidate papers for many subscribers at once.
+
+One call scores every (subscriber, paper) pair of a batch with a few matrix operations:
+
+* **Relevance** is BM25 over title and abstract (the title counts ``title_weight`` times),
+  with a vocabulary of stemmed unigrams *and* adjacent bigrams, so a topic phrase such as
+  "diffusion models" scores higher where the words stand together than where they are
+  scattered. A topic's score is divided by its *self-match* (the score of a paper of
+  average length whose title is the topic) so 1.0 means "a strong match" whatever the
+  topic, and multiplied by its *coverage* (the share of the topic's IDF mass the paper
+  contains) so "graph neural networks" does not match every paper that says "neural
+  networks". A subscriber's relevance is the best of their topics; that topic is the
+  pick's ``matched_topic``.
+* **Feedback** is Rocchio-like: the unit term vectors of the papers a subscriber voted on
+  (+1 / -1, averaged per sign) are added to their query with ``feedback_weight``. The query
+  is linear, so that is a cosine-similarity term added to the relevance of every topic.
+* **Score** = min(relevance, cap) + feedback + trending (log1p(upvotes), relative to the
+  best in the subscriber's window) + freshness (exponential decay before the window end).
+  Topic subscribers only get papers whose relevance reaches ``min_relevance``; subscribers
+  without topics get the trending top.
+* Ties are broken by upvotes (desc), then paper id (asc): candidates are laid out in that
+  order and the top-k is taken stably, so results do not depend on input order.
+
+Tokenisation is cached per call; unique topics are scored once per batch; the per-row work
+is numpy over dense (subscribers x candidates) blocks, processed in chunks to bound memory.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from functools import lru_cache
+from itertools import pairwise
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import scipy.sparse as sp
+from sqlalchemy import and_, or_, select
+
+from worker.errors import InvalidInput
+from worker.models import (
+    Delivery,
+    DeliveryPaper,
+    DeliveryState,
+    Feedback,
+    Frequency,
+    Paper,
+    Subscriber,
+)
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
+    from worker.config import Settings
+
+__all__ = [
+    "RECEIVED_STATES",
+    "Candidate",
+    "Pick",
+    "Profile",
+    "Result",
+    "SelectionInputError",
+    "SelectionParams",
+    "analyse",
+    "load_candidates",
+    "load_profiles",
+    "lookback",
+    "select_batch",
+    "select_for_subscribers",
+    "stem",
+]
+
+# A paper counts as received once a delivery carrying it was (or may have been) sent.
+RECEIVED_STATES = frozenset(
+    {
+        DeliveryState.SENDING,
+        DeliveryState.SENT,
+        DeliveryState.DELIVERED,
+        DeliveryState.BOUNCED,
+        DeliveryState.COMPLAINED,
+        DeliveryState.UNKNOWN,
+    }
+)
+
+# Only the most recent votes steer the query (bounded work, and tastes drift).
+MAX_VOTES_PER_SUBSCRIBER = 50
+# IN-lists are split so SQLite's bound-parameter limit is never reached; a batch of up to
+# this many subscribers (settings.chunk_size is at most 5000) costs a constant 2 queries.
+_ID_CHUNK = 5000
+# Rows of the dense (subscribers x candidates) blocks scored at a time.
+_ROW_CHUNK = 4096
+
+
+class SelectionInputError(InvalidInput, ValueError):
+    """Bad input to selection (naive datetime, empty window, invalid vote...)."""
+
+
+# --------------------------------------------------------------------------- data types
+
+
+def _require_aware(value: datetime, what: str) -> None:
+    if not isinstance(value, datetime) or value.tzinfo is None or value.utcoffset() is None:
+        raise SelectionInputError(f"{what} must be a timezone-aware datetime, got {value!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """One paper that may be picked."""
+
+    id: str
+    title: str
+    abstract: str
+    upvotes: int
+    published: datetime  # effective date (published_at, or ingested_at), UTC-aware
+
+    def __post_init__(self) -> None:
+        if not self.id:
+            raise SelectionInputError("a candidate paper needs a non-empty id")
+        _require_aware(self.published, f"published date of paper {self.id!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class Profile:
+    """One subscriber's edition: what they want and what they already have."""
+
+    subscriber_id: int
+    topics: tuple[str, ...]
+    max_papers: int
+    window_start: datetime
+    window_end: datetime
+    exclude: frozenset[str] = frozenset()  # paper ids already received
+    votes: Mapping[str, int] = field(default_factory=dict)  # paper_id -> +1 / -1
+
+    def __post_init__(self) -> None:
+        who = f"subscriber {self.subscriber_id}"
+        if isinstance(self.topics, str):
+            raise SelectionInputError(f"{who}: topics must be a sequence of strings, not a str")
+        if not isinstance(self.max_papers, int) or self.max_papers < 1:
+            raise SelectionInputError(f"{who}: max_papers must be >= 1, got {self.max_papers!r}")
+        _require_aware(self.window_start, f"{who}: window_start")
+        _require_aware(self.window_end, f"{who}: window_end")
+        if self.window_start > self.window_end:
+            raise SelectionInputError(
+                f"{who}: window_start {self.window_start.isoformat()} is after "
+                f"window_end {self.window_end.isoformat()}"
+            )
+        for paper_id, vote in self.votes.items():
+            if vote not in (-1, 1):
+                raise SelectionInputError(
+                    f"{who}: vote on paper {paper_id!r} must be +1 or -1, got {vote!r}"
+                )
+
+
+@dataclass(frozen=True, slots=True)
+class Pick:
+    paper_id: str
+    score: float
+    relevance: float  # topic relevance (capped) plus the feedback term
+    matched_topic: str | None  # None: no topics, or picked by trending/feedback alone
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    picks: list[Pick]
+    skip_reason: str | None  # set iff picks is empty
+
+
+@dataclass(frozen=True)
+class SelectionParams:
+    min_relevance: float = 0.15
+    trending_weight: float = 0.5
+    freshness_weight: float = 0.25
+    freshness_half_life_hours: float = 24.0
+    feedback_weight: float = 2.0  # cosine similarities between papers are small (~0.05-0.3)
+    # Relevance above this adds nothing: among strong matches, trending and freshness decide.
+    relevance_cap: float = 1.0
+    title_weight: float = 3.0
+    bigram_weight: float = 2.0  # a topic's phrase counts this much more than each word
+    k1: float = 1.2
+    b: float = 0.75
+
+    def __post_init__(self) -> None:
+        for name in (
+            "min_relevance",
+            "trending_weight",
+            "freshness_weight",
+            "feedback_weight",
+            "bigram_weight",
+            "k1",
+        ):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise SelectionInputError(f"selection parameter {name} must be >= 0, got {value}")
+        for name in ("freshness_half_life_hours", "relevance_cap", "title_weight"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value <= 0:
+                raise SelectionInputError(f"selection parameter {name} must be > 0, got {value}")
+        if not 0 <= self.b <= 1:
+            raise SelectionInputError(f"selection parameter b must be in [0, 1], got {self.b}")
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> SelectionParams:
+        return cls(min_relevance=settings.min_relevance)
+
+
+# ------------------------------------------------------------------------- text analysis
+
+_WORD = re.compile(r"[^\W_]+")
+# Bigrams never span punctuation that separates phrases.
+_PHRASE_BREAK = re.compile(r"[.!?;:,()\[\]{}\"“”«»|/]+")
+_STOPWORD_TEXT = """
+    a an and are as at be been being but by can could did do does for from had has have
+    how however i if in into is it its itself may might more most no not of on or our over
+    so such than that the their them then there these they this those through to under up
+    us via was we were what when where which while who whom why will with within without
+    would you your"""
+_STOPWORDS = frozenset(_STOPWORD_TEXT.split())
+# Words ending in "s" that are not plurals (the suffix rules below would mangle them).
+_KEEP_S = ("ss", "us", "is", "as")
+
+
+@lru_cache(maxsize=65536)
+def stem(word: str) -> str:
+    """A light plural stemmer: models->model, processes->process, studies->study.
+
+    Deliberately conservative: "gaussian", "bias", "analysis", "loss" stay as they are.
+    """
+    if len(word) > 4 and word.endswith("ies"):
+        return word[:-3] + "y"
+    if word.endswith("sses"):
+        return word[:-2]
+    if len(word) > 4 and word.endswith(("ches", "shes", "xes")):
+        return word[:-2]
+    if len(word) >= 3 and word.endswith("s") and not word.endswith(_KEEP_S):
+        return word[:-1]
+    return word
+
+
+def analyse(text: str) -> tuple[Counter[str], int]:
+    """Stemmed unigram and bigram counts of ``text``, and its number of unigrams.
+
+    Case-insensitive; stop words and one-letter tokens are dropped; a bigram joins two
+    consecutive kept words of the same phrase (so "pruning at initialization" yields
+    "pruning initialization").
+    """
+    counts: Counter[str] = Counter()
+    length = 0
+    for phrase in _PHRASE_BREAK.split(text.lower()):
+        words = [stem(w) for w in _WORD.findall(phrase) if len(w) > 1 and w not in _STOPWORDS]
+        if not words:
+            continue
+        length += len(words)
+        counts.update(words)
+        counts.update(f"{a} {b}" for a, b in pairwise(words))
+    return counts, length
+
+
+def _clean_topics(topics: Iterable[str]) -> tuple[str, ...]:
+    """Stripped, whitespace-collapsed, de-duplicated (case-insensitively) topics."""
+    seen: set[str] = set()
+    out: list[str] = []
+    for raw in topics:
+        if not isinstance(raw, str):
+            raise SelectionInputError(f"a topic must be a string, got {raw!r}")
+        topic = " ".join(raw.split())
+        key = topic.lower()
+        if topic and key not in seen:
+            seen.add(key)
+            out.append(topic)
+    return tuple(out)
+
+
+# ------------------------------------------------------------------------------ scoring
+
+
+class _Corpus:
+    """The candidates' term matrices and the vocabulary shared with queries and votes."""
+
+    def __init__(self, candidates: Sequence[Candidate], params: SelectionParams) -> None:
+        self.params = params
+        self.vocab: dict[str, int] = {}
+        self._cache: dict[str, tuple[Counter[str], int]] = {}
+        self.n_docs = len(candidates)
+        self.tf, self.lengths = self.add_texts([(c.title, c.abstract) for c in candidates])
+        self._df = np.bincount(self.tf.indices, minlength=self.tf.shape[1]).astype(np.float64)
+        total = float(self.lengths.sum())
+        self.avgdl = total / self.n_docs if total > 0 else 1.0
+
+    # Tokenisation is cached per call: topics and titles repeat across a batch.
+    def terms(self, text: str) -> tuple[Counter[str], int]:
+        hit = self._cache.get(text)
+        if hit is None:
+            hit = self._cache[text] = analyse(text)
+        return hit
+
+    def index(self, term: str) -> int:
+        return self.vocab.setdefault(term, len(self.vocab))
+
+    def add_texts(self, texts: Sequence[tuple[str, str]]) -> tuple[sp.csr_matrix, np.ndarray]:
+        """Field-weighted term frequencies and lengths of (title, abstract) pairs.
+
+        New terms extend the vocabulary in order of appearance, so for a given candidate
+        list the columns (and the float summation order) never depend on the rest.
+        """
+        weight = self.params.title_weight
+        vocab = self.vocab
+        setdefault = vocab.setdefault
+        indptr = [0]
+        cols: list[int] = []
+        tfs: list[float] = []
+        lengths: list[float] = []
+        for title, abstract in texts:
+            t_counts, t_len = self.terms(title)
+            a_counts, a_len = self.terms(abstract)
+            counts = a_counts.copy()
+            for term, n in t_counts.items():
+                counts[term] += weight * n
+            cols.extend([setdefault(term, len(vocab)) for term in counts])
+            tfs.extend(counts.values())
+            indptr.append(len(cols))
+            lengths.append(weight * t_len + a_len)
+        tf = sp.csr_matrix(
+            (
+                np.asarray(tfs, dtype=np.float64),
+                np.asarray(cols, dtype=np.int64),
+                np.asarray(indptr, dtype=np.int64),
+            ),
+            shape=(len(texts), len(vocab)),
+        )
+        tf.sort_indices()
+        return tf, np.asarray(lengths, dtype=np.float64)
+
+    def finalise(self) -> None:
+        """Fix the vocabulary (after queries and votes added their terms) and weigh."""
+        n_terms = len(self.vocab)
+        df = np.zeros(n_terms)
+        df[: self._df.size] = self._df
+        n = self.n_docs
+        # BM25's IDF (always positive); a term no candidate has gets the highest.
+        self.idf = np.log1p((n - df + 0.5) / (df + 0.5))
+        self.is_bigram = np.zeros(n_terms, dtype=bool)
+        for term, col in self.vocab.items():
+            self.is_bigram[col] = " " in term
+        self.tf.resize((self.n_docs, n_terms))
+        self.doc_weights = self.bm25(self.tf, self.lengths)
+        self.doc_units = _unit_rows(self.doc_weights)
+        presence = self.tf.copy()
+        presence.data = np.ones_like(presence.data)
+        self.unigram_presence_t = (presence @ sp.diags((~self.is_bigram).astype(float))).T.tocsr()
+
+    def bm25(self, tf: sp.csr_matrix, lengths: np.ndarray) -> sp.csr_matrix:
+        p = self.params
+        norm = p.k1 * (1 - p.b + p.b * lengths / self.avgdl)
+        out = tf.tocsr(copy=True)
+        row_norm = np.repeat(norm, np.diff(out.indptr))
+        out.data = self.idf[out.indices] * out.data * (p.k1 + 1) / (out.data + row_norm)
+        return out
+
+
+def _unit_rows(matrix: sp.csr_matrix) -> sp.csr_matrix:
+    norms = np.sqrt(np.asarray(matrix.multiply(matrix).sum(axis=1)).ravel())
+    norms[norms == 0] = 1.0
+    return sp.diags(1.0 / norms) @ matrix
+
+
+def _topic_scores(corpus: _Corpus, topics: Sequence[Counter[str]]) -> np.ndarray:
+    """Normalised relevance of every unique topic to every candidate (topics x docs).
+
+    raw BM25 / self-match x coverage: 1.0 is a paper of average length with the topic in
+    its title; a paper with only some of a topic's words gets the share of their IDF.
+    """
+    p = corpus.params
+    if not topics or not corpus.n_docs:
+        return np.zeros((len(topics), corpus.n_docs))
+    idf = corpus.idf
+    q_rows: list[int] = []
+    q_cols: list[int] = []
+    q_vals: list[float] = []
+    c_vals: list[float] = []
+    self_scores = np.zeros(len(topics))
+    idf_mass = np.zeros(len(topics))
+    for row, counts in enumerate(topics):
+        for term in sorted(counts):
+            n = counts[term]
+            col = corpus.vocab[term]
+            bigram = " " in term
+            weight = (p.bigram_weight if bigram else 1.0) * n
+            q_rows.append(row)
+            q_cols.append(col)
+            q_vals.append(weight)
+            c_vals.append(0.0 if bigram else float(idf[col]))
+            tf = p.title_weight * n  # the topic once in the title of an average paper
+            self_scores[row] += weight * idf[col] * tf * (p.k1 + 1) / (tf + p.k1)
+            idf_mass[row] += c_vals[-1]
+    shape = (len(topics), len(corpus.vocab))
+    query = sp.csr_matrix((q_vals, (q_rows, q_cols)), shape=shape)
+    cover = sp.csr_matrix((c_vals, (q_rows, q_cols)), shape=shape)
+    raw = (query @ corpus.doc_weights.T).toarray()
+    coverage = (cover @ corpus.unigram_presence_t).toarray()
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel = (raw / self_scores[:, None]) * (coverage / idf_mass[:, None])
+    return np.nan_to_num(rel, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def _nothing_new(prof: Profile) -> str:
+    hours = round((prof.window_end - prof.window_start).total_seconds() / 3600)
+    if hours > 48 and hours % 24 == 0:
+        window = f"{hours // 24} days"
+    elif hours == 1:
+        window = "hour"
+    else:
+        window = f"{hours} hours"
+    return f"no new papers in the last {window}"
+
+
+def select_batch(
+    candidates: Sequence[Candidate],
+    profiles: Sequence[Profile],
+    *,
+    voted_papers: Mapping[str, Candidate] | None = None,
+    params: SelectionParams | None = None,
+) -> dict[int, Result]:
+    """Pick papers for every profile; one :class:`Result` per subscriber id.
+
+    ``voted_papers`` holds the texts of voted papers that are not among the candidates
+    (votes on papers found in neither are ignored).
+    """
+    params = params or SelectionParams()
+    voted_papers = voted_papers or {}
+    seen_subs: set[int] = set()
+    for prof in profiles:
+        if prof.subscriber_id in seen_subs:
+            raise SelectionInputError(f"subscriber {prof.subscriber_id} appears twice in a batch")
+        seen_subs.add(prof.subscriber_id)
+    by_id: dict[str, Candidate] = {}
+    for cand in candidates:
+        if cand.id in by_id and by_id[cand.id] != cand:
+            raise SelectionInputError(f"paper {cand.id!r} appears twice with different data")
+        by_id[cand.id] = cand
+    if not profiles:
+        return {}
+    if not by_id:
+        return {prof.subscriber_id: Result([], _nothing_new(prof)) for prof in profiles}
+    # Canonical layout: column order is the tie-break order (upvotes desc, id asc).
+    cands = sorted(by_id.values(), key=lambda c: (-c.upvotes, c.id))
+    col_of = {c.id: j for j, c in enumerate(cands)}
+    n_docs = len(cands)
+
+    corpus = _Corpus(cands, params)
+    topics_per_profile = [_clean_topics(prof.topics) for prof in profiles]
+    # Unique topics, by their lower-cased text, scored once for the whole batch.
+    topic_ids: dict[str, int] = {}
+    for topics in topics_per_profile:
+        for topic in topics:
+            topic_ids.setdefault(topic.lower(), len(topic_ids))
+    # Every text that needs a column joins the vocabulary before it is fixed and weighed.
+    topic_terms = [corpus.terms(topic)[0] for topic in topic_ids]
+    for counts in topic_terms:
+        for term in counts:
+            corpus.index(term)
+    voted_ids = sorted(
+        {pid for prof in profiles for pid in prof.votes if pid in by_id or pid in voted_papers}
+    )
+    voted_col = {pid: i for i, pid in enumerate(voted_ids)}
+    extra = [pid for pid in voted_ids if pid not in by_id]
+    extra_tf, extra_len = corpus.add_texts(
+        [(voted_papers[pid].title, voted_papers[pid].abstract) for pid in extra]
+    )
+    corpus.finalise()
+    topic_rel = _topic_scores(corpus, topic_terms)
+    # Similarity of each voted paper to each candidate (voted x docs), computed once.
+    voted_sim = np.zeros((len(voted_ids), n_docs))
+    if voted_ids and n_docs:
+        known = [pid for pid in voted_ids if pid in by_id]
+        if known:
+            units = corpus.doc_units[[col_of[pid] for pid in known]]
+            voted_sim[[voted_col[pid] for pid in known]] = (units @ corpus.doc_units.T).toarray()
+        if extra:
+            extra_tf.resize((len(extra), len(corpus.vocab)))
+            units = _unit_rows(corpus.bm25(extra_tf, extra_len))
+            voted_sim[[voted_col[pid] for pid in extra]] = (units @ corpus.doc_units.T).toarray()
+
+    shared = _Shared(
+        cands=cands,
+        col_of=col_of,
+        published=np.array([c.published.timestamp() for c in cands], dtype=np.float64),
+        log_up=np.log1p(np.array([max(c.upvotes, 0) for c in cands], dtype=np.float64)),
+        topic_ids=topic_ids,
+        topic_rel=topic_rel,
+        voted_col=voted_col,
+        voted_sim=voted_sim,
+        params=params,
+    )
+    # Rows sorted by number of topics (desc), so "rows with more than t topics" is a prefix.
+    order = sorted(range(len(profiles)), key=lambda i: -len(topics_per_profile[i]))
+    results: dict[int, Result] = {}
+    for lo in range(0, len(order), _ROW_CHUNK):
+        rows = order[lo : lo + _ROW_CHUNK]
+        results.update(
+            _score_chunk([profiles[i] for i in rows], [topics_per_profile[i] for i in rows], shared)
+        )
+    return {prof.subscriber_id: results[prof.subscriber_id] for prof in profiles}
+
+
+@dataclass
+class _Shared:
+    """Everything about the candidates that every chunk of subscribers uses."""
+
+    cands: Sequence[Candidate]
+    col_of: Mapping[str, int]
+    published: np.ndarray  # epoch seconds per candidate
+    log_up: np.ndarray  # log1p(upvotes) per candidate
+    topic_ids: Mapping[str, int]
+    topic_rel: np.ndarray  # unique topics x candidates
+    voted_col: Mapping[str, int]
+    voted_sim: np.ndarray  # voted papers x candidates
+    params: SelectionParams
+
+
+def _score_chunk(
+    profiles: Sequence[Profile], topics_per_profile: Sequence[tuple[str, ...]], shared: _Shared
+) -> dict[int, Result]:
+    """Score and pick for rows sorted by number of topics, descending."""
+    params = shared.params
+    col_of = shared.col_of
+    n_rows, n_docs = len(profiles), len(shared.cands)
+    n_topics = np.array([len(t) for t in topics_per_profile], dtype=np.int64)
+    max_topics = int(n_topics.max()) if n_rows else 0
+    slot_topic = np.zeros((n_rows, max_topics), dtype=np.int64)
+    starts = np.empty(n_rows)
+    ends = np.empty(n_rows)
+    k = np.empty(n_rows, dtype=np.int64)
+    ex_rows: list[int] = []
+    ex_cols: list[int] = []
+    fb_rows: list[int] = []
+    fb_cols: list[int] = []
+    fb_vals: list[float] = []
+    # This loop over subscribers only gathers indices; the scoring below is whole-matrix.
+    for i, (prof, topics) in enumerate(zip(profiles, topics_per_profile, strict=True)):
+        starts[i] = prof.window_start.timestamp()
+        ends[i] = prof.window_end.timestamp()
+        k[i] = prof.max_papers
+        for t, topic in enumerate(topics):
+            slot_topic[i, t] = shared.topic_ids[topic.lower()]
+        # Voted papers were received: never send them again, whatever `exclude` says.
+        for pid in prof.exclude.union(prof.votes) if prof.votes else prof.exclude:
+            j = col_of.get(pid)
+            if j is not None:
+                ex_rows.append(i)
+                ex_cols.append(j)
+        if prof.votes:
+            # Rocchio: + mean of liked papers, - mean of disliked ones.
+            for sign in (1, -1):
+                group = sorted(
+                    pid for pid, v in prof.votes.items() if v == sign and pid in shared.voted_col
+                )
+                for pid in group:
+                    fb_rows.append(i)
+                    fb_cols.append(shared.voted_col[pid])
+                    fb_vals.append(sign / len(group))
+
+    published = shared.published[None, :]
+    in_window = (published >= starts[:, None]) & (published <= ends[:, None])
+    available = in_window.copy()
+    if ex_rows:
+        available[ex_rows, ex_cols] = False
+
+    # Topic relevance: the best of each subscriber's topics, and which one (first wins).
+    relevance = np.zeros((n_rows, n_docs))
+    best_slot = np.zeros((n_rows, n_docs), dtype=np.int32)
+    with_topics = int(np.count_nonzero(n_topics))
+    if with_topics and n_docs:
+        relevance[:with_topics] = shared.topic_rel[slot_topic[:with_topics, 0]]
+        for slot in range(1, max_topics):
+            m = int(np.count_nonzero(n_topics > slot))  # a prefix, rows being sorted
+            cand = shared.topic_rel[slot_topic[:m, slot]]
+            better = cand > relevance[:m]
+            np.copyto(relevance[:m], cand, where=better)
+            np.copyto(best_slot[:m], slot, where=better)
+    effective = np.minimum(relevance, params.relevance_cap)
+    if fb_rows and n_docs:
+        weights = sp.csr_matrix(
+            (fb_vals, (fb_rows, fb_cols)), shape=(n_rows, len(shared.voted_col))
+        )
+        effective += params.feedback_weight * (weights @ shared.voted_sim)
+
+    has_new = available.any(axis=1)
+    eligible = available  # narrowed in place from here on
+    if with_topics:
+        eligible[:with_topics] &= effective[:with_topics] >= params.min_relevance
+
+    # Trending: relative to the best paper in the window (columns go by upvotes, so the
+    # first column in the window is the best). Freshness: halves every half-life.
+    first = np.argmax(in_window, axis=1)
+    best = np.where(in_window[np.arange(n_rows), first], shared.log_up[first], 0.0)
+    scale = np.divide(params.trending_weight, best, out=np.zeros(n_rows), where=best > 0)
+    score = np.multiply.outer(scale, shared.log_up)
+    age = ends[:, None] - published
+    np.maximum(age, 0.0, out=age)
+    age *= -1.0 / (3600.0 * params.freshness_half_life_hours)
+    np.exp2(age, out=age)
+    age *= params.freshness_weight
+    score += age
+    score += effective
+
+    chosen = _top_k(score, eligible, k)
+    rows_c, cols_c = np.nonzero(chosen)
+    order = np.lexsort((cols_c, -score[rows_c, cols_c], rows_c))
+    rows_c, cols_c = rows_c[order], cols_c[order]
+
+    picks_by_row: list[list[Pick]] = [[] for _ in range(n_rows)]
+    named = relevance[rows_c, cols_c] >= params.min_relevance
+    for i, j, s, r, slot, ok in zip(
+        rows_c.tolist(),
+        cols_c.tolist(),
+        score[rows_c, cols_c].tolist(),
+        effective[rows_c, cols_c].tolist(),
+        best_slot[rows_c, cols_c].tolist(),
+        named.tolist(),
+        strict=True,
+    ):
+        # Only a topic that really matched is named; otherwise trending or feedback chose.
+        topic = topics_per_profile[i][slot] if ok and topics_per_profile[i] else None
+        picks_by_row[i].append(Pick(shared.cands[j].id, s, r, topic))
+
+    out: dict[int, Result] = {}
+    for i, prof in enumerate(profiles):
+        picks = picks_by_row[i]
+        reason = None
+        if not picks:
+            if not has_new[i]:
+                reason = _nothing_new(prof)
+            else:
+                reason = "no new paper matches your topics: " + ", ".join(topics_per_profile[i])
+        out[prof.subscriber_id] = Result(picks, reason)
+    return out
+
+
+def _top_k(score: np.ndarray, eligible: np.ndarray, k: np.ndarray) -> np.ndarray:
+    """Per row, the ``k[i]`` best eligible columns; among equal scores the lowest column."""
+    n_rows, n_docs = score.shape
+    if n_docs == 0 or n_rows == 0:
+        return np.zeros_like(eligible)
+    k = np.minimum(k, n_docs)
+    key = np.negative(score)  # smaller is better
+    np.copyto(key, np.inf, where=~eligible)
+    kmax = int(k.max())
+    head = np.partition(key, kmax - 1, axis=1)[:, :kmax] if kmax < n_docs else key.copy()
+    head.sort(axis=1)
+    threshold = head[np.arange(n_rows), k - 1]
+    # With fewer eligible papers than k the threshold is inf: take all eligible ones.
+    chosen = key < threshold[:, None]
+    finite = np.isfinite(threshold)
+    tie = (key == threshold[:, None]) & finite[:, None]
+    need = k - chosen.sum(axis=1)
+    tie_rows = np.flatnonzero(tie.sum(axis=1) > need)
+    if tie_rows.size:  # more tied papers than places left: the lowest columns win
+        sub = tie[tie_rows]
+        tie[tie_rows] = sub & (np.cumsum(sub, axis=1) <= need[tie_rows, None])
+    return chosen | tie
+
+
+# -------------------------------------------------------------------------- DB helpers
+
+
+def lookback(settings: Settings, frequency: str) -> timedelta:
+    """The look-back window of an edition of this frequency."""
+    if frequency == Frequency.DAILY:
+        return timedelta(hours=settings.lookback_daily_hours)
+    if frequency == Frequency.WEEKLY:
+        return timedelta(hours=settings.lookback_weekly_hours)
+    raise SelectionInputError(f"unknown frequency {frequency!r} (use daily or weekly)")
+
+
+def _effective_between(start: datetime, end: datetime | None) -> Any:
+    """Paper's effective date (published_at, else ingested_at) in [start, end]."""
+    pub = [Paper.published_at.is_not(None), Paper.published_at >= start]
+    ing = [Paper.published_at.is_(None), Paper.ingested_at >= start]
+    if end is not None:
+        pub.append(Paper.published_at <= end)
+        ing.append(Paper.ingested_at <= end)
+    return or_(and_(*pub), and_(*ing))
+
+
+def load_candidates(
+    session: Session, window_start: datetime, window_end: datetime
+) -> list[Candidate]:
+    """Papers whose effective date lies in [window_start, window_end], by id."""
+    _require_aware(window_start, "window_start")
+    _require_aware(window_end, "window_end")
+    if window_start > window_end:
+        raise SelectionInputError(
+            f"window_start {window_start.isoformat()} is after window_end {window_end.isoformat()}"
+        )
+    rows = session.execute(
+        select(
+            Paper.id,
+            Paper.title,
+            Paper.abstract,
+            Paper.upvotes,
+            Paper.published_at,
+            Paper.ingested_at,
+        )
+        .where(_effective_between(window_start, window_end))
+        .order_by(Paper.id)
+    )
+    return [
+        Candidate(pid, title or "", abstract or "", upvotes or 0, published or ingested)
+        for pid, title, abstract, upvotes, published, ingested in rows
+    ]
+
+
+def _chunks(ids: Sequence[int]) -> Iterable[list[int]]:
+    for lo in range(0, len(ids), _ID_CHUNK):
+        yield list(ids[lo : lo + _ID_CHUNK])
+
+
+def load_profiles(
+    session: Session,
+    subscribers: Sequence[Subscriber],
+    window_end_by_sub: Mapping[int, datetime],
+    settings: Settings,
+) -> tuple[list[Profile], dict[str, Candidate]]:
+    """Profiles of these subscribers and the texts of the papers they voted on.
+
+    Two queries per batch (up to 5000 subscribers), whatever its size: the papers already
+    received (deliveries in :data:`RECEIVED_STATES`; only papers recent enough to still
+    be candidates), and the votes joined with their papers.
+    """
+    if not subscribers:
+        return [], {}
+    starts: dict[int, datetime] = {}
+    for sub in subscribers:
+        end = window_end_by_sub.get(sub.id)
+        if end is None:
+            raise SelectionInputError(f"no window end given for subscriber {sub.id}")
+        _require_aware(end, f"window end of subscriber {sub.id}")
+        starts[sub.id] = end - lookback(settings, sub.frequency)
+    ids = sorted(starts)
+    earliest = min(starts.values())
+
+    received: dict[int, set[str]] = {}
+    votes: dict[int, dict[str, int]] = {}
+    voted: dict[str, Candidate] = {}
+    for part in _chunks(ids):
+        for sub_id, paper_id in session.execute(
+            select(Delivery.subscriber_id, DeliveryPaper.paper_id)
+            .join(DeliveryPaper, DeliveryPaper.delivery_id == Delivery.id)
+            .join(Paper, Paper.id == DeliveryPaper.paper_id)
+            .where(
+                Delivery.subscriber_id.in_(part),
+                Delivery.state.in_(sorted(RECEIVED_STATES)),
+                _effective_between(earliest, None),
+            )
+        ):
+            received.setdefault(sub_id, set()).add(paper_id)
+        for (
+            sub_id,
+            paper_id,
+            vote,
+            title,
+            abstract,
+            upvotes,
+            published,
+            ingested,
+        ) in session.execute(
+            select(
+                Feedback.subscriber_id,
+                Feedback.paper_id,
+                Feedback.vote,
+                Paper.title,
+                Paper.abstract,
+                Paper.upvotes,
+                Paper.published_at,
+                Paper.ingested_at,
+            )
+            .join(Paper, Paper.id == Feedback.paper_id)
+            .where(Feedback.subscriber_id.in_(part))
+            .order_by(Feedback.subscriber_id, Feedback.updated_at.desc(), Feedback.paper_id)
+        ):
+            mine = votes.setdefault(sub_id, {})
+            if len(mine) >= MAX_VOTES_PER_SUBSCRIBER or vote not in (-1, 1):
+                continue
+            mine[paper_id] = vote
+            if paper_id not in voted:
+                voted[paper_id] = Candidate(
+                    paper_id, title or "", abstract or "", upvotes or 0, published or ingested
+                )
+
+    profiles = [
+        Profile(
+            subscriber_id=sub.id,
+            topics=_clean_topics(sub.topics or ()),
+            max_papers=sub.max_papers,
+            window_start=starts[sub.id],
+            window_end=window_end_by_sub[sub.id],
+            exclude=frozenset(received.get(sub.id, ())),
+            votes=votes.get(sub.id, {}),
+        )
+        for sub in subscribers
+    ]
+    return profiles, voted
+
+
+def select_for_subscribers(
+    session: Session,
+    subscribers: Sequence[Subscriber],
+    window_end_by_sub: Mapping[int, datetime],
+    settings: Settings,
+) -> dict[int, Result]:
+    """Load profiles and candidates (one window covering the batch) and select."""
+    profiles, voted = load_profiles(session, subscribers, window_end_by_sub, settings)
+    if not profiles:
+        return {}
+    candidates = load_candidates(
+        session,
+        min(p.window_start for p in profiles),
+        max(p.window_end for p in profiles),
+    )
+    return select_batch(
+        candidates, profiles, voted_papers=voted, params=SelectionParams.from_settings(settings)
+    )
