@@ -17,6 +17,7 @@ from worker.errors import PapermailError
 _COMMAND_MODULES = [
     "db",
     "papers",
+    "subscribers",
     "digest",
     "resend",
     "stats",

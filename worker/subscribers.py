@@ -1,0 +1,1020 @@
+"""Subscribers: validated input, add, CSV import, history, operator suppression.
+
+Everything here takes a SQLAlchemy session and leaves committing to the caller, so the
+CLI, the web pages and the tasks share one implementation (and one transaction each).
+
+Addresses are validated and normalised with email-validator without DNS look-ups, then
+the *whole* address is lower-cased before it is stored. RFC 5321 lets a mail server treat
+the local part case-sensitively, but practically none does, while people do type
+``Alice@Example.org`` on one form and ``alice@example.org`` on another. Without the
+lower-casing those would be two subscribers and one person would get every edition twice;
+the unique ``subscribers.email`` column only protects us if equal addresses are spelled
+equally.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import date, datetime
+from functools import lru_cache
+from pathlib import Path
+from typing import IO, Any
+
+from email_validator import EmailNotValidError, validate_email
+from sqlalchemy import func, insert, or_, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from worker.config import validate_timezone
+from worker.errors import InvalidInput, NotFound, PapermailError
+from worker.models import (
+    SUPPRESSED_STATUSES,
+    WEEKDAYS,
+    Delivery,
+    DeliveryAttempt,
+    DeliveryPaper,
+    Feedback,
+    Frequency,
+    Paper,
+    ProviderEvent,
+    Subscriber,
+    SubscriberLog,
+    SubscriberStatus,
+    utcnow,
+)
+
+DEFAULT_MAX_PAPERS = 5
+DEFAULT_FREQUENCY = Frequency.DAILY.value
+DEFAULT_WEEKDAY = 0  # Monday, for weekly subscribers who do not choose
+DEFAULT_SEND_HOUR = 7
+DEFAULT_TIMEZONE = "UTC"
+MAX_TOPICS = 20
+MAX_TOPIC_LENGTH = 100
+MAX_PAPERS_RANGE = (1, 50)
+TOPIC_SEPARATORS = (",", ";")
+
+# Columns of the import CSV, in documentation order (docs/subscribers-csv.md).
+CSV_COLUMNS = ("email", "topics", "max_papers", "frequency", "weekday", "send_hour", "timezone")
+
+# A filter for `list_subscribers` besides the statuses: anyone who gets nothing for good.
+SUPPRESSED_FILTER = "suppressed"
+
+# Bound parameters per IN (...) query: well under SQLite's and PostgreSQL's limits.
+_IN_CHUNK = 900
+
+
+class InvalidSubscriber(InvalidInput):
+    """One or more subscriber fields are invalid; ``problems`` lists each, specifically."""
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        self.problems = list(problems)
+        super().__init__("; ".join(self.problems))
+
+
+class SubscriberExists(PapermailError):
+    """The address is already a subscriber; nothing was changed."""
+
+
+class ImportRejected(InvalidInput):
+    """A CSV import had bad rows and ``skip_invalid`` was off: nothing was imported."""
+
+    def __init__(self, report: ImportReport) -> None:
+        self.report = report
+        bad = len(report.rejected)
+        super().__init__(
+            f"{bad} of {report.rows} row{'s' if report.rows != 1 else ''} rejected, so nothing "
+            "was imported; fix them, or re-run with --skip-invalid to import the good rows"
+        )
+
+
+# --- field validation -------------------------------------------------------------------
+
+
+def normalize_email(value: object) -> str:
+    """The stored form of an address: email-validator's normalised form, lower-cased.
+
+    Raises ``ValueError`` with a specific message for anything that is not an address.
+    """
+    if not isinstance(value, str):
+        raise ValueError(f"email must be text, got {value!r}")
+    raw = value.strip()
+    if not raw:
+        raise ValueError("email is empty")
+    try:
+        result = validate_email(raw, check_deliverability=False)
+    except EmailNotValidError as exc:
+        raise ValueError(f"invalid email {raw!r}: {exc}") from None
+    # See the module docstring for why the local part is lower-cased too.
+    return result.normalized.lower()
+
+
+def parse_topics(value: object) -> tuple[str, ...]:
+    """Free-text topic phrases from ``"a, b; c"`` or a list of phrases.
+
+    Phrases are trimmed (inner whitespace collapsed), empty ones dropped and duplicates
+    removed case-insensitively, keeping the first spelling. A string is split on commas
+    and semicolons; list items are not split further.
+    """
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        text = value
+        for sep in TOPIC_SEPARATORS[1:]:
+            text = text.replace(sep, TOPIC_SEPARATORS[0])
+        items: Iterable[object] = text.split(TOPIC_SEPARATORS[0])
+    elif isinstance(value, list | tuple):
+        items = value
+    else:
+        raise ValueError(f"topics must be text or a list of phrases, got {value!r}")
+    topics: list[str] = []
+    seen: set[str] = set()
+    for item in items:
+        if not isinstance(item, str):
+            raise ValueError(f"each topic must be text, got {item!r}")
+        phrase = " ".join(item.split())
+        if not phrase:
+            continue
+        if len(phrase) > MAX_TOPIC_LENGTH:
+            raise ValueError(
+                f"a topic may have at most {MAX_TOPIC_LENGTH} characters, got "
+                f"{len(phrase)}: {phrase[:30]!r}…"
+            )
+        key = phrase.casefold()
+        if key not in seen:
+            seen.add(key)
+            topics.append(phrase)
+    if len(topics) > MAX_TOPICS:
+        raise ValueError(f"at most {MAX_TOPICS} topics are allowed, got {len(topics)}")
+    return tuple(topics)
+
+
+def _whole_number(value: object, what: str) -> int:
+    if isinstance(value, bool):
+        raise ValueError(f"{what} must be a whole number, got {value!r}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        text = value.strip()
+        if text.lstrip("+-").isdigit():
+            return int(text)
+    raise ValueError(f"{what} must be a whole number, got {value!r}")
+
+
+def parse_max_papers(value: object) -> int:
+    low, high = MAX_PAPERS_RANGE
+    number = _whole_number(value, "max papers")
+    if not low <= number <= high:
+        raise ValueError(f"max papers must be between {low} and {high}, got {number}")
+    return number
+
+
+def parse_send_hour(value: object) -> int:
+    number = _whole_number(value, "hour")
+    if not 0 <= number <= 23:
+        raise ValueError(f"hour must be 0-23, got {number}")
+    return number
+
+
+def parse_frequency(value: object) -> str:
+    text = value.strip().lower() if isinstance(value, str) else value
+    if text not in {f.value for f in Frequency}:
+        raise ValueError(f"frequency must be daily or weekly, got {value!r}")
+    return str(text)
+
+
+def parse_weekday(value: object) -> int:
+    """0-6 (0 = Monday), a day name, or an unambiguous abbreviation of 3+ letters."""
+    problem = (
+        "weekday must be a day name (monday … sunday, or mon … sun) or 0-6 with 0 = Monday, "
+        f"got {value!r}"
+    )
+    if isinstance(value, bool):
+        raise ValueError(problem)
+    if isinstance(value, int):
+        if 0 <= value <= 6:
+            return value
+        raise ValueError(problem)
+    if not isinstance(value, str):
+        raise ValueError(problem)
+    text = value.strip().lower()
+    if text.isdigit():
+        return parse_weekday(int(text))
+    matches = [i for i, name in enumerate(WEEKDAYS) if len(text) >= 3 and name.startswith(text)]
+    if len(matches) != 1:
+        raise ValueError(problem)
+    return matches[0]
+
+
+@lru_cache(maxsize=1024)
+def _timezone(name: str) -> str:
+    return validate_timezone(name)
+
+
+def parse_timezone(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"time zone must be text, got {value!r}")
+    return _timezone(value.strip())
+
+
+def weekday_name(index: int | None) -> str | None:
+    return None if index is None else WEEKDAYS[index]
+
+
+def _blank(value: object) -> bool:
+    return value is None or (isinstance(value, str) and not value.strip())
+
+
+@dataclass(frozen=True, init=False)
+class SubscriberInput:
+    """A subscriber's address and preferences, validated and normalised.
+
+    Every argument accepts what a person types (strings) as well as typed values; ``None``
+    or a blank string means the default. All fields are checked and every problem is
+    reported at once in one ``InvalidSubscriber``. ``weekday`` only matters for weekly
+    subscribers (default Monday); for daily ones it is validated, then stored as ``None``.
+    """
+
+    email: str
+    topics: tuple[str, ...]
+    max_papers: int
+    frequency: str
+    weekday: int | None
+    send_hour: int
+    timezone: str
+
+    def __init__(
+        self,
+        email: object,
+        topics: object = None,
+        max_papers: object = None,
+        frequency: object = None,
+        weekday: object = None,
+        send_hour: object = None,
+        timezone: object = None,
+    ) -> None:
+        problems: list[str] = []
+
+        def check(parse: Callable[[object], Any], value: object, default: Any) -> Any:
+            if _blank(value):
+                return default
+            try:
+                return parse(value)
+            except ValueError as exc:
+                problems.append(str(exc))
+                return default
+
+        if _blank(email):
+            problems.append("email is empty")
+        values = {
+            "email": check(normalize_email, email, ""),
+            "topics": check(parse_topics, topics, ()),
+            "max_papers": check(parse_max_papers, max_papers, DEFAULT_MAX_PAPERS),
+            "frequency": check(parse_frequency, frequency, DEFAULT_FREQUENCY),
+            "weekday": check(parse_weekday, weekday, None),
+            "send_hour": check(parse_send_hour, send_hour, DEFAULT_SEND_HOUR),
+            "timezone": check(parse_timezone, timezone, DEFAULT_TIMEZONE),
+        }
+        if problems:
+            raise InvalidSubscriber(problems)
+        if values["frequency"] == Frequency.WEEKLY.value:
+            if values["weekday"] is None:
+                values["weekday"] = DEFAULT_WEEKDAY
+        else:
+            values["weekday"] = None
+        for name, value in values.items():
+            object.__setattr__(self, name, value)
+
+    @classmethod
+    def parse(cls, **values: object) -> SubscriberInput:
+        """The same as the constructor, from keyword arguments (a form or a CSV row)."""
+        return cls(**values)
+
+    def describe(self) -> str:
+        """One line for logs and messages: schedule, size, topics."""
+        return describe_preferences(
+            self.frequency,
+            self.weekday,
+            self.send_hour,
+            self.timezone,
+            self.max_papers,
+            list(self.topics),
+        )
+
+    def row(self) -> dict[str, Any]:
+        """Column values for a ``subscribers`` row."""
+        return {
+            "email": self.email,
+            "topics": list(self.topics),
+            "max_papers": self.max_papers,
+            "frequency": self.frequency,
+            "weekday": self.weekday,
+            "send_hour": self.send_hour,
+            "timezone": self.timezone,
+        }
+
+
+def describe_preferences(
+    frequency: str,
+    weekday: int | None,
+    send_hour: int,
+    timezone: str,
+    max_papers: int,
+    topics: list[str],
+) -> str:
+    when = "daily" if frequency == Frequency.DAILY.value else f"weekly on {weekday_name(weekday)}"
+    about = ", ".join(topics) if topics else "(no topics: the top trending papers)"
+    return f"{when} at {send_hour:02d}:00 {timezone}, up to {max_papers} papers; topics: {about}"
+
+
+# --- add, look up, list -----------------------------------------------------------------
+
+
+def _log(session: Session, subscriber_id: int, action: str, detail: str, actor: str) -> None:
+    session.add(
+        SubscriberLog(
+            subscriber_id=subscriber_id,
+            action=action,
+            detail=detail,
+            actor=actor[:32],
+            at=utcnow(),
+        )
+    )
+
+
+def _status_note(confirmed: bool) -> str:
+    if confirmed:
+        return "status active (confirmed: the operator vouched for consent)"
+    return "status pending (until they confirm by email)"
+
+
+def _exists_error(sub: Subscriber) -> SubscriberExists:
+    return SubscriberExists(
+        f"{sub.email} is already a subscriber (status {sub.status}); nothing was changed. "
+        f"See `papermail subscribers show {sub.email}`"
+    )
+
+
+def add_subscriber(
+    session: Session,
+    data: SubscriberInput,
+    confirmed: bool,
+    actor: str = "cli",
+    *,
+    exist_ok: bool = False,
+) -> tuple[Subscriber, bool]:
+    """Add one subscriber; returns ``(subscriber, created)``.
+
+    ``confirmed`` (the operator vouches for consent) makes them ``active`` at once;
+    otherwise they are ``pending`` until they confirm. An address that is already a
+    subscriber is never changed (that would silently re-subscribe someone who
+    unsubscribed or bounced): it raises ``SubscriberExists``, or with ``exist_ok`` returns
+    the existing row untouched and ``created=False``. After a ``SubscriberExists`` raised
+    by a concurrent insert the session must be rolled back.
+    """
+    existing = session.scalar(select(Subscriber).where(Subscriber.email == data.email))
+    if existing is not None:
+        if exist_ok:
+            return existing, False
+        raise _exists_error(existing)
+    now = utcnow()
+    status = SubscriberStatus.ACTIVE if confirmed else SubscriberStatus.PENDING
+    sub = Subscriber(
+        **data.row(),
+        status=status.value,
+        source=actor[:16],
+        soft_bounce_count=0,
+        created_at=now,
+        updated_at=now,
+        confirmed_at=now if confirmed else None,
+    )
+    session.add(sub)
+    try:
+        session.flush()
+    except IntegrityError:  # added concurrently between our check and insert
+        raise SubscriberExists(
+            f"{data.email} is already a subscriber; nothing was changed. "
+            f"See `papermail subscribers show {data.email}`"
+        ) from None
+    _log(session, sub.id, "created", f"{_status_note(confirmed)}; {data.describe()}", actor)
+    return sub, True
+
+
+def _lookup_key(email: str) -> str:
+    try:
+        return normalize_email(email)
+    except ValueError:
+        return email.strip().lower()
+
+
+def get_subscriber(session: Session, email: str) -> Subscriber:
+    """The subscriber with this address (any spelling that normalises to it)."""
+    key = _lookup_key(email)
+    sub = session.scalar(select(Subscriber).where(Subscriber.email == key))
+    if sub is None:
+        raise NotFound(
+            f"no subscriber with address {email.strip()!r}; see `papermail subscribers list`"
+        )
+    return sub
+
+
+def list_subscribers(session: Session, status: str | None = None) -> list[Subscriber]:
+    """Subscribers in the order they were added, optionally of one status.
+
+    ``status="suppressed"`` selects everyone who gets nothing for good: unsubscribed,
+    bounced, complained, or suppressed by an operator.
+    """
+    query = select(Subscriber).order_by(Subscriber.id)
+    if status is not None:
+        wanted = status.strip().lower()
+        if wanted == SUPPRESSED_FILTER:
+            query = query.where(
+                or_(
+                    Subscriber.status.in_([s.value for s in SUPPRESSED_STATUSES]),
+                    Subscriber.suppressed_at.is_not(None),
+                )
+            )
+        elif wanted in {s.value for s in SubscriberStatus}:
+            query = query.where(Subscriber.status == wanted)
+        else:
+            choices = ", ".join([*(s.value for s in SubscriberStatus), SUPPRESSED_FILTER])
+            raise InvalidInput(f"unknown status {status!r}; choose one of {choices}")
+    return list(session.scalars(query))
+
+
+def status_counts(session: Session) -> dict[str, int]:
+    rows = session.execute(select(Subscriber.status, func.count()).group_by(Subscriber.status))
+    return {status: count for status, count in rows}
+
+
+def is_sendable(sub: Subscriber, today: date) -> bool:
+    """Whether an edition dated ``today`` (the subscriber's local date) may go to ``sub``.
+
+    Rules: the status is ``active`` (not pending, paused, unsubscribed, bounced or
+    complained); no operator suppression (``suppressed_at`` unset); and not paused by
+    date: ``paused_until`` is the last paused day, so ``paused_until >= today`` means
+    paused and sending resumes the day after.
+    """
+    if sub.status != SubscriberStatus.ACTIVE.value:
+        return False
+    if sub.suppressed_at is not None:
+        return False
+    return not (sub.paused_until is not None and sub.paused_until >= today)
+
+
+# --- suppression ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SuppressionResult:
+    subscriber: Subscriber
+    changed: bool
+    message: str
+
+
+def _require_reason(reason: str) -> str:
+    text = (reason or "").strip()
+    if not text:
+        raise InvalidInput(
+            "a reason is required, e.g. --reason 'legal request, ticket 123'; "
+            "it is kept in the subscriber's log"
+        )
+    return text
+
+
+def _when(value: datetime | None) -> str:
+    return value.strftime("%Y-%m-%d %H:%M UTC") if value else "?"
+
+
+def suppress(session: Session, email: str, reason: str, actor: str = "cli") -> SuppressionResult:
+    """Operator suppression: nothing is sent to the address until ``unsuppress``.
+
+    Independent of the status, so a later status change (e.g. the subscriber re-confirming)
+    does not lift it. Suppressing an address that already carries an operator suppression
+    changes nothing and says so.
+    """
+    why = _require_reason(reason)
+    sub = get_subscriber(session, email)
+    if sub.suppressed_at is not None:
+        return SuppressionResult(
+            sub,
+            False,
+            f"{sub.email} is already suppressed since {_when(sub.suppressed_at)} "
+            f"(reason: {sub.suppression_reason!r}); nothing changed",
+        )
+    now = utcnow()
+    sub.suppressed_at = now
+    sub.suppression_reason = why
+    sub.updated_at = now
+    _log(session, sub.id, "suppressed", f"reason: {why}; status stays {sub.status}", actor)
+    session.flush()
+    note = ""
+    if sub.status in SUPPRESSED_STATUSES:
+        note = f" (their status {sub.status} already stopped mail)"
+    return SuppressionResult(sub, True, f"suppressed {sub.email}: {why}{note}")
+
+
+def unsuppress(session: Session, email: str, reason: str, actor: str = "cli") -> SuppressionResult:
+    """Lift every suppression: the operator's, and an unsubscribed/bounced/complained status.
+
+    Such a status goes back to ``active`` — or to ``pending`` when the subscriber never
+    confirmed, so lifting never stands in for consent — and the soft-bounce count restarts
+    at 0. The old state is written to the subscriber's log. ``pending`` and ``paused``
+    are not suppressions and stay as they are.
+    """
+    why = _require_reason(reason)
+    sub = get_subscriber(session, email)
+    by_status = sub.status in SUPPRESSED_STATUSES
+    if sub.suppressed_at is None and not by_status:
+        return SuppressionResult(
+            sub, False, f"{sub.email} is not suppressed (status {sub.status}); nothing changed"
+        )
+    was: list[str] = []
+    changes: list[str] = []
+    if sub.suppressed_at is not None:
+        was.append(
+            f"operator suppression since {_when(sub.suppressed_at)} "
+            f"(reason: {sub.suppression_reason!r})"
+        )
+        changes.append("operator suppression cleared")
+        sub.suppressed_at = None
+        sub.suppression_reason = None
+    if by_status:
+        new_status = (
+            SubscriberStatus.ACTIVE if sub.confirmed_at is not None else SubscriberStatus.PENDING
+        )
+        was.append(f"status {sub.status}")
+        changes.append(f"status {sub.status} -> {new_status.value}")
+        if sub.status == SubscriberStatus.UNSUBSCRIBED.value and sub.unsubscribed_at:
+            was.append(f"unsubscribed at {_when(sub.unsubscribed_at)}")
+        sub.status = new_status.value
+        sub.unsubscribed_at = None
+    if sub.soft_bounce_count:
+        was.append(f"{sub.soft_bounce_count} soft bounces")
+        changes.append(f"soft bounce count {sub.soft_bounce_count} -> 0")
+    sub.soft_bounce_count = 0
+    sub.updated_at = utcnow()
+    _log(
+        session,
+        sub.id,
+        "unsuppressed",
+        f"reason: {why}; was: {', '.join(was)}; now status {sub.status}",
+        actor,
+    )
+    session.flush()
+    return SuppressionResult(sub, True, f"lifted suppression of {sub.email}: {'; '.join(changes)}")
+
+
+# --- CSV import -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RowError:
+    line: int
+    reason: str
+    email: str | None = None  # the cell as written, when there was one
+
+    def __str__(self) -> str:
+        if self.email and self.email not in self.reason:
+            return f"line {self.line} ({self.email}): {self.reason}"
+        return f"line {self.line}: {self.reason}"
+
+
+@dataclass
+class ImportReport:
+    """What an import did (or, when rejected, would have done)."""
+
+    source: str
+    confirmed: bool
+    skip_invalid: bool
+    rows: int = 0  # data rows read (blank lines not counted)
+    created: int = 0
+    existing: list[dict[str, Any]] = field(default_factory=list)  # email, line, status
+    merged: list[dict[str, Any]] = field(default_factory=list)  # email, lines
+    rejected: list[RowError] = field(default_factory=list)
+    imported: bool = False  # False: nothing was written
+
+    @property
+    def ok(self) -> bool:
+        return self.imported and not self.rejected
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "confirmed": self.confirmed,
+            "skip_invalid": self.skip_invalid,
+            "imported": self.imported,
+            "rows": self.rows,
+            "created": self.created,
+            "existing": self.existing,
+            "merged": self.merged,
+            "rejected": [
+                {"line": r.line, "reason": r.reason, "email": r.email} for r in self.rejected
+            ],
+        }
+
+
+@dataclass
+class _Entry:
+    raw: dict[str, str]
+    lines: list[int]
+    data: SubscriberInput
+
+
+def _header_key(cell: str) -> str:
+    return "_".join(cell.strip().lower().replace("-", " ").split())
+
+
+def _read_header(row: list[str], line: int) -> list[str]:
+    names = [_header_key(cell) for cell in row]
+    if any(";" in cell or "\t" in cell for cell in row) and len(row) == 1:
+        raise InvalidInput(
+            f"line {line}: the header {row[0]!r} is one column; papermail expects "
+            "comma-separated values (see docs/subscribers-csv.md)"
+        )
+    unknown = [row[i].strip() for i, name in enumerate(names) if name not in CSV_COLUMNS]
+    if unknown:
+        listed = ", ".join(repr(u) for u in unknown)
+        hint = ""
+        if "email" not in names and any("@" in u for u in unknown):
+            hint = "; the first line must be a header row naming the columns"
+        raise InvalidInput(
+            f"line {line}: unknown column{'s' if len(unknown) > 1 else ''} {listed}; "
+            f"the columns are {', '.join(CSV_COLUMNS)}{hint}"
+        )
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise InvalidInput(f"line {line}: column {', '.join(dupes)} appears more than once")
+    if "email" not in names:
+        raise InvalidInput(f"line {line}: the header row has no 'email' column, which is required")
+    return names
+
+
+def _read_text(source: Path | str | IO[str]) -> tuple[str, str]:
+    if isinstance(source, str):
+        return source, "<text>"
+    if isinstance(source, os.PathLike):
+        path = Path(source)
+        try:
+            with path.open(encoding="utf-8-sig", newline="") as fh:
+                return fh.read(), str(path)
+        except FileNotFoundError:
+            raise InvalidInput(f"{path}: no such file") from None
+        except UnicodeDecodeError as exc:
+            raise InvalidInput(
+                f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}); "
+                "save the CSV as UTF-8"
+            ) from None
+        except OSError as exc:
+            raise InvalidInput(f"cannot read {path}: {exc.strerror}") from None
+    text = source.read()
+    return text.removeprefix("\ufeff"), getattr(source, "name", "<stream>")
+
+
+def _parse_rows(text: str) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    """Header names and (start line, cells) of each non-blank record."""
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header: list[str] | None = None
+    records: list[tuple[int, list[str]]] = []
+    previous = 0
+    try:
+        for cells in reader:
+            start, previous = previous + 1, reader.line_num
+            if not any(cell.strip() for cell in cells):
+                continue
+            if header is None:
+                header = _read_header(cells, start)
+            else:
+                records.append((start, cells))
+    except csv.Error as exc:
+        raise InvalidInput(f"line {reader.line_num}: cannot read the CSV: {exc}") from None
+    if header is None:
+        raise InvalidInput(
+            "the file is empty; it needs a header row naming the columns "
+            f"({', '.join(CSV_COLUMNS)})"
+        )
+    return header, records
+
+
+def _chunks(items: Sequence[Any], size: int = _IN_CHUNK) -> Iterable[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def import_csv(
+    session: Session,
+    source: Path | str | IO[str],
+    confirmed: bool = False,
+    skip_invalid: bool = False,
+    *,
+    actor: str = "cli",
+    progress: Callable[[int, int], None] | None = None,
+) -> ImportReport:
+    """Import subscribers from CSV (columns: ``CSV_COLUMNS``; docs/subscribers-csv.md).
+
+    ``source`` is a path (``Path``), the CSV text itself (``str``) or an open text file.
+    Every row is validated first. Rows with the same normalised address are merged (later
+    non-empty cells win) and reported in ``merged``. Addresses that are already
+    subscribers are left unchanged and reported in ``existing``. Bad rows are reported with
+    their line numbers; unless ``skip_invalid``, any bad row rejects the whole file with
+    ``ImportRejected`` and nothing is written. A bad header (unknown or missing columns)
+    always rejects the file with ``InvalidInput``. ``progress(done, total)`` is called
+    while rows are validated. New rows are bulk-inserted in the caller's transaction.
+    """
+    text, name = _read_text(source)
+    header, records = _parse_rows(text)
+    report = ImportReport(source=name, confirmed=confirmed, skip_invalid=skip_invalid)
+    report.rows = len(records)
+    entries: dict[str, _Entry] = {}
+    width = len(header)
+    email_col = header.index("email")
+    for done, (line, cells) in enumerate(records, 1):
+        if progress is not None and (done % 2000 == 0 or done == report.rows):
+            progress(done, report.rows)
+        email_cell = cells[email_col].strip() if len(cells) > email_col else ""
+        if len(cells) > width and any(cell.strip() for cell in cells[width:]):
+            report.rejected.append(
+                RowError(
+                    line,
+                    f"{len(cells)} cells but the header has {width} columns (put cells that "
+                    'contain commas in double quotes, e.g. "llm, diffusion")',
+                    email_cell or None,
+                )
+            )
+            continue
+        # Missing trailing cells count as empty: spreadsheets often drop them.
+        raw = {col: cell.strip() for col, cell in zip(header, cells, strict=False) if cell.strip()}
+        try:
+            data = SubscriberInput(**raw)
+        except InvalidSubscriber as exc:
+            report.rejected.append(RowError(line, str(exc), email_cell or None))
+            continue
+        entry = entries.get(data.email)
+        if entry is None:
+            entries[data.email] = _Entry(raw, [line], data)
+        else:
+            entry.raw = {**entry.raw, **raw}
+            entry.lines.append(line)
+            entry.data = SubscriberInput(**entry.raw)
+    report.merged = [
+        {"email": email, "lines": entry.lines}
+        for email, entry in entries.items()
+        if len(entry.lines) > 1
+    ]
+
+    emails = list(entries)
+    existing: dict[str, str] = {}
+    for chunk in _chunks(emails):
+        rows = session.execute(
+            select(Subscriber.email, Subscriber.status).where(Subscriber.email.in_(chunk))
+        )
+        existing.update({email: status for email, status in rows})
+
+    if report.rejected and not skip_invalid:
+        _note_existing(report, entries, existing)
+        raise ImportRejected(report)
+
+    now = utcnow()
+    status = SubscriberStatus.ACTIVE if confirmed else SubscriberStatus.PENDING
+    new_rows = [
+        {
+            **entry.data.row(),
+            "status": status.value,
+            "source": "import",
+            "soft_bounce_count": 0,
+            "created_at": now,
+            "updated_at": now,
+            "confirmed_at": now if confirmed else None,
+            "unsubscribed_at": None,
+            "paused_until": None,
+            "suppressed_at": None,
+            "suppression_reason": None,
+        }
+        for email, entry in entries.items()
+        if email not in existing
+    ]
+    _insert_new(session, new_rows)
+
+    # Our rows carry this import's timestamp; a row added concurrently by someone else
+    # (ON CONFLICT DO NOTHING kept theirs) does not, and is reported as existing.
+    created: dict[str, int] = {}
+    new_emails = [row["email"] for row in new_rows]
+    for chunk in _chunks(new_emails):
+        rows = session.execute(
+            select(Subscriber.email, Subscriber.id).where(
+                Subscriber.email.in_(chunk), Subscriber.created_at == now
+            )
+        )
+        created.update({email: sub_id for email, sub_id in rows})
+    for email in new_emails:
+        if email not in created:
+            existing[email] = "?"
+    _note_existing(report, entries, existing)
+
+    note = _status_note(confirmed)
+    logs = []
+    for email, sub_id in created.items():
+        entry = entries[email]
+        lines = ", ".join(str(n) for n in entry.lines)
+        logs.append(
+            {
+                "subscriber_id": sub_id,
+                "at": now,
+                "action": "imported",
+                "detail": f"from {name} line{'s' if len(entry.lines) > 1 else ''} {lines}; "
+                f"{note}; {entry.data.describe()}",
+                "actor": actor[:32],
+            }
+        )
+    if logs:
+        session.execute(insert(SubscriberLog.__table__), logs)
+    report.created = len(created)
+    report.imported = True
+    return report
+
+
+def _insert_new(session: Session, rows: list[dict[str, Any]]) -> None:
+    """INSERT ... ON CONFLICT (email) DO NOTHING, as one executemany.
+
+    Not ``worker.db.insert_ignore_or_update``: its multi-VALUES statements are compiled
+    row by row by SQLAlchemy (about 80 s for 100k subscribers); an executemany compiles
+    once and SQLAlchemy batches it ("insertmanyvalues"), about 1 s.
+    """
+    if not rows:
+        return
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as dialect_insert
+    elif dialect == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert as dialect_insert
+    else:  # pragma: no cover - only the two supported backends
+        raise RuntimeError(f"unsupported database dialect {dialect!r}")
+    stmt = dialect_insert(Subscriber.__table__).on_conflict_do_nothing(index_elements=["email"])
+    session.execute(stmt, rows)
+
+
+def _note_existing(
+    report: ImportReport, entries: dict[str, _Entry], existing: dict[str, str]
+) -> None:
+    report.existing = [
+        {"email": email, "line": entries[email].lines[0], "status": status}
+        for email, status in existing.items()
+    ]
+    report.existing.sort(key=lambda item: item["line"])
+
+
+# --- history ----------------------------------------------------------------------------
+
+
+def _iso(value: datetime | date | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+def subscriber_to_dict(sub: Subscriber) -> dict[str, Any]:
+    """The subscriber's fields, JSON-serialisable."""
+    return {
+        "id": sub.id,
+        "email": sub.email,
+        "status": sub.status,
+        "topics": list(sub.topics or []),
+        "max_papers": sub.max_papers,
+        "frequency": sub.frequency,
+        "weekday": weekday_name(sub.weekday),
+        "send_hour": sub.send_hour,
+        "timezone": sub.timezone,
+        "paused_until": _iso(sub.paused_until),
+        "suppressed": sub.is_suppressed,
+        "suppressed_at": _iso(sub.suppressed_at),
+        "suppression_reason": sub.suppression_reason,
+        "soft_bounce_count": sub.soft_bounce_count,
+        "source": sub.source,
+        "created_at": _iso(sub.created_at),
+        "updated_at": _iso(sub.updated_at),
+        "confirmed_at": _iso(sub.confirmed_at),
+        "unsubscribed_at": _iso(sub.unsubscribed_at),
+    }
+
+
+def subscriber_history(session: Session, email: str) -> dict[str, Any]:
+    """Everything papermail knows about one subscriber, JSON-serialisable.
+
+    ``subscriber`` (fields); ``deliveries``, oldest edition first, each with its
+    ``papers``, ``attempts`` (DeliveryAttempt history) and provider ``events``;
+    ``feedback``; ``log`` (oldest first).
+    """
+    sub = get_subscriber(session, email)
+    deliveries = list(
+        session.scalars(
+            select(Delivery)
+            .where(Delivery.subscriber_id == sub.id)
+            .order_by(Delivery.edition_date, Delivery.id)
+        )
+    )
+    ids = [d.id for d in deliveries]
+    papers: dict[int, list[dict[str, Any]]] = {i: [] for i in ids}
+    attempts: dict[int, list[dict[str, Any]]] = {i: [] for i in ids}
+    events: dict[int, list[dict[str, Any]]] = {i: [] for i in ids}
+    for chunk in _chunks(ids):
+        for dp, title in session.execute(
+            select(DeliveryPaper, Paper.title)
+            .join(Paper, Paper.id == DeliveryPaper.paper_id)
+            .where(DeliveryPaper.delivery_id.in_(chunk))
+            .order_by(DeliveryPaper.delivery_id, DeliveryPaper.position)
+        ):
+            papers[dp.delivery_id].append(
+                {
+                    "paper_id": dp.paper_id,
+                    "title": title,
+                    "position": dp.position,
+                    "matched_topic": dp.matched_topic,
+                    "score": dp.score,
+                }
+            )
+        for att in session.scalars(
+            select(DeliveryAttempt)
+            .where(DeliveryAttempt.delivery_id.in_(chunk))
+            .order_by(DeliveryAttempt.id)
+        ):
+            attempts[att.delivery_id].append(
+                {
+                    "kind": att.kind,
+                    "started_at": _iso(att.started_at),
+                    "finished_at": _iso(att.finished_at),
+                    "outcome": att.outcome,
+                    "error": att.error,
+                    "message_id": att.message_id,
+                    "reason": att.reason,
+                    "actor": att.actor,
+                }
+            )
+        for ev in session.scalars(
+            select(ProviderEvent)
+            .where(ProviderEvent.delivery_id.in_(chunk))
+            .order_by(ProviderEvent.occurred_at, ProviderEvent.id)
+        ):
+            assert ev.delivery_id is not None
+            events[ev.delivery_id].append(
+                {
+                    "event_type": ev.event_type,
+                    "subtype": ev.subtype,
+                    "occurred_at": _iso(ev.occurred_at),
+                    "received_at": _iso(ev.received_at),
+                    "via": ev.via,
+                    "provider_message_id": ev.provider_message_id,
+                    "recipients": list(ev.recipients or []),
+                }
+            )
+    feedback = [
+        {
+            "paper_id": fb.paper_id,
+            "title": title,
+            "vote": fb.vote,
+            "created_at": _iso(fb.created_at),
+            "updated_at": _iso(fb.updated_at),
+        }
+        for fb, title in session.execute(
+            select(Feedback, Paper.title)
+            .join(Paper, Paper.id == Feedback.paper_id)
+            .where(Feedback.subscriber_id == sub.id)
+            .order_by(Feedback.created_at, Feedback.id)
+        )
+    ]
+    log = [
+        {"at": _iso(entry.at), "action": entry.action, "detail": entry.detail, "actor": entry.actor}
+        for entry in session.scalars(
+            select(SubscriberLog)
+            .where(SubscriberLog.subscriber_id == sub.id)
+            .order_by(SubscriberLog.at, SubscriberLog.id)
+        )
+    ]
+    return {
+        "subscriber": subscriber_to_dict(sub),
+        "deliveries": [
+            {
+                "id": d.id,
+                "edition_date": _iso(d.edition_date),
+                "state": d.state,
+                "attempt_count": d.attempts,
+                "message_id": d.message_id,
+                "rfc_message_id": d.rfc_message_id,
+                "last_error": d.last_error,
+                "skip_reason": d.skip_reason,
+                "scheduled_at": _iso(d.scheduled_at),
+                "created_at": _iso(d.created_at),
+                "sent_at": _iso(d.sent_at),
+                "finished_at": _iso(d.finished_at),
+                "delivered_at": _iso(d.delivered_at),
+                "bounced_at": _iso(d.bounced_at),
+                "complained_at": _iso(d.complained_at),
+                "papers": papers[d.id],
+                "attempts": attempts[d.id],
+                "events": events[d.id],
+            }
+            for d in deliveries
+        ],
+        "feedback": feedback,
+        "log": log,
+    }
