@@ -309,10 +309,11 @@ def smtp_server() -> Iterator[SmtpServer]:
     sink = SmtpSink()
     controller = Controller(sink, hostname="127.0.0.1", port=free_port())
     controller.start()
+    server = SmtpServer("127.0.0.1", controller.port, sink, controller)
     try:
-        yield SmtpServer("127.0.0.1", controller.port, sink, controller)
+        yield server
     finally:
-        controller.stop()
+        server.controller.stop()  # a test may have replaced it (restart)
 
 
 def write_self_signed_cert(directory: Path) -> tuple[Path, Path]:

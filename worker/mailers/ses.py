@@ -143,7 +143,9 @@ def make_client(settings: Settings) -> Any:
             "together (or neither, to use the standard AWS credential chain)"
         )
     config = Config(
-        retries={"max_attempts": 1, "mode": "standard"},  # 1 attempt = no SDK retry
+        # total_max_attempts counts the first try; botocore's "max_attempts" counts RETRIES,
+        # so {"max_attempts": 1} would still send a throttled or timed-out email twice.
+        retries={"total_max_attempts": 1, "mode": "standard"},
         connect_timeout=min(CONNECT_TIMEOUT_SECONDS, settings.send_timeout_seconds),
         read_timeout=settings.send_timeout_seconds,
         max_pool_connections=MAX_POOL_CONNECTIONS,
