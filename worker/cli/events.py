@@ -1,0 +1,153 @@
+"""`papermail events ...`: apply provider notifications from a file, or consume them from SQS."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import Counter
+
+import click
+
+from worker import events
+from worker.cli.common import echo_json, require_schema
+from worker.config import get_settings
+from worker.db import session_scope
+from worker.errors import InvalidInput, PapermailError
+
+
+@click.group("events")
+def command() -> None:
+    """Provider notifications (SES bounces, complaints, deliveries).
+
+    The webhook (`POST /webhooks/ses`) is the usual way in; these commands are the others.
+
+    \b
+    Example:
+      papermail events apply dead-letters.json
+      papermail events poll-sqs --once
+    """
+
+
+@command.command("apply")
+@click.argument("file", type=click.File("r", encoding="utf-8"))
+@click.option("--json", "as_json", is_flag=True, help="Print the outcome of each as JSON.")
+def apply(file: click.utils.LazyFile, as_json: bool) -> None:
+    """Apply notification JSON from FILE (or - for stdin).
+
+    FILE holds one SES notification, one SNS envelope, or a JSON list of either, e.g.
+    messages saved from a dead-letter queue. The whole file is checked before anything is
+    applied (signatures are not: you vouch for the file); repeats of notifications already
+    applied change nothing.
+
+    \b
+    Example:
+      papermail events apply bounces.json
+      aws sqs receive-message ... | jq '[.Messages[].Body | fromjson]' | papermail events apply -
+    """
+    text = file.read()
+    name = getattr(file, "name", "FILE")
+    try:
+        obj = json.loads(text)
+    except ValueError as exc:
+        raise InvalidInput(f"{name}: not valid JSON: {exc}") from None
+    items = events.parse_envelope(obj)
+    require_schema()
+    settings = get_settings()
+    results: list[events.ApplyResult] = []
+    retry: list[str] = []
+    with session_scope() as session:
+        for index, (notification, key) in enumerate(items):
+            try:
+                results.append(
+                    events.apply_notification(
+                        session, notification, dedupe_key=key, via="file", settings=settings
+                    )
+                )
+            except events.RetryLater as exc:
+                retry.append(f"item {index}: {exc}")
+    counts = Counter(r.status for r in results)
+    summary = {
+        status: counts.get(status, 0) for status in ("applied", "duplicate", "orphan", "ignored")
+    }
+    summary["retry_later"] = len(retry)
+    if as_json:
+        echo_json(
+            {"counts": summary, "results": [r.as_dict() for r in results], "retry_later": retry}
+        )
+    else:
+        click.echo(", ".join(f"{k.replace('_', ' ')} {v}" for k, v in summary.items()))
+        for result in results:
+            for change in result.changes:
+                click.echo(f"  {change}")
+    if retry:
+        for line in retry:
+            click.echo(line, err=True)
+        raise PapermailError(
+            f"{len(retry)} notification(s) name messages not known yet; "
+            "the rest was applied; apply the file again in a few minutes"
+        )
+
+
+@command.command("poll-sqs")
+@click.option("--queue-url", metavar="URL", help="Queue (default: PAPERMAIL_SQS_QUEUE_URL).")
+@click.option("--once", is_flag=True, help="Process what is waiting, then exit.")
+@click.option(
+    "--max-messages",
+    type=click.IntRange(1, 10),
+    default=10,
+    show_default=True,
+    help="Messages per receive (SQS allows 1-10).",
+)
+@click.option(
+    "--wait-seconds",
+    type=click.IntRange(0, 20),
+    default=20,
+    show_default=True,
+    help="Long-poll wait per receive.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the final counts as JSON.")
+def poll_sqs(
+    queue_url: str | None, once: bool, max_messages: int, wait_seconds: int, as_json: bool
+) -> None:
+    """Consume SES notifications from an SQS queue (SNS -> SQS, raw delivery on or off).
+
+    Each message is deleted only after it is applied. Messages about sends not recorded
+    yet, and malformed ones, stay in the queue (the latter reach its dead-letter queue).
+    Runs until Ctrl-C unless --once.
+
+    \b
+    Example:
+      papermail events poll-sqs --queue-url https://sqs.eu-west-1.amazonaws.com/123456789012/ses
+    """
+    require_schema()
+    settings = get_settings()
+    if not (queue_url or settings.sqs_queue_url):
+        raise InvalidInput("no SQS queue: set PAPERMAIL_SQS_QUEUE_URL or pass --queue-url")
+    seen = {"received": -1}
+    latest: list[events.PollCounts] = []
+
+    def progress(counts: events.PollCounts) -> None:
+        if not latest:
+            latest.append(counts)
+        if counts.received != seen["received"]:  # a line per batch that brought something
+            seen["received"] = counts.received
+            click.echo(counts.summary(), err=True)
+
+    try:
+        counts = events.poll_sqs(
+            settings,
+            once=once,
+            max_messages=max_messages,
+            wait_seconds=wait_seconds,
+            queue_url=queue_url,
+            on_batch=progress,
+        )
+    except KeyboardInterrupt:
+        click.echo("stopped", err=True)
+        counts = latest[0] if latest else events.PollCounts()
+    if as_json:
+        echo_json(counts.as_dict())
+    else:
+        click.echo(counts.summary())
+    if counts.invalid or counts.failed:
+        sys.exit(1)

@@ -1,0 +1,821 @@
+"""Provider notifications -> delivery and subscriber state, suppression, reputation guard.
+
+SES reports what became of each message in two shapes: identity notifications
+(``notificationType``) and configuration-set events (``eventType``). Both carry ``mail``
+(with the SES ``messageId`` the mailer recorded as ``Delivery.message_id``) and one detail
+object (``bounce``, ``complaint``, ``delivery``, ...). They arrive through the SNS webhook,
+an SQS queue, or a file (``papermail events apply``); every way in ends in
+:func:`apply_notification`.
+
+Policy (settings, defaults in worker/config.py):
+
+- Permanent bounce -> subscriber ``bounced`` (suppressed), delivery ``bounced``;
+  ``OnAccountSuppressionList`` is a permanent bounce, reason recorded as such.
+- Transient / Undetermined bounce -> delivery ``bounced``, subscriber's
+  ``soft_bounce_count`` + 1; at ``soft_bounce_limit`` (3) in a row -> ``bounced``.
+- Complaint -> subscriber ``complained`` (suppressed), delivery ``complained``.
+- Delivery -> delivery ``delivered`` (only from ``sent``: never downgrades a bounce or a
+  complaint) and the soft-bounce count restarts at 0; it never revives an address.
+- Reject -> delivery ``failed`` with SES's reason.
+- DeliveryDelay, Send -> stored only. Open, Click, Rendering Failure, Subscription and
+  anything else -> stored, ``ignored``.
+
+Every event is stored raw in ``provider_events`` and deduplicated by the SNS MessageId
+(``sha256:<hex>`` of the canonical JSON when there is none): a repeat changes nothing.
+
+Reputation guard: when an edition's bounce rate (hard bounces / accepted deliveries, as
+SES counts it: soft bounces and account-suppression-list bounces do not count) passes
+``bounce_rate_limit`` (5%) or its complaint rate passes ``complaint_rate_limit`` (0.1%),
+with at least ``reputation_min_sample`` (200) accepted deliveries, sending pauses
+(``papermail sending status`` / ``resume``). It trips once per edition: after the
+operator resumes, later events of that edition do not pause again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, date, datetime
+from email.utils import parseaddr
+from typing import Any
+from urllib.parse import urlsplit
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from worker.config import Settings, get_settings
+from worker.db import session_scope
+from worker.delivery import pause_sending, sending_paused
+from worker.errors import InvalidInput
+from worker.models import (
+    ACCEPTED_DELIVERY_STATES,
+    ControlFlag,
+    Delivery,
+    DeliveryState,
+    ProviderEvent,
+    Subscriber,
+    SubscriberLog,
+    SubscriberStatus,
+    utcnow,
+)
+
+log = logging.getLogger(__name__)
+
+ACTOR = "ses"
+GUARD_FLAG_PREFIX = "reputation_guard:"
+
+# Types whose effect depends on finding the delivery: an unknown message id may just be a
+# send whose commit is not visible yet, so a young one is retried rather than orphaned.
+STATEFUL_TYPES = frozenset({"Bounce", "Complaint", "Delivery", "Reject"})
+STORED_ONLY_TYPES = frozenset({"DeliveryDelay", "Send"})
+MAIL_TYPES = STATEFUL_TYPES | STORED_ONLY_TYPES
+DETAIL_KEYS = {
+    "Bounce": "bounce",
+    "Complaint": "complaint",
+    "Delivery": "delivery",
+    "Reject": "reject",
+    "DeliveryDelay": "deliveryDelay",
+    "Send": "send",
+}
+BOUNCE_TYPES = ("Permanent", "Transient", "Undetermined")
+ACCOUNT_SUPPRESSION = "OnAccountSuppressionList"
+
+# Where a delivery may move to, from where: never "down" from bounced/complained.
+_AFTER_SEND = (DeliveryState.SENDING, DeliveryState.SENT, DeliveryState.UNKNOWN)
+_DELIVERY_FROM: dict[str, tuple[str, ...]] = {
+    DeliveryState.DELIVERED: (DeliveryState.SENT,),
+    DeliveryState.BOUNCED: (*_AFTER_SEND, DeliveryState.DELIVERED),
+    DeliveryState.COMPLAINED: (*_AFTER_SEND, DeliveryState.DELIVERED, DeliveryState.BOUNCED),
+    DeliveryState.FAILED: _AFTER_SEND,
+}
+_BOUNCEABLE = (SubscriberStatus.PENDING, SubscriberStatus.ACTIVE, SubscriberStatus.PAUSED)
+
+
+class RetryLater(Exception):
+    """The notification names a message not (yet) known: answer 5xx / leave it queued."""
+
+
+class InvalidNotification(InvalidInput):
+    """Malformed notification(s); ``problems`` name each index and field."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        shown = problems[:20]
+        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        noun = "problem" if len(problems) == 1 else "problems"
+        super().__init__(
+            f"invalid notification input ({len(problems)} {noun}; nothing applied):\n  "
+            + "\n  ".join(shown)
+            + more
+        )
+
+
+@dataclass
+class ApplyResult:
+    status: str  # applied | duplicate | orphan | ignored
+    event_type: str
+    dedupe_key: str
+    delivery_id: int | None = None
+    event_id: int | None = None
+    changes: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------------------
+# Parsing and validation
+
+
+def notification_type(notification: Mapping[str, Any]) -> str | None:
+    value = notification.get("eventType", notification.get("notificationType"))
+    return value if isinstance(value, str) else None
+
+
+def content_key(notification: Mapping[str, Any]) -> str:
+    """Dedupe key of a notification without an SNS MessageId: hash of canonical JSON."""
+    canonical = json.dumps(notification, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return "sha256:" + hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def normalise_address(value: str) -> str:
+    """Bare, lower-cased address (subscribers are stored lower-cased)."""
+    _, addr = parseaddr(value)
+    return (addr or value).strip().lower()
+
+
+def _parse_time(value: object) -> datetime | None:
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        stamp = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return stamp.astimezone(UTC) if stamp.tzinfo else None
+
+
+def _recipient_problems(detail: Mapping[str, Any], key: str, path: str) -> list[str]:
+    items = detail.get(key)
+    if not isinstance(items, list) or not items:
+        return [f"field '{path}.{key}': expected a non-empty list of recipients"]
+    problems = []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict) or not isinstance(item.get("emailAddress"), str):
+            problems.append(f"field '{path}.{key}[{i}].emailAddress': missing or not text")
+        elif "@" not in item["emailAddress"]:
+            problems.append(
+                f"field '{path}.{key}[{i}].emailAddress': {item['emailAddress']!r} "
+                "is not an address"
+            )
+    return problems
+
+
+def validate_notification(notification: object) -> list[str]:
+    """What is wrong with a notification (empty when it can be applied)."""
+    if not isinstance(notification, dict):
+        return [f"expected a JSON object, got {type(notification).__name__}"]
+    for key in ("eventType", "notificationType"):
+        if key in notification and not isinstance(notification[key], str):
+            return [f"field '{key}': expected text"]
+    kind = notification_type(notification)
+    if not kind:
+        return ["field 'eventType' (or 'notificationType'): missing"]
+    if kind not in MAIL_TYPES:
+        return []  # stored as ignored; SES adds event types over time
+    problems: list[str] = []
+    mail = notification.get("mail")
+    if not isinstance(mail, dict):
+        return ["field 'mail': missing or not an object"]
+    if not isinstance(mail.get("messageId"), str) or not mail["messageId"]:
+        problems.append("field 'mail.messageId': missing or not text")
+    if "timestamp" in mail and _parse_time(mail["timestamp"]) is None:
+        problems.append(f"field 'mail.timestamp': {mail['timestamp']!r} is not an ISO 8601 time")
+    key = DETAIL_KEYS[kind]
+    detail = notification.get(key)
+    if kind == "Send" and detail is None:
+        return problems  # some producers omit the empty "send" object
+    if not isinstance(detail, dict):
+        return [*problems, f"field '{key}': missing or not an object"]
+    if kind == "Bounce":
+        if detail.get("bounceType") not in BOUNCE_TYPES:
+            problems.append(
+                f"field 'bounce.bounceType': {detail.get('bounceType')!r} is not one of "
+                + ", ".join(BOUNCE_TYPES)
+            )
+        if "bounceSubType" in detail and not isinstance(detail["bounceSubType"], str):
+            problems.append("field 'bounce.bounceSubType': expected text")
+        problems += _recipient_problems(detail, "bouncedRecipients", "bounce")
+    elif kind == "Complaint":
+        problems += _recipient_problems(detail, "complainedRecipients", "complaint")
+    elif kind == "Delivery":
+        recipients = detail.get("recipients")
+        if recipients is not None and (
+            not isinstance(recipients, list) or not all(isinstance(r, str) for r in recipients)
+        ):
+            problems.append("field 'delivery.recipients': expected a list of addresses")
+    return problems
+
+
+def _from_object(obj: object, where: str) -> tuple[list[tuple[dict[str, Any], str]], list[str]]:
+    """One item: an SNS envelope or a bare notification."""
+    if not isinstance(obj, dict):
+        return [], [f"{where}: expected a JSON object, got {type(obj).__name__}"]
+    if "Type" in obj and "Message" in obj:  # an SNS envelope
+        if obj.get("Type") != "Notification":
+            return [], [
+                f"{where}: field 'Type': SNS message of type {obj.get('Type')!r} carries no "
+                "notification (expected 'Notification')"
+            ]
+        message_id = obj.get("MessageId")
+        if not isinstance(message_id, str) or not message_id:
+            return [], [f"{where}: field 'MessageId': missing or not text"]
+        if not isinstance(obj["Message"], str):
+            return [], [f"{where}: field 'Message': expected a JSON string"]
+        try:
+            inner = json.loads(obj["Message"])
+        except ValueError as exc:
+            return [], [f"{where}: field 'Message': not valid JSON ({exc})"]
+        problems = validate_notification(inner)
+        if problems:
+            return [], [f"{where}: in 'Message': {p}" for p in problems]
+        return [(inner, message_id)], []
+    problems = validate_notification(obj)
+    if problems:
+        return [], [f"{where}: {p}" for p in problems]
+    return [(obj, content_key(obj))], []
+
+
+def parse_envelope(obj: object) -> list[tuple[dict[str, Any], str]]:
+    """Notifications and their dedupe keys from one notification, an SNS envelope, or a
+    list of either. Everything is validated first: on any problem, raise
+    :class:`InvalidNotification` listing them all (so nothing gets applied)."""
+    items: list[tuple[dict[str, Any], str]] = []
+    problems: list[str] = []
+    if isinstance(obj, list):
+        if not obj:
+            raise InvalidNotification(["the list is empty: no notification to apply"])
+        for index, item in enumerate(obj):
+            found, bad = _from_object(item, f"item {index}")
+            items += found
+            problems += bad
+    else:
+        items, problems = _from_object(obj, "notification")
+    if problems:
+        raise InvalidNotification(problems)
+    return items
+
+
+# ---------------------------------------------------------------------------------------
+# Applying
+
+
+def _detail(notification: Mapping[str, Any], kind: str) -> Mapping[str, Any]:
+    detail = notification.get(DETAIL_KEYS.get(kind, ""), None)
+    return detail if isinstance(detail, dict) else {}
+
+
+def _subtype(kind: str, detail: Mapping[str, Any]) -> str | None:
+    if kind == "Bounce":
+        return f"{detail.get('bounceType')}/{detail.get('bounceSubType') or 'General'}"
+    if kind == "Complaint":
+        value = detail.get("complaintFeedbackType") or detail.get("complaintSubType")
+    elif kind == "Reject":
+        value = detail.get("reason")
+    elif kind == "DeliveryDelay":
+        value = detail.get("delayType")
+    else:
+        value = None
+    return str(value)[:64] if value else None
+
+
+def _recipients(kind: str, notification: Mapping[str, Any], detail: Mapping[str, Any]) -> list[str]:
+    if kind == "Bounce":
+        raw = [r["emailAddress"] for r in detail.get("bouncedRecipients", [])]
+    elif kind == "Complaint":
+        raw = [r["emailAddress"] for r in detail.get("complainedRecipients", [])]
+    elif kind == "Delivery" and isinstance(detail.get("recipients"), list):
+        raw = list(detail["recipients"])
+    else:
+        mail = notification.get("mail")
+        dest = mail.get("destination") if isinstance(mail, dict) else None
+        raw = [d for d in dest if isinstance(d, str)] if isinstance(dest, list) else []
+    seen: dict[str, None] = {}
+    for value in raw:
+        seen.setdefault(normalise_address(value), None)
+    return list(seen)
+
+
+def _insert_event(session: Session, row: dict[str, Any]) -> int | None:
+    """INSERT ... ON CONFLICT (dedupe_key) DO NOTHING; the new id, or None for a repeat.
+
+    A concurrent request with the same key waits for ours and then inserts nothing, so
+    two deliveries of one SNS message apply once.
+    """
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    stmt = (
+        insert(ProviderEvent.__table__)
+        .values(**row)
+        .on_conflict_do_nothing(index_elements=["dedupe_key"])
+        .returning(ProviderEvent.__table__.c.id)
+    )
+    new_id: int | None = session.execute(stmt).scalar()
+    return new_id
+
+
+def apply_notification(
+    session: Session,
+    notification: dict[str, Any],
+    *,
+    dedupe_key: str | None,
+    via: str,
+    now: datetime | None = None,
+    settings: Settings | None = None,
+) -> ApplyResult:
+    """Store one notification and apply its policy, in the caller's transaction.
+
+    Raises :class:`InvalidNotification` for a malformed one and :class:`RetryLater` (having
+    written nothing) for a state-changing event about an unknown message younger than
+    ``orphan_grace_seconds``.
+    """
+    problems = validate_notification(notification)
+    if problems:
+        raise InvalidNotification(problems)
+    settings = settings or get_settings()
+    now = now or utcnow()
+    key = dedupe_key or content_key(notification)
+    kind = notification_type(notification) or "?"
+
+    seen = session.execute(
+        select(ProviderEvent.id, ProviderEvent.delivery_id).where(ProviderEvent.dedupe_key == key)
+    ).first()
+    if seen is not None:
+        return ApplyResult("duplicate", kind, key, delivery_id=seen[1], event_id=seen[0])
+
+    mail = notification.get("mail") if isinstance(notification.get("mail"), dict) else {}
+    assert isinstance(mail, dict)
+    message_id = mail.get("messageId") if isinstance(mail.get("messageId"), str) else None
+    sent_at = _parse_time(mail.get("timestamp"))
+    delivery = (
+        session.scalars(
+            select(Delivery).where(Delivery.message_id == message_id).with_for_update()
+        ).first()
+        if message_id
+        else None
+    )
+    if delivery is None and kind in STATEFUL_TYPES and sent_at is not None:
+        age = (now - sent_at).total_seconds()
+        if age < settings.orphan_grace_seconds:
+            raise RetryLater(
+                f"{kind} for unknown message {message_id} sent {age:.0f}s ago; "
+                f"retry (orphaned after {settings.orphan_grace_seconds}s)"
+            )
+
+    detail = _detail(notification, kind)
+    ignored = kind not in MAIL_TYPES
+    orphan = delivery is None and not ignored
+    occurred = _parse_time(detail.get("timestamp")) or sent_at
+    recipients = _recipients(kind, notification, detail)
+    event_id = _insert_event(
+        session,
+        {
+            "dedupe_key": key[:255],
+            "event_type": kind[:32],
+            "subtype": _subtype(kind, detail),
+            "provider_message_id": message_id[:255] if message_id else None,
+            "delivery_id": delivery.id if delivery else None,
+            "recipients": recipients,
+            "occurred_at": occurred,
+            "received_at": now,
+            "via": via[:16],
+            "orphan": orphan,
+            "raw": notification,
+        },
+    )
+    if event_id is None:
+        return ApplyResult("duplicate", kind, key, delivery_id=delivery.id if delivery else None)
+
+    result = ApplyResult(
+        "ignored" if ignored else "orphan" if orphan else "applied",
+        kind,
+        key,
+        delivery_id=delivery.id if delivery else None,
+        event_id=event_id,
+    )
+    if ignored:
+        log.info("stored %s event (no policy) for message %s", kind, message_id)
+        return result
+    if delivery is None:
+        log.warning("orphan %s for unknown message %s: stored, nothing changed", kind, message_id)
+        return result
+
+    when = occurred or now
+    policy = _Policy(session, settings, delivery, message_id or "?", when, now, result.changes)
+    if kind == "Bounce":
+        policy.bounce(detail, recipients)
+    elif kind == "Complaint":
+        policy.complaint(detail, recipients)
+    elif kind == "Delivery":
+        policy.delivered(recipients)
+    elif kind == "Reject":
+        policy.rejected(detail)
+    session.flush()
+    if kind in ("Bounce", "Complaint"):
+        reason = check_reputation(session, delivery.edition_date, settings)
+        if reason:
+            result.changes.append(f"sending paused: {reason}")
+    return result
+
+
+@dataclass
+class _Policy:
+    session: Session
+    settings: Settings
+    delivery: Delivery
+    message_id: str
+    when: datetime
+    now: datetime
+    changes: list[str]
+
+    def move_delivery(self, new: DeliveryState, **values: Any) -> bool:
+        old = self.delivery.state
+        if old == new or old not in _DELIVERY_FROM[new]:
+            return False
+        self.delivery.state = new
+        self.delivery.updated_at = self.now
+        for name, value in values.items():
+            setattr(self.delivery, name, value)
+        self.changes.append(f"delivery {self.delivery.id}: {old} -> {new.value}")
+        return True
+
+    def subscribers(self, recipients: Iterable[str]) -> list[Subscriber]:
+        emails = list(recipients)
+        found = {
+            s.email: s
+            for s in self.session.scalars(
+                select(Subscriber).where(Subscriber.email.in_(emails)).with_for_update()
+            )
+        }
+        for email in emails:
+            if email not in found:
+                self.changes.append(f"recipient {email}: no such subscriber")
+        return [found[e] for e in emails if e in found]
+
+    def log(self, sub: Subscriber, action: str, detail: str) -> None:
+        self.session.add(
+            SubscriberLog(
+                subscriber_id=sub.id, at=self.now, action=action, detail=detail, actor=ACTOR
+            )
+        )
+
+    def set_status(self, sub: Subscriber, status: SubscriberStatus, reason: str) -> None:
+        old = sub.status
+        sub.status = status.value
+        sub.updated_at = self.now
+        if sub.suppressed_at is None:  # an operator's own reason stays as written
+            sub.suppression_reason = reason
+        self.log(
+            sub, status.value, f"{old} -> {status.value}: {reason} (message {self.message_id})"
+        )
+        self.changes.append(f"subscriber {sub.id} ({sub.email}): {old} -> {status.value}: {reason}")
+
+    def bounce(self, detail: Mapping[str, Any], recipients: list[str]) -> None:
+        btype = str(detail.get("bounceType"))
+        subtype = str(detail.get("bounceSubType") or "General")
+        diagnostics = [
+            str(r.get("diagnosticCode"))
+            for r in detail.get("bouncedRecipients", [])
+            if isinstance(r, dict) and r.get("diagnosticCode")
+        ]
+        error = f"{btype} bounce ({subtype})" + (f": {diagnostics[0]}" if diagnostics else "")
+        self.move_delivery(DeliveryState.BOUNCED, bounced_at=self.when, last_error=error[:2000])
+        for sub in self.subscribers(recipients):
+            if btype == "Permanent":
+                if sub.status not in _BOUNCEABLE:
+                    self.changes.append(f"subscriber {sub.id}: already {sub.status}")
+                    continue
+                reason = (
+                    "on the SES account-level suppression list"
+                    if subtype == ACCOUNT_SUPPRESSION
+                    else f"hard bounce ({btype}/{subtype})"
+                )
+                self.set_status(sub, SubscriberStatus.BOUNCED, reason)
+                continue
+            # Transient or Undetermined: count; suppress after N in a row.
+            if sub.status not in _BOUNCEABLE:
+                self.changes.append(f"subscriber {sub.id}: already {sub.status}")
+                continue
+            sub.soft_bounce_count = (sub.soft_bounce_count or 0) + 1
+            sub.updated_at = self.now
+            limit = self.settings.soft_bounce_limit
+            note = f"soft bounce {sub.soft_bounce_count}/{limit} ({btype}/{subtype})"
+            self.log(sub, "soft_bounce", f"{note} (message {self.message_id})")
+            self.changes.append(f"subscriber {sub.id} ({sub.email}): {note}")
+            if sub.soft_bounce_count >= limit:
+                self.set_status(
+                    sub,
+                    SubscriberStatus.BOUNCED,
+                    f"{sub.soft_bounce_count} soft bounces in a row (last {btype}/{subtype})",
+                )
+
+    def complaint(self, detail: Mapping[str, Any], recipients: list[str]) -> None:
+        feedback = detail.get("complaintFeedbackType") or detail.get("complaintSubType")
+        self.move_delivery(
+            DeliveryState.COMPLAINED,
+            complained_at=self.when,
+            last_error=f"complaint ({feedback or 'no feedback type'})",
+        )
+        for sub in self.subscribers(recipients):
+            if sub.status == SubscriberStatus.COMPLAINED:
+                self.changes.append(f"subscriber {sub.id}: already complained")
+                continue
+            self.set_status(
+                sub, SubscriberStatus.COMPLAINED, f"complaint ({feedback or 'no feedback type'})"
+            )
+
+    def delivered(self, recipients: list[str]) -> None:
+        self.move_delivery(DeliveryState.DELIVERED, delivered_at=self.when)
+        subs = self.subscribers(recipients) if recipients else [self.delivery.subscriber]
+        for sub in subs:
+            # Resets the count of soft bounces "in a row"; the status is never touched, so
+            # a Delivery that arrives after a Bounce does not revive the address.
+            if sub.soft_bounce_count:
+                self.changes.append(
+                    f"subscriber {sub.id}: soft bounce count {sub.soft_bounce_count} -> 0"
+                )
+                sub.soft_bounce_count = 0
+                sub.updated_at = self.now
+
+    def rejected(self, detail: Mapping[str, Any]) -> None:
+        reason = str(detail.get("reason") or "no reason given")
+        self.move_delivery(
+            DeliveryState.FAILED,
+            last_error=f"rejected by SES: {reason}"[:2000],
+            finished_at=self.now,
+        )
+
+
+# ---------------------------------------------------------------------------------------
+# Reputation guard
+
+
+def edition_rates(
+    session: Session, edition_date: date, settings: Settings | None = None
+) -> dict[str, Any]:
+    """Bounce and complaint rates of one edition, against the guard's thresholds.
+
+    ``bounce_rate`` = hard bounces / accepted, where accepted = sent + delivered + bounced
+    + complained and a hard bounce is a delivery with a Permanent bounce (other than
+    OnAccountSuppressionList), as SES counts it. ``bounced`` counts every bounced delivery,
+    soft ones included.
+    """
+    settings = settings or get_settings()
+    by_state = dict(
+        session.execute(
+            select(Delivery.state, func.count())
+            .where(Delivery.edition_date == edition_date)
+            .group_by(Delivery.state)
+        ).all()
+    )
+    accepted = sum(by_state.get(s.value, 0) for s in ACCEPTED_DELIVERY_STATES)
+    hard = (
+        session.scalar(
+            select(func.count(func.distinct(ProviderEvent.delivery_id)))
+            .join(Delivery, Delivery.id == ProviderEvent.delivery_id)
+            .where(
+                Delivery.edition_date == edition_date,
+                ProviderEvent.event_type == "Bounce",
+                ProviderEvent.subtype.like("Permanent/%"),
+                ProviderEvent.subtype != f"Permanent/{ACCOUNT_SUPPRESSION}",
+            )
+        )
+        or 0
+    )
+    complained = by_state.get(DeliveryState.COMPLAINED.value, 0)
+    bounce_rate = hard / accepted if accepted else 0.0
+    complaint_rate = complained / accepted if accepted else 0.0
+    enough = accepted >= settings.reputation_min_sample
+    over_bounce = enough and bounce_rate > settings.bounce_rate_limit
+    over_complaint = enough and complaint_rate > settings.complaint_rate_limit
+    return {
+        "edition_date": edition_date.isoformat(),
+        "accepted": accepted,
+        "sent": by_state.get(DeliveryState.SENT.value, 0),
+        "delivered": by_state.get(DeliveryState.DELIVERED.value, 0),
+        "bounced": by_state.get(DeliveryState.BOUNCED.value, 0),
+        "hard_bounced": hard,
+        "complained": complained,
+        "bounce_rate": bounce_rate,
+        "complaint_rate": complaint_rate,
+        "bounce_rate_limit": settings.bounce_rate_limit,
+        "complaint_rate_limit": settings.complaint_rate_limit,
+        "min_sample": settings.reputation_min_sample,
+        "sample_ok": enough,
+        "over_bounce_limit": over_bounce,
+        "over_complaint_limit": over_complaint,
+        "guard_tripped": session.get(ControlFlag, GUARD_FLAG_PREFIX + edition_date.isoformat())
+        is not None,
+        "sending_paused": sending_paused(session),
+    }
+
+
+def check_reputation(
+    session: Session, edition_date: date, settings: Settings | None = None
+) -> str | None:
+    """Pause sending when the edition is over a threshold; the reason when it paused now."""
+    rates = edition_rates(session, edition_date, settings)
+    if not (rates["over_bounce_limit"] or rates["over_complaint_limit"]):
+        return None
+    if rates["guard_tripped"]:
+        return None  # already paused once for this edition; the operator decided since
+    if rates["sending_paused"]:
+        # Paused for another reason: say so, and trip when sending resumes.
+        log.error(
+            "edition %s is over a reputation threshold (sending already paused)", edition_date
+        )
+        return None
+    parts = []
+    if rates["over_bounce_limit"]:
+        parts.append(
+            f"bounce rate {rates['bounce_rate']:.1%} ({rates['hard_bounced']} hard bounces) "
+            f"> {rates['bounce_rate_limit']:.1%}"
+        )
+    if rates["over_complaint_limit"]:
+        parts.append(
+            f"complaint rate {rates['complaint_rate']:.2%} ({rates['complained']} complaints) "
+            f"> {rates['complaint_rate_limit']:.2%}"
+        )
+    reason = (
+        f"reputation guard: edition {edition_date.isoformat()} "
+        + " and ".join(parts)
+        + f" of {rates['accepted']} accepted"
+    )
+    session.add(
+        ControlFlag(
+            key=GUARD_FLAG_PREFIX + edition_date.isoformat(),
+            value={"reason": reason, "at": utcnow().isoformat()},
+        )
+    )
+    pause_sending(session, reason, by="reputation-guard")
+    return reason
+
+
+# ---------------------------------------------------------------------------------------
+# SQS consumer
+
+
+@dataclass
+class PollCounts:
+    batches: int = 0
+    received: int = 0
+    deleted: int = 0
+    applied: int = 0
+    duplicate: int = 0
+    orphan: int = 0
+    ignored: int = 0
+    retry_later: int = 0  # left in the queue, redelivered after the visibility timeout
+    invalid: int = 0  # left in the queue for its dead-letter queue
+    failed: int = 0  # unexpected error (e.g. database down); left in the queue
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+    def summary(self) -> str:
+        return ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in self.as_dict().items())
+
+
+def _region_of_queue(queue_url: str, default: str) -> str:
+    host = urlsplit(queue_url).hostname or ""
+    parts = host.split(".")
+    if len(parts) >= 3 and parts[0] == "sqs":
+        return parts[1]
+    return default
+
+
+def sqs_client(settings: Settings, queue_url: str) -> Any:
+    """A boto3 SQS client for the queue (region from its URL)."""
+    import boto3
+
+    return boto3.client(
+        "sqs",
+        region_name=_region_of_queue(queue_url, settings.ses_region),
+        endpoint_url=getattr(settings, "sqs_endpoint_url", None),
+        aws_access_key_id=settings.aws_access_key_id,
+        aws_secret_access_key=settings.aws_secret_access_key,
+    )
+
+
+def handle_sqs_body(
+    body: str, settings: Settings, *, now: datetime | None = None
+) -> list[ApplyResult]:
+    """Apply one SQS message body (an SNS envelope, or a bare notification with raw message
+    delivery on) in one transaction. Raises InvalidNotification or RetryLater, having
+    committed nothing."""
+    try:
+        obj = json.loads(body)
+    except ValueError as exc:
+        raise InvalidNotification([f"message body is not JSON: {exc}"]) from None
+    items = parse_envelope(obj)
+    with session_scope(settings.database_url) as session:
+        return [
+            apply_notification(
+                session, notification, dedupe_key=key, via="sqs", now=now, settings=settings
+            )
+            for notification, key in items
+        ]
+
+
+def poll_sqs(
+    settings: Settings,
+    *,
+    once: bool,
+    max_messages: int = 10,
+    wait_seconds: int = 20,
+    client: Any = None,
+    queue_url: str | None = None,
+    on_batch: Callable[[PollCounts], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    max_batches: int | None = None,
+) -> PollCounts:
+    """Consume SES notifications from SQS; delete each message only once it is applied.
+
+    ``once``: receive until the queue answers empty (what is waiting now), then return —
+    the shape for a periodic task. Otherwise loop until ``should_stop()`` (or Ctrl-C).
+    Messages that must be retried or are malformed stay in the queue: SQS redelivers them
+    after the visibility timeout, and its redrive policy moves the hopeless ones to the
+    dead-letter queue. The SNS signature is not checked here: the queue's access policy
+    decides who may send to it.
+    """
+    url = queue_url or settings.sqs_queue_url
+    if not url:
+        raise InvalidInput("no SQS queue: set PAPERMAIL_SQS_QUEUE_URL or pass --queue-url")
+    if not 1 <= max_messages <= 10:
+        raise InvalidInput(
+            f"max messages per receive must be 1-10 (SQS's limit), got {max_messages}"
+        )
+    if not 0 <= wait_seconds <= 20:
+        raise InvalidInput(f"wait seconds must be 0-20 (SQS's limit), got {wait_seconds}")
+    client = client or sqs_client(settings, url)
+    counts = PollCounts()
+    limit = max_batches if max_batches is not None else (1000 if once else None)
+    while limit is None or counts.batches < limit:
+        if should_stop and should_stop():
+            break
+        try:
+            response = client.receive_message(
+                QueueUrl=url,
+                MaxNumberOfMessages=max_messages,
+                WaitTimeSeconds=wait_seconds,
+            )
+        except Exception:
+            log.exception("SQS receive from %s failed", url)
+            counts.failed += 1
+            if once:
+                break
+            time.sleep(min(5.0, max(1.0, float(wait_seconds))))
+            continue
+        messages = response.get("Messages") or []
+        counts.batches += 1
+        for message in messages:
+            counts.received += 1
+            _handle_sqs_message(client, url, message, settings, counts)
+        if on_batch:
+            on_batch(counts)
+        if once and not messages:
+            break
+    return counts
+
+
+def _handle_sqs_message(
+    client: Any, url: str, message: Mapping[str, Any], settings: Settings, counts: PollCounts
+) -> None:
+    sqs_id = message.get("MessageId", "?")
+    try:
+        results = handle_sqs_body(str(message.get("Body", "")), settings)
+    except RetryLater as exc:
+        counts.retry_later += 1
+        log.info("SQS message %s: %s; left for redelivery", sqs_id, exc)
+        return
+    except InvalidNotification as exc:
+        counts.invalid += 1
+        log.error("SQS message %s is malformed, left for the dead-letter queue: %s", sqs_id, exc)
+        return
+    except Exception:
+        counts.failed += 1
+        log.exception("SQS message %s could not be applied; left in the queue", sqs_id)
+        return
+    for result in results:
+        setattr(counts, result.status, getattr(counts, result.status) + 1)
+    try:
+        client.delete_message(QueueUrl=url, ReceiptHandle=message["ReceiptHandle"])
+        counts.deleted += 1
+    except Exception:
+        # Applied and committed: a redelivery will be recognised as a duplicate.
+        log.exception("SQS message %s applied but not deleted", sqs_id)
