@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import click
@@ -48,7 +49,7 @@ def run(date_: str | None, dry_run: bool, wait: bool, as_json: bool) -> None:
         _dry_run(edition, as_json)
         return
     if not settings.in_process:
-        from worker.tasks import enqueue_edition, follow_edition
+        from worker.tasks import enqueue_edition
 
         planned = enqueue_edition(edition)
         if not as_json:
@@ -57,7 +58,7 @@ def run(date_: str | None, dry_run: bool, wait: bool, as_json: bool) -> None:
                 f"{len(planned.pending_ids)} queued in chunks of {settings.chunk_size}"
             )
         if wait:
-            follow_edition(edition, planned_ids=planned.pending_ids, show_progress=not as_json)
+            _follow(edition, planned.pending_ids, show_progress=not as_json)
         _summary(edition, None, as_json)
         return
 
@@ -87,6 +88,34 @@ def run(date_: str | None, dry_run: bool, wait: bool, as_json: bool) -> None:
         if bar is not None:
             bar.__exit__(None, None, None)  # type: ignore[attr-defined]
     _summary(edition, (plan, outcome), as_json)
+
+
+def _follow(edition: object, planned_ids: list[int], show_progress: bool) -> None:
+    """Poll the database until every delivery of the edition has a final state."""
+    from worker.tasks import EditionProgress, follow_edition
+
+    if not planned_ids:
+        return
+    stderr = click.get_text_stream("stderr")
+    if show_progress:
+        click.echo("following the edition; Ctrl-C stops following, not sending", err=True)
+    bar = click.progressbar(
+        length=len(planned_ids), label=f"edition {edition}", file=stderr, show_pos=True
+    )
+    shown = 0
+
+    def on_progress(progress: EditionProgress) -> None:
+        nonlocal shown
+        if show_progress and progress.done > shown:
+            bar.length = progress.total
+            bar.update(progress.done - shown)
+            shown = progress.done
+
+    try:
+        with bar if show_progress else contextlib.nullcontext():
+            follow_edition(edition, planned_ids=planned_ids, on_progress=on_progress)  # type: ignore[arg-type]
+    except KeyboardInterrupt:
+        click.echo("\nstopped following; the workers carry on", err=True)
 
 
 def _summary(
