@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import html
 import re
 from datetime import timedelta
+from email import policy
+from email.message import EmailMessage
+from email.parser import BytesParser
+from pathlib import Path
 from typing import Any
 
 from flask import Flask
@@ -85,3 +90,27 @@ def status_of(sid: int) -> str:
         sub = s.get(Subscriber, sid)
         assert sub is not None
         return sub.status
+
+
+def outbox_messages(settings: Settings, to: str | None = None) -> list[EmailMessage]:
+    """Every .eml under the outbox (optionally only those to one address), oldest first."""
+    root = Path(settings.outbox_dir)
+    files = sorted(root.rglob("*.eml"), key=lambda p: p.stat().st_mtime_ns) if root.exists() else []
+    out = []
+    for path in files:
+        msg = BytesParser(policy=policy.default).parse(path.open("rb"))
+        if to is None or msg["To"] == to:
+            out.append(msg)
+    return out  # type: ignore[return-value]
+
+
+def html_links(msg: EmailMessage) -> list[str]:
+    """The href of every link in the message's HTML part, in order."""
+    part = msg.get_body(preferencelist=("html",))
+    assert part is not None, "the message has no HTML part"
+    return [html.unescape(h) for h in re.findall(r'href="([^"]+)"', part.get_content())]
+
+
+def path_of(url: str, settings: Settings) -> str:
+    assert url.startswith(settings.base_url + "/"), url
+    return url[len(settings.base_url) :]
