@@ -747,10 +747,17 @@ def import_csv(
             continue
         # Missing trailing cells count as empty: spreadsheets often drop them.
         raw = {col: cell.strip() for col, cell in zip(header, cells, strict=False) if cell.strip()}
+        raw.setdefault("email", "")
         try:
             data = SubscriberInput(**raw)
         except InvalidSubscriber as exc:
-            report.rejected.append(RowError(line, str(exc), email_cell or None))
+            reason = str(exc)
+            if len(cells) > width:  # likely a comma that shifted the cells after it
+                reason += (
+                    f" (the row has {len(cells)} cells but the header has {width} columns; "
+                    'put cells that contain commas in double quotes, e.g. "llm, diffusion")'
+                )
+            report.rejected.append(RowError(line, reason, email_cell or None))
             continue
         entry = entries.get(data.email)
         if entry is None:
