@@ -95,7 +95,8 @@ SIGNED_KEYS["UnsubscribeConfirmation"] = SIGNED_KEYS["SubscriptionConfirmation"]
 
 def reference_canonical(message: dict[str, Any]) -> bytes:
     text = ""
-    for key in SIGNED_KEYS[message["Type"]]:
+    # An unknown Type is signed like a Notification, so only the Type rule can refuse it.
+    for key in SIGNED_KEYS.get(message["Type"], SIGNED_KEYS["Notification"]):
         if key == "Subject" and message.get("Subject") is None:
             continue
         text += f"{key}\n{message[key]}\n"
