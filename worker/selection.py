@@ -21,20 +21,25 @@ One call scores every (subscriber, paper) pair of a batch with a few matrix oper
 * Ties are broken by upvotes (desc), then paper id (asc): candidates are laid out in that
   order and the top-k is taken stably, so results do not depend on input order.
 
-Tokenisation is cached per call; unique topics are scored once per batch; the per-row work
-is numpy over dense (subscribers x candidates) blocks, processed in chunks to bound memory.
+Work is shared as widely as it can be: the candidates' term matrices are built once per
+candidate list (and kept for the next call with the same list, since every chunk of a run
+has the same candidates); each distinct topic is one row of a sparse query matrix that is
+multiplied with the document matrix once; the per-subscriber part is numpy over dense
+(subscribers x candidates) blocks: window and exclusion masks, max over topics, top-k by
+partition. The only Python loops are over subscribers (to gather indices) and picks.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections import Counter
+import threading
+from collections import Counter, OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import lru_cache
-from itertools import pairwise
+from itertools import chain, pairwise
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -278,96 +283,147 @@ def _clean_topics(topics: Iterable[str]) -> tuple[str, ...]:
 
 
 class _Corpus:
-    """The candidates' term matrices and the vocabulary shared with queries and votes."""
+    """BM25 statistics and matrices of one candidate list; immutable once built.
+
+    Building it (tokenising every title and abstract) is the costly part of a call, and
+    consecutive chunks of a run share their candidates, so the last few are cached.
+    """
 
     def __init__(self, candidates: Sequence[Candidate], params: SelectionParams) -> None:
         self.params = params
+        self.n_docs = n = len(candidates)
         self.vocab: dict[str, int] = {}
-        self._cache: dict[str, tuple[Counter[str], int]] = {}
-        self.n_docs = len(candidates)
-        self.tf, self.lengths = self.add_texts([(c.title, c.abstract) for c in candidates])
-        self._df = np.bincount(self.tf.indices, minlength=self.tf.shape[1]).astype(np.float64)
-        total = float(self.lengths.sum())
-        self.avgdl = total / self.n_docs if total > 0 else 1.0
-
-    # Tokenisation is cached per call: topics and titles repeat across a batch.
-    def terms(self, text: str) -> tuple[Counter[str], int]:
-        hit = self._cache.get(text)
-        if hit is None:
-            hit = self._cache[text] = analyse(text)
-        return hit
-
-    def index(self, term: str) -> int:
-        return self.vocab.setdefault(term, len(self.vocab))
-
-    def add_texts(self, texts: Sequence[tuple[str, str]]) -> tuple[sp.csr_matrix, np.ndarray]:
-        """Field-weighted term frequencies and lengths of (title, abstract) pairs.
-
-        New terms extend the vocabulary in order of appearance, so for a given candidate
-        list the columns (and the float summation order) never depend on the rest.
-        """
-        weight = self.params.title_weight
         vocab = self.vocab
         setdefault = vocab.setdefault
         indptr = [0]
         cols: list[int] = []
         tfs: list[float] = []
         lengths: list[float] = []
-        for title, abstract in texts:
-            t_counts, t_len = self.terms(title)
-            a_counts, a_len = self.terms(abstract)
-            counts = a_counts.copy()
-            for term, n in t_counts.items():
-                counts[term] += weight * n
+        seen: dict[str, tuple[Counter[str], int]] = {}  # tokenisation cache of this build
+        for cand in candidates:
+            counts, length = self._doc_terms(cand.title, cand.abstract, seen)
+            # New terms extend the vocabulary in order of appearance: for a given candidate
+            # list the columns, hence the float summation order, are always the same.
             cols.extend([setdefault(term, len(vocab)) for term in counts])
             tfs.extend(counts.values())
             indptr.append(len(cols))
-            lengths.append(weight * t_len + a_len)
+            lengths.append(length)
+        n_terms = len(vocab)
         tf = sp.csr_matrix(
             (
                 np.asarray(tfs, dtype=np.float64),
                 np.asarray(cols, dtype=np.int64),
                 np.asarray(indptr, dtype=np.int64),
             ),
-            shape=(len(texts), len(vocab)),
+            shape=(n, n_terms),
         )
         tf.sort_indices()
-        return tf, np.asarray(lengths, dtype=np.float64)
-
-    def finalise(self) -> None:
-        """Fix the vocabulary (after queries and votes added their terms) and weigh."""
-        n_terms = len(self.vocab)
-        df = np.zeros(n_terms)
-        df[: self._df.size] = self._df
-        n = self.n_docs
+        doc_len = np.asarray(lengths, dtype=np.float64)
+        total = float(doc_len.sum())
+        self.avgdl = total / n if n and total > 0 else 1.0
+        df = np.bincount(tf.indices, minlength=n_terms).astype(np.float64)
         # BM25's IDF (always positive); a term no candidate has gets the highest.
         self.idf = np.log1p((n - df + 0.5) / (df + 0.5))
-        self.is_bigram = np.zeros(n_terms, dtype=bool)
-        for term, col in self.vocab.items():
-            self.is_bigram[col] = " " in term
-        self.tf.resize((self.n_docs, n_terms))
-        self.doc_weights = self.bm25(self.tf, self.lengths)
-        self.doc_units = _unit_rows(self.doc_weights)
-        presence = self.tf.copy()
+        self.idf_unseen = math.log1p((n + 0.5) / 0.5)
+        weights = self._bm25(tf, doc_len)
+        self.doc_weights_t = weights.T.tocsr()  # terms x docs
+        self.doc_units = _unit_rows(weights)  # docs x terms
+        self.doc_units_t = self.doc_units.T.tocsr()
+        unigram = np.fromiter((" " not in term for term in vocab), dtype=bool, count=n_terms)
+        presence = tf.copy()
         presence.data = np.ones_like(presence.data)
-        self.unigram_presence_t = (presence @ sp.diags((~self.is_bigram).astype(float))).T.tocsr()
+        self.unigram_presence_t = (presence @ sp.diags(unigram.astype(np.float64))).T.tocsr()
 
-    def bm25(self, tf: sp.csr_matrix, lengths: np.ndarray) -> sp.csr_matrix:
+    def _doc_terms(
+        self, title: str, abstract: str, seen: dict[str, tuple[Counter[str], int]]
+    ) -> tuple[Counter[str], float]:
+        """Field-weighted term counts and length of one paper (the title counts more)."""
+        weight = self.params.title_weight
+        parts = []
+        for text in (title, abstract):
+            hit = seen.get(text)
+            if hit is None:
+                hit = seen[text] = analyse(text)
+            parts.append(hit)
+        (t_counts, t_len), (a_counts, a_len) = parts
+        counts = a_counts.copy()
+        for term, n in t_counts.items():
+            counts[term] += weight * n
+        return counts, weight * t_len + a_len
+
+    def _bm25(self, tf: sp.csr_matrix, lengths: np.ndarray) -> sp.csr_matrix:
         p = self.params
         norm = p.k1 * (1 - p.b + p.b * lengths / self.avgdl)
-        out = tf.tocsr(copy=True)
+        out = tf.copy()
         row_norm = np.repeat(norm, np.diff(out.indptr))
         out.data = self.idf[out.indices] * out.data * (p.k1 + 1) / (out.data + row_norm)
         return out
+
+    def idf_of(self, term: str) -> float:
+        col = self.vocab.get(term)
+        return self.idf_unseen if col is None else float(self.idf[col])
+
+    def unit_vectors(self, texts: Sequence[tuple[str, str]]) -> sp.csr_matrix:
+        """Unit BM25 vectors of other papers (voted ones) with these statistics.
+
+        The norm counts every term of the paper; only the candidates' terms get a column,
+        since no other term can add to a similarity with a candidate.
+        """
+        p = self.params
+        rows: list[int] = []
+        cols: list[int] = []
+        vals: list[float] = []
+        seen: dict[str, tuple[Counter[str], int]] = {}
+        for row, (title, abstract) in enumerate(texts):
+            counts, length = self._doc_terms(title, abstract, seen)
+            norm = p.k1 * (1 - p.b + p.b * length / self.avgdl)
+            weights = {
+                term: self.idf_of(term) * tf * (p.k1 + 1) / (tf + norm)
+                for term, tf in sorted(counts.items())
+            }
+            size = math.sqrt(math.fsum(w * w for w in weights.values())) or 1.0
+            for term, w in weights.items():
+                col = self.vocab.get(term)
+                if col is not None:
+                    rows.append(row)
+                    cols.append(col)
+                    vals.append(w / size)
+        return sp.csr_matrix((vals, (rows, cols)), shape=(len(texts), len(self.vocab)))
+
+
+_CORPUS_CACHE: OrderedDict[tuple[Any, ...], _Corpus] = OrderedDict()
+_CORPUS_CACHE_SIZE = 2
+_CORPUS_LOCK = threading.Lock()
+
+
+def _corpus_for(cands: Sequence[Candidate], params: SelectionParams) -> _Corpus:
+    """The corpus of these candidates, from the cache when the same list comes again."""
+    key = (
+        params.title_weight,
+        params.k1,
+        params.b,
+        tuple((c.id, c.title, c.abstract) for c in cands),
+    )
+    with _CORPUS_LOCK:
+        corpus = _CORPUS_CACHE.get(key)
+        if corpus is not None:
+            _CORPUS_CACHE.move_to_end(key)
+            return corpus
+    corpus = _Corpus(cands, params)
+    with _CORPUS_LOCK:
+        _CORPUS_CACHE[key] = corpus
+        while len(_CORPUS_CACHE) > _CORPUS_CACHE_SIZE:
+            _CORPUS_CACHE.popitem(last=False)
+    return corpus
 
 
 def _unit_rows(matrix: sp.csr_matrix) -> sp.csr_matrix:
     norms = np.sqrt(np.asarray(matrix.multiply(matrix).sum(axis=1)).ravel())
     norms[norms == 0] = 1.0
-    return sp.diags(1.0 / norms) @ matrix
+    return (sp.diags(1.0 / norms) @ matrix).tocsr()
 
 
-def _topic_scores(corpus: _Corpus, topics: Sequence[Counter[str]]) -> np.ndarray:
+def _topic_scores(corpus: _Corpus, topics: Sequence[str]) -> np.ndarray:
     """Normalised relevance of every unique topic to every candidate (topics x docs).
 
     raw BM25 / self-match x coverage: 1.0 is a paper of average length with the topic in
@@ -376,30 +432,33 @@ def _topic_scores(corpus: _Corpus, topics: Sequence[Counter[str]]) -> np.ndarray
     p = corpus.params
     if not topics or not corpus.n_docs:
         return np.zeros((len(topics), corpus.n_docs))
-    idf = corpus.idf
     q_rows: list[int] = []
     q_cols: list[int] = []
     q_vals: list[float] = []
     c_vals: list[float] = []
     self_scores = np.zeros(len(topics))
     idf_mass = np.zeros(len(topics))
-    for row, counts in enumerate(topics):
+    for row, topic in enumerate(topics):
+        counts, _ = analyse(topic)
         for term in sorted(counts):
             n = counts[term]
-            col = corpus.vocab[term]
             bigram = " " in term
             weight = (p.bigram_weight if bigram else 1.0) * n
-            q_rows.append(row)
-            q_cols.append(col)
-            q_vals.append(weight)
-            c_vals.append(0.0 if bigram else float(idf[col]))
+            idf = corpus.idf_of(term)
             tf = p.title_weight * n  # the topic once in the title of an average paper
-            self_scores[row] += weight * idf[col] * tf * (p.k1 + 1) / (tf + p.k1)
-            idf_mass[row] += c_vals[-1]
+            self_scores[row] += weight * idf * tf * (p.k1 + 1) / (tf + p.k1)
+            if not bigram:
+                idf_mass[row] += idf
+            col = corpus.vocab.get(term)
+            if col is not None:  # other terms cannot match any candidate
+                q_rows.append(row)
+                q_cols.append(col)
+                q_vals.append(weight)
+                c_vals.append(0.0 if bigram else idf)
     shape = (len(topics), len(corpus.vocab))
     query = sp.csr_matrix((q_vals, (q_rows, q_cols)), shape=shape)
     cover = sp.csr_matrix((c_vals, (q_rows, q_cols)), shape=shape)
-    raw = (query @ corpus.doc_weights.T).toarray()
+    raw = (query @ corpus.doc_weights_t).toarray()
     coverage = (cover @ corpus.unigram_presence_t).toarray()
     with np.errstate(divide="ignore", invalid="ignore"):
         rel = (raw / self_scores[:, None]) * (coverage / idf_mass[:, None])
@@ -450,39 +509,30 @@ def select_batch(
     col_of = {c.id: j for j, c in enumerate(cands)}
     n_docs = len(cands)
 
-    corpus = _Corpus(cands, params)
+    corpus = _corpus_for(cands, params)
     topics_per_profile = [_clean_topics(prof.topics) for prof in profiles]
     # Unique topics, by their lower-cased text, scored once for the whole batch.
     topic_ids: dict[str, int] = {}
     for topics in topics_per_profile:
         for topic in topics:
             topic_ids.setdefault(topic.lower(), len(topic_ids))
-    # Every text that needs a column joins the vocabulary before it is fixed and weighed.
-    topic_terms = [corpus.terms(topic)[0] for topic in topic_ids]
-    for counts in topic_terms:
-        for term in counts:
-            corpus.index(term)
+    topic_rel = _topic_scores(corpus, list(topic_ids))
+    # Similarity of each voted paper to each candidate (voted x docs), computed once.
     voted_ids = sorted(
         {pid for prof in profiles for pid in prof.votes if pid in by_id or pid in voted_papers}
     )
     voted_col = {pid: i for i, pid in enumerate(voted_ids)}
-    extra = [pid for pid in voted_ids if pid not in by_id]
-    extra_tf, extra_len = corpus.add_texts(
-        [(voted_papers[pid].title, voted_papers[pid].abstract) for pid in extra]
-    )
-    corpus.finalise()
-    topic_rel = _topic_scores(corpus, topic_terms)
-    # Similarity of each voted paper to each candidate (voted x docs), computed once.
     voted_sim = np.zeros((len(voted_ids), n_docs))
-    if voted_ids and n_docs:
-        known = [pid for pid in voted_ids if pid in by_id]
-        if known:
-            units = corpus.doc_units[[col_of[pid] for pid in known]]
-            voted_sim[[voted_col[pid] for pid in known]] = (units @ corpus.doc_units.T).toarray()
-        if extra:
-            extra_tf.resize((len(extra), len(corpus.vocab)))
-            units = _unit_rows(corpus.bm25(extra_tf, extra_len))
-            voted_sim[[voted_col[pid] for pid in extra]] = (units @ corpus.doc_units.T).toarray()
+    known = [pid for pid in voted_ids if pid in by_id]
+    if known:
+        units = corpus.doc_units[[col_of[pid] for pid in known]]
+        voted_sim[[voted_col[pid] for pid in known]] = (units @ corpus.doc_units_t).toarray()
+    extra = [pid for pid in voted_ids if pid not in by_id]
+    if extra:
+        units = corpus.unit_vectors(
+            [(voted_papers[p].title, voted_papers[p].abstract) for p in extra]
+        )
+        voted_sim[[voted_col[pid] for pid in extra]] = (units @ corpus.doc_units_t).toarray()
 
     shared = _Shared(
         cands=cands,
@@ -547,7 +597,7 @@ def _score_chunk(
         for t, topic in enumerate(topics):
             slot_topic[i, t] = shared.topic_ids[topic.lower()]
         # Voted papers were received: never send them again, whatever `exclude` says.
-        for pid in prof.exclude.union(prof.votes) if prof.votes else prof.exclude:
+        for pid in chain(prof.exclude, prof.votes):
             j = col_of.get(pid)
             if j is not None:
                 ex_rows.append(i)

@@ -419,6 +419,19 @@ def test_votes_shift_topic_relevance_and_membership() -> None:
     assert kernel in ids_of(base) and kernel not in ids_of(gone)
 
 
+def test_a_vote_on_an_older_paper_uses_its_text() -> None:
+    cands, kernel, theory = _feedback_candidates("zz-kernel")
+    cands = [c for c in cands if c.id != kernel]  # the liked paper is no longer a candidate
+    liked = Candidate(kernel, *PAPERS[11], 10, END - timedelta(days=20))
+    assert liked.title.startswith("Convolutional Deep Kernel Machines")
+    before = select_one(cands, profile([], 3))
+    assert theory not in ids_of(before)
+    after = select_one(cands, profile([], 3, votes={kernel: 1}), voted_papers={kernel: liked})
+    assert ids_of(after)[0] == theory
+    # Without its text the vote cannot steer anything (and is ignored, not an error).
+    assert select_one(cands, profile([], 3, votes={kernel: 1})) == before
+
+
 # ------------------------------------------------------------------------------ batching
 
 
@@ -485,6 +498,22 @@ def test_every_result_obeys_the_rules() -> None:
                 assert pick.relevance >= 0.15
         keys = [(-p.score, -by_id[p.paper_id].upvotes, p.paper_id) for p in result.picks]
         assert keys == sorted(keys)
+
+
+def test_changed_texts_are_not_served_from_the_corpus_cache() -> None:
+    cands = seed_candidates()
+    first = select_one(cands, profile(["pruning"]))
+    target = paper_id(cands, "Robust Pruning")
+    edited = [
+        Candidate(c.id, "Garden birds", "A survey of garden birds.", c.upvotes, c.published)
+        if c.id == target
+        else c
+        for c in cands
+    ]
+    second = select_one(edited, profile(["pruning"]))
+    assert ids_of(first) == [target]
+    assert second.picks == [] and second.skip_reason is not None
+    assert select_one(cands, profile(["pruning"])) == first
 
 
 # ----------------------------------------------------------------------------- bad input
