@@ -343,14 +343,15 @@ def apply_notification(
 
     Raises :class:`InvalidNotification` for a malformed one and :class:`RetryLater` (having
     written nothing) for a state-changing event about an unknown message younger than
-    ``orphan_grace_seconds``.
+    ``orphan_grace_seconds`` (measured from ``mail.timestamp``; without one, an unknown
+    message is an orphan at once).
     """
     problems = validate_notification(notification)
     if problems:
         raise InvalidNotification(problems)
     settings = settings or get_settings()
     now = now or utcnow()
-    key = dedupe_key or content_key(notification)
+    key = (dedupe_key or content_key(notification))[:255]
     kind = notification_type(notification) or "?"
 
     seen = session.execute(
@@ -359,8 +360,9 @@ def apply_notification(
     if seen is not None:
         return ApplyResult("duplicate", kind, key, delivery_id=seen[1], event_id=seen[0])
 
-    mail = notification.get("mail") if isinstance(notification.get("mail"), dict) else {}
-    assert isinstance(mail, dict)
+    mail = notification.get("mail")
+    if not isinstance(mail, dict):
+        mail = {}  # types without policy may come without one
     message_id = mail.get("messageId") if isinstance(mail.get("messageId"), str) else None
     sent_at = _parse_time(mail.get("timestamp"))
     delivery = (
@@ -386,7 +388,7 @@ def apply_notification(
     event_id = _insert_event(
         session,
         {
-            "dedupe_key": key[:255],
+            "dedupe_key": key,
             "event_type": kind[:32],
             "subtype": _subtype(kind, detail),
             "provider_message_id": message_id[:255] if message_id else None,
@@ -737,7 +739,7 @@ def poll_sqs(
     *,
     once: bool,
     max_messages: int = 10,
-    wait_seconds: int = 20,
+    wait_seconds: int | None = None,
     client: Any = None,
     queue_url: str | None = None,
     on_batch: Callable[[PollCounts], None] | None = None,
@@ -747,7 +749,10 @@ def poll_sqs(
     """Consume SES notifications from SQS; delete each message only once it is applied.
 
     ``once``: receive until the queue answers empty (what is waiting now), then return —
-    the shape for a periodic task. Otherwise loop until ``should_stop()`` (or Ctrl-C).
+    the shape for a periodic task (at most ``max_batches``, default 1000, receives).
+    Otherwise loop until ``should_stop()`` (or Ctrl-C). ``wait_seconds`` is the long-poll
+    wait per receive: default 20 when looping, 2 with ``once`` (so a periodic task does
+    not sit 20 s on an empty queue).
     Messages that must be retried or are malformed stay in the queue: SQS redelivers them
     after the visibility timeout, and its redrive policy moves the hopeless ones to the
     dead-letter queue. The SNS signature is not checked here: the queue's access policy
@@ -760,6 +765,8 @@ def poll_sqs(
         raise InvalidInput(
             f"max messages per receive must be 1-10 (SQS's limit), got {max_messages}"
         )
+    if wait_seconds is None:
+        wait_seconds = 2 if once else 20
     if not 0 <= wait_seconds <= 20:
         raise InvalidInput(f"wait seconds must be 0-20 (SQS's limit), got {wait_seconds}")
     client = client or sqs_client(settings, url)

@@ -19,6 +19,8 @@ from sqlalchemy.orm import Session
 from worker import delivery as delivery_mod
 from worker import events
 from worker.config import Settings
+from worker.db import session_scope as session_for
+from worker.errors import InvalidInput
 from worker.models import (
     ControlFlag,
     Delivery,
@@ -646,3 +648,68 @@ def test_concurrent_repeat_applies_once_on_postgresql(pg_env: dict[str, str]) ->
     with session_scope() as session:
         assert session.scalars(select(Subscriber)).one().soft_bounce_count == 1
         assert count(session, ProviderEvent) == 1
+
+
+# --- SQS loop edges (the happy path runs against moto in tests/integration) ---------------
+
+
+class FlakySqs:
+    """receive_message fails first, then serves the scripted batches."""
+
+    def __init__(self, batches: list[list[dict[str, Any]]]) -> None:
+        self.batches = batches
+        self.calls: list[dict[str, Any]] = []
+        self.deleted: list[str] = []
+
+    def receive_message(self, **kw: Any) -> dict[str, Any]:
+        self.calls.append(kw)
+        if len(self.calls) == 1:
+            raise ConnectionError("network down")
+        return {"Messages": self.batches.pop(0) if self.batches else []}
+
+    def delete_message(self, **kw: Any) -> None:
+        self.deleted.append(kw["ReceiptHandle"])
+
+
+def test_poll_sqs_once_stops_on_receive_error(settings: Settings) -> None:
+    client = FlakySqs([])
+    counts = events.poll_sqs(settings, once=True, client=client, queue_url="http://q")
+    assert counts.failed == 1 and counts.batches == 0 and len(client.calls) == 1
+    assert client.calls[0]["WaitTimeSeconds"] == 2  # short wait for a periodic task
+
+
+def test_poll_sqs_loop_survives_errors_until_stopped(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(events.time, "sleep", lambda s: None)
+    with session_for() as session:
+        sub = add_subscriber(session, "loop@example.org")
+        message_id = add_delivery(session, sub).message_id
+    an_hour_ago = datetime.now(UTC) - timedelta(hours=1)  # poll_sqs uses the real clock
+    body = json.dumps(envelope(bounce(message_id, [sub.email], sent_at=an_hour_ago), "loop-1"))
+    client = FlakySqs([[{"MessageId": "q1", "ReceiptHandle": "rh-1", "Body": body}]])
+    seen: list[int] = []
+    counts = events.poll_sqs(
+        settings,
+        once=False,
+        client=client,
+        queue_url="http://q",
+        on_batch=lambda c: seen.append(c.received),
+        should_stop=lambda: len(client.calls) >= 3,
+    )
+    assert counts.failed == 1 and counts.applied == 1 and client.deleted == ["rh-1"]
+    assert client.calls[1]["WaitTimeSeconds"] == 20 and seen == [1, 1]
+
+
+@pytest.mark.parametrize(
+    ("kw", "expected"),
+    [
+        ({"queue_url": None}, "PAPERMAIL_SQS_QUEUE_URL"),
+        ({"max_messages": 11}, "1-10"),
+        ({"wait_seconds": 21}, "0-20"),
+    ],
+)
+def test_poll_sqs_arguments(settings: Settings, kw: dict[str, Any], expected: str) -> None:
+    args: dict[str, Any] = {"queue_url": "http://q", "client": FlakySqs([]), **kw}
+    with pytest.raises(InvalidInput, match=expected):
+        events.poll_sqs(settings, once=True, **args)

@@ -101,13 +101,16 @@ def apply(file: click.utils.LazyFile, as_json: bool) -> None:
 @click.option(
     "--wait-seconds",
     type=click.IntRange(0, 20),
-    default=20,
-    show_default=True,
-    help="Long-poll wait per receive.",
+    default=None,
+    help="Long-poll wait per receive (default 20; 2 with --once).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the final counts as JSON.")
 def poll_sqs(
-    queue_url: str | None, once: bool, max_messages: int, wait_seconds: int, as_json: bool
+    queue_url: str | None,
+    once: bool,
+    max_messages: int,
+    wait_seconds: int | None,
+    as_json: bool,
 ) -> None:
     """Consume SES notifications from an SQS queue (SNS -> SQS, raw delivery on or off).
 
