@@ -201,7 +201,7 @@ def test_invalid_fields_are_shown_next_to_the_field_and_nothing_is_saved(
     for field, words in expected.items():
         match = re.search(rf'<p class="error" id="{field}-error">([^<]*)</p>', html)
         assert match, f"no error shown for {field}"
-        assert words in match.group(1).replace("&#39;", "'")
+        assert words in match.group(1).replace("&#39;", "'").lower()
     assert 'aria-invalid="true"' in html
     assert 'id="error-summary"' in html
     # What the person typed is still there.

@@ -33,4 +33,5 @@ def command(host: str, port: int, debug: bool) -> None:
     settings = get_settings()
     app = create_app(settings)
     click.echo(f"serving on http://{host}:{port} (links in emails use {settings.base_url})")
+    # werkzeug reports a taken port or a foreign address in one line and exits 1.
     app.run(host=host, port=port, debug=debug, use_reloader=debug)

@@ -265,6 +265,12 @@ def _long_date(day: date) -> str:
     return f"{day:%A} {day.day} {day:%B %Y}"
 
 
+@bp.app_template_filter("sentence")
+def _sentence(text: str) -> str:
+    """Upper-case the first letter only (``capitalize`` would lower-case a zone name)."""
+    return text[:1].upper() + text[1:]
+
+
 # --- index ------------------------------------------------------------------------------
 
 

@@ -13,11 +13,15 @@
     var target = document.getElementById(button.getAttribute("data-browser-tz"));
     if (!zone || !target) return;
     button.querySelector("[data-tz-name]").textContent = zone;
-    button.hidden = false;
+    // Offered only while the field holds another zone.
+    var sync = function () { button.hidden = target.value === zone; };
+    target.addEventListener("input", sync);
     button.addEventListener("click", function () {
       target.value = zone;
+      sync();
       target.focus();
     });
+    sync();
   });
 
   // Hidden zone fields (subscribe form) take the browser's zone when empty.

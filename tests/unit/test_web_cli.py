@@ -1,0 +1,40 @@
+"""`papermail web`: clear errors before serving (the serving itself is tested in the
+browser tests, on a real server)."""
+
+from __future__ import annotations
+
+import socket
+
+from click.testing import CliRunner
+
+from worker.cli import main
+from worker.config import Settings
+
+
+def test_web_is_registered_with_an_example() -> None:
+    result = CliRunner().invoke(main, ["web", "--help"])
+    assert result.exit_code == 0
+    assert "--host" in result.output and "--port" in result.output
+    assert "gunicorn 'worker.web:create_app()'" in result.output
+
+
+def test_port_in_use_is_one_clear_error(settings: Settings) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = CliRunner().invoke(main, ["web", "--port", str(port)])
+    assert result.exit_code == 1
+    assert f"{port} is in use" in result.output  # werkzeug's own one-line message
+    assert "Traceback" not in result.output
+
+
+def test_missing_schema_is_reported(env: dict[str, str]) -> None:
+    result = CliRunner().invoke(main, ["web", "--port", "1"])
+    assert result.exit_code != 0
+    assert "papermail db upgrade" in result.output
+
+
+def test_bad_port_is_refused() -> None:
+    result = CliRunner().invoke(main, ["web", "--port", "70000"])
+    assert result.exit_code == 2 and "70000" in result.output
