@@ -170,22 +170,11 @@ def pending_delivery_ids(
     )
     if now is not None:  # only rows whose (retry) time has come
         query = query.where(or_(Delivery.scheduled_at.is_(None), Delivery.scheduled_at <= now))
-    ids = list(session.scalars(query.order_by(Delivery.id)))
-    if subscriber_ids is not None:
-        wanted = set(subscriber_ids)
-        sub_of = (
-            dict(
-                session.execute(
-                    select(Delivery.id, Delivery.subscriber_id).where(Delivery.id.in_(ids))
-                )
-                .tuples()
-                .all()
-            )
-            if ids
-            else {}
-        )
-        ids = [i for i in ids if sub_of.get(i) in wanted]
-    return ids
+    if subscriber_ids is None:
+        return list(session.scalars(query.order_by(Delivery.id)))
+    wanted = set(subscriber_ids)
+    rows = session.execute(query.add_columns(Delivery.subscriber_id).order_by(Delivery.id)).all()
+    return [row[0] for row in rows if row[1] in wanted]
 
 
 def chunks(ids: Sequence[int], size: int) -> list[list[int]]:

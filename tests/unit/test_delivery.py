@@ -165,7 +165,7 @@ def test_second_run_and_redelivered_chunk_send_nothing(world: Settings) -> None:
     again = run(ids, mailer, world)  # the same task delivered twice
     assert again.sent == 0 and again.not_claimed == len(ids)
     assert len(mailer.sent) == 3
-    plan, out = delivery.run_in_process(TODAY, settings=world, now=NOW)
+    _plan, out = delivery.run_in_process(TODAY, settings=world, now=NOW)
     assert plan.created == 0 and out.sent == 0
 
 
@@ -322,7 +322,7 @@ def test_suppressed_rechecked_just_before_sending(world: Settings) -> None:
 
 
 def test_outbox_end_to_end_writes_parseable_eml(world: Settings) -> None:
-    plan, out = delivery.run_in_process(TODAY, settings=world, now=NOW)
+    _plan, out = delivery.run_in_process(TODAY, settings=world, now=NOW)
     assert out.sent == 3
     files = sorted(Path(world.outbox_dir).rglob("*.eml"))
     assert len(files) == 3
