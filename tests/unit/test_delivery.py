@@ -165,7 +165,7 @@ def test_second_run_and_redelivered_chunk_send_nothing(world: Settings) -> None:
     again = run(ids, mailer, world)  # the same task delivered twice
     assert again.sent == 0 and again.not_claimed == len(ids)
     assert len(mailer.sent) == 3
-    _plan, out = delivery.run_in_process(TODAY, settings=world, now=NOW)
+    plan, out = delivery.run_in_process(TODAY, settings=world, now=NOW)
     assert plan.created == 0 and out.sent == 0
 
 
