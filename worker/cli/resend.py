@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import click
 
 from worker import operations
@@ -92,7 +94,7 @@ def command(
         from worker.delivery import process_deliveries
 
         with click.progressbar(
-            length=len(ids), label="resending", file=click.get_text_stream("stderr")
+            length=len(ids), label="resending", file=sys.stderr, hidden=as_json
         ) as bar:
             outcome = process_deliveries(
                 ids,

@@ -1,0 +1,223 @@
+"""Operator commands: resend (every refusal and the race), stats, sending pause/resume."""
+
+from __future__ import annotations
+
+import json
+import threading
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from sqlalchemy import select, update
+
+from worker import delivery, operations
+from worker.cli import main
+from worker.config import Settings
+from worker.db import session_scope
+from worker.models import Delivery, DeliveryAttempt, Subscriber
+from worker.papers import load_sample_papers
+from worker.subscribers import SubscriberInput, add_subscriber
+
+NOW = datetime.now(UTC)
+TODAY = NOW.date().isoformat()
+
+
+@pytest.fixture
+def sent_edition(settings: Settings) -> Settings:
+    with session_scope() as s:
+        load_sample_papers(s, now=NOW)
+        for email, topics in [
+            ("ada@example.org", "pruning"),
+            ("grace@example.org", "gaussian processes"),
+            ("alan@example.org", ""),
+        ]:
+            add_subscriber(s, SubscriberInput(email, topics=topics), confirmed=True)
+    _, out = delivery.run_in_process(NOW.date(), settings=settings)
+    assert out.sent == 3
+    return settings
+
+
+def cli(*args: str, input: str | None = None):  # noqa: A002
+    return CliRunner().invoke(main, list(args), input=input, catch_exceptions=False)
+
+
+def eml_count(settings: Settings, email: str) -> int:
+    return sum(1 for _ in Path(settings.outbox_dir).rglob(f"*{email}*.eml"))
+
+
+def set_state(email: str, state: str) -> int:
+    with session_scope() as s:
+        d = s.scalar(select(Delivery).join(Delivery.subscriber).where(Subscriber.email == email))
+        d.state = state
+        return d.id
+
+
+def test_resend_sent_needs_force(sent_edition: Settings) -> None:
+    r = cli("resend", "--date", TODAY, "--subscriber", "ada@example.org")
+    assert r.exit_code == 1 and "use --force" in r.output
+    assert eml_count(sent_edition, "ada@example.org") == 1
+    r = cli(
+        "resend",
+        "--date",
+        TODAY,
+        "--subscriber",
+        "ada@example.org",
+        "--force",
+        "--reason",
+        "reader lost it",
+    )
+    assert r.exit_code == 0, r.output
+    assert "re-sent 1" in r.output
+    assert eml_count(sent_edition, "ada@example.org") == 2
+    with session_scope() as s:
+        d = s.scalar(
+            select(Delivery).join(Delivery.subscriber).where(Subscriber.email == "ada@example.org")
+        )
+        kinds = [(a.kind, a.reason) for a in d.attempts_log]
+    assert ("resend", "reader lost it") in kinds and kinds[0][0] == "send"
+
+
+def test_resend_carries_the_same_papers(sent_edition: Settings) -> None:
+    with session_scope() as s:
+        before = [
+            dp.paper_id
+            for dp in s.scalar(
+                select(Delivery)
+                .join(Delivery.subscriber)
+                .where(Subscriber.email == "grace@example.org")
+            ).papers
+        ]
+    set_state("grace@example.org", "failed")
+    r = cli("resend", "--date", TODAY, "--state", "failed", "--json")
+    data = json.loads(r.stdout)
+    assert r.exit_code == 0 and data["sent"] == 1
+    assert data["items"][0]["papers"] == before
+
+
+def test_resend_dry_run_changes_nothing(sent_edition: Settings) -> None:
+    set_state("alan@example.org", "unknown")
+    r = cli("resend", "--date", TODAY, "--state", "unknown", "--dry-run")
+    assert r.exit_code == 0 and "would resend" in r.output and "alan@example.org" in r.output
+    with session_scope() as s:
+        assert (
+            s.scalar(
+                select(Delivery.state)
+                .join(Delivery.subscriber)
+                .where(Subscriber.email == "alan@example.org")
+            )
+            == "unknown"
+        )
+    assert eml_count(sent_edition, "alan@example.org") == 1
+
+
+def test_resend_refuses_suppressed_unless_confirmed(sent_edition: Settings) -> None:
+    set_state("ada@example.org", "bounced")
+    with session_scope() as s:
+        s.execute(
+            update(Subscriber).where(Subscriber.email == "ada@example.org").values(status="bounced")
+        )
+    r = cli("resend", "--date", TODAY, "--state", "bounced")
+    assert r.exit_code == 1 and "suppressed" in r.output
+    r = cli("resend", "--date", TODAY, "--state", "bounced", "--include-suppressed", input="n\n")
+    assert r.exit_code != 0 and "not confirmed" in r.output
+    assert eml_count(sent_edition, "ada@example.org") == 1
+    r = cli("resend", "--date", TODAY, "--state", "bounced", "--include-suppressed", input="y\n")
+    assert r.exit_code == 0, r.output
+    assert eml_count(sent_edition, "ada@example.org") == 2
+
+
+def test_resend_bad_arguments(sent_edition: Settings) -> None:
+    assert cli("resend", "--state", "failed").exit_code == 2  # no --date
+    r = cli("resend", "--date", TODAY)
+    assert r.exit_code == 2 and "exactly one of" in r.output
+    r = cli("resend", "--date", TODAY, "--subscriber", "nobody@example.org")
+    assert r.exit_code == 1 and "no subscriber" in r.output
+    r = cli("resend", "--date", "2020-01-01", "--subscriber", "ada@example.org")
+    assert r.exit_code == 1 and "has no edition" in r.output
+    r = cli("resend", "--date", "yesterday-ish", "--state", "failed")
+    assert r.exit_code == 2
+
+
+def test_resend_refuses_in_flight(sent_edition: Settings) -> None:
+    set_state("ada@example.org", "sending")
+    r = cli("resend", "--date", TODAY, "--subscriber", "ada@example.org", "--force")
+    assert r.exit_code == 1 and "still sending" in r.output
+
+
+def test_resend_racing_a_running_edition_sends_once(sent_edition: Settings) -> None:
+    """The operator re-queues a failed delivery while an edition worker holds the same id:
+    both race to claim it; exactly one email goes out."""
+    did = set_state("grace@example.org", "failed")
+    with session_scope() as s:
+        plan = operations.plan_resend(s, NOW.date(), state="failed")
+        assert operations.requeue_for_resend(s, plan.to_send, reason="race") == [did]
+    # A second operator (or a stale plan) can no longer re-queue it.
+    with session_scope() as s:
+        assert operations.requeue_for_resend(s, plan.to_send, reason="again") == []
+    barrier = threading.Barrier(2)
+    outcomes = []
+
+    def worker(kind: str) -> None:
+        barrier.wait()
+        outcomes.append(
+            delivery.process_deliveries([did], settings=sent_edition, attempt_kind=kind)
+        )
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in ("send", "resend")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sum(o.sent for o in outcomes) == 1
+    assert eml_count(sent_edition, "grace@example.org") == 2  # original + one resend
+    with session_scope() as s:
+        n = len(
+            s.scalars(
+                select(DeliveryAttempt).where(
+                    DeliveryAttempt.delivery_id == did, DeliveryAttempt.outcome == "sent"
+                )
+            ).all()
+        )
+    assert n == 2
+
+
+def test_stats_json_and_exit_codes(sent_edition: Settings) -> None:
+    r = cli("stats", "--json")
+    assert r.exit_code == 0
+    data = json.loads(r.stdout)
+    ed = data["editions"][0]
+    assert ed["edition"] == TODAY and ed["states"]["sent"] == 3 and ed["total"] == 3
+    assert set(ed) >= {
+        "bounce_rate",
+        "complaint_rate",
+        "bounce_threshold",
+        "started_at",
+        "ended_at",
+        "send_rate_per_second",
+        "oldest_pending_at",
+    }
+    set_state("alan@example.org", "failed")
+    r = cli("stats", "--date", TODAY)
+    assert r.exit_code == 1 and "failed" in r.output
+    r = cli("stats", "--date", "2001-01-01", "--json")
+    assert json.loads(r.stdout)["editions"][0]["total"] == 0
+
+
+def test_sending_pause_and_resume(sent_edition: Settings) -> None:
+    assert "active" in cli("sending", "status").output
+    r = cli("sending", "pause", "--reason", "investigating")
+    assert r.exit_code == 0
+    status = json.loads(cli("sending", "status", "--json").stdout)
+    assert status == {"paused": True, "reason": "investigating"}
+    assert cli("stats").exit_code == 1
+    assert "resumed" in cli("sending", "resume").output
+    assert "not paused" in cli("sending", "resume").output
+
+
+@pytest.mark.parametrize(
+    "args", [["resend"], ["stats"], ["sending"], ["digest", "run"], ["digest", "preview"], ["demo"]]
+)
+def test_help_has_an_example(args: list[str], env: dict[str, str]) -> None:
+    r = cli(*args, "--help")
+    assert r.exit_code == 0 and "Example" in r.output
