@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import contextlib
 from pathlib import Path
 
@@ -65,9 +67,7 @@ def run(date_: str | None, dry_run: bool, wait: bool, as_json: bool) -> None:
     bar_holder: dict[str, object] = {}
 
     def on_planned(n: int) -> None:
-        bar = click.progressbar(
-            length=n, label=f"edition {edition}", file=click.get_text_stream("stderr")
-        )
+        bar = click.progressbar(length=n, label=f"edition {edition}", file=sys.stderr)
         bar.__enter__()
         bar_holder["bar"] = bar
 
