@@ -97,7 +97,7 @@ MAX_VOTES_PER_SUBSCRIBER = 50
 # this many subscribers (settings.chunk_size is at most 5000) costs a constant 2 queries.
 _ID_CHUNK = 5000
 # Rows of the dense (subscribers x candidates) blocks scored at a time.
-_ROW_CHUNK = 4096
+_ROW_CHUNK = 2048
 
 
 class SelectionInputError(InvalidInput, ValueError):
@@ -260,7 +260,7 @@ def analyse(text: str) -> tuple[Counter[str], int]:
             continue
         length += len(words)
         counts.update(words)
-        counts.update(f"{a} {b}" for a, b in pairwise(words))
+        counts.update(map(" ".join, pairwise(words)))
     return counts, length
 
 
