@@ -25,6 +25,7 @@ import secrets
 import tempfile
 import textwrap
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
@@ -430,6 +431,7 @@ def _plain_word(word: str) -> bool:
     return word.isascii() and "=?" not in word
 
 
+@lru_cache(maxsize=4096)  # the same subjects recur across a batch
 def unstructured_header(name: str, value: str) -> str:
     """A complete ``Name: value`` header; value cleaned to one line, RFC 2047 when needed.
 
@@ -517,16 +519,19 @@ def _qp(text: str) -> bytes:
 
 
 def _base64_lines(data: bytes) -> bytes:
-    """``base64.encodebytes`` with CRLF, in one C call plus a numpy reshape: the HTML is
+    """``base64.encodebytes`` with CRLF, in one C call plus numpy copies: the HTML is
     ~40 KB and b2a_qp or encodebytes' Python loop would cost more than the whole render."""
     encoded = binascii.b2a_base64(data, newline=False)
-    rows = -(-len(encoded) // 76) or 1
-    pad = rows * 76 - len(encoded)
-    grid = np.empty((rows, 78), np.uint8)
-    grid[:, :76] = np.frombuffer(encoded + b"=" * pad, np.uint8).reshape(rows, 76)
-    grid[:, 76:] = (13, 10)
-    full = grid.tobytes()
-    return full[: len(full) - 2 - pad] + b"\r\n"
+    full, rest = divmod(len(encoded), 76)
+    out = bytearray(full * 78 + (rest + 2 if rest else 0))
+    flat = np.frombuffer(out, np.uint8)
+    rows = flat[: full * 78].reshape(full, 78)
+    rows[:, :76] = np.frombuffer(encoded, np.uint8, count=full * 76).reshape(full, 76)
+    rows[:, 76] = 13
+    rows[:, 77] = 10
+    if rest:
+        flat[full * 78 :] = np.frombuffer(encoded[full * 76 :] + b"\r\n", np.uint8)
+    return bytes(out)
 
 
 def build_mime(headers: Sequence[str], text: str, html: str) -> bytes:
@@ -558,6 +563,11 @@ def build_mime(headers: Sequence[str], text: str, html: str) -> bytes:
             f"--{boundary}--\r\n".encode(),
         )
     )
+
+
+@lru_cache(maxsize=4)
+def _date_header(second: int) -> str:
+    return email.utils.format_datetime(datetime.fromtimestamp(second, UTC))
 
 
 # --------------------------------------------------------------------------- renderer
@@ -622,9 +632,10 @@ class Renderer:
             purpose: links.minter(purpose, settings) for purpose in links.PURPOSES
         }
         self._mint_json = {p: links.json_minter(p, settings) for p in links.PURPOSES}
-        # Papers repeat across thousands of emails: their cleaned text is computed once.
-        # Keyed by object identity; the stored object keeps the id from being reused.
-        self._parts: dict[int, tuple[PaperView, _Parts]] = {}
+        # Papers repeat across thousands of emails (in fresh PaperViews each time): their
+        # cleaned text is computed once per content. Hashing the key is cheap because the
+        # strings are the same objects, whose hashes Python caches.
+        self._parts: dict[tuple[Any, ...], _Parts] = {}
 
     # -- links
 
@@ -637,9 +648,18 @@ class Renderer:
     # -- digest
 
     def _paper_parts(self, paper: PaperView) -> _Parts:
-        entry = self._parts.get(id(paper))
-        if entry is not None and entry[0] is paper:
-            return entry[1]
+        key = (
+            paper.id,
+            paper.title,
+            paper.abstract,
+            tuple(paper.authors),
+            paper.url,
+            paper.pdf_url,
+            paper.hf_url,
+        )
+        parts = self._parts.get(key)
+        if parts is not None:
+            return parts
         abstract = shorten(paper.abstract, ABSTRACT_CHARS)
         parts = _Parts(
             title=clean_line(paper.title) or paper.id,
@@ -653,7 +673,7 @@ class Renderer:
         )
         if len(self._parts) > 20_000:
             self._parts.clear()
-        self._parts[id(paper)] = (paper, parts)
+        self._parts[key] = parts
         return parts
 
     def digest_context(
@@ -801,7 +821,7 @@ class Renderer:
             f"From: {self.from_header}",
             f"To: {to}",
             unstructured_header("Subject", subject),
-            f"Date: {email.utils.format_datetime(datetime.now(UTC))}",
+            f"Date: {_date_header(int(time.time()))}",
             f"Message-ID: {message_id}",
         ]
         if self.reply_to:

@@ -374,3 +374,11 @@ def test_get_renderer_is_cached(settings: Settings) -> None:
     assert rendering.get_renderer(settings) is rendering.get_renderer(settings)
     other = load_settings(base_url="https://elsewhere.example")
     assert rendering.get_renderer(other) is not rendering.get_renderer(settings)
+
+
+@pytest.mark.parametrize("size", [0, 1, 56, 57, 58, 76, 114, 1000, 40_000])
+def test_base64_body_matches_the_stdlib(size: int) -> None:
+    import base64
+
+    data = (bytes(range(256)) * (size // 256 + 1))[:size]
+    assert rendering._base64_lines(data) == base64.encodebytes(data).replace(b"\n", b"\r\n")
