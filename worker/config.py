@@ -82,6 +82,9 @@ class Settings(BaseSettings):
     sns_topic_arns: Annotated[list[str], NoDecode] = Field(default_factory=list)
     sns_require_signature_v2: bool = False
     sqs_queue_url: str | None = None
+    # SNS/SQS endpoints for SNS- and SQS-compatible services (unset: AWS).
+    sns_endpoint_url: str | None = None
+    sqs_endpoint_url: str | None = None
     soft_bounce_limit: int = Field(default=3, ge=1)
     bounce_rate_limit: float = Field(default=0.05, gt=0, le=1)
     complaint_rate_limit: float = Field(default=0.001, gt=0, le=1)

@@ -708,7 +708,7 @@ def sqs_client(settings: Settings, queue_url: str) -> Any:
     return boto3.client(
         "sqs",
         region_name=_region_of_queue(queue_url, settings.ses_region),
-        endpoint_url=getattr(settings, "sqs_endpoint_url", None),
+        endpoint_url=settings.sqs_endpoint_url,
         aws_access_key_id=settings.aws_access_key_id,
         aws_secret_access_key=settings.aws_secret_access_key,
     )

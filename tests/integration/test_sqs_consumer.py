@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from sqlalchemy import select
 
 from tests.unit import test_events as ev
-from worker import events
+from worker import config, events
 from worker.cli import main
 from worker.config import Settings
 from worker.db import session_scope
@@ -152,10 +152,10 @@ def test_cli_poll_sqs_once(
     note = ev.envelope(ev.complaint(ids["cli@example.org"], ["cli@example.org"], sent_at=SENT))
     for _ in range(3):  # one notification, delivered three times
         sqs.send_message(QueueUrl=url, MessageBody=json.dumps(note))
-    # botocore reads the endpoint override itself; papermail has no SQS endpoint setting.
-    monkeypatch.setenv("AWS_ENDPOINT_URL_SQS", moto_server)
+    monkeypatch.setenv("PAPERMAIL_SQS_ENDPOINT_URL", moto_server)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    config.reset_settings()
     result = CliRunner().invoke(
         main, ["events", "poll-sqs", "--queue-url", url, "--once", "--wait-seconds", "0", "--json"]
     )

@@ -44,7 +44,7 @@ def sns_client(settings: Settings, region: str) -> Any:
     return boto3.client(
         "sns",
         region_name=region,
-        endpoint_url=getattr(settings, "sns_endpoint_url", None),
+        endpoint_url=settings.sns_endpoint_url,
         aws_access_key_id=settings.aws_access_key_id,
         aws_secret_access_key=settings.aws_secret_access_key,
     )
