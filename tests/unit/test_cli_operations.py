@@ -38,7 +38,7 @@ def sent_edition(settings: Settings) -> Settings:
     return settings
 
 
-def cli(*args: str, input: str | None = None):  # noqa: A002
+def cli(*args: str, input: str | None = None):
     return CliRunner().invoke(main, list(args), input=input, catch_exceptions=False)
 
 
