@@ -92,6 +92,7 @@ class Settings(BaseSettings):
     orphan_grace_seconds: int = Field(default=300, ge=0)
     # Web
     subscribe_rate_per_hour: int = Field(default=5, ge=1)
+    trusted_proxies: int = Field(default=0, ge=0, le=5)  # reverse proxies in front of web
 
     @field_validator("secret_key", "sns_topic_arns", mode="before")
     @classmethod

@@ -38,3 +38,28 @@ def test_missing_schema_is_reported(env: dict[str, str]) -> None:
 def test_bad_port_is_refused() -> None:
     result = CliRunner().invoke(main, ["web", "--port", "70000"])
     assert result.exit_code == 2 and "70000" in result.output
+
+
+def test_trusted_proxy_sets_client_address(env: dict[str, str], monkeypatch) -> None:
+    from flask import request
+
+    from worker import config
+    from worker.web import create_app
+
+    monkeypatch.setenv("PAPERMAIL_TRUSTED_PROXIES", "1")
+    config.reset_settings()
+    app = create_app()
+
+    @app.get("/_whoami")
+    def whoami() -> str:
+        return request.remote_addr or ""
+
+    client = app.test_client()
+    r = client.get("/_whoami", headers={"X-Forwarded-For": "203.0.113.9"})
+    assert r.text == "203.0.113.9"
+    monkeypatch.setenv("PAPERMAIL_TRUSTED_PROXIES", "0")
+    config.reset_settings()
+    app2 = create_app()
+    app2.add_url_rule("/_whoami", view_func=whoami)
+    r = app2.test_client().get("/_whoami", headers={"X-Forwarded-For": "203.0.113.9"})
+    assert r.text != "203.0.113.9"

@@ -5,20 +5,14 @@
 
 from __future__ import annotations
 
-import importlib
 import logging
 
 from flask import Flask, jsonify
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 from worker.config import Settings, get_settings
 
 log = logging.getLogger(__name__)
-
-# Each module defines a Blueprint named `bp`.
-_BLUEPRINTS = [
-    "worker.web.webhooks",
-    "worker.web.pages",
-]
 
 
 def create_app(settings: Settings | None = None) -> Flask:
@@ -27,14 +21,19 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.config["PAPERMAIL_SETTINGS"] = settings
     app.config["SECRET_KEY"] = settings.signing_keys[0]
     app.config["MAX_CONTENT_LENGTH"] = 1024 * 1024  # SNS messages are far smaller
-    for name in _BLUEPRINTS:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name != name:
-                raise
-            continue  # blueprint not part of this build yet
-        app.register_blueprint(module.bp)
+    from worker.web import pages, webhooks
+
+    app.register_blueprint(webhooks.bp)
+    app.register_blueprint(pages.bp)
+    if settings.trusted_proxies:
+        # Behind N reverse proxies: take the client address (per-client rate limits) and
+        # scheme from their X-Forwarded-* headers, never more hops than configured.
+        app.wsgi_app = ProxyFix(  # type: ignore[method-assign]
+            app.wsgi_app,
+            x_for=settings.trusted_proxies,
+            x_proto=settings.trusted_proxies,
+            x_host=settings.trusted_proxies,
+        )
 
     @app.get("/healthz")
     def healthz():  # type: ignore[no-untyped-def]
