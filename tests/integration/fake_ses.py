@@ -157,6 +157,9 @@ def _make_handler(state: FakeSes) -> type[BaseHTTPRequestHandler]:
 
         def setup(self) -> None:
             super().setup()
+            # Headers and body go out in two writes: without NODELAY, Nagle plus the
+            # client's delayed ACK add ~40 ms to every answer.
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             with state._lock:
                 state._connections.add(self.connection)
 
