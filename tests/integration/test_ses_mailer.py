@@ -320,6 +320,36 @@ def test_classify(exc: Exception, kind: type[MailerError]) -> None:
     assert type(classify(exc)) is kind
 
 
+def test_invalid_parameter_reason_does_not_quote_the_value(fake_ses: FakeSes) -> None:
+    from worker.mailers.ses import make_client
+
+    settings = config.load_settings(
+        mailer="ses",
+        secret_key="x" * 40,
+        ses_endpoint_url=fake_ses.url,
+        aws_access_key_id=AWS_TEST_KEY_ID,
+        aws_secret_access_key=AWS_TEST_SECRET,
+    )
+    client = make_client(settings)
+    try:
+        with pytest.raises(bx.ParamValidationError) as raised:
+            client.send_email(  # a wrong type for the body: refused before any request
+                FromEmailAddress=MAIL_SENDER,
+                Destination={"ToAddresses": ["a@example.org"]},
+                Content={"Raw": {"Data": ["SECRET-BODY-TEXT"]}},
+            )
+    finally:
+        client.close()
+    assert "SECRET-BODY-TEXT" in str(raised.value)  # botocore quotes it...
+
+    error = classify(raised.value)
+
+    assert type(error) is PermanentError
+    assert "Content.Raw.Data" in error.reason
+    assert "SECRET-BODY-TEXT" not in error.reason  # ...the recorded reason does not
+    assert fake_ses.requests == []
+
+
 def test_tag_values_are_sanitised_to_what_ses_accepts() -> None:
     assert tag_value("2026-11-27") == "2026-11-27"
     assert tag_value("a.b@c_d-e") == "a.b@c_d-e"

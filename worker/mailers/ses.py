@@ -39,6 +39,7 @@ MAX_POOL_CONNECTIONS = 50  # >= the threads of one worker process sharing the cl
 # SES message tags: ASCII letters, digits, "_", "-", "." and "@"; at most 256 characters.
 _TAG_UNSAFE = re.compile(r"[^A-Za-z0-9_.@-]")
 _TAG_MAX = 256
+_PARAM_VALUE = re.compile(r"value: .*?, type:", re.DOTALL)
 
 _THROTTLED_CODES = frozenset({"TooManyRequestsException", "Throttling", "ThrottlingException"})
 _ACCOUNT_CODES = frozenset(
@@ -193,7 +194,9 @@ def classify(exc: Exception) -> MailerError:
     if isinstance(exc, bx.NoCredentialsError | bx.PartialCredentialsError | bx.NoRegionError):
         return AccountError(f"SES is not configured: {exc}", code=type(exc).__name__)
     if isinstance(exc, bx.ParamValidationError):
-        return PermanentError(f"invalid SendEmail request: {exc}", code="ParamValidation")
+        # botocore quotes the offending value, which may be the message itself.
+        report = _PARAM_VALUE.sub("value: (redacted), type:", str(exc))
+        return PermanentError(f"invalid SendEmail request: {report}", code="ParamValidation")
     # Unknown botocore failure: we cannot tell whether it left, so assume it might have.
     return AmbiguousError(f"SES call failed: {exc}", code=type(exc).__name__)
 
