@@ -124,7 +124,8 @@ class SesMailer(Mailer):
                 error.reason,
                 error.kind,
             )
-            raise error from exc
+            # ParamValidationError quotes the offending value (maybe the body): don't chain it.
+            raise error from (None if isinstance(exc, bx.ParamValidationError) else exc)
         message_id = response.get("MessageId") if isinstance(response, dict) else None
         if not message_id:
             # Accepted (HTTP 200) but no id: it probably went out; never send it again.
