@@ -480,6 +480,28 @@ def test_existing_subscribers_are_left_unchanged(session: Session) -> None:
     assert [e.action for e in logs(session, old)] == ["created"]
 
 
+@pytest.mark.parametrize(
+    "backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+)
+def test_an_address_added_during_the_import_is_reported_existing(
+    backend: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The race between the look-up and the insert: the other writer's row is kept."""
+    request.getfixturevalue("settings" if backend == "sqlite" else "pg_env")
+    with db.session_scope() as session:
+        subs.add_subscriber(session, subs.SubscriberInput("ada@example.org", max_papers=2), True)
+    monkeypatch.setattr(subs, "_existing_statuses", lambda session, emails: {})
+    with db.session_scope() as session:
+        report = subs.import_csv(session, "email,max_papers\nnew@x.org,3\nada@example.org,9\n")
+    assert report.created == 1
+    assert report.existing == [{"email": "ada@example.org", "line": 3, "status": "?"}]
+    with db.session_scope() as session:
+        ada = subs.get_subscriber(session, "ada@example.org")
+        assert (ada.max_papers, ada.status) == (2, "active")
+        assert [e.action for e in logs(session, ada)] == ["created"]
+        assert subs.get_subscriber(session, "new@x.org").max_papers == 3
+
+
 def test_import_of_many_rows_with_many_existing(session: Session) -> None:
     """More rows than one IN (...) chunk, so the chunked look-ups are exercised."""
     first = "email,max_papers\n" + "".join(f"u{i}@example.org,{i % 50 + 1}\n" for i in range(1500))
