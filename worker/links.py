@@ -103,13 +103,12 @@ class _Minter:
     key derivation and zlib attempt (useless on a few-byte payload): a digest holds
     a dozen links, and 10,000 digests must render in seconds."""
 
-    __slots__ = ("_mac", "_stamp", "_stamp_at")
+    __slots__ = ("_mac", "_stamp")
 
     def __init__(self, purpose: str, keys: tuple[str, ...]) -> None:
         signer = _serializer(purpose, keys).make_signer(salt(purpose))
         self._mac = hmac.new(signer.derive_key(), digestmod=signer.digest_method)
-        self._stamp_at = -1
-        self._stamp = b""
+        self._stamp: tuple[int, bytes] = (-1, b"")  # one attribute: threads swap it whole
 
     def mint(self, payload: dict[str, Any]) -> str:
         return self.mint_json(_dumps(payload).encode())
@@ -117,10 +116,11 @@ class _Minter:
     def mint_json(self, payload_json: bytes) -> str:
         """Mint from the payload already in compact JSON (a hot loop's shortcut)."""
         now = int(_clock())
-        if now != self._stamp_at:  # racing threads may both recompute: harmless
-            self._stamp = b"." + _b64(int_to_bytes(now))
-            self._stamp_at = now
-        body = _b64(payload_json) + self._stamp
+        at, stamp = self._stamp
+        if now != at:  # racing threads may both recompute: harmless
+            stamp = b"." + _b64(int_to_bytes(now))
+            self._stamp = (now, stamp)
+        body = _b64(payload_json) + stamp
         mac = self._mac.copy()
         mac.update(body)
         return (body + b"." + _b64(mac.digest())).decode("ascii")
