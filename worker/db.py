@@ -84,6 +84,18 @@ def dispose_engines() -> None:
     _factories.clear()
 
 
+def dialect_insert(session: Session, table: Any) -> Any:
+    """The INSERT construct with ON CONFLICT support of the session's backend."""
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    elif dialect == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert
+    else:  # pragma: no cover - only the two supported backends
+        raise RuntimeError(f"unsupported database dialect {dialect!r}")
+    return insert(table)
+
+
 def insert_ignore_or_update(
     session: Session,
     table: Any,
@@ -98,23 +110,14 @@ def insert_ignore_or_update(
     """
     if not rows:
         return
-    dialect = session.get_bind().dialect.name
-    if dialect == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
-    elif dialect == "sqlite":
-        from sqlalchemy.dialects.sqlite import insert
-    else:  # pragma: no cover - only the two supported backends
-        raise RuntimeError(f"unsupported database dialect {dialect!r}")
-    # Stay under SQLite's bound-parameter limit on big batches.
-    per_row = max(1, len(rows[0]))
-    step = max(1, 30000 // per_row)
-    for start in range(0, len(rows), step):
-        stmt = insert(table).values(rows[start : start + step])
-        if update_cols:
-            stmt = stmt.on_conflict_do_update(
-                index_elements=conflict_cols,
-                set_={col: getattr(stmt.excluded, col) for col in update_cols},
-            )
-        else:
-            stmt = stmt.on_conflict_do_nothing(index_elements=conflict_cols)
-        session.execute(stmt)
+    # One statement executed with the rows as parameters: SQLAlchemy batches it
+    # ("insertmanyvalues") instead of compiling a giant multi-VALUES statement per call.
+    stmt = dialect_insert(session, table)
+    if update_cols:
+        stmt = stmt.on_conflict_do_update(
+            index_elements=conflict_cols,
+            set_={col: getattr(stmt.excluded, col) for col in update_cols},
+        )
+    else:
+        stmt = stmt.on_conflict_do_nothing(index_elements=conflict_cols)
+    session.execute(stmt, rows)

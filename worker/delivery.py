@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import Date, Integer, String, and_, func, literal, or_, select, update
 from sqlalchemy.orm import Session
 
 from worker.config import Settings, get_settings
-from worker.db import insert_ignore_or_update, session_scope
+from worker.db import dialect_insert, insert_ignore_or_update, session_scope
 from worker.mailers.errors import (
     AccountError,
     AmbiguousError,
@@ -42,6 +42,7 @@ from worker.models import (
     Paper,
     Subscriber,
     SubscriberStatus,
+    UTCDateTime,
     utcnow,
 )
 
@@ -119,33 +120,50 @@ def plan_edition(
     picked up again.
     """
     now = now or utcnow()
-    query = select(Subscriber.id).where(*due_filter(edition_date))
-    if subscriber_ids is not None:
-        ids = list(subscriber_ids)
+    if subscriber_ids is None:
+        batches: list[list[int] | None] = [None]
+    else:
+        ids = sorted(set(subscriber_ids))
         if not ids:
             return PlanResult(edition_date)
-        query = query.where(Subscriber.id.in_(ids))
-    due_ids = list(session.scalars(query.order_by(Subscriber.id)))
+        # Bounded IN lists: SQLite caps bound parameters per statement.
+        batches = [ids[i : i + 10_000] for i in range(0, len(ids), 10_000)]
     before = _count_for_date(session, edition_date)
-    insert_ignore_or_update(
-        session,
-        Delivery.__table__,
-        [
-            {
-                "subscriber_id": sid,
-                "edition_date": edition_date,
-                "state": DeliveryState.PENDING.value,
-                "attempts": 0,
-                "scheduled_at": now,
-                "created_at": now,
-                "updated_at": now,
-            }
-            for sid in due_ids
-        ],
-        ["subscriber_id", "edition_date"],
-    )
+    due_ids: list[int] = []
+    for batch in batches:
+        where = list(due_filter(edition_date))
+        if batch is not None:
+            where.append(Subscriber.id.in_(batch))
+        due_ids.extend(session.scalars(select(Subscriber.id).where(*where)))
+        # INSERT ... SELECT in the database: no round trip per subscriber.
+        stamp = literal(now, UTCDateTime())
+        source = select(
+            Subscriber.id,
+            literal(edition_date, Date()),
+            literal(DeliveryState.PENDING.value, String()),
+            literal(0, Integer()),
+            stamp,
+            stamp,
+            stamp,
+        ).where(*where)
+        cols = [
+            "subscriber_id",
+            "edition_date",
+            "state",
+            "attempts",
+            "scheduled_at",
+            "created_at",
+            "updated_at",
+        ]
+        session.execute(
+            dialect_insert(session, Delivery.__table__)
+            .from_select(cols, source)
+            .on_conflict_do_nothing(index_elements=["subscriber_id", "edition_date"])
+        )
     created = _count_for_date(session, edition_date) - before
-    pending = pending_delivery_ids(session, edition_date, subscriber_ids=due_ids)
+    pending = pending_delivery_ids(
+        session, edition_date, subscriber_ids=None if subscriber_ids is None else due_ids
+    )
     return PlanResult(edition_date, due=len(due_ids), created=created, pending_ids=pending)
 
 
