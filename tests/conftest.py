@@ -119,32 +119,40 @@ def pg_env(env: dict[str, str], pg_url: str, monkeypatch: pytest.MonkeyPatch) ->
 
 
 @pytest.fixture(scope="session")
-def redis_base_url() -> str:
+def redis_base_url() -> Iterator[str]:
+    """The Redis server, with one database (1-15) leased to this pytest process.
+
+    The lease (a key with a TTL in database 0) keeps two test runs on one machine from
+    flushing each other's databases.
+    """
     try:
         import redis
 
-        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).ping()
+        admin = redis.Redis.from_url(f"{REDIS_URL}/0", socket_connect_timeout=2)
+        admin.ping()
     except Exception as exc:
         msg = f"Redis NOT REACHABLE at {REDIS_URL} ({exc}); Redis tests SKIPPED"
         warnings.warn(msg, stacklevel=1)
         pytest.skip(msg)
-    return REDIS_URL
-
-
-_redis_db_counter = iter(range(1, 16))
+    token = f"{os.getpid()}-{uuid.uuid4().hex}"
+    for number in range(1, 16):
+        if admin.set(f"papermail:test-lease:{number}", token, nx=True, ex=3600):
+            break
+    else:
+        pytest.skip("all 15 Redis test databases are leased by other test runs")
+    yield f"{REDIS_URL}/{number}"
+    if admin.get(f"papermail:test-lease:{number}") == token.encode():
+        admin.delete(f"papermail:test-lease:{number}")
+    admin.close()
 
 
 @pytest.fixture
 def redis_url(redis_base_url: str) -> Iterator[str]:
-    """A Redis database (1-15) flushed before and after the test."""
+    """This run's Redis database, flushed before and after the test."""
     import redis
 
-    number = next(_redis_db_counter, None)
-    if number is None:  # more than 15 Redis tests in a session: recycle
-        number = 15
-    url = f"{redis_base_url}/{number}"
-    client = redis.Redis.from_url(url)
+    client = redis.Redis.from_url(redis_base_url)
     client.flushdb()
-    yield url
+    yield redis_base_url
     client.flushdb()
     client.close()
