@@ -30,7 +30,7 @@ from typing import Any
 
 from celery import Celery, signals
 from celery.schedules import crontab
-from kombu import Queue
+from kombu import Exchange, Queue
 from sqlalchemy import select
 
 from worker import delivery, scheduling
@@ -113,7 +113,13 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_prefetch_multiplier": 1,
         "worker_cancel_long_running_tasks_on_connection_loss": True,
         "task_default_queue": PLAN_QUEUE,
-        "task_queues": (Queue(PLAN_QUEUE), Queue(SEND_QUEUE)),
+        # Each queue its own exchange and key: bound alike they would each get every task.
+        "task_queues": (
+            Queue(PLAN_QUEUE, Exchange(PLAN_QUEUE), routing_key=PLAN_QUEUE),
+            Queue(SEND_QUEUE, Exchange(SEND_QUEUE), routing_key=SEND_QUEUE),
+        ),
+        "task_default_exchange": PLAN_QUEUE,
+        "task_default_routing_key": PLAN_QUEUE,
         "task_routes": {
             "papermail.send_chunk": {"queue": SEND_QUEUE},
             "papermail.plan_due": {"queue": PLAN_QUEUE},

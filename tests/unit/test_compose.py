@@ -15,6 +15,7 @@ import importlib
 import re
 import shlex
 import tomllib
+from collections import Counter
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -124,6 +125,7 @@ def check_command(argv: list[str], healthcheck_paths: tuple[str, ...] = ()) -> l
             known = {q.name for q in app.conf.task_queues}
             queues = (option(argv, "-Q", "--queues") or "").split(",")
             problems += [f"worker consumes unknown queue {q!r}" for q in queues if q not in known]
+            problems += queue_binding_problems(app, app.conf.task_queues)
         return problems
     if program == "gunicorn":
         target = entry_point(argv)[1]
@@ -147,6 +149,13 @@ def check_command(argv: list[str], healthcheck_paths: tuple[str, ...] = ()) -> l
             return [f"python -c code does not compile: {exc}"]
         return []
     return [f"unknown program {program!r}"]
+
+
+def queue_binding_problems(app: Any, queues: Any) -> list[str]:
+    """Queues bound with the same exchange and key would each receive every task."""
+    resolved = app.amqp.Queues(queues).values()  # Celery's defaults filled in
+    bindings = Counter((q.exchange.name, q.routing_key) for q in resolved)
+    return [f"queues share the binding {b}" for b, n in bindings.items() if n > 1]
 
 
 def check_procfile(procfile: dict[str, list[str]], compose: dict[str, Any]) -> list[str]:
@@ -384,6 +393,13 @@ def test_checkers_catch_wrong_commands(env: dict[str, str], compose: dict[str, A
     assert "does not import" in check_command(["celery", "-A", "worker.nope", "worker"])[0]
     assert check_command(["celery", "-A", "worker.tasks", "worker", "-Q", "plan,mail"]) == [
         "worker consumes unknown queue 'mail'"
+    ]
+    from kombu import Queue
+
+    from worker.tasks import app
+
+    assert queue_binding_problems(app, [Queue("plan"), Queue("send")]) == [
+        "queues share the binding ('plan', 'plan')"
     ]
     assert (
         "no route /health"
