@@ -32,9 +32,6 @@ from worker.models import Delivery, Subscriber, utcnow
 
 log = logging.getLogger(__name__)
 
-# plan_edition takes subscriber ids as an IN list; stay well under bind-parameter limits.
-PLAN_BATCH = 5000
-
 
 @dataclass(frozen=True)
 class ZoneDue:
@@ -133,12 +130,8 @@ def plan_due(session: Session, now: datetime | None = None) -> list[int]:
     now = _require_aware(now or utcnow())
     pending: list[int] = []
     for local_date, ids in due_now(session, now).items():
-        planned = 0
-        for start in range(0, len(ids), PLAN_BATCH):
-            result = delivery.plan_edition(
-                session, local_date, subscriber_ids=ids[start : start + PLAN_BATCH], now=now
-            )
-            planned += result.created
-            pending.extend(result.pending_ids)
-        log.info("planned %d deliveries of edition %s", planned, local_date)
+        # One call per local date: plan_edition batches its IN lists itself.
+        result = delivery.plan_edition(session, local_date, subscriber_ids=ids, now=now)
+        pending.extend(result.pending_ids)
+        log.info("planned %d deliveries of edition %s", result.created, local_date)
     return pending
