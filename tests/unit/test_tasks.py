@@ -1,0 +1,242 @@
+"""The Celery shell without workers: configuration, what lands in Redis, recovery, following.
+
+Messages are read back from the real Redis lists kombu writes, so these tests see exactly
+what a worker would receive.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+import pytest
+import redis
+from celery.schedules import crontab
+from sqlalchemy import update
+
+from worker import config, delivery, tasks
+from worker.db import session_scope
+from worker.errors import PapermailError
+from worker.models import Delivery, Paper, Subscriber, utcnow
+
+TODAY = utcnow().date()
+
+
+def queued(url: str, queue: str) -> list[dict[str, Any]]:
+    """The tasks waiting in ``queue``: name, args, eta, expires."""
+    client = redis.Redis.from_url(url)
+    out = []
+    for raw in reversed(client.lrange(queue, 0, -1)):  # kombu LPUSHes, workers BRPOP
+        message = json.loads(raw)
+        args, _kwargs, _embed = json.loads(base64.b64decode(message["body"]))
+        headers = message["headers"]
+        out.append(
+            {
+                "task": headers["task"],
+                "args": args,
+                "eta": headers.get("eta"),
+                "content_type": message["content-type"],
+            }
+        )
+    client.close()
+    return out
+
+
+@pytest.fixture
+def broker(settings: config.Settings, redis_url: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.setenv("PAPERMAIL_BROKER_URL", redis_url)
+    monkeypatch.setenv("PAPERMAIL_CHUNK_SIZE", "3")
+    config.reset_settings()
+    return redis_url
+
+
+def add_subscribers(n: int) -> list[int]:
+    with session_scope() as s:
+        s.add(
+            Paper(
+                id="2611.00001",
+                title="Pruning neural networks",
+                abstract="pruning",
+                published_at=utcnow() - timedelta(hours=2),
+            )
+        )
+        subs = [
+            Subscriber(email=f"r{i}@example.org", status="active", topics=["pruning"])
+            for i in range(n)
+        ]
+        s.add_all(subs)
+        s.flush()
+        return [sub.id for sub in subs]
+
+
+# ---------------------------------------------------------------------------------------
+
+
+def test_configuration(settings: config.Settings) -> None:
+    conf = tasks.celery_config(settings)
+    assert conf["task_serializer"] == "json" and conf["accept_content"] == ["json"]
+    assert conf["task_ignore_result"] is True and conf["result_backend"] is None
+    assert conf["task_acks_late"] and conf["task_reject_on_worker_lost"]
+    assert conf["worker_prefetch_multiplier"] == 1
+    visibility = conf["broker_transport_options"]["visibility_timeout"]
+    assert visibility > tasks.MAX_COUNTDOWN_SECONDS
+    # The longest backoff delivery.py ever computes is within the countdown cap.
+    worst = max(delivery.backoff_delay(50, settings) for _ in range(50))
+    assert worst <= tasks.MAX_COUNTDOWN_SECONDS
+    routes = {name: route["queue"] for name, route in conf["task_routes"].items()}
+    assert routes["papermail.send_chunk"] == "send"
+    assert routes["papermail.plan_due"] == routes["papermail.reap"] == "plan"
+
+
+@pytest.mark.parametrize(
+    ("minutes", "expected"),
+    [
+        (60, crontab(minute="*/60")),
+        (15, crontab(minute="*/15")),
+        (120, crontab(minute=0, hour="*/2")),
+        (90, timedelta(minutes=90)),
+    ],
+)
+def test_beat_intervals(minutes: int, expected: object) -> None:
+    assert tasks._every(minutes) == expected
+
+
+def test_beat_schedule_follows_settings() -> None:
+    plain = tasks.beat_schedule(config.load_settings(plan_interval_minutes=30))
+    assert set(plain) == {"plan-due", "reap"}
+    assert plain["plan-due"]["schedule"] == crontab(minute="*/30")
+    assert plain["plan-due"]["options"]["expires"] == 1800
+    with_sqs = tasks.beat_schedule(config.load_settings(sqs_queue_url="https://sqs.example/q"))
+    assert with_sqs["poll-sqs"]["task"] == "papermail.poll_sqs"
+
+
+def test_enqueue_edition_commits_then_enqueues_chunks(broker: str) -> None:
+    ids = add_subscribers(7)
+    plan = tasks.enqueue_edition(TODAY)
+    assert (plan.due, plan.created, len(plan.pending_ids)) == (7, 7, 7)
+    messages = queued(broker, "send")
+    assert [m["task"] for m in messages] == ["papermail.send_chunk"] * 3
+    assert [m["args"] for m in messages] == [
+        [plan.pending_ids[0:3]],
+        [plan.pending_ids[3:6]],
+        [plan.pending_ids[6:7]],
+    ]
+    assert {m["content_type"] for m in messages} == {"application/json"}
+    assert queued(broker, "plan") == []  # each queue gets its own tasks only
+    # The rows were committed before anything was enqueued: another session sees them.
+    with session_scope() as s:
+        assert s.query(Delivery).filter(Delivery.subscriber_id.in_(ids)).count() == 7
+    # Again (an operator re-run): no new row; what is still pending is enqueued again
+    # (a row a worker already claimed is skipped by the claim, so nothing goes out twice).
+    again = tasks.enqueue_edition(TODAY)
+    assert (again.created, again.pending_ids) == (0, plan.pending_ids)
+    assert len(queued(broker, "send")) == 6
+    with session_scope() as s:
+        s.execute(update(Delivery).values(state="sent"))
+    assert tasks.enqueue_edition(TODAY).pending_ids == []
+    assert len(queued(broker, "send")) == 6
+
+
+def test_enqueue_edition_leaves_retries_to_their_task(broker: str) -> None:
+    add_subscribers(2)
+    first = tasks.enqueue_edition(TODAY)
+    redis.Redis.from_url(broker).flushdb()
+    later = utcnow() + timedelta(minutes=5)
+    with session_scope() as s:
+        s.execute(
+            update(Delivery).where(Delivery.id == first.pending_ids[0]).values(scheduled_at=later)
+        )
+    again = tasks.enqueue_edition(TODAY)
+    assert again.pending_ids == first.pending_ids[1:]
+
+
+def test_enqueue_without_a_broker_is_a_clear_error(settings: config.Settings) -> None:
+    add_subscribers(1)
+    with pytest.raises(PapermailError, match="PAPERMAIL_BROKER_URL"):
+        tasks.enqueue_edition(TODAY)
+    with session_scope() as s:
+        assert s.query(Delivery).count() == 0
+
+
+def test_retries_are_grouped_and_clamped(broker: str) -> None:
+    n = tasks.requeue_retries([(1, 12.0), (2, 14.9), (3, 61.0), (4, 99_999.0), (5, 0.2)])
+    messages = queued(broker, "send")
+    assert n == len(messages) == 4
+    sent_at = datetime.now(UTC)
+    groups = {}
+    for m in messages:
+        eta = datetime.fromisoformat(m["eta"])
+        groups[round((eta - sent_at).total_seconds() / 5) * 5] = m["args"][0]
+    assert groups == {5: [5], 15: [1, 2], 65: [3], tasks.MAX_COUNTDOWN_SECONDS: [4]}
+
+
+@pytest.mark.parametrize("bad", [None, "1,2", [1, "2"], [1.5], [True], {"ids": [1]}])
+def test_send_chunk_refuses_bad_ids(settings: config.Settings, bad: object) -> None:
+    with pytest.raises(ValueError, match="list of delivery ids"):
+        tasks.send_chunk.run(bad)
+
+
+def test_recover_reaps_and_requeues_stranded_rows(broker: str) -> None:
+    add_subscribers(5)
+    plan = tasks.enqueue_edition(TODAY)
+    ids = plan.pending_ids
+    settings = config.get_settings()
+    later = utcnow() + timedelta(seconds=settings.sending_timeout_seconds + 60)
+    with session_scope() as s:  # a worker died mid-send on the first row
+        s.execute(
+            update(Delivery)
+            .where(Delivery.id == ids[0])
+            .values(state="sending", claimed_at=utcnow())
+        )
+    # Tasks still wait in the queue: the rows are not stranded, only the stale claim goes.
+    busy = tasks.recover(now=later)
+    assert (busy.unknown, busy.requeued) == (1, 0)
+    assert busy.skipped_reason == "the send queue is not empty"
+    # The queue drained (the tasks died with a worker): the pending rows are sent again.
+    redis.Redis.from_url(broker).flushdb()
+    assert tasks.recover(now=utcnow()).requeued == 0  # not overdue yet
+    result = tasks.recover(now=later)
+    assert result.requeued == 4 and result.ids == ids[1:]
+    assert [m["args"][0] for m in queued(broker, "send")] == [ids[1:4], ids[4:]]
+    # Paused: nothing is requeued.
+    redis.Redis.from_url(broker).flushdb()
+    with session_scope() as s:
+        delivery.pause_sending(s, "test")
+    paused = tasks.recover(now=later)
+    assert paused.requeued == 0 and "paused" in (paused.skipped_reason or "")
+    assert queued(broker, "send") == []
+
+
+def test_follow_edition_until_final_or_paused(broker: str) -> None:
+    add_subscribers(4)
+    plan = tasks.enqueue_edition(TODAY)
+    ids = iter(plan.pending_ids)
+    seen: list[tuple[int, int]] = []
+
+    def one_more_sent(_: float) -> None:  # stands in for the workers between two polls
+        with session_scope() as s:
+            s.execute(update(Delivery).where(Delivery.id == next(ids)).values(state="sent"))
+
+    done = tasks.follow_edition(
+        TODAY,
+        planned_ids=plan.pending_ids,
+        on_progress=lambda p: seen.append((p.done, p.total)),
+        sleep=one_more_sent,
+    )
+    assert done.finished and done.counts["sent"] == 4
+    assert seen == [(0, 4), (1, 4), (2, 4), (3, 4), (4, 4)]
+
+    other = date(2026, 1, 1)
+    with session_scope() as s:
+        more = delivery.plan_edition(s, other)
+        delivery.pause_sending(s, "provider refused")
+    stopped = tasks.follow_edition(other, planned_ids=more.pending_ids, sleep=one_more_sent)
+    assert stopped.paused and not stopped.finished and stopped.waiting == 4
+    with session_scope() as s:
+        delivery.resume_sending(s)
+    timed_out = tasks.follow_edition(
+        other, planned_ids=more.pending_ids, timeout=0.0, sleep=lambda _: None
+    )
+    assert timed_out.waiting == 4
