@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time as _time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
@@ -25,6 +26,7 @@ from sqlalchemy import (
     String,
     and_,
     bindparam,
+    exists,
     func,
     insert,
     literal,
@@ -61,6 +63,8 @@ from worker.models import (
 log = logging.getLogger(__name__)
 
 PAUSE_FLAG = "sending_paused"
+# How often a running chunk looks at the pause flag again.
+PAUSE_CHECK_SECONDS = 1.0
 
 
 # ---------------------------------------------------------------------------------------
@@ -249,12 +253,16 @@ def sending_paused(session: Session) -> str | None:
 
 
 def pause_sending(session: Session, reason: str, by: str = "system") -> None:
-    flag = session.get(ControlFlag, PAUSE_FLAG)
     value = {"paused": True, "reason": reason, "by": by, "at": utcnow().isoformat()}
-    if flag is None:
-        session.add(ControlFlag(key=PAUSE_FLAG, value=value))
-    else:
-        flag.value = value
+    # An upsert: two workers hitting the provider's pause at once must not collide.
+    insert_ignore_or_update(
+        session,
+        ControlFlag.__table__,
+        [{"key": PAUSE_FLAG, "value": value, "updated_at": utcnow()}],
+        ["key"],
+        ["value", "updated_at"],
+    )
+    session.expire_all()
     log.error("sending paused: %s (resume with `papermail sending resume`)", reason)
 
 
@@ -321,29 +329,59 @@ def process_deliveries(
         on_progress(prep_outcome.handled)
 
     session = _new_session()
+    pending_record: Callable[[Session], None] | None = None
+    last_pause_check = _time.monotonic()
     try:
-        pending_record: Callable[[Session], None] | None = None
         for index, item in enumerate(prepared):
-            # The token before the claim: a worker killed while it waits leaves i pending
-            # (claimable again after recovery), not claimed and never sent.
-            limiter.acquire()  # type: ignore[attr-defined]
+            # A pause (operator, provider, reputation guard) stops in-flight chunks too.
+            if _time.monotonic() - last_pause_check >= PAUSE_CHECK_SECONDS:
+                last_pause_check = _time.monotonic()
+                paused = sending_paused(session)
+                if paused:
+                    outcome.paused = paused
+                    log.warning(
+                        "sending paused (%s): %d left pending", paused, len(prepared) - index
+                    )
+                    break
+            # Record i-1 before blocking on the limiter: a worker killed while it waits
+            # must not leave an email the provider accepted looking unsent.
+            if not limiter.try_acquire():  # type: ignore[attr-defined]
+                if pending_record:
+                    pending_record(session)
+                    pending_record = None
+                    session.commit()
+                # The token before the claim: a worker killed while it waits leaves i
+                # pending (claimable again after recovery), not claimed and never sent.
+                limiter.acquire()  # type: ignore[attr-defined]
             # Claim i (and record i-1) in one transaction.
             if pending_record:
                 pending_record(session)
                 pending_record = None
-            claimed = _claim(session, item.delivery_id, attempt_kind, reason, actor)
-            session.commit()
+            claimed = _claim(
+                session,
+                item.delivery_id,
+                attempt_kind,
+                reason,
+                actor,
+                check_subscriber=not include_suppressed,
+            )
             if not claimed:
-                outcome.not_claimed += 1
+                why = _unclaimable_reason(session, item.delivery_id)
+                if why and _skip(session, item.delivery_id, why):
+                    outcome.skipped += 1
+                else:
+                    outcome.not_claimed += 1
+                session.commit()
                 if on_progress:
                     on_progress(1)
                 continue
+            session.commit()
             try:
                 result = mailer.send(item.message)  # type: ignore[attr-defined]
             except MailerError as exc:
                 stop = _record_failure(session, item.delivery_id, exc, settings, outcome, limiter)
                 session.commit()
-                if on_progress:
+                if on_progress and item.delivery_id not in {d for d, _ in outcome.retry}:
                     on_progress(1)
                 if stop:
                     # Release nothing else: the rest of the chunk was never claimed.
@@ -363,8 +401,18 @@ def process_deliveries(
                 on_progress(1)
         if pending_record:
             pending_record(session)
+            pending_record = None
             session.commit()
     finally:
+        if pending_record:
+            # Whatever went wrong after a send (limiter, database, an unexpected error),
+            # try once more to record the accepted email before giving up.
+            try:
+                session.rollback()
+                pending_record(session)
+                session.commit()
+            except Exception:
+                log.exception("could not record a sent email; the reaper will mark it unknown")
         session.close()
     return outcome
 
@@ -395,7 +443,12 @@ def prepare_messages(
     rows = session.execute(
         select(Delivery, Subscriber)
         .join(Subscriber, Subscriber.id == Delivery.subscriber_id)
-        .where(Delivery.id.in_(list(delivery_ids)), Delivery.state == DeliveryState.PENDING)
+        .where(
+            Delivery.id.in_(list(delivery_ids)),
+            Delivery.state == DeliveryState.PENDING,
+            # A retry waits out its backoff even when its chunk is delivered early.
+            or_(Delivery.scheduled_at.is_(None), Delivery.scheduled_at <= now),
+        )
         .order_by(Delivery.id)
     ).all()
     outcome.not_claimed += len(set(delivery_ids)) - len(rows)
@@ -473,6 +526,10 @@ def prepare_messages(
     prepared: list[_Prepared] = []
     for delivery, sub, picks in chosen:
         views = [paper_view(papers[pid], topic) for pid, topic in picks if pid in papers]
+        if not views:  # its papers were deleted meanwhile: never an empty email
+            if _skip(session, delivery.id, "the selected papers no longer exist"):
+                outcome.skipped += 1
+            continue
         message = renderer.render_digest(
             recipient_of(sub), delivery.edition_date, views, delivery_id=delivery.id
         )
@@ -537,9 +594,26 @@ _CLAIM = (
         updated_at=bindparam("updated_at"),
     )
 )
+_S = Subscriber.__table__
+# The subscriber is checked again in the claim itself: an unsubscribe, complaint or bounce
+# that lands while the chunk waits for tokens is honoured.
+_CLAIM_IF_SENDABLE = _CLAIM.where(
+    exists(
+        select(_S.c.id).where(
+            _S.c.id == _D.c.subscriber_id,
+            _S.c.status == SubscriberStatus.ACTIVE.value,
+            _S.c.suppressed_at.is_(None),
+            or_(_S.c.paused_until.is_(None), _S.c.paused_until < _D.c.edition_date),
+        )
+    )
+)
+# A late record still wins over the reaper's `unknown`: the provider did accept it.
 _RECORD_SENT = (
     update(_D)
-    .where(_D.c.id == bindparam("did"), _D.c.state == DeliveryState.SENDING.value)
+    .where(
+        _D.c.id == bindparam("did"),
+        _D.c.state.in_([DeliveryState.SENDING.value, DeliveryState.UNKNOWN.value]),
+    )
     .values(
         state=DeliveryState.SENT.value,
         message_id=bindparam("mid"),
@@ -568,11 +642,18 @@ _FINISH_ATTEMPT = (
 
 
 def _claim(
-    session: Session, delivery_id: int, kind: str, reason: str | None, actor: str | None
+    session: Session,
+    delivery_id: int,
+    kind: str,
+    reason: str | None,
+    actor: str | None,
+    *,
+    check_subscriber: bool = True,
 ) -> bool:
     now = utcnow()
     conn = session.connection()
-    res = conn.execute(_CLAIM, {"did": delivery_id, "claimed_at": now, "updated_at": now})
+    stmt = _CLAIM_IF_SENDABLE if check_subscriber else _CLAIM
+    res = conn.execute(stmt, {"did": delivery_id, "claimed_at": now, "updated_at": now})
     if res.rowcount != 1:
         return False
     conn.execute(
@@ -586,6 +667,18 @@ def _claim(
         },
     )
     return True
+
+
+def _unclaimable_reason(session: Session, delivery_id: int) -> str | None:
+    """Why a pending row could not be claimed, when it is its subscriber's doing."""
+    row = session.execute(
+        select(Delivery, Subscriber)
+        .join(Subscriber, Subscriber.id == Delivery.subscriber_id)
+        .where(Delivery.id == delivery_id, Delivery.state == DeliveryState.PENDING)
+    ).first()
+    if row is None:
+        return None  # someone else claimed or finished it
+    return unsendable_reason(row[1], row[0].edition_date)
 
 
 def _finish_attempt(
@@ -714,6 +807,15 @@ def reap_stale_sending(
     settings = settings or get_settings()
     now = now or utcnow()
     cutoff = now - timedelta(seconds=settings.sending_timeout_seconds)
+    stale = select(Delivery.id).where(
+        Delivery.state == DeliveryState.SENDING, Delivery.claimed_at < cutoff
+    )
+    # Close their open attempts first, so the history says what happened.
+    session.execute(
+        update(DeliveryAttempt)
+        .where(DeliveryAttempt.delivery_id.in_(stale), DeliveryAttempt.finished_at.is_(None))
+        .values(finished_at=now, outcome="unknown", error="worker stopped while sending")
+    )
     res = session.execute(
         update(Delivery)
         .where(Delivery.state == DeliveryState.SENDING, Delivery.claimed_at < cutoff)
@@ -774,7 +876,8 @@ def run_in_process(
     waited = 0.0
     while queue:
         for chunk in chunks(queue, settings.chunk_size):
-            out = process_deliveries(chunk, settings=settings, on_progress=on_progress)
+            current = now + timedelta(seconds=waited) if now else None
+            out = process_deliveries(chunk, settings=settings, on_progress=on_progress, now=current)
             retries = out.retry
             out.retry = []
             total.merge(out)

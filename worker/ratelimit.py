@@ -22,6 +22,10 @@ class RateLimiter(Protocol):
         """Block until ``tokens`` may be spent; return the seconds waited."""
         ...
 
+    def try_acquire(self, tokens: int = 1) -> bool:
+        """Take ``tokens`` if available now, without waiting."""
+        ...
+
     def slow_down(self, factor: float = 0.5, seconds: float = 60.0) -> None:
         """Multiply the rate by ``factor`` for ``seconds`` (provider throttling)."""
         ...
@@ -61,6 +65,9 @@ class LocalBucket:
                 self._tokens -= tokens
                 return 0.0
             return (tokens - self._tokens) / rate
+
+    def try_acquire(self, tokens: int = 1) -> bool:
+        return self._take(tokens) <= 0
 
     def acquire(self, tokens: int = 1) -> float:
         waited = 0.0
@@ -127,6 +134,10 @@ class RedisBucket:
     def rate(self) -> float:
         factor = self._client.get(self._slow_key)
         return self._rate * (float(factor) if factor else 1.0)
+
+    def try_acquire(self, tokens: int = 1) -> bool:
+        keys = [self._key, self._slow_key]
+        return int(self._script(keys=keys, args=[self._rate, self._burst, tokens])) <= 0
 
     def acquire(self, tokens: int = 1) -> float:
         waited = 0.0

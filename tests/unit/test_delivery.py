@@ -8,7 +8,7 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from worker import delivery
 from worker.config import Settings
@@ -208,7 +208,10 @@ def test_transient_retries_then_fails(world: Settings) -> None:
     mailer = ScriptedMailer([TransientError("503 from provider")] * 10)
     limiter = fast_limiter()
     for attempt in range(world.max_attempts):
-        out = delivery.process_deliveries(ids, settings=world, mailer=mailer, limiter=limiter)
+        later = NOW + timedelta(hours=attempt + 1)  # past each backoff
+        out = delivery.process_deliveries(
+            ids, settings=world, mailer=mailer, limiter=limiter, now=later
+        )
         if attempt < world.max_attempts - 1:
             assert out.retry and out.retry[0][0] == ids[0] and out.retry[0][1] > 0
     with session_scope() as s:
@@ -224,13 +227,17 @@ def test_transient_then_success_keeps_the_same_papers(world: Settings) -> None:
         ids = delivery.plan_edition(s, TODAY, now=NOW).pending_ids
     mailer = ScriptedMailer([ThrottledError("slow down")])
     limiter = fast_limiter()
-    out = delivery.process_deliveries(ids, settings=world, mailer=mailer, limiter=limiter)
+    out = delivery.process_deliveries(ids, settings=world, mailer=mailer, limiter=limiter, now=NOW)
     assert len(out.retry) == 1 and limiter.rate < 10_000  # throttling slowed the bucket
     with session_scope() as s:
         retried = s.get(Delivery, out.retry[0][0])
         before = [dp.paper_id for dp in retried.papers]
     out2 = delivery.process_deliveries(
-        [out.retry[0][0]], settings=world, mailer=mailer, limiter=limiter
+        [out.retry[0][0]],
+        settings=world,
+        mailer=mailer,
+        limiter=limiter,
+        now=NOW + timedelta(hours=2),
     )
     assert out2.sent == 1
     with session_scope() as s:
@@ -338,3 +345,104 @@ def test_window_end_is_send_time_or_now() -> None:
     assert delivery.send_time(sub, past) == datetime(2026, 11, 20, 6, 0, tzinfo=UTC)
     assert delivery.window_end(sub, past, NOW) == datetime(2026, 11, 20, 6, 0, tzinfo=UTC)
     assert delivery.window_end(sub, date(2026, 12, 1), NOW) == NOW
+
+
+def test_retry_waits_out_its_backoff_even_if_redelivered(world: Settings) -> None:
+    with session_scope() as s:
+        ids = delivery.plan_edition(s, TODAY, now=NOW).pending_ids
+    mailer = ScriptedMailer([TransientError("503")])
+    out = run(ids, mailer, world)
+    ((retry_id, delay),) = out.retry
+    real_now = datetime.now(UTC)  # the backoff is scheduled on the real clock
+    early = delivery.process_deliveries(
+        [retry_id], settings=world, mailer=mailer, limiter=fast_limiter(), now=real_now
+    )
+    assert early.sent == 0 and early.not_claimed == 1
+    late = delivery.process_deliveries(
+        [retry_id],
+        settings=world,
+        mailer=mailer,
+        limiter=fast_limiter(),
+        now=real_now + timedelta(seconds=delay + 1),
+    )
+    assert late.sent == 1
+
+
+class HookMailer(ScriptedMailer):
+    """Runs a hook after the first accepted send (e.g. an unsubscribe lands mid-chunk)."""
+
+    def __init__(self, hook) -> None:
+        super().__init__()
+        self.hook = hook
+
+    def send(self, message: OutgoingMessage) -> SendResult:
+        result = super().send(message)
+        if len(self.sent) == 1:
+            self.hook()
+        return result
+
+
+def test_unsubscribe_mid_chunk_is_honoured_at_the_claim(world: Settings) -> None:
+    with session_scope() as s:
+        ids = delivery.plan_edition(s, TODAY, now=NOW).pending_ids
+
+    def complain_everyone_else() -> None:
+        with session_scope() as s:
+            s.execute(update(Subscriber).values(status="complained"))
+
+    mailer = HookMailer(complain_everyone_else)
+    out = run(ids, mailer, world)
+    assert out.sent == 1 and len(mailer.sent) == 1
+    with session_scope() as s:
+        counts = delivery.edition_counts(s, TODAY)
+    assert counts["sent"] == 1 and counts["skipped"] == 3 and counts["pending"] == 0
+
+
+def test_pause_mid_chunk_stops_the_chunk(world: Settings, monkeypatch) -> None:
+    monkeypatch.setattr(delivery, "PAUSE_CHECK_SECONDS", 0.0)
+    with session_scope() as s:
+        ids = delivery.plan_edition(s, TODAY, now=NOW).pending_ids
+
+    def pause() -> None:
+        with session_scope() as s:
+            delivery.pause_sending(s, "operator pause", by="test")
+            delivery.pause_sending(s, "twice is fine", by="test")  # an upsert
+
+    out = run(ids, HookMailer(pause), world)
+    assert out.sent == 1 and out.paused == "twice is fine"
+    with session_scope() as s:
+        assert delivery.edition_counts(s, TODAY)["pending"] == 2
+
+
+def test_sent_email_recorded_before_waiting_for_a_token(world: Settings) -> None:
+    """With the bucket empty, the record of i commits before the wait for i+1's token."""
+    with session_scope() as s:
+        ids = delivery.plan_edition(s, TODAY, now=NOW).pending_ids
+    seen: list[dict[str, int]] = []
+
+    class EmptyBucket(LocalBucket):
+        def try_acquire(self, tokens: int = 1) -> bool:
+            return False
+
+        def acquire(self, tokens: int = 1) -> float:
+            with session_scope() as s:
+                seen.append(delivery.edition_counts(s, TODAY))
+            return 0.0
+
+    delivery.process_deliveries(
+        ids, settings=world, mailer=ScriptedMailer(), limiter=EmptyBucket(1, 1), now=NOW
+    )
+    # while waiting for the 2nd and 3rd tokens, the previous email is already `sent`
+    assert [c["sent"] for c in seen[-3:]] == [0, 1, 2]
+    assert all(c["sending"] == 0 for c in seen)
+
+
+def test_late_record_wins_over_the_reaper(world: Settings) -> None:
+    with session_scope() as s:
+        ids = delivery.plan_edition(s, TODAY, now=NOW).pending_ids
+        s.execute(update(Delivery).where(Delivery.id == ids[0]).values(state="unknown"))
+    with session_scope() as s:
+        delivery._record_sent(s, ids[0], "ses-late")
+    with session_scope() as s:
+        d = s.get(Delivery, ids[0])
+        assert d.state == "sent" and d.message_id == "ses-late"
