@@ -857,40 +857,65 @@ def run_in_process(
     max_wait_seconds: float = 600.0,
     sleep: Callable[[float], None] | None = None,
 ) -> tuple[PlanResult, ChunkOutcome]:
-    """Plan edition D and send it in this process, chunk by chunk, retries included.
-
-    Transient failures wait out their backoff here (bounded by ``max_wait_seconds`` in
-    total); whatever is still pending after that stays pending for the next run.
-    """
-    import time as _time
-
+    """Plan edition D and send it in this process, chunk by chunk, retries included."""
     settings = settings or get_settings()
-    sleep = sleep or _time.sleep
     with session_scope() as session:
         reap_stale_sending(session, settings)
         plan = plan_edition(session, edition_date, now=now)
     if on_planned:
         on_planned(len(plan.pending_ids))
+    total = send_in_process(
+        plan.pending_ids,
+        settings=settings,
+        now=now,
+        on_progress=on_progress,
+        max_wait_seconds=max_wait_seconds,
+        sleep=sleep,
+    )
+    return plan, total
+
+
+def send_in_process(
+    ids: Sequence[int],
+    *,
+    settings: Settings,
+    now: datetime | None = None,
+    on_progress: Callable[[int], None] | None = None,
+    max_wait_seconds: float = 600.0,
+    sleep: Callable[[float], None] | None = None,
+    **process_kwargs: object,
+) -> ChunkOutcome:
+    """Send these deliveries here, chunk by chunk; transient failures wait out their
+    backoff (bounded by ``max_wait_seconds`` in total). Whatever is still pending after
+    that stays pending, and is listed in the outcome's ``retry``."""
+    sleep = sleep or _time.sleep
     total = ChunkOutcome()
-    queue = list(plan.pending_ids)
+    queue = list(ids)
     waited = 0.0
     while queue:
+        retries: list[tuple[int, float]] = []
         for chunk in chunks(queue, settings.chunk_size):
             current = now + timedelta(seconds=waited) if now else None
-            out = process_deliveries(chunk, settings=settings, on_progress=on_progress, now=current)
-            retries = out.retry
+            out = process_deliveries(
+                chunk,
+                settings=settings,
+                on_progress=on_progress,
+                now=current,
+                **process_kwargs,  # type: ignore[arg-type]
+            )
+            retries.extend(out.retry)
             out.retry = []
             total.merge(out)
-            total.retry.extend(retries)
             if out.paused:
-                return plan, total
-        if not total.retry:
+                total.retry = retries
+                return total
+        total.retry = retries
+        if not retries:
             break
-        delay = max(d for _, d in total.retry)
+        delay = max(d for _, d in retries)
         if waited + delay > max_wait_seconds:
             break
         sleep(delay)
         waited += delay
-        queue = [i for i, _ in total.retry]
-        total.retry = []
-    return plan, total
+        queue = [i for i, _ in retries]
+    return total

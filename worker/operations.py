@@ -18,7 +18,6 @@ from sqlalchemy.orm import Session
 from worker.config import Settings, get_settings
 from worker.errors import InvalidInput, NotFound
 from worker.models import (
-    ACCEPTED_DELIVERY_STATES,
     Delivery,
     DeliveryAttempt,
     DeliveryPaper,
@@ -146,6 +145,8 @@ def requeue_for_resend(
                 scheduled_at=now,
                 finished_at=None,
                 skip_reason=None,
+                # A fresh budget of transient retries for the operator's resend.
+                attempts=0,
                 updated_at=now,
             )
         )
@@ -193,30 +194,36 @@ def edition_stats(
     oldest_pending = session.scalar(
         select(func.min(Delivery.created_at)).where(where, Delivery.state == DeliveryState.PENDING)
     )
-    accepted = sum(counts[s.value] for s in ACCEPTED_DELIVERY_STATES)
-    bounced, complained = counts["bounced"], counts["complained"]
-    sent_total = accepted
+    from worker.events import edition_rates
+
+    rates = edition_rates(session, edition_date, settings)
+    accepted = rates["accepted"]
     rate = None
-    if first_sent and last_sent and last_sent > first_sent and sent_total > 1:
-        rate = round((sent_total - 1) / (last_sent - first_sent).total_seconds(), 2)
-    bounce_rate = bounced / accepted if accepted else 0.0
-    complaint_rate = complained / accepted if accepted else 0.0
+    # Only meaningful once sending has lasted a while; a burst of 4 emails is not a rate.
+    if first_sent and last_sent and accepted > 1:
+        elapsed = (last_sent - first_sent).total_seconds()
+        if elapsed >= 1.0:
+            rate = round((accepted - 1) / elapsed, 2)
     total = sum(counts.values())
+    in_flight = counts["pending"] or counts["sending"]
     return {
         "edition": edition_date.isoformat(),
         "total": total,
         "states": counts,
         "accepted": accepted,
-        "bounce_rate": round(bounce_rate, 6),
-        "complaint_rate": round(complaint_rate, 6),
+        "hard_bounced": rates["hard_bounced"],
+        # SES's way: hard bounces and complaints over accepted emails.
+        "bounce_rate": round(rates["bounce_rate"], 6),
+        "complaint_rate": round(rates["complaint_rate"], 6),
         "bounce_threshold": settings.bounce_rate_limit,
         "complaint_threshold": settings.complaint_rate_limit,
-        "bounce_over": bounce_rate > settings.bounce_rate_limit,
-        "complaint_over": complaint_rate > settings.complaint_rate_limit,
+        "min_sample": settings.reputation_min_sample,
+        "sample_ok": rates["sample_ok"],
+        "bounce_over": rates["over_bounce_limit"],
+        "complaint_over": rates["over_complaint_limit"],
+        "guard_tripped": rates["guard_tripped"],
         "started_at": started.isoformat() if started else None,
-        "ended_at": ended.isoformat()
-        if ended and not counts["pending"] and not counts["sending"]
-        else None,
+        "ended_at": ended.isoformat() if ended and not in_flight else None,
         "send_rate_per_second": rate,
         "oldest_pending_at": oldest_pending.isoformat() if oldest_pending else None,
         "oldest_pending_age_seconds": int((now - oldest_pending).total_seconds())

@@ -221,3 +221,20 @@ def test_sending_pause_and_resume(sent_edition: Settings) -> None:
 def test_help_has_an_example(args: list[str], env: dict[str, str]) -> None:
     r = cli(*args, "--help")
     assert r.exit_code == 0 and "Example" in r.output
+
+
+def test_resend_refused_while_paused_and_resets_attempts(sent_edition: Settings) -> None:
+    did = set_state("grace@example.org", "failed")
+    with session_scope() as s:
+        s.execute(update(Delivery).where(Delivery.id == did).values(attempts=5))
+    cli("sending", "pause", "--reason", "provider paused us")
+    r = cli("resend", "--date", TODAY, "--state", "failed")
+    assert r.exit_code == 1 and "sending is paused" in r.output
+    with session_scope() as s:
+        assert s.get(Delivery, did).state == "failed"  # nothing re-queued
+    cli("sending", "resume")
+    r = cli("resend", "--date", TODAY, "--state", "failed")
+    assert r.exit_code == 0, r.output
+    with session_scope() as s:
+        d = s.get(Delivery, did)
+        assert d.state == "sent" and d.attempts == 1  # a fresh retry budget

@@ -10,6 +10,7 @@ from worker import operations
 from worker.cli.common import date_option, echo_json, parse_date, require_schema
 from worker.config import get_settings
 from worker.db import session_scope
+from worker.delivery import sending_paused
 from worker.errors import PapermailError
 
 
@@ -65,6 +66,12 @@ def command(
     settings = get_settings()
     edition = parse_date(date_)
     with session_scope() as session:
+        paused = sending_paused(session)
+        if paused and not dry_run:
+            raise PapermailError(
+                f"sending is paused ({paused}); nothing re-queued. "
+                "Fix the cause, `papermail sending resume`, then resend"
+            )
         plan = operations.plan_resend(
             session,
             edition,
@@ -91,12 +98,12 @@ def command(
             item.action, item.why = "refused", "changed meanwhile (a running edition has it)"
     outcome = None
     if settings.in_process:
-        from worker.delivery import process_deliveries
+        from worker.delivery import send_in_process
 
         with click.progressbar(
             length=len(ids), label="resending", file=sys.stderr, hidden=as_json
         ) as bar:
-            outcome = process_deliveries(
+            outcome = send_in_process(
                 ids,
                 settings=settings,
                 attempt_kind="resend",
@@ -110,7 +117,9 @@ def command(
 
         enqueue_chunks(ids, kind="resend", reason=reason, include_suppressed=include_suppressed)
     _report(plan, ids, outcome, False, as_json)
-    if outcome is not None and (outcome.failed or outcome.unknown or outcome.paused):
+    if outcome is not None and (
+        outcome.failed or outcome.unknown or outcome.paused or outcome.retry
+    ):
         raise SystemExit(1)
 
 
@@ -139,6 +148,8 @@ def _report(
         data["failed"] = outcome.failed  # type: ignore[attr-defined]
         data["unknown"] = outcome.unknown  # type: ignore[attr-defined]
         data["skipped"] = outcome.skipped  # type: ignore[attr-defined]
+        data["still_pending"] = len(outcome.retry)  # type: ignore[attr-defined]
+        data["paused"] = outcome.paused  # type: ignore[attr-defined]
     if as_json:
         echo_json(data)
         return
@@ -151,7 +162,7 @@ def _report(
     elif outcome is not None:
         click.echo(
             f"re-sent {data['sent']}, failed {data['failed']}, unknown {data['unknown']},"
-            f" skipped {data['skipped']}"
+            f" skipped {data['skipped']}, still pending {data['still_pending']}"
         )
     else:
         click.echo(f"queued {len(queued)} for the workers")

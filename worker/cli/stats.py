@@ -17,8 +17,9 @@ def command(date_: str | None, as_json: bool) -> None:
     """Per edition: counts by state, bounce and complaint rates against SES's review
     thresholds, when sending started and ended, achieved rate, oldest pending.
 
-    Exits 1 when an edition has failed or unknown deliveries, a rate over its threshold,
-    or sending is paused.
+    Exits 1 when the newest edition shown (or --date D) has failed or unknown deliveries or
+    a rate over its threshold, or when sending is paused. Rates are SES's: hard bounces and
+    complaints over accepted emails, judged once the edition has the minimum sample.
 
     \b
     Example:
@@ -34,9 +35,15 @@ def command(date_: str | None, as_json: bool) -> None:
         echo_json({"paused": paused, "editions": editions})
     else:
         _table(editions, paused)
-    bad = paused or any(
-        e["states"]["failed"] or e["states"]["unknown"] or e["bounce_over"] or e["complaint_over"]  # type: ignore[index]
-        for e in editions
+    newest = editions[0] if editions else None
+    bad = bool(paused) or (
+        newest is not None
+        and bool(
+            newest["states"]["failed"]  # type: ignore[index]
+            or newest["states"]["unknown"]  # type: ignore[index]
+            or newest["bounce_over"]
+            or newest["complaint_over"]
+        )
     )
     if bad:
         raise SystemExit(1)
@@ -59,12 +66,12 @@ def _table(editions: list[dict[str, object]], paused: str | None) -> None:
         "failed",
         "unknown",
     ]
-    head = f"{'edition':<11}" + "".join(f"{c[:9]:>10}" for c in cols)
+    head = f"{'edition':<11}" + "".join(f"{c:>11}" for c in cols)
     head += f"{'bounce%':>9}{'compl%':>8}{'rate/s':>8}"
     click.echo(head)
     for e in editions:
         states = e["states"]
-        line = f"{e['edition']:<11}" + "".join(f"{states[c]:>10}" for c in cols)  # type: ignore[index]
+        line = f"{e['edition']:<11}" + "".join(f"{states[c]:>11}" for c in cols)  # type: ignore[index]
         bounce = f"{100 * e['bounce_rate']:.2f}"  # type: ignore[operator]
         compl = f"{100 * e['complaint_rate']:.3f}"  # type: ignore[operator]
         rate = e["send_rate_per_second"]
