@@ -27,6 +27,8 @@ class Preview:
     subject: str | None = None
     html: str | None = None
     size: int = 0
+    state: str | None = None  # the delivery's state when the edition already exists
+    note: str | None = None
 
 
 def _views(session: Session, picks: list[tuple[str, str | None]]) -> list[object]:
@@ -77,10 +79,46 @@ def previews_for(
 def preview_digest(
     session: Session, email: str, edition_date: date, settings: Settings | None = None
 ) -> Preview:
+    """What ``email`` gets for edition D: the recorded edition when it was already planned
+    and selected (the papers it carries), else a fresh selection."""
+    from worker.delivery import unsendable_reason
+    from worker.rendering import get_renderer
+
     sub = session.scalar(select(Subscriber).where(Subscriber.email == email.strip().lower()))
     if sub is None:
         raise NotFound(f"no subscriber with address {email}; see `papermail subscribers list`")
-    return previews_for(session, [sub], edition_date, settings=settings)[0]
+    existing = session.scalar(
+        select(Delivery).where(
+            Delivery.subscriber_id == sub.id, Delivery.edition_date == edition_date
+        )
+    )
+    if existing is not None:
+        picks = [
+            (dp.paper_id, dp.matched_topic)
+            for dp in session.scalars(
+                select(DeliveryPaper)
+                .where(DeliveryPaper.delivery_id == existing.id)
+                .order_by(DeliveryPaper.position)
+            )
+        ]
+        if picks:
+            pv = Preview(sub.email, edition_date, papers=_views(session, picks))
+            msg = get_renderer(settings or get_settings()).render_digest(
+                recipient_of(sub), edition_date, pv.papers, delivery_id=existing.id
+            )
+            pv.subject, pv.html, pv.size = msg.subject, msg.html, msg.size
+            pv.state = existing.state
+            return pv
+        if existing.state == "skipped":
+            return Preview(
+                sub.email, edition_date, skip_reason=existing.skip_reason, state=existing.state
+            )
+    pv = previews_for(session, [sub], edition_date, settings=settings)[0]
+    why = unsendable_reason(sub, edition_date)
+    if why:
+        pv.skip_reason = why if pv.html is None else pv.skip_reason
+        pv.note = f"not sent as things stand: {why}"
+    return pv
 
 
 def edition_html(session: Session, delivery: Delivery, settings: Settings | None = None) -> str:

@@ -238,3 +238,12 @@ def test_resend_refused_while_paused_and_resets_attempts(sent_edition: Settings)
     with session_scope() as s:
         d = s.get(Delivery, did)
         assert d.state == "sent" and d.attempts == 1  # a fresh retry budget
+
+
+def test_preview_after_the_edition_shows_what_was_sent(sent_edition: Settings, tmp_path) -> None:
+    out = tmp_path / "ada.html"
+    r = cli("digest", "preview", "ada@example.org", "--date", TODAY, "-o", str(out))
+    assert r.exit_code == 0 and "already sent" in r.output
+    assert "Pruning" in out.read_text()
+    r = cli("digest", "preview", "nobody@example.org")
+    assert r.exit_code == 1 and "no subscriber" in r.output

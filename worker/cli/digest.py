@@ -226,6 +226,12 @@ def preview(email: str, date_: str | None, output: Path | None) -> None:
         result = preview_digest(session, email, edition)
     if result.html is None:
         raise PapermailError(f"{email} would get no email on {edition}: {result.skip_reason}")
+    if result.state:
+        click.echo(
+            f"edition {edition} is already {result.state}: showing the papers it carries", err=True
+        )
+    if result.note:
+        click.secho(result.note, fg="yellow", err=True)
     if output:
         output.write_text(result.html, encoding="utf-8")
         click.echo(f"wrote {output} ({len(result.papers)} papers)")
