@@ -36,6 +36,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -55,6 +56,7 @@ from worker.models import (
     ACCEPTED_DELIVERY_STATES,
     ControlFlag,
     Delivery,
+    DeliveryAttempt,
     DeliveryState,
     ProviderEvent,
     Subscriber,
@@ -365,13 +367,7 @@ def apply_notification(
         mail = {}  # types without policy may come without one
     message_id = mail.get("messageId") if isinstance(mail.get("messageId"), str) else None
     sent_at = _parse_time(mail.get("timestamp"))
-    delivery = (
-        session.scalars(
-            select(Delivery).where(Delivery.message_id == message_id).with_for_update()
-        ).first()
-        if message_id
-        else None
-    )
+    delivery = _delivery_for(session, message_id) if message_id else None
     if delivery is None and kind in STATEFUL_TYPES and sent_at is not None:
         age = (now - sent_at).total_seconds()
         if age < settings.orphan_grace_seconds:
@@ -411,6 +407,9 @@ def apply_notification(
         delivery_id=delivery.id if delivery else None,
         event_id=event_id,
     )
+    if kind == "Received":
+        result.changes.extend(_mailto_unsubscribe(session, notification, settings))
+        return result
     if ignored:
         log.info("stored %s event (no policy) for message %s", kind, message_id)
         return result
@@ -434,6 +433,57 @@ def apply_notification(
         if reason:
             result.changes.append(f"sending paused: {reason}")
     return result
+
+
+def _delivery_for(session: Session, message_id: str) -> Delivery | None:
+    """The delivery a provider message id belongs to: its latest send, or an earlier
+    attempt of it (the events of a re-sent edition's first copy still count)."""
+    bare = message_id.strip("<>")
+    ids = list({message_id, bare, f"<{bare}>"})
+    found = session.scalars(
+        select(Delivery).where(Delivery.message_id.in_(ids)).with_for_update()
+    ).first()
+    if found is not None:
+        return found
+    attempt = session.scalar(
+        select(DeliveryAttempt.delivery_id).where(DeliveryAttempt.message_id.in_(ids)).limit(1)
+    )
+    if attempt is None:
+        return None
+    return session.scalars(select(Delivery).where(Delivery.id == attempt).with_for_update()).first()
+
+
+_MAILTO_SUBJECT = re.compile(r"\bunsubscribe\s+([A-Za-z0-9_\-.]{20,})", re.IGNORECASE)
+
+
+def _mailto_unsubscribe(
+    session: Session, notification: dict[str, Any], settings: Settings
+) -> list[str]:
+    """An email to the List-Unsubscribe mailto, received by SES (a receipt rule publishing
+    to SNS): the signed token in its subject is the authority, as for the link."""
+    from worker import links
+    from worker.errors import PapermailError
+    from worker.preferences import unsubscribe
+
+    mail = notification.get("mail") if isinstance(notification.get("mail"), dict) else {}
+    headers = mail.get("commonHeaders") if isinstance(mail.get("commonHeaders"), dict) else {}
+    subject = headers.get("subject") if isinstance(headers.get("subject"), str) else ""
+    match = _MAILTO_SUBJECT.search(subject)
+    if not match:
+        log.info("received mail without an unsubscribe token in its subject: ignored")
+        return ["received mail: no unsubscribe token in the subject"]
+    try:
+        payload = links.read_token("unsubscribe", match.group(1), settings)
+        changed = unsubscribe(session, int(payload["s"]), actor="mailto", how="mailto")
+    except (PapermailError, KeyError, ValueError) as exc:
+        log.warning("mailto unsubscribe refused: %s", exc)
+        return [f"mailto unsubscribe refused: {exc}"]
+    log.info("subscriber %s unsubscribed by mailto", payload["s"])
+    return [
+        f"subscriber {payload['s']}: unsubscribed by mailto"
+        if changed
+        else f"subscriber {payload['s']}: already unsubscribed"
+    ]
 
 
 @dataclass

@@ -713,3 +713,49 @@ def test_poll_sqs_arguments(settings: Settings, kw: dict[str, Any], expected: st
     args: dict[str, Any] = {"queue_url": "http://q", "client": FlakySqs([]), **kw}
     with pytest.raises(InvalidInput, match=expected):
         events.poll_sqs(settings, once=True, **args)
+
+
+# --- mailto unsubscribe and re-sent editions ----------------------------------------------
+
+
+def received(subject: str) -> dict[str, Any]:
+    """An SES receipt notification for mail to the List-Unsubscribe mailto."""
+    return {
+        "notificationType": "Received",
+        "mail": {
+            **mail(f"inbound-{uuid.uuid4()}", ["unsubscribe@papermail.localhost"]),
+            "commonHeaders": {"subject": subject, "from": ["Reader <r@example.org>"]},
+        },
+        "receipt": {"action": {"type": "SNS"}},
+    }
+
+
+def test_mailto_unsubscribe_with_a_signed_token(session: Session) -> None:
+    from worker import links
+
+    sub = add_subscriber(session, "mailto@example.org")
+    token = links.make_token("unsubscribe", {"s": sub.id})
+    result = apply(session, received(f"unsubscribe {token}"))
+    assert result.status == "ignored" and "unsubscribed by mailto" in result.changes[0]
+    assert sub.status == "unsubscribed"
+    # a forged or missing token changes nothing
+    other = add_subscriber(session, "keep@example.org")
+    forged = links.make_token("preferences", {"s": other.id})  # wrong purpose
+    result = apply(session, received(f"unsubscribe {forged}"))
+    assert "refused" in result.changes[0] and other.status == "active"
+    result = apply(session, received("please unsubscribe me"))
+    assert "no unsubscribe token" in result.changes[0] and other.status == "active"
+
+
+def test_events_of_a_resent_editions_first_copy_still_match(session: Session) -> None:
+    from worker.models import DeliveryAttempt
+
+    sub = add_subscriber(session, "twice@example.org")
+    row = add_delivery(session, sub, message_id="second-copy")
+    session.add(
+        DeliveryAttempt(delivery_id=row.id, kind="send", message_id="first-copy", outcome="sent")
+    )
+    session.flush()
+    result = apply(session, bounce("first-copy", ["twice@example.org"], "Permanent"))
+    assert result.status == "applied" and result.delivery_id == row.id
+    assert sub.status == "bounced"
