@@ -73,7 +73,8 @@ class Settings(BaseSettings):
     retry_base_seconds: float = Field(default=30.0, gt=0)
     sending_timeout_seconds: int = Field(default=900, ge=30)
     send_timeout_seconds: float = Field(default=20.0, gt=0)
-    plan_interval_minutes: int = Field(default=60, ge=1, le=1440)
+    # Every 15 minutes, so zones with :30 and :45 offsets get their hour on time too.
+    plan_interval_minutes: int = Field(default=15, ge=1, le=1440)
     # Selection
     lookback_daily_hours: int = Field(default=48, ge=1)
     lookback_weekly_hours: int = Field(default=192, ge=1)
@@ -126,11 +127,17 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _production_secret(self) -> Settings:
+        hint = '(python -c "import secrets; print(secrets.token_urlsafe(48))")'
         if self.mailer != "outbox" and DEV_SECRET_KEY in self.secret_key:
             raise ValueError(
                 "PAPERMAIL_SECRET_KEY: the development key is refused when PAPERMAIL_MAILER "
-                f"is {self.mailer!r}; set a long random secret "
-                '(python -c "import secrets; print(secrets.token_urlsafe(48))")'
+                f"is {self.mailer!r}; set a long random secret {hint}"
+            )
+        if self.mailer != "outbox" and len(self.secret_key[0]) < 32:
+            # The signing key guards every unsubscribe and preference link ever sent.
+            raise ValueError(
+                "PAPERMAIL_SECRET_KEY: the signing key (the first one) must be at least 32 "
+                f"characters when mail leaves the machine; {hint}"
             )
         return self
 

@@ -32,9 +32,13 @@ def test_dev_secret_refused_for_real_mailers(
     monkeypatch.setenv("PAPERMAIL_MAILER", "ses")
     with pytest.raises(config.ConfigError, match="PAPERMAIL_SECRET_KEY"):
         config.load_settings()
-    monkeypatch.setenv("PAPERMAIL_SECRET_KEY", "new-key-0123456789, old-key-0123456789")
+    monkeypatch.setenv("PAPERMAIL_SECRET_KEY", "too-short")
+    with pytest.raises(config.ConfigError, match="at least 32"):
+        config.load_settings()
+    new, old = "n" * 40, "o" * 40
+    monkeypatch.setenv("PAPERMAIL_SECRET_KEY", f"{new}, {old}")
     s = config.load_settings()
-    assert s.signing_keys == ["new-key-0123456789", "old-key-0123456789"]
+    assert s.signing_keys == [new, old]
 
 
 def test_dotenv_is_read(env: dict[str, str], tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:

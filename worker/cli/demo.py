@@ -28,7 +28,10 @@ def command() -> None:
         raise PapermailError("the demo only writes to the outbox; unset PAPERMAIL_MAILER")
     result = run_demo(settings)
     o = result.outcome
-    click.echo(f"database:     {settings.database_url}")
+    from sqlalchemy.engine import make_url
+
+    shown = make_url(settings.database_url).render_as_string(hide_password=True)
+    click.echo(f"database:     {shown}")
     click.echo(f"papers:       {result.papers_new} new, {result.papers_updated} updated (sample)")
     click.echo(f"subscribers:  {result.subscribers_added} added")
     click.echo(

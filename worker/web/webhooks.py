@@ -52,7 +52,8 @@ def sns_client(settings: Settings, region: str) -> Any:
 
 @bp.post("/webhooks/ses")
 def ses_webhook() -> ResponseReturnValue:
-    peer = request.headers.get("X-Forwarded-For", request.remote_addr or "?")
+    # remote_addr honours X-Forwarded-For only behind PAPERMAIL_TRUSTED_PROXIES.
+    peer = request.remote_addr or "?"
     # SNS posts text/plain: read the bytes, whatever the Content-Type says.
     try:
         message = json.loads(request.get_data(cache=False))
