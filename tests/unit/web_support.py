@@ -94,6 +94,9 @@ def status_of(sid: int) -> str:
 
 def outbox_messages(settings: Settings, to: str | None = None) -> list[EmailMessage]:
     """Every .eml under the outbox (optionally only those to one address), oldest first."""
+    from worker.web.pages import wait_for_confirmations
+
+    wait_for_confirmations()  # confirmation emails are sent in the background
     root = Path(settings.outbox_dir)
     files = sorted(root.rglob("*.eml"), key=lambda p: p.stat().st_mtime_ns) if root.exists() else []
     out = []

@@ -13,7 +13,10 @@ import hashlib
 import hmac
 import logging
 import secrets
+import threading
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from contextlib import contextmanager
 from datetime import date
 from functools import lru_cache
@@ -489,10 +492,33 @@ def subscribe() -> Response:
         outcome = preferences.subscribe_request(
             s, parsed["email"], list(parsed["topics"]), parsed["timezone"]
         )
-    # The same page whatever the outcome: nobody learns whether an address is subscribed.
-    sent = preferences.send_confirmation(outcome, _settings())
-    log.info("subscribe request: action=%s email sent=%s", outcome.action, sent)
+    # The same page, answered as fast, whatever the outcome: the email (if any) is sent in
+    # the background, so neither content nor timing tells whether an address is subscribed.
+    dispatch_confirmation(outcome, _settings())
+    log.info("subscribe request: action=%s", outcome.action)
     return make_response(render_template("subscribe_sent.html", email=parsed["email"]), 200)
+
+
+_confirmations = ThreadPoolExecutor(max_workers=1, thread_name_prefix="papermail-confirm")
+_in_flight: list[Future[bool]] = []
+_in_flight_lock = threading.Lock()
+
+
+def dispatch_confirmation(outcome: preferences.SubscribeOutcome, settings: Settings) -> None:
+    """Send the confirmation off the request path (one background sender per process)."""
+    if not outcome.send_confirmation:
+        return
+    future = _confirmations.submit(preferences.send_confirmation, outcome, settings)
+    with _in_flight_lock:
+        _in_flight[:] = [f for f in _in_flight if not f.done()]
+        _in_flight.append(future)
+
+
+def wait_for_confirmations(timeout: float = 30.0) -> None:
+    """Block until the confirmations queued so far are sent (tests, graceful shutdown)."""
+    with _in_flight_lock:
+        pending = list(_in_flight)
+    futures_wait(pending, timeout=timeout)
 
 
 def _rate_limited(email: str) -> float:
