@@ -247,3 +247,24 @@ def test_preview_after_the_edition_shows_what_was_sent(sent_edition: Settings, t
     assert "Pruning" in out.read_text()
     r = cli("digest", "preview", "nobody@example.org")
     assert r.exit_code == 1 and "no subscriber" in r.output
+
+
+def test_resume_sends_what_the_pause_left_pending(sent_edition: Settings) -> None:
+    from datetime import timedelta
+
+    tomorrow = NOW.date() + timedelta(days=1)
+    cli("sending", "pause", "--reason", "quota")
+    with session_scope() as s:
+        planned = delivery.plan_edition(s, tomorrow, now=NOW)
+    _, out = delivery.run_in_process(tomorrow, settings=sent_edition)
+    assert out.paused and out.sent == 0
+    r = cli("sending", "resume", "--no-send")
+    assert "resumed" in r.output
+    cli("sending", "pause", "--reason", "again")
+    r = cli("sending", "resume")
+    assert r.exit_code in (0, 1), r.output
+    with session_scope() as s:
+        counts = delivery.edition_counts(s, tomorrow)
+    assert counts["pending"] == 0
+    assert counts["sent"] + counts["skipped"] == len(planned.pending_ids)
+    assert "no pending deliveries" in cli("sending", "resume").output
