@@ -438,6 +438,12 @@ def list_subscribers(session: Session, status: str | None = None) -> list[Subscr
                     Subscriber.suppressed_at.is_not(None),
                 )
             )
+        elif wanted == SubscriberStatus.PAUSED.value:
+            # Subscribers pause themselves with a date ("pause until"), not a status.
+            today = utcnow().date()
+            query = query.where(
+                or_(Subscriber.status == wanted, Subscriber.paused_until >= today)
+            )
         elif wanted in {s.value for s in SubscriberStatus}:
             query = query.where(Subscriber.status == wanted)
         else:

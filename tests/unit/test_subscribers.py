@@ -723,3 +723,17 @@ def test_history_of_a_new_subscriber_is_empty(session: Session) -> None:
     assert history["subscriber"]["status"] == "pending"
     with pytest.raises(NotFound):
         subs.subscriber_history(session, "nobody@example.org")
+
+
+def test_list_paused_includes_pause_until_a_date(session) -> None:
+    from datetime import timedelta
+
+    from worker.models import utcnow
+
+    sub, _ = subs.add_subscriber(session, subs.SubscriberInput("rest@example.org"), confirmed=True)
+    assert subs.list_subscribers(session, status="paused") == []
+    sub.paused_until = utcnow().date() + timedelta(days=3)
+    session.flush()
+    assert [s.email for s in subs.list_subscribers(session, status="paused")] == [
+        "rest@example.org"
+    ]
