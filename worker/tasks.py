@@ -111,7 +111,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
-        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        # A broker blip must not kill a chunk mid-send (the email in flight would become
+        # `unknown`): let it finish; its redelivered copy finds every row claimed.
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
         "task_default_queue": PLAN_QUEUE,
         # Each queue its own exchange and key: bound alike they would each get every task.
         "task_queues": (
