@@ -165,27 +165,58 @@ def _fresh_process_state(**_: Any) -> None:
 
 
 def enqueue_ids(
-    ids: Sequence[int], settings: Settings | None = None, *, countdown: float | None = None
+    ids: Sequence[int],
+    settings: Settings | None = None,
+    *,
+    countdown: float | None = None,
+    resend: dict[str, Any] | None = None,
 ) -> int:
-    """One ``send_chunk`` task per chunk of ``settings.chunk_size`` ids; returns the count."""
+    """One ``send_chunk`` task per chunk of ``settings.chunk_size`` ids; returns the count.
+
+    ``resend`` carries an operator resend's options (reason, include_suppressed) to the
+    worker, so the attempt history and the suppression override travel with the ids.
+    """
     settings = settings or get_settings()
     _ensure_configured(settings)
     if countdown is not None:
         countdown = min(max(0.0, countdown), MAX_COUNTDOWN_SECONDS)
     batches = delivery.chunks(list(ids), settings.chunk_size)
     for batch in batches:
-        send_chunk.apply_async((batch,), queue=SEND_QUEUE, countdown=countdown)
+        send_chunk.apply_async(
+            (batch,),
+            kwargs={"resend": resend} if resend else {},
+            queue=SEND_QUEUE,
+            countdown=countdown,
+        )
     return len(batches)
 
 
-def requeue_retries(retry: Sequence[tuple[int, float]], settings: Settings | None = None) -> int:
+def enqueue_chunks(
+    ids: Sequence[int],
+    *,
+    kind: str = "resend",
+    reason: str | None = None,
+    include_suppressed: bool = False,
+    settings: Settings | None = None,
+) -> int:
+    """Queue an operator's resend on the same ``send`` queue and rate limit as editions."""
+    options = {"kind": kind, "reason": reason, "include_suppressed": bool(include_suppressed)}
+    return enqueue_ids(ids, settings, resend=options)
+
+
+def requeue_retries(
+    retry: Sequence[tuple[int, float]],
+    settings: Settings | None = None,
+    resend: dict[str, Any] | None = None,
+) -> int:
     """Re-enqueue transient failures after their backoff, grouped by due time."""
     groups: dict[int, list[int]] = {}
     for delivery_id, delay in retry:
         slot = math.ceil(max(delay, 1.0) / RETRY_GROUP_SECONDS) * RETRY_GROUP_SECONDS
         groups.setdefault(min(slot, MAX_COUNTDOWN_SECONDS), []).append(delivery_id)
     return sum(
-        enqueue_ids(ids, settings, countdown=countdown) for countdown, ids in sorted(groups.items())
+        enqueue_ids(ids, settings, countdown=countdown, resend=resend)
+        for countdown, ids in sorted(groups.items())
     )
 
 
@@ -225,15 +256,25 @@ def _delivery_ids(value: Any) -> list[int]:
 
 
 @app.task(name="papermail.send_chunk", bind=True, max_retries=10)
-def send_chunk(self: Any, delivery_ids: list[int]) -> dict[str, Any]:
+def send_chunk(
+    self: Any, delivery_ids: list[int], resend: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Select, render, claim, rate-limit, send and record one chunk of deliveries."""
     from redis.exceptions import ConnectionError as RedisConnectionError
     from sqlalchemy.exc import OperationalError
 
     ids = _delivery_ids(delivery_ids)
     settings = get_settings()
+    options: dict[str, Any] = {}
+    if resend:
+        options = {
+            "attempt_kind": str(resend.get("kind") or "resend"),
+            "reason": resend.get("reason"),
+            "actor": "cli",
+            "include_suppressed": bool(resend.get("include_suppressed")),
+        }
     try:
-        outcome = delivery.process_deliveries(ids, settings=settings)
+        outcome = delivery.process_deliveries(ids, settings=settings, **options)
     except (OperationalError, RedisConnectionError) as exc:
         # The database or the limiter is unreachable: try the whole chunk again later;
         # rows already sent are not claimable any more, so nothing goes out twice.
@@ -241,11 +282,11 @@ def send_chunk(self: Any, delivery_ids: list[int]) -> dict[str, Any]:
         log.warning("send_chunk: %s; retrying the chunk in %ss", exc, countdown)
         raise self.retry(exc=exc, countdown=countdown) from exc
     if outcome.retry:
-        requeue_retries(outcome.retry, settings)
+        requeue_retries(outcome.retry, settings, resend=resend)
     if outcome.paused:
         log.error(
             "sending paused (%s): deliveries stay pending; `papermail sending resume` "
-            "then the reap sweep or `papermail digest run` sends them",
+            "queues them again",
             outcome.paused,
         )
     summary = {

@@ -240,3 +240,33 @@ def test_follow_edition_until_final_or_paused(broker: str) -> None:
         other, planned_ids=more.pending_ids, timeout=0.0, sleep=lambda _: None
     )
     assert timed_out.waiting == 4
+
+
+def test_resend_goes_through_the_send_queue_with_its_options(broker: str) -> None:
+    """`papermail resend` with a broker: the same queue, the options travel with the ids,
+    and the worker records the resend (kind, reason) in the attempt history."""
+    from click.testing import CliRunner
+
+    from worker.cli import main
+    from worker.models import DeliveryAttempt
+
+    add_subscribers(2)
+    plan = tasks.enqueue_edition(TODAY)
+    redis.Redis.from_url(broker).delete("send")
+    with session_scope() as s:
+        s.execute(update(Delivery).values(state="failed"))
+    r = CliRunner().invoke(
+        main, ["resend", "--date", TODAY.isoformat(), "--state", "failed", "--reason", "x1"]
+    )
+    assert r.exit_code == 0, r.output
+    assert "queued 2 for the workers" in r.output
+    client = redis.Redis.from_url(broker)
+    [raw] = client.lrange("send", 0, -1)
+    args, kwargs, _ = json.loads(base64.b64decode(json.loads(raw)["body"]))
+    assert args == [plan.pending_ids]
+    assert kwargs == {"resend": {"kind": "resend", "reason": "x1", "include_suppressed": False}}
+    summary = tasks.send_chunk(*args, **kwargs)  # what the worker runs
+    assert summary["sent"] == 2
+    with session_scope() as s:
+        attempts = s.query(DeliveryAttempt).filter(DeliveryAttempt.kind == "resend").all()
+    assert {(a.reason, a.outcome) for a in attempts} == {("x1", "sent")}
