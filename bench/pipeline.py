@@ -181,6 +181,53 @@ def seed(n_subscribers: int, n_papers: int, rng: random.Random) -> None:
             )
 
 
+def seed_history(days: int) -> None:
+    """Earlier editions, already sent: a list in service has history (and statistics).
+
+    Each carried five of the current papers, so today's selection must exclude them, as it
+    would the day after a real edition. ANALYZE afterwards, as autovacuum would have.
+    """
+    from sqlalchemy import text
+
+    from worker.db import get_engine, session_scope
+
+    today = datetime.now(UTC).date()
+    with session_scope() as s:
+        for back in range(1, days + 1):
+            day = today - timedelta(days=back)
+            stamp = datetime.combine(day, datetime.min.time(), tzinfo=UTC) + timedelta(hours=1)
+            params = {"d": day, "t": stamp}
+            s.execute(
+                text(
+                    "INSERT INTO deliveries (subscriber_id, edition_date, state, attempts,"
+                    " scheduled_at, created_at, updated_at, claimed_at, sent_at, finished_at,"
+                    " message_id) SELECT id, :d, 'sent', 1, :t, :t, :t, :t, :t, :t,"
+                    " 'history-' || id || '-' || :d FROM subscribers"
+                ),
+                params,
+            )
+            s.execute(
+                text(
+                    "INSERT INTO delivery_attempts (delivery_id, kind, started_at, finished_at,"
+                    " outcome, message_id) SELECT id, 'send', :t, :t, 'sent', message_id"
+                    " FROM deliveries WHERE edition_date = :d"
+                ),
+                params,
+            )
+            s.execute(
+                text(
+                    "INSERT INTO delivery_papers (delivery_id, paper_id, position, score)"
+                    " SELECT d.id, p.id, p.pos, 0 FROM deliveries d CROSS JOIN LATERAL"
+                    " (SELECT id, row_number() OVER () - 1 AS pos FROM (SELECT id FROM papers"
+                    "  ORDER BY md5(papers.id || d.id::text) LIMIT 5) AS pick) AS p"
+                    " WHERE d.edition_date = :d"
+                ),
+                params,
+            )
+    with get_engine().connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(text("ANALYZE"))
+
+
 # ---------------------------------------------------------------------------------------
 # Measuring
 
@@ -292,7 +339,8 @@ PHASES = [
     ("_claim", "claim (UPDATE + attempt row)"),
     ("_record_sent", "record sent (UPDATE + attempt)"),
     ("commit", "commits"),
-    ("acquire", "rate-limit token (Redis)"),
+    ("try_acquire", "rate-limit token, non-blocking (Redis)"),
+    ("acquire", "rate-limit token, waiting (Redis)"),
     ("send", "mailer.send (counting)"),
 ]
 
@@ -357,6 +405,12 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=2, help="celery worker processes")
     parser.add_argument("--concurrency", type=int, default=1, help="pool processes per worker")
     parser.add_argument("--chunk-size", type=int, default=200)
+    parser.add_argument(
+        "--history-days",
+        type=int,
+        default=1,
+        help="earlier editions already sent (0: the very first edition on an empty database)",
+    )
     parser.add_argument("--profile-only", action="store_true")
     parser.add_argument("--keep", action="store_true", help="keep the database afterwards")
     args = parser.parse_args()
@@ -383,11 +437,13 @@ def main() -> int:
         migrate.upgrade()
         t0 = time.perf_counter()
         seed(args.subscribers, args.papers, random.Random(20261127))
-        print(f"seeded {args.subscribers} subscribers, {args.papers} papers "
+        seed_history(args.history_days)
+        print(f"seeded {args.subscribers} subscribers, {args.papers} papers, "
+              f"{args.history_days} earlier editions "
               f"in {time.perf_counter() - t0:.1f} s")  # fmt: skip
 
         # Where one chunk's time goes (in this process, before the workers start).
-        from sqlalchemy import func, select
+        from sqlalchemy import func, select, text
 
         from worker import delivery
 
@@ -455,10 +511,16 @@ def main() -> int:
 
         with session_scope() as s:
             sent = s.scalar(
-                select(func.count()).select_from(Delivery).where(Delivery.state == "sent")
+                select(func.count())
+                .select_from(Delivery)
+                .where(Delivery.state == "sent", Delivery.edition_date == edition)
             )
             stamps = sorted(
-                s.scalars(select(Delivery.sent_at).where(Delivery.sent_at.is_not(None)))
+                s.scalars(
+                    select(Delivery.sent_at).where(
+                        Delivery.sent_at.is_not(None), Delivery.edition_date == edition
+                    )
+                )
             )
         stamps = [t for t in stamps if t]
         body = stamps[len(stamps) // 10 : len(stamps) * 9 // 10]
@@ -489,6 +551,21 @@ def main() -> int:
         )
         peak = max((sampler.rss.get(p, 0) for p in pools), default=0)
         print(f"  (pool processes: max {peak:.0f} MB)")
+        with session_scope() as s:
+            rows = s.execute(
+                text(
+                    "SELECT relname, seq_scan, seq_tup_read, idx_scan, n_tup_upd, n_tup_hot_upd,"
+                    " autovacuum_count FROM pg_stat_user_tables WHERE relname IN"
+                    " ('deliveries', 'delivery_attempts', 'delivery_papers', 'subscribers',"
+                    " 'papers') ORDER BY relname"
+                )
+            ).all()
+        print("PostgreSQL tables (whole run): seq scans / rows read, index scans, updates (HOT)")
+        for name, seq, seq_rows, idx, upd, hot, vac in rows:
+            print(
+                f"  {name:<18} {seq or 0:>6} / {seq_rows or 0:>9}  {idx or 0:>8}  "
+                f"{upd or 0:>7} ({hot or 0} HOT)  autovacuum {vac or 0}"
+            )
         return 0
     finally:
         for proc in procs:
