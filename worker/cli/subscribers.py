@@ -326,7 +326,7 @@ def _print_history(history: dict[str, Any]) -> None:
                 click.echo(f"      {reason}")
         for p in d["papers"]:
             topic = f"  [{p['matched_topic']}]" if p["matched_topic"] else ""
-            click.echo(f"      {p['position']}. {p['paper_id']}  {p['title']}{topic}")
+            click.echo(f"      {p['position'] + 1}. {p['paper_id']}  {p['title']}{topic}")
         for a in d["attempts"]:
             line = f"      {a['kind']} {_ts(a['started_at'])} -> {a['outcome'] or '…'}"
             if a["error"]:
