@@ -297,7 +297,7 @@ def make_delivery(email: str) -> None:
         )
         s.add(d)
         s.flush()
-        s.add(DeliveryPaper(delivery_id=d.id, paper_id="2603.00001", position=0))  # positions are 0-based, shown from 1
+        s.add(DeliveryPaper(delivery_id=d.id, paper_id="2603.00001", position=0))
         s.add(
             ProviderEvent(
                 dedupe_key="sns-1",
