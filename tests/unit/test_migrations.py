@@ -66,3 +66,15 @@ def test_delivery_unique_per_subscriber_and_date(session: db.Session) -> None:
     with pytest.raises(IntegrityError):
         session.flush()
     session.rollback()
+
+
+@pytest.mark.postgres
+def test_postgres_send_tables_analyze_early(env: dict[str, str], pg_url: str) -> None:
+    from sqlalchemy import text
+
+    migrate.upgrade("head", url=pg_url)
+    with db.get_engine(pg_url).connect() as conn:
+        opts = conn.execute(
+            text("SELECT reloptions FROM pg_class WHERE relname = 'delivery_papers'")
+        ).scalar()
+    assert "autovacuum_analyze_threshold=1000" in opts
