@@ -357,15 +357,8 @@ def process_deliveries(
             if pending_record:
                 pending_record(session)
                 pending_record = None
-            claimed = _claim(
-                session,
-                item.delivery_id,
-                attempt_kind,
-                reason,
-                actor,
-                check_subscriber=not include_suppressed,
-            )
-            if not claimed:
+            claimed_at = _claim(session, item.delivery_id, check_subscriber=not include_suppressed)
+            if claimed_at is None:
                 why = _unclaimable_reason(session, item.delivery_id)
                 if why and _skip(session, item.delivery_id, why):
                     outcome.skipped += 1
@@ -376,10 +369,13 @@ def process_deliveries(
                     on_progress(1)
                 continue
             session.commit()
+            attempt = _Attempt(attempt_kind, claimed_at, reason, actor)
             try:
                 result = mailer.send(item.message)  # type: ignore[attr-defined]
             except MailerError as exc:
-                stop = _record_failure(session, item.delivery_id, exc, settings, outcome, limiter)
+                stop = _record_failure(
+                    session, item.delivery_id, exc, settings, outcome, limiter, attempt
+                )
                 session.commit()
                 if on_progress and item.delivery_id not in {d for d, _ in outcome.retry}:
                     on_progress(1)
@@ -392,8 +388,13 @@ def process_deliveries(
             message_id = result.message_id
             delivery_id = item.delivery_id
 
-            def record(s: Session, delivery_id: int = delivery_id, mid: str = message_id) -> None:
-                _record_sent(s, delivery_id, mid)
+            def record(
+                s: Session,
+                delivery_id: int = delivery_id,
+                mid: str = message_id,
+                attempt: _Attempt = attempt,
+            ) -> None:
+                _record_sent(s, delivery_id, mid, attempt)
 
             pending_record = record
             outcome.sent += 1
@@ -623,50 +624,28 @@ _RECORD_SENT = (
         updated_at=bindparam("updated_at"),
     )
 )
-# The open attempt of a delivery: its latest unfinished one.
-_FINISH_ATTEMPT = (
-    update(_A)
-    .where(
-        _A.c.id
-        == select(func.max(_A.c.id))
-        .where(_A.c.delivery_id == bindparam("did"), _A.c.finished_at.is_(None))
-        .scalar_subquery()
-    )
-    .values(
-        finished_at=bindparam("finished_at"),
-        outcome=bindparam("outcome"),
-        error=bindparam("error"),
-        message_id=bindparam("mid"),
-    )
-)
+_INSERT_ATTEMPT = insert(_A)
 
 
-def _claim(
-    session: Session,
-    delivery_id: int,
-    kind: str,
-    reason: str | None,
-    actor: str | None,
-    *,
-    check_subscriber: bool = True,
-) -> bool:
+@dataclass(frozen=True)
+class _Attempt:
+    """What the attempt row of a claimed delivery will say; it is written once, complete,
+    when the outcome is known (one statement per email fewer than insert-then-update)."""
+
+    kind: str
+    started_at: datetime
+    reason: str | None = None
+    actor: str | None = None
+
+
+def _claim(session: Session, delivery_id: int, *, check_subscriber: bool = True) -> datetime | None:
+    """pending -> sending; the claim time, or None when the row was not claimable."""
     now = utcnow()
-    conn = session.connection()
     stmt = _CLAIM_IF_SENDABLE if check_subscriber else _CLAIM
-    res = conn.execute(stmt, {"did": delivery_id, "claimed_at": now, "updated_at": now})
-    if res.rowcount != 1:
-        return False
-    conn.execute(
-        insert(_A),
-        {
-            "delivery_id": delivery_id,
-            "kind": kind,
-            "started_at": now,
-            "reason": reason,
-            "actor": actor,
-        },
+    res = session.connection().execute(
+        stmt, {"did": delivery_id, "claimed_at": now, "updated_at": now}
     )
-    return True
+    return now if res.rowcount == 1 else None
 
 
 def _unclaimable_reason(session: Session, delivery_id: int) -> str | None:
@@ -682,21 +661,39 @@ def _unclaimable_reason(session: Session, delivery_id: int) -> str | None:
 
 
 def _finish_attempt(
-    session: Session, delivery_id: int, outcome: str, error: str | None, message_id: str | None
+    session: Session,
+    delivery_id: int,
+    attempt: _Attempt | None,
+    outcome: str,
+    error: str | None,
+    message_id: str | None,
+    now: datetime | None = None,
 ) -> None:
+    """Write the attempt row, complete (started at the claim, finished now)."""
+    now = now or utcnow()
+    attempt = attempt or _Attempt("send", now)
     session.connection().execute(
-        _FINISH_ATTEMPT,
+        _INSERT_ATTEMPT,
         {
-            "did": delivery_id,
-            "finished_at": utcnow(),
+            "delivery_id": delivery_id,
+            "kind": attempt.kind,
+            "started_at": attempt.started_at,
+            "finished_at": now,
             "outcome": outcome,
             "error": error,
-            "mid": message_id,
+            "message_id": message_id,
+            "reason": attempt.reason,
+            "actor": attempt.actor,
         },
     )
 
 
-def _record_sent(session: Session, delivery_id: int, message_id: str) -> None:
+def _record_sent(
+    session: Session, delivery_id: int, message_id: str, attempt: _Attempt | None = None
+) -> None:
+    # The attempt row is written even if the delivery row has moved on (resent by an
+    # operator meanwhile): the provider accepted this message, and bounces and complaints
+    # find their delivery through the attempt's message id.
     now = utcnow()
     session.connection().execute(
         _RECORD_SENT,
@@ -708,7 +705,7 @@ def _record_sent(session: Session, delivery_id: int, message_id: str) -> None:
             "updated_at": now,
         },
     )
-    _finish_attempt(session, delivery_id, "sent", None, message_id)
+    _finish_attempt(session, delivery_id, attempt, "sent", None, message_id, now)
 
 
 def _record_failure(
@@ -718,6 +715,7 @@ def _record_failure(
     settings: Settings,
     outcome: ChunkOutcome,
     limiter: object,
+    attempt: _Attempt | None = None,
 ) -> bool:
     """Record a mailer error; True when the whole run must stop (account-level)."""
     now = utcnow()
@@ -729,7 +727,7 @@ def _record_failure(
             .where(*where)
             .values(state=DeliveryState.UNKNOWN, last_error=reason, finished_at=now, updated_at=now)
         )
-        _finish_attempt(session, delivery_id, "unknown", reason, None)
+        _finish_attempt(session, delivery_id, attempt, "unknown", reason, None, now)
         outcome.unknown += 1
         return False
     if isinstance(exc, AccountError):
@@ -744,7 +742,7 @@ def _record_failure(
                 attempts=Delivery.attempts - 1,
             )
         )
-        _finish_attempt(session, delivery_id, "paused", reason, None)
+        _finish_attempt(session, delivery_id, attempt, "paused", reason, None, now)
         pause_sending(session, f"provider refused sending: {reason}")
         outcome.paused = reason
         return True
@@ -763,7 +761,7 @@ def _record_failure(
                     last_error=f"gave up after {attempts} attempts: {reason}",
                 )
             )
-            _finish_attempt(session, delivery_id, "failed", reason, None)
+            _finish_attempt(session, delivery_id, attempt, "failed", reason, None, now)
             outcome.failed += 1
             return False
         delay = exc.retry_after or backoff_delay(attempts, settings)
@@ -777,7 +775,7 @@ def _record_failure(
                 scheduled_at=now + timedelta(seconds=delay),
             )
         )
-        _finish_attempt(session, delivery_id, "transient", reason, None)
+        _finish_attempt(session, delivery_id, attempt, "transient", reason, None, now)
         outcome.retry.append((delivery_id, delay))
         return False
     # PermanentError and anything unclassified: fail this message with the reason.
@@ -787,7 +785,7 @@ def _record_failure(
         .where(*where)
         .values(state=DeliveryState.FAILED, last_error=reason, finished_at=now, updated_at=now)
     )
-    _finish_attempt(session, delivery_id, kind, reason, None)
+    _finish_attempt(session, delivery_id, attempt, kind, reason, None, now)
     outcome.failed += 1
     return False
 
@@ -807,14 +805,21 @@ def reap_stale_sending(
     settings = settings or get_settings()
     now = now or utcnow()
     cutoff = now - timedelta(seconds=settings.sending_timeout_seconds)
-    stale = select(Delivery.id).where(
-        Delivery.state == DeliveryState.SENDING, Delivery.claimed_at < cutoff
-    )
-    # Close their open attempts first, so the history says what happened.
+    stale = select(
+        Delivery.id,
+        literal("send", String()),
+        Delivery.claimed_at,
+        literal(now, UTCDateTime()),
+        literal("unknown", String()),
+        literal("worker stopped while sending", String()),
+    ).where(Delivery.state == DeliveryState.SENDING, Delivery.claimed_at < cutoff)
+    # The worker writes an attempt row only once it knows the outcome: write the row of
+    # the attempt it never finished, so the history says what happened. (A resend's
+    # operator, reason and the requeue are on its `requeue` row.)
     session.execute(
-        update(DeliveryAttempt)
-        .where(DeliveryAttempt.delivery_id.in_(stale), DeliveryAttempt.finished_at.is_(None))
-        .values(finished_at=now, outcome="unknown", error="worker stopped while sending")
+        insert(DeliveryAttempt).from_select(
+            ["delivery_id", "kind", "started_at", "finished_at", "outcome", "error"], stale
+        )
     )
     res = session.execute(
         update(Delivery)
