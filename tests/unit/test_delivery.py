@@ -314,6 +314,10 @@ def test_crash_after_accept_leaves_sending_then_unknown(world: Settings) -> None
         counts = delivery.edition_counts(s, TODAY)
     assert counts["unknown"] == 1 and counts["sent"] == 1 + out.sent
     assert counts["pending"] == 0 and counts["sending"] == 0
+    with session_scope() as s:
+        lost = s.scalar(select(Delivery).where(Delivery.state == "unknown"))
+        [attempt] = lost.attempts_log  # the reaper writes what happened to the history
+        assert attempt.outcome == "unknown" and attempt.finished_at is not None
 
 
 def test_suppressed_rechecked_just_before_sending(world: Settings) -> None:
