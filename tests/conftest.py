@@ -23,6 +23,16 @@ PG_ADMIN_URL = os.environ.get(
 )
 REDIS_URL = os.environ.get("PAPERMAIL_TEST_REDIS_URL", "redis://127.0.0.1:6379")
 SEEDS = Path(__file__).resolve().parent / "data"
+# Set by .ci/run: a missing service is a failure there, never a quiet skip.
+REQUIRE_SERVICES = os.environ.get("PAPERMAIL_TEST_REQUIRE_SERVICES") == "1"
+
+
+def skip_loudly(reason: str) -> None:
+    """Skip with a warning in the summary; fail instead when CI requires every service."""
+    if REQUIRE_SERVICES:
+        pytest.fail(f"{reason} (PAPERMAIL_TEST_REQUIRE_SERVICES=1: services are required)")
+    warnings.warn(reason, stacklevel=2)
+    pytest.skip(reason)
 
 
 def _clear_env(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -85,8 +95,7 @@ def pg_admin_url() -> str:
     problem = _pg_reachable()
     if problem:
         msg = f"PostgreSQL NOT REACHABLE at {PG_ADMIN_URL} ({problem}); PostgreSQL tests SKIPPED"
-        warnings.warn(msg, stacklevel=1)
-        pytest.skip(msg)
+        skip_loudly(msg)
     return PG_ADMIN_URL
 
 
@@ -132,14 +141,13 @@ def redis_base_url() -> Iterator[str]:
         admin.ping()
     except Exception as exc:
         msg = f"Redis NOT REACHABLE at {REDIS_URL} ({exc}); Redis tests SKIPPED"
-        warnings.warn(msg, stacklevel=1)
-        pytest.skip(msg)
+        skip_loudly(msg)
     token = f"{os.getpid()}-{uuid.uuid4().hex}"
     for number in range(1, 16):
         if admin.set(f"papermail:test-lease:{number}", token, nx=True, ex=3600):
             break
     else:
-        pytest.skip("all 15 Redis test databases are leased by other test runs")
+        skip_loudly("all 15 Redis test databases are leased by other test runs")
     yield f"{REDIS_URL}/{number}"
     if admin.get(f"papermail:test-lease:{number}") == token.encode():
         admin.delete(f"papermail:test-lease:{number}")

@@ -9,7 +9,6 @@ the `.eml` files there, as a reader would. Screenshots (phone 375x812 and deskto
 from __future__ import annotations
 
 import threading
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import date, timedelta
@@ -21,6 +20,7 @@ import pytest
 from click.testing import CliRunner
 from sqlalchemy import select
 
+from tests.conftest import skip_loudly
 from tests.unit.web_support import html_links, outbox_messages
 from worker import config, migrate
 from worker.config import Settings
@@ -48,9 +48,7 @@ PAPERS = [
 
 
 def _skip_loudly(reason: str) -> None:
-    msg = f"BROWSER TESTS SKIPPED: {reason}"
-    warnings.warn(msg, stacklevel=2)
-    pytest.skip(msg)
+    skip_loudly(f"BROWSER TESTS SKIPPED: {reason}")
 
 
 @pytest.fixture(scope="module")
