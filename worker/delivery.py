@@ -55,7 +55,6 @@ from worker.models import (
     Frequency,
     Paper,
     Subscriber,
-    SubscriberStatus,
     UTCDateTime,
     utcnow,
 )
@@ -73,11 +72,7 @@ PAUSE_CHECK_SECONDS = 1.0
 
 def sendable_filter(today: date) -> list:  # type: ignore[type-arg]
     """SQL conditions for a subscriber who may receive mail on ``today``."""
-    return [
-        Subscriber.status == SubscriberStatus.ACTIVE,
-        Subscriber.suppressed_at.is_(None),
-        or_(Subscriber.paused_until.is_(None), Subscriber.paused_until < today),
-    ]
+    return Subscriber.sendable_clause(today)
 
 
 def due_filter(edition_date: date) -> list:  # type: ignore[type-arg]
@@ -228,7 +223,6 @@ class ChunkOutcome:
     not_claimed: int = 0  # someone else had it, or it was no longer pending
     retry: list[tuple[int, float]] = field(default_factory=list)  # (delivery id, delay s)
     paused: str | None = None  # why sending stopped (account-level error or guard)
-    dry_run_messages: int = 0
 
     def merge(self, other: ChunkOutcome) -> None:
         self.sent += other.sent
@@ -238,7 +232,6 @@ class ChunkOutcome:
         self.not_claimed += other.not_claimed
         self.retry.extend(other.retry)
         self.paused = self.paused or other.paused
-        self.dry_run_messages += other.dry_run_messages
 
     @property
     def handled(self) -> int:
@@ -283,7 +276,6 @@ def backoff_delay(attempt: int, settings: Settings) -> float:
 @dataclass
 class _Prepared:
     delivery_id: int
-    subscriber_id: int
     message: object  # OutgoingMessage
 
 
@@ -534,7 +526,7 @@ def prepare_messages(
         message = renderer.render_digest(
             recipient_of(sub), delivery.edition_date, views, delivery_id=delivery.id
         )
-        prepared.append(_Prepared(delivery.id, sub.id, message))
+        prepared.append(_Prepared(delivery.id, message))
     return prepared, outcome
 
 
@@ -561,13 +553,7 @@ def unsendable_reason(
     """
     if include_suppressed and sub.is_suppressed:
         return None
-    if sub.suppressed_at is not None:
-        return f"suppressed: {sub.suppression_reason or 'by operator'}"
-    if sub.status != SubscriberStatus.ACTIVE:
-        return f"subscriber is {sub.status}"
-    if sub.paused_until is not None and sub.paused_until >= today:
-        return f"paused until {sub.paused_until.isoformat()}"
-    return None
+    return sub.unsendable_reason(today)
 
 
 def _skip(session: Session, delivery_id: int, why: str) -> bool:
@@ -595,16 +581,12 @@ _CLAIM = (
         updated_at=bindparam("updated_at"),
     )
 )
-_S = Subscriber.__table__
 # The subscriber is checked again in the claim itself: an unsubscribe, complaint or bounce
 # that lands while the chunk waits for tokens is honoured.
 _CLAIM_IF_SENDABLE = _CLAIM.where(
     exists(
-        select(_S.c.id).where(
-            _S.c.id == _D.c.subscriber_id,
-            _S.c.status == SubscriberStatus.ACTIVE.value,
-            _S.c.suppressed_at.is_(None),
-            or_(_S.c.paused_until.is_(None), _S.c.paused_until < _D.c.edition_date),
+        select(Subscriber.id).where(
+            Subscriber.id == _D.c.subscriber_id, *sendable_filter(_D.c.edition_date)
         )
     )
 )
@@ -720,29 +702,24 @@ def _record_failure(
     """Record a mailer error; True when the whole run must stop (account-level)."""
     now = utcnow()
     reason = str(exc)[:2000]
-    where = (Delivery.id == delivery_id, Delivery.state == DeliveryState.SENDING)
-    if isinstance(exc, AmbiguousError):
+
+    def settle(state: DeliveryState, label: str, error: str = reason, **values: object) -> None:
+        """Move the row on from `sending` and write its finished attempt."""
+        final = {} if state == DeliveryState.PENDING else {"finished_at": now}
         session.execute(
             update(Delivery)
-            .where(*where)
-            .values(state=DeliveryState.UNKNOWN, last_error=reason, finished_at=now, updated_at=now)
+            .where(Delivery.id == delivery_id, Delivery.state == DeliveryState.SENDING)
+            .values(state=state, updated_at=now, last_error=error, **final, **values)
         )
-        _finish_attempt(session, delivery_id, attempt, "unknown", reason, None, now)
+        _finish_attempt(session, delivery_id, attempt, label, reason, None, now)
+
+    if isinstance(exc, AmbiguousError):
+        settle(DeliveryState.UNKNOWN, "unknown")
         outcome.unknown += 1
         return False
     if isinstance(exc, AccountError):
         # The provider refused before sending: hand the row back, stop the run.
-        session.execute(
-            update(Delivery)
-            .where(*where)
-            .values(
-                state=DeliveryState.PENDING,
-                last_error=reason,
-                updated_at=now,
-                attempts=Delivery.attempts - 1,
-            )
-        )
-        _finish_attempt(session, delivery_id, attempt, "paused", reason, None, now)
+        settle(DeliveryState.PENDING, "paused", attempts=Delivery.attempts - 1)
         pause_sending(session, f"provider refused sending: {reason}")
         outcome.paused = reason
         return True
@@ -751,41 +728,15 @@ def _record_failure(
             limiter.slow_down()  # type: ignore[attr-defined]
         attempts = session.scalar(select(Delivery.attempts).where(Delivery.id == delivery_id)) or 1
         if attempts >= settings.max_attempts:
-            session.execute(
-                update(Delivery)
-                .where(*where)
-                .values(
-                    state=DeliveryState.FAILED,
-                    finished_at=now,
-                    updated_at=now,
-                    last_error=f"gave up after {attempts} attempts: {reason}",
-                )
-            )
-            _finish_attempt(session, delivery_id, attempt, "failed", reason, None, now)
+            settle(DeliveryState.FAILED, "failed", f"gave up after {attempts} attempts: {reason}")
             outcome.failed += 1
             return False
         delay = exc.retry_after or backoff_delay(attempts, settings)
-        session.execute(
-            update(Delivery)
-            .where(*where)
-            .values(
-                state=DeliveryState.PENDING,
-                last_error=reason,
-                updated_at=now,
-                scheduled_at=now + timedelta(seconds=delay),
-            )
-        )
-        _finish_attempt(session, delivery_id, attempt, "transient", reason, None, now)
+        settle(DeliveryState.PENDING, "transient", scheduled_at=now + timedelta(seconds=delay))
         outcome.retry.append((delivery_id, delay))
         return False
     # PermanentError and anything unclassified: fail this message with the reason.
-    kind = "failed" if isinstance(exc, PermanentError) else "error"
-    session.execute(
-        update(Delivery)
-        .where(*where)
-        .values(state=DeliveryState.FAILED, last_error=reason, finished_at=now, updated_at=now)
-    )
-    _finish_attempt(session, delivery_id, attempt, kind, reason, None, now)
+    settle(DeliveryState.FAILED, "failed" if isinstance(exc, PermanentError) else "error")
     outcome.failed += 1
     return False
 

@@ -24,6 +24,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    or_,
 )
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
@@ -178,6 +179,27 @@ class Subscriber(Base):
     @property
     def is_suppressed(self) -> bool:
         return self.status in SUPPRESSED_STATUSES or self.suppressed_at is not None
+
+    # The one sending rule, in Python and in SQL: active, not suppressed by an operator,
+    # and not paused by date (``paused_until`` is the last paused day).
+    def unsendable_reason(self, today: date) -> str | None:
+        """Why an edition dated ``today`` must not go to this subscriber, or None."""
+        if self.suppressed_at is not None:
+            return f"suppressed: {self.suppression_reason or 'by operator'}"
+        if self.status != SubscriberStatus.ACTIVE:
+            return f"subscriber is {self.status}"
+        if self.paused_until is not None and self.paused_until >= today:
+            return f"paused until {self.paused_until.isoformat()}"
+        return None
+
+    @classmethod
+    def sendable_clause(cls, today: Any) -> list[Any]:
+        """The same rule as SQL conditions; ``today`` is a date or a date column."""
+        return [
+            cls.status == SubscriberStatus.ACTIVE,
+            cls.suppressed_at.is_(None),
+            or_(cls.paused_until.is_(None), cls.paused_until < today),
+        ]
 
 
 class Delivery(Base):

@@ -40,7 +40,26 @@ class RateLimiter(Protocol):
     def rate(self) -> float: ...
 
 
-class LocalBucket:
+class _Bucket:
+    """Waiting on top of a subclass's ``_take`` (seconds until the tokens exist, 0 = taken)."""
+
+    def _take(self, tokens: int) -> float:
+        raise NotImplementedError
+
+    def try_acquire(self, tokens: int = 1) -> bool:
+        return self._take(tokens) <= 0
+
+    def acquire(self, tokens: int = 1) -> float:
+        waited = 0.0
+        while True:
+            wait = self._take(tokens)
+            if wait <= 0:
+                return waited
+            time.sleep(wait)
+            waited += wait
+
+
+class LocalBucket(_Bucket):
     """Thread-safe token bucket for one process (no broker configured)."""
 
     def __init__(self, rate: float, burst: int) -> None:
@@ -71,18 +90,6 @@ class LocalBucket:
                 self._tokens -= tokens
                 return 0.0
             return (tokens - self._tokens) / rate
-
-    def try_acquire(self, tokens: int = 1) -> bool:
-        return self._take(tokens) <= 0
-
-    def acquire(self, tokens: int = 1) -> float:
-        waited = 0.0
-        while True:
-            wait = self._take(tokens)
-            if wait <= 0:
-                return waited
-            time.sleep(wait)
-            waited += wait
 
     def slow_down(self, factor: float = 0.5, seconds: float = 60.0) -> None:
         with self._lock:
@@ -130,7 +137,7 @@ return {wait, taken}
 """
 
 
-class RedisBucket:
+class RedisBucket(_Bucket):
     """Token bucket shared through Redis by every worker process on every machine."""
 
     def __init__(self, url: str, rate: float, burst: int, name: str = "send") -> None:
@@ -177,18 +184,6 @@ class RedisBucket:
                 self._held = int(taken) - tokens
                 self._held_until = now + self._hold
         return 0.0
-
-    def try_acquire(self, tokens: int = 1) -> bool:
-        return self._take(tokens) <= 0
-
-    def acquire(self, tokens: int = 1) -> float:
-        waited = 0.0
-        while True:
-            wait = self._take(tokens)
-            if wait <= 0:
-                return waited
-            time.sleep(wait)
-            waited += wait
 
     def slow_down(self, factor: float = 0.5, seconds: float = 60.0) -> None:
         self._held = 0  # throttled: nothing taken at the old rate is spent any more

@@ -441,9 +441,7 @@ def list_subscribers(session: Session, status: str | None = None) -> list[Subscr
         elif wanted == SubscriberStatus.PAUSED.value:
             # Subscribers pause themselves with a date ("pause until"), not a status.
             today = utcnow().date()
-            query = query.where(
-                or_(Subscriber.status == wanted, Subscriber.paused_until >= today)
-            )
+            query = query.where(or_(Subscriber.status == wanted, Subscriber.paused_until >= today))
         elif wanted in {s.value for s in SubscriberStatus}:
             query = query.where(Subscriber.status == wanted)
         else:
@@ -458,18 +456,9 @@ def status_counts(session: Session) -> dict[str, int]:
 
 
 def is_sendable(sub: Subscriber, today: date) -> bool:
-    """Whether an edition dated ``today`` (the subscriber's local date) may go to ``sub``.
-
-    Rules: the status is ``active`` (not pending, paused, unsubscribed, bounced or
-    complained); no operator suppression (``suppressed_at`` unset); and not paused by
-    date: ``paused_until`` is the last paused day, so ``paused_until >= today`` means
-    paused and sending resumes the day after.
-    """
-    if sub.status != SubscriberStatus.ACTIVE.value:
-        return False
-    if sub.suppressed_at is not None:
-        return False
-    return not (sub.paused_until is not None and sub.paused_until >= today)
+    """Whether an edition dated ``today`` (the subscriber's local date) may go to ``sub``
+    (the rule lives in ``Subscriber.unsendable_reason``)."""
+    return sub.unsendable_reason(today) is None
 
 
 # --- suppression ------------------------------------------------------------------------

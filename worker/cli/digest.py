@@ -156,10 +156,8 @@ def _summary(
                 fg="red",
                 err=True,
             )
-    failed = counts.get("failed", 0) + counts.get("unknown", 0)
     if paused or (result is not None and (result[1].failed or result[1].unknown)):
         raise SystemExit(1)
-    del failed
 
 
 def _dry_run(edition: object, as_json: bool) -> None:
