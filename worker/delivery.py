@@ -36,6 +36,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Session
 
+from worker.clock import Clock, anchored
 from worker.config import Settings, get_settings
 from worker.db import dialect_insert, insert_ignore_or_update, session_scope
 from worker.mailers.errors import (
@@ -306,7 +307,11 @@ def process_deliveries(
     outcome = ChunkOutcome()
     if not delivery_ids:
         return outcome
-    now = now or utcnow()
+    # Every stamp of this chunk (claim, record, retry time) reads one clock anchored at
+    # the caller's `now`, so a retry's `scheduled_at` compares with the `now` of the next
+    # run, whatever the wall clock says.
+    clock = anchored(now)
+    now = clock()
 
     with session_scope() as session:
         paused = sending_paused(session)
@@ -314,7 +319,12 @@ def process_deliveries(
             outcome.paused = paused
             return outcome
         prepared, prep_outcome = prepare_messages(
-            session, delivery_ids, settings, now, include_suppressed=include_suppressed
+            session,
+            delivery_ids,
+            settings,
+            now,
+            include_suppressed=include_suppressed,
+            clock=clock,
         )
     outcome.merge(prep_outcome)
     if on_progress and prep_outcome.handled:
@@ -349,10 +359,12 @@ def process_deliveries(
             if pending_record:
                 pending_record(session)
                 pending_record = None
-            claimed_at = _claim(session, item.delivery_id, check_subscriber=not include_suppressed)
+            claimed_at = _claim(
+                session, item.delivery_id, clock, check_subscriber=not include_suppressed
+            )
             if claimed_at is None:
                 why = _unclaimable_reason(session, item.delivery_id)
-                if why and _skip(session, item.delivery_id, why):
+                if why and _skip(session, item.delivery_id, why, clock):
                     outcome.skipped += 1
                 else:
                     outcome.not_claimed += 1
@@ -366,7 +378,7 @@ def process_deliveries(
                 result = mailer.send(item.message)  # type: ignore[attr-defined]
             except MailerError as exc:
                 stop = _record_failure(
-                    session, item.delivery_id, exc, settings, outcome, limiter, attempt
+                    session, item.delivery_id, exc, settings, outcome, limiter, attempt, clock
                 )
                 session.commit()
                 if on_progress and item.delivery_id not in {d for d, _ in outcome.retry}:
@@ -386,7 +398,7 @@ def process_deliveries(
                 mid: str = message_id,
                 attempt: _Attempt = attempt,
             ) -> None:
-                _record_sent(s, delivery_id, mid, attempt)
+                _record_sent(s, delivery_id, mid, attempt, clock)
 
             pending_record = record
             outcome.sent += 1
@@ -423,6 +435,7 @@ def prepare_messages(
     now: datetime,
     *,
     include_suppressed: bool = False,
+    clock: Clock = utcnow,
 ) -> tuple[list[_Prepared], ChunkOutcome]:
     """Bulk-load a chunk, re-check each subscriber, select papers and render the messages.
 
@@ -450,7 +463,7 @@ def prepare_messages(
     for delivery, sub in rows:
         why = unsendable_reason(sub, delivery.edition_date, include_suppressed=include_suppressed)
         if why:
-            if _skip(session, delivery.id, why):
+            if _skip(session, delivery.id, why, clock):
                 outcome.skipped += 1
             else:
                 outcome.not_claimed += 1
@@ -489,7 +502,7 @@ def prepare_messages(
         else:
             result = results[sub.id]
             if not result.picks:
-                if _skip(session, delivery.id, result.skip_reason or "nothing new to send"):
+                if _skip(session, delivery.id, result.skip_reason or "nothing new to send", clock):
                     outcome.skipped += 1
                 else:
                     outcome.not_claimed += 1
@@ -520,7 +533,7 @@ def prepare_messages(
     for delivery, sub, picks in chosen:
         views = [paper_view(papers[pid], topic) for pid, topic in picks if pid in papers]
         if not views:  # its papers were deleted meanwhile: never an empty email
-            if _skip(session, delivery.id, "the selected papers no longer exist"):
+            if _skip(session, delivery.id, "the selected papers no longer exist", clock):
                 outcome.skipped += 1
             continue
         message = renderer.render_digest(
@@ -556,8 +569,8 @@ def unsendable_reason(
     return sub.unsendable_reason(today)
 
 
-def _skip(session: Session, delivery_id: int, why: str) -> bool:
-    now = utcnow()
+def _skip(session: Session, delivery_id: int, why: str, clock: Clock = utcnow) -> bool:
+    now = clock()
     res = session.execute(
         update(Delivery)
         .where(Delivery.id == delivery_id, Delivery.state == DeliveryState.PENDING)
@@ -620,9 +633,11 @@ class _Attempt:
     actor: str | None = None
 
 
-def _claim(session: Session, delivery_id: int, *, check_subscriber: bool = True) -> datetime | None:
+def _claim(
+    session: Session, delivery_id: int, clock: Clock = utcnow, *, check_subscriber: bool = True
+) -> datetime | None:
     """pending -> sending; the claim time, or None when the row was not claimable."""
-    now = utcnow()
+    now = clock()
     stmt = _CLAIM_IF_SENDABLE if check_subscriber else _CLAIM
     res = session.connection().execute(
         stmt, {"did": delivery_id, "claimed_at": now, "updated_at": now}
@@ -671,12 +686,16 @@ def _finish_attempt(
 
 
 def _record_sent(
-    session: Session, delivery_id: int, message_id: str, attempt: _Attempt | None = None
+    session: Session,
+    delivery_id: int,
+    message_id: str,
+    attempt: _Attempt | None = None,
+    clock: Clock = utcnow,
 ) -> None:
     # The attempt row is written even if the delivery row has moved on (resent by an
     # operator meanwhile): the provider accepted this message, and bounces and complaints
     # find their delivery through the attempt's message id.
-    now = utcnow()
+    now = clock()
     session.connection().execute(
         _RECORD_SENT,
         {
@@ -698,9 +717,10 @@ def _record_failure(
     outcome: ChunkOutcome,
     limiter: object,
     attempt: _Attempt | None = None,
+    clock: Clock = utcnow,
 ) -> bool:
     """Record a mailer error; True when the whole run must stop (account-level)."""
-    now = utcnow()
+    now = clock()
     reason = str(exc)[:2000]
 
     def settle(state: DeliveryState, label: str, error: str = reason, **values: object) -> None:

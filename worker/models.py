@@ -29,11 +29,13 @@ from sqlalchemy import (
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
+from worker import clock as _clock
 from worker.db import Base
 
 
 def utcnow() -> datetime:
-    return datetime.now(UTC)
+    # The one clock (worker.clock): tests and replays move it for every caller at once.
+    return _clock.utcnow()
 
 
 class UTCDateTime(TypeDecorator[datetime]):

@@ -25,7 +25,6 @@ import secrets
 import tempfile
 import textwrap
 import threading
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
@@ -40,6 +39,7 @@ from mjml import mjml2html
 from premailer import Premailer
 
 from worker import links
+from worker.clock import utcnow
 from worker.config import Settings, get_settings
 from worker.errors import InvalidInput
 from worker.message import OutgoingMessage
@@ -824,7 +824,7 @@ class Renderer:
             f"From: {self.from_header}",
             f"To: {to}",
             unstructured_header("Subject", subject),
-            f"Date: {_date_header(int(time.time()))}",
+            f"Date: {_date_header(int(utcnow().timestamp()))}",
             f"Message-ID: {message_id}",
         ]
         if self.reply_to:

@@ -34,6 +34,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
+from worker.clock import utcnow
 from worker.config import Settings
 
 log = logging.getLogger(__name__)
@@ -278,7 +279,7 @@ def verify_message(
     if topic not in settings.sns_topic_arns:
         raise SnsVerificationError(f"topic {topic!r} is not in PAPERMAIL_SNS_TOPIC_ARNS")
 
-    now = now or datetime.now(UTC)
+    now = now or utcnow()
     stamp = parse_timestamp(message["Timestamp"])
     if abs(now - stamp) > MAX_CLOCK_SKEW:
         raise SnsVerificationError(

@@ -357,9 +357,9 @@ def test_retry_waits_out_its_backoff_even_if_redelivered(world: Settings) -> Non
     mailer = ScriptedMailer([TransientError("503")])
     out = run(ids, mailer, world)
     ((retry_id, delay),) = out.retry
-    real_now = datetime.now(UTC)  # the backoff is scheduled on the real clock
+    # The backoff is scheduled on the chunk's clock (NOW), never on the wall clock.
     early = delivery.process_deliveries(
-        [retry_id], settings=world, mailer=mailer, limiter=fast_limiter(), now=real_now
+        [retry_id], settings=world, mailer=mailer, limiter=fast_limiter(), now=NOW
     )
     assert early.sent == 0 and early.not_claimed == 1
     late = delivery.process_deliveries(
@@ -367,7 +367,7 @@ def test_retry_waits_out_its_backoff_even_if_redelivered(world: Settings) -> Non
         settings=world,
         mailer=mailer,
         limiter=fast_limiter(),
-        now=real_now + timedelta(seconds=delay + 1),
+        now=NOW + timedelta(seconds=delay + 1),
     )
     assert late.sent == 1
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import sys
-from datetime import UTC, date, datetime
+from datetime import date, datetime
 from typing import Any
 
 import click
 
+from worker.clock import utcnow
 from worker.errors import PapermailError
 
 
@@ -27,7 +28,7 @@ def _json_default(value: Any) -> Any:
 def parse_date(value: str | None) -> date:
     """A YYYY-MM-DD date; ``None`` or ``today`` is today in UTC."""
     if value is None or value == "today":
-        return datetime.now(UTC).date()
+        return utcnow().date()
     try:
         return date.fromisoformat(value)
     except ValueError:

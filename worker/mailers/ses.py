@@ -12,13 +12,13 @@ import email.utils
 import logging
 import re
 from collections.abc import Mapping
-from datetime import UTC, datetime
 from typing import Any
 
 import boto3
 import botocore.exceptions as bx
 from botocore.config import Config
 
+from worker.clock import utcnow
 from worker.config import ConfigError, Settings
 from worker.mailers.base import Mailer, SendResult
 from worker.mailers.errors import (
@@ -175,7 +175,7 @@ def _retry_after(headers: Mapping[str, str]) -> float | None:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):
         return None
-    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+    return max(0.0, (when - utcnow()).total_seconds())
 
 
 def classify(exc: Exception) -> MailerError:

@@ -11,6 +11,7 @@ from typing import IO
 from sqlalchemy import and_, func, or_, select
 from sqlalchemy.orm import Session
 
+from worker.clock import utcnow
 from worker.db import insert_ignore_or_update
 from worker.errors import InvalidInput
 from worker.models import Paper
@@ -60,7 +61,7 @@ def upsert_papers(
     source had been ingested in order). The caller commits or rolls back, so a failure
     part-way leaves nothing behind when used inside ``session_scope``.
     """
-    now = now or datetime.now(UTC)
+    now = now or utcnow()
     latest: dict[str, PaperRecord] = {}
     for record in records:
         latest.pop(record.id, None)  # keep the order of last occurrence
@@ -139,7 +140,7 @@ def sample_records(now: datetime | None = None) -> list[PaperRecord]:
 
 def load_sample_papers(session: Session, now: datetime | None = None) -> IngestResult:
     """Upsert the bundled sample papers, the newest published at ``now`` (default: now)."""
-    now = now or datetime.now(UTC)
+    now = now or utcnow()
     result = upsert_papers(session, sample_records(now), "sample", now=now)
     return replace(result, name=str(sample_path()))
 
