@@ -23,7 +23,6 @@ from __future__ import annotations
 import base64
 import hmac
 import json
-import time
 from collections.abc import Callable
 from functools import lru_cache
 from typing import Any
@@ -32,6 +31,7 @@ from itsdangerous import BadData, BadSignature, SignatureExpired, URLSafeTimedSe
 from itsdangerous.encoding import int_to_bytes
 from itsdangerous.timed import TimestampSigner
 
+from worker.clock import utcnow
 from worker.config import Settings, get_settings
 from worker.errors import PapermailError
 
@@ -49,8 +49,10 @@ DAY = 24 * 3600
 DEFAULT_MAX_AGE = 400 * DAY
 MAX_AGES: dict[str, int] = {"confirm": 7 * DAY}
 
-# Indirection so tests can fix the clock without patching the time module globally.
-_clock = time.time
+
+def _clock() -> float:
+    # The process clock (worker.clock); an indirection tests can still pin on its own.
+    return utcnow().timestamp()
 
 
 class BadLink(PapermailError):

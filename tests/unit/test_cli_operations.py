@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import threading
-from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 from sqlalchemy import select, update
 
+from tests.unit.conftest import FIXED_NOW
 from worker import delivery, operations
 from worker.cli import main
 from worker.config import Settings
@@ -19,7 +19,7 @@ from worker.models import Delivery, DeliveryAttempt, Subscriber
 from worker.papers import load_sample_papers
 from worker.subscribers import SubscriberInput, add_subscriber
 
-NOW = datetime.now(UTC)
+NOW = FIXED_NOW  # the unit tests' fixed clock (tests/unit/conftest.py)
 TODAY = NOW.date().isoformat()
 
 

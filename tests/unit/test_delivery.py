@@ -11,6 +11,7 @@ import pytest
 from sqlalchemy import func, select, update
 
 from worker import delivery
+from worker.clock import utcnow
 from worker.config import Settings
 from worker.db import session_scope
 from worker.mailers.base import SendResult
@@ -308,9 +309,7 @@ def test_crash_after_accept_leaves_sending_then_unknown(world: Settings) -> None
     # recovery: the pending rest is sent once, the sending row is not touched
     out = run(ids, ScriptedMailer(), world)
     with session_scope() as s:
-        assert (
-            delivery.reap_stale_sending(s, world, now=datetime.now(UTC) + timedelta(hours=1)) == 1
-        )
+        assert delivery.reap_stale_sending(s, world, now=utcnow() + timedelta(hours=1)) == 1
         counts = delivery.edition_counts(s, TODAY)
     assert counts["unknown"] == 1 and counts["sent"] == 1 + out.sent
     assert counts["pending"] == 0 and counts["sending"] == 0

@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 
 from worker import delivery as delivery_mod
 from worker import events
+from worker.clock import utcnow
 from worker.config import Settings
 from worker.db import session_scope as session_for
 from worker.errors import InvalidInput
@@ -685,7 +686,7 @@ def test_poll_sqs_loop_survives_errors_until_stopped(
     with session_for() as session:
         sub = add_subscriber(session, "loop@example.org")
         message_id = add_delivery(session, sub).message_id
-    an_hour_ago = datetime.now(UTC) - timedelta(hours=1)  # poll_sqs uses the real clock
+    an_hour_ago = utcnow() - timedelta(hours=1)  # poll_sqs reads the process clock
     body = json.dumps(envelope(bounce(message_id, [sub.email], sent_at=an_hour_ago), "loop-1"))
     client = FlakySqs([[{"MessageId": "q1", "ReceiptHandle": "rh-1", "Body": body}]])
     seen: list[int] = []

@@ -96,10 +96,11 @@ def test_make_limiter_follows_the_broker(redis_url: str, settings: object) -> No
     assert isinstance(make_limiter(load_settings(broker_url=redis_url)), RedisBucket)
 
 
-def _hammer(
-    url: str, rate: float, burst: int, start_at: float, stop_at: float, out: object
-) -> None:
+def _hammer(url: str, rate: float, burst: int, ready: object, go: object, window: object) -> None:
     bucket = RedisBucket(url, rate, burst, name="multi")
+    ready.put(True)  # type: ignore[attr-defined]
+    go.wait(60)  # type: ignore[attr-defined]
+    start_at, stop_at = window[0], window[1]  # type: ignore[index]
     stamps = []
     while time.time() < start_at:
         time.sleep(0.001)
@@ -109,22 +110,28 @@ def _hammer(
         if now >= stop_at:
             break
         stamps.append(now)
-    out.put(stamps)  # type: ignore[attr-defined]
+    ready.put(stamps)  # type: ignore[attr-defined]
 
 
 @pytest.mark.slow
 def test_redis_bucket_keeps_the_total_rate_across_processes(redis_url: str) -> None:
     rate, burst, procs = 40.0, 4, 4
     ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    start_at = time.time() + 1.5  # let every process start first
-    stop_at = start_at + 3.0
+    queue, go, window = ctx.Queue(), ctx.Event(), ctx.Array("d", 2)
     workers = [
-        ctx.Process(target=_hammer, args=(redis_url, rate, burst, start_at, stop_at, queue))
+        ctx.Process(target=_hammer, args=(redis_url, rate, burst, queue, go, window))
         for _ in range(procs)
     ]
     for w in workers:
         w.start()
+    # Start the clock only once every process is up: a loaded machine may take seconds
+    # to spawn them, which must not eat the measured window.
+    for _ in workers:
+        assert queue.get(timeout=60) is True
+    start_at = time.time() + 0.2
+    stop_at = start_at + 3.0
+    window[0], window[1] = start_at, stop_at
+    go.set()
     results = [queue.get(timeout=30) for _ in workers]
     for w in workers:
         w.join(timeout=10)

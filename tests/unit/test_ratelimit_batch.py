@@ -70,4 +70,8 @@ def test_ordinary_rates_take_one_token_per_call(redis_url: str) -> None:
         assert bucket.try_acquire()
         stamps.add(_state(redis_url, "single")[1])
     assert len(stamps) == 5
-    assert _state(redis_url, "single")[0] == pytest.approx(35, abs=1)
+    # Five tokens taken; what refilled meanwhile depends on how fast this machine ran the
+    # calls, so allow exactly that (the stamps are the server's microseconds).
+    elapsed = (max(map(float, stamps)) - min(map(float, stamps))) / 1e6
+    tokens = _state(redis_url, "single")[0]
+    assert 35 - 0.01 <= tokens <= 35 + 40.0 * elapsed + 0.01

@@ -11,7 +11,7 @@ import http.server
 import logging
 import threading
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
@@ -20,12 +20,15 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.x509.oid import NameOID
 
+from tests.unit.conftest import FIXED_NOW
 from worker import sns
 from worker.config import Settings, load_settings
 
 TOPIC = "arn:aws:sns:us-east-1:123456789012:ses-events"
 CERT_URL = "https://sns.us-east-1.amazonaws.com/SimpleNotificationService-test.pem"
-NOW = datetime.now(UTC).replace(microsecond=0)
+# The unit tests' fixed process clock (tests/unit/conftest.py): certificates, message
+# timestamps and the verifier's `now` all agree whatever the calendar says.
+NOW = FIXED_NOW.replace(microsecond=0)
 
 
 # --- test keys and signing ----------------------------------------------------------------
@@ -38,7 +41,7 @@ def make_certificate(
     not_after: datetime | None = None,
 ) -> bytes:
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "sns.amazonaws.com")])
-    now = datetime.now(UTC)
+    now = NOW
     cert = (
         x509.CertificateBuilder()
         .subject_name(name)
@@ -421,8 +424,8 @@ def test_not_a_certificate(keys: SigningKeys) -> None:
 def test_expired_certificate(keys: SigningKeys) -> None:
     old = make_certificate(
         keys.key,
-        not_before=datetime.now(UTC) - timedelta(days=30),
-        not_after=datetime.now(UTC) - timedelta(days=1),
+        not_before=NOW - timedelta(days=30),
+        not_after=NOW - timedelta(days=1),
     )
     err = _refusal(sign(notification(), keys.key), Fetcher({CERT_URL: old}))
     assert "not valid now" in err.reason

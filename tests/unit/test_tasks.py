@@ -16,12 +16,13 @@ import redis
 from celery.schedules import crontab
 from sqlalchemy import update
 
+from tests.unit.conftest import FIXED_NOW
 from worker import config, delivery, tasks
 from worker.db import session_scope
 from worker.errors import PapermailError
 from worker.models import Delivery, Paper, Subscriber, utcnow
 
-TODAY = utcnow().date()
+TODAY = FIXED_NOW.date()  # the unit tests' fixed clock (tests/unit/conftest.py)
 
 
 def queued(url: str, queue: str) -> list[dict[str, Any]]:
@@ -164,7 +165,7 @@ def test_retries_are_grouped_and_clamped(broker: str) -> None:
     n = tasks.requeue_retries([(1, 12.0), (2, 14.9), (3, 61.0), (4, 99_999.0), (5, 0.2)])
     messages = queued(broker, "send")
     assert n == len(messages) == 4
-    sent_at = datetime.now(UTC)
+    sent_at = datetime.now(UTC)  # Celery turns a countdown into an eta on the system clock
     groups = {}
     for m in messages:
         eta = datetime.fromisoformat(m["eta"])
