@@ -12,11 +12,12 @@ import os
 import uuid
 import warnings
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
-from worker import config, db
+from worker import clock, config, db
 
 PG_ADMIN_URL = os.environ.get(
     "PAPERMAIL_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
@@ -25,6 +26,21 @@ REDIS_URL = os.environ.get("PAPERMAIL_TEST_REDIS_URL", "redis://127.0.0.1:6379")
 SEEDS = Path(__file__).resolve().parent / "data"
 # Set by .ci/run: a missing service is a failure there, never a quiet skip.
 REQUIRE_SERVICES = os.environ.get("PAPERMAIL_TEST_REQUIRE_SERVICES") == "1"
+
+
+# The fixed instant of tests that run in one process (all of tests/unit, and in-process
+# integration tests that ask for `fixed_clock`): early morning UTC, before every default
+# send hour, so "papers from two hours ago" are in today's window; years after the dates
+# the tests were written with, so a test that still reads the wall clock somewhere, or
+# mixes it with its own NOW, fails at once instead of when the calendar moves on.
+FIXED_NOW = datetime(2031, 3, 14, 5, 30, tzinfo=UTC)
+
+
+@pytest.fixture
+def fixed_clock() -> Iterator[clock.Clock]:
+    """The process clock reads FIXED_NOW at the test's start and moves on in real time."""
+    with clock.installed(clock.anchored(FIXED_NOW)) as source:
+        yield source
 
 
 def skip_loudly(reason: str) -> None:

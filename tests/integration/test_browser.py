@@ -89,7 +89,11 @@ class Site:
 
 
 @pytest.fixture
-def site(env: dict[str, str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Site]:
+def site(
+    env: dict[str, str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path, fixed_clock: object
+) -> Iterator[Site]:
+    """The app served from a thread of this process, on the fixed clock: what a page shows
+    ("your next digest", today's edition) must not depend on the hour the suite runs."""
     from werkzeug.serving import make_server
 
     from worker.web import create_app

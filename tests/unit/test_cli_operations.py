@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 from sqlalchemy import select, update
 
-from tests.unit.conftest import FIXED_NOW
+from tests.conftest import FIXED_NOW
 from worker import delivery, operations
 from worker.cli import main
 from worker.config import Settings
@@ -19,7 +19,7 @@ from worker.models import Delivery, DeliveryAttempt, Subscriber
 from worker.papers import load_sample_papers
 from worker.subscribers import SubscriberInput, add_subscriber
 
-NOW = FIXED_NOW  # the unit tests' fixed clock (tests/unit/conftest.py)
+NOW = FIXED_NOW  # the unit tests' fixed clock (tests/conftest.py)
 TODAY = NOW.date().isoformat()
 
 

@@ -20,13 +20,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.x509.oid import NameOID
 
-from tests.unit.conftest import FIXED_NOW
+from tests.conftest import FIXED_NOW
 from worker import sns
 from worker.config import Settings, load_settings
 
 TOPIC = "arn:aws:sns:us-east-1:123456789012:ses-events"
 CERT_URL = "https://sns.us-east-1.amazonaws.com/SimpleNotificationService-test.pem"
-# The unit tests' fixed process clock (tests/unit/conftest.py): certificates, message
+# The unit tests' fixed process clock (tests/conftest.py): certificates, message
 # timestamps and the verifier's `now` all agree whatever the calendar says.
 NOW = FIXED_NOW.replace(microsecond=0)
 

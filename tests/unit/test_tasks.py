@@ -16,13 +16,13 @@ import redis
 from celery.schedules import crontab
 from sqlalchemy import update
 
-from tests.unit.conftest import FIXED_NOW
+from tests.conftest import FIXED_NOW
 from worker import config, delivery, tasks
 from worker.db import session_scope
 from worker.errors import PapermailError
 from worker.models import Delivery, Paper, Subscriber, utcnow
 
-TODAY = FIXED_NOW.date()  # the unit tests' fixed clock (tests/unit/conftest.py)
+TODAY = FIXED_NOW.date()  # the unit tests' fixed clock (tests/conftest.py)
 
 
 def queued(url: str, queue: str) -> list[dict[str, Any]]:
