@@ -16,7 +16,7 @@ from worker import config, delivery
 from worker.db import session_scope
 from worker.models import Delivery, DeliveryAttempt, DeliveryPaper, Paper, Subscriber, utcnow
 
-from .test_celery_pipeline import (  # noqa: F401 - `stack` is a fixture
+from .test_celery_pipeline import (  # noqa: F401 - `stack` is a fixture used by name
     Workers,
     all_final,
     emails_per_recipient,
@@ -32,7 +32,7 @@ pytestmark = [pytest.mark.postgres, pytest.mark.redis]
 
 @pytest.mark.slow
 def test_recover_sweeps_a_mixed_batch_and_only_the_bad_rows_fail(
-    stack: Callable[..., Workers],
+    stack: Callable[..., Workers],  # noqa: F811
 ) -> None:
     from worker import tasks
 
@@ -70,9 +70,7 @@ def test_recover_sweeps_a_mixed_batch_and_only_the_bad_rows_fail(
             ("kat@example.org", ["cursed topology"]),
         ):
             s.add(
-                Subscriber(
-                    email=address, status="active", topics=topics, send_hour=0, max_papers=2
-                )
+                Subscriber(email=address, status="active", topics=topics, send_hour=0, max_papers=2)
             )
     with session_scope() as s:
         ada = s.scalar(select(Subscriber.id).where(Subscriber.email == "ada@example.org"))
@@ -97,8 +95,9 @@ def test_recover_sweeps_a_mixed_batch_and_only_the_bad_rows_fail(
     assert state_counts() == Counter({"sent": 19, "failed": 2}), skipped
     with session_scope() as s:
         rows = s.execute(
-            select(Subscriber.email, Delivery.edition_date, Delivery.state, Delivery.last_error)
-            .join(Delivery, Delivery.subscriber_id == Subscriber.id)
+            select(
+                Subscriber.email, Delivery.edition_date, Delivery.state, Delivery.last_error
+            ).join(Delivery, Delivery.subscriber_id == Subscriber.id)
         ).all()
         failed = {email: error for email, _, state, error in rows if state == "failed"}
         assert set(failed) == {"tést@example.com", "kat@example.org"}

@@ -77,9 +77,7 @@ def sub(s, email: str, topics: list[str], **kw) -> int:
 
 
 def edition(s, subscriber_id: int, day: date) -> int:
-    row = Delivery(
-        subscriber_id=subscriber_id, edition_date=day, state="pending", scheduled_at=NOW
-    )
+    row = Delivery(subscriber_id=subscriber_id, edition_date=day, state="pending", scheduled_at=NOW)
     s.add(row)
     s.flush()
     return row.id
@@ -130,7 +128,8 @@ def mixed_chunk(db_settings: Settings) -> dict[str, int]:
         # Grace's edition of yesterday is a retry: its paper is recorded, it goes out again.
         s.add(DeliveryPaper(delivery_id=ids["grace_resend"], paper_id="2611.00200", position=0))
     with session_scope() as s:  # a zone that no longer exists (bad data, not input)
-        s.execute(text("UPDATE subscribers SET timezone = 'Mars/Olympus' WHERE id = :i"), {"i": mars})
+        zone = text("UPDATE subscribers SET timezone = 'Mars/Olympus' WHERE id = :i")
+        s.execute(zone, {"i": mars})
     return ids
 
 
