@@ -121,3 +121,23 @@ def insert_ignore_or_update(
     else:
         stmt = stmt.on_conflict_do_nothing(index_elements=conflict_cols)
     session.execute(stmt, rows)
+
+
+def is_infrastructure_error(exc: BaseException) -> bool:
+    """True when ``exc`` says the database (or the process) is in trouble, not one row.
+
+    The delivery path lets these stop the whole chunk (it is retried later, and nothing
+    claimed is sent twice); any other exception while preparing one delivery fails that
+    delivery alone.
+    """
+    from sqlalchemy import exc as sa_exc
+
+    return isinstance(
+        exc,
+        sa_exc.OperationalError
+        | sa_exc.InterfaceError
+        | sa_exc.DisconnectionError
+        | sa_exc.TimeoutError
+        | sa_exc.ResourceClosedError
+        | MemoryError,
+    )

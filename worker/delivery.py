@@ -325,6 +325,10 @@ def process_deliveries(
             now,
             include_suppressed=include_suppressed,
             clock=clock,
+            address_problem=getattr(mailer, "address_problem", None),
+            attempt_kind=attempt_kind,
+            reason=reason,
+            actor=actor,
         )
     outcome.merge(prep_outcome)
     if on_progress and prep_outcome.handled:
@@ -375,7 +379,19 @@ def process_deliveries(
             session.commit()
             attempt = _Attempt(attempt_kind, claimed_at, reason, actor)
             try:
-                result = mailer.send(item.message)  # type: ignore[attr-defined]
+                try:
+                    result = mailer.send(item.message)  # type: ignore[attr-defined]
+                except MailerError:
+                    raise
+                except Exception as unexpected:
+                    # Not one of the mailer's kinds: nobody can tell whether the request
+                    # left, so it is `unknown` (never re-sent by itself) and the chunk
+                    # goes on, instead of the chunk dying with this row in `sending`.
+                    log.exception("mailer raised unexpectedly for delivery %s", item.delivery_id)
+                    raise AmbiguousError(
+                        f"unexpected {type(unexpected).__name__} while sending: {unexpected}",
+                        code=type(unexpected).__name__,
+                    ) from unexpected
             except MailerError as exc:
                 stop = _record_failure(
                     session, item.delivery_id, exc, settings, outcome, limiter, attempt, clock
@@ -436,16 +452,50 @@ def prepare_messages(
     *,
     include_suppressed: bool = False,
     clock: Clock = utcnow,
+    address_problem: Callable[[str], str | None] | None = None,
+    attempt_kind: str = "send",
+    reason: str | None = None,
+    actor: str | None = None,
 ) -> tuple[list[_Prepared], ChunkOutcome]:
     """Bulk-load a chunk, re-check each subscriber, select papers and render the messages.
 
     Deliveries with nothing new, or whose subscriber can no longer receive mail, become
     ``skipped`` here (a conditional update, so a concurrent worker cannot be overridden).
-    """
-    from worker.rendering import get_renderer, paper_view
-    from worker.selection import select_for_subscribers
 
+    Whatever goes wrong with *one* delivery — an address the mailer cannot send to
+    (``address_problem``), bad data, its selection, its rendering — makes that delivery
+    ``failed`` with the reason (and a finished attempt row), and the rest of the chunk
+    goes on: such errors are deterministic, a retry would fail the same way. Only an
+    infrastructure error (:func:`worker.db.is_infrastructure_error`) stops the chunk.
+    Any mix of subscribers and edition dates is fine, see
+    :func:`worker.selection.select_editions`.
+    """
+    from worker.db import is_infrastructure_error
+    from worker.mailers.base import Mailer
+    from worker.rendering import get_renderer, paper_view
+    from worker.selection import Edition, select_editions
+
+    address_problem = address_problem or Mailer.address_problem
     outcome = ChunkOutcome()
+
+    def fail(delivery_id: int, why: str) -> None:
+        if _fail_unsent(session, delivery_id, why, clock, attempt_kind, reason, actor):
+            outcome.failed += 1
+        else:
+            outcome.not_claimed += 1
+
+    def guarded(delivery_id: int, what: str, step: Callable[[], object]) -> object:
+        """Run one delivery's step; on a per-delivery error fail it and return None."""
+        try:
+            return step()
+        except Exception as exc:
+            if is_infrastructure_error(exc):
+                raise
+            why = f"{what}: {type(exc).__name__}: {exc}"[:2000]
+            log.warning("delivery %s failed: %s", delivery_id, why)
+            fail(delivery_id, why)
+            return None
+
     rows = session.execute(
         select(Delivery, Subscriber)
         .join(Subscriber, Subscriber.id == Delivery.subscriber_id)
@@ -467,14 +517,20 @@ def prepare_messages(
                 outcome.skipped += 1
             else:
                 outcome.not_claimed += 1
-        else:
-            sendable.append((delivery, sub))
+            continue
+        # Rows stored before addresses were checked at the door fail here, with the
+        # mailer's reason, instead of stopping the chunk at rendering.
+        problem = address_problem(sub.email)
+        if problem:
+            fail(delivery.id, problem)
+            continue
+        sendable.append((delivery, sub))
+    session.commit()
     if not sendable:
-        session.commit()
         return [], outcome
 
     # Papers already recorded for a delivery (a retry, or an operator resend) are reused so
-    # the email carries the same papers; the rest are selected in one batch.
+    # the email carries the same papers; the rest are selected in one batch per round.
     ids = [d.id for d, _ in sendable]
     recorded: dict[int, list[DeliveryPaper]] = {}
     for dp in session.scalars(
@@ -483,24 +539,34 @@ def prepare_messages(
         .order_by(DeliveryPaper.delivery_id, DeliveryPaper.position)
     ):
         recorded.setdefault(dp.delivery_id, []).append(dp)
-    to_select = [(d, s) for d, s in sendable if d.id not in recorded]
-    results = (
-        select_for_subscribers(
-            session,
-            [s for _, s in to_select],
-            {s.id: window_end(s, d.edition_date, now) for d, s in to_select},
-            settings,
+    editions: list[Edition] = []
+    for d, sub in sendable:
+        if d.id in recorded:
+            continue
+        end = guarded(
+            d.id,
+            "bad subscriber data",
+            lambda d=d, sub=sub: window_end(sub, d.edition_date, now),  # type: ignore[misc]
         )
-        if to_select
-        else {}
+        if end is not None:
+            editions.append(Edition(d.id, sub, d.edition_date, end))  # type: ignore[arg-type]
+    session.commit()
+    selection = select_editions(
+        session,
+        editions,
+        settings,
+        also_exclude=_papers_due_elsewhere(session, {e.subscriber.id for e in editions}),
+        is_fatal=is_infrastructure_error,
     )
+    for key, why in selection.failures.items():
+        fail(key, why)
     new_rows: list[dict[str, object]] = []
     chosen: list[tuple[Delivery, Subscriber, list[tuple[str, str | None]]]] = []
     for delivery, sub in sendable:
         if delivery.id in recorded:
             picks = [(dp.paper_id, dp.matched_topic) for dp in recorded[delivery.id]]
-        else:
-            result = results[sub.id]
+        elif delivery.id in selection.results:
+            result = selection.results[delivery.id]
             if not result.picks:
                 if _skip(session, delivery.id, result.skip_reason or "nothing new to send", clock):
                     outcome.skipped += 1
@@ -518,6 +584,8 @@ def prepare_messages(
                 }
                 for pos, p in enumerate(result.picks)
             )
+        else:  # failed above: bad data, or its selection
+            continue
         chosen.append((delivery, sub, picks))
     insert_ignore_or_update(session, DeliveryPaper.__table__, new_rows, ["delivery_id", "paper_id"])
     session.commit()
@@ -531,16 +599,67 @@ def prepare_messages(
     renderer = get_renderer(settings)
     prepared: list[_Prepared] = []
     for delivery, sub, picks in chosen:
-        views = [paper_view(papers[pid], topic) for pid, topic in picks if pid in papers]
-        if not views:  # its papers were deleted meanwhile: never an empty email
+        if not any(pid in papers for pid, _ in picks):
+            # Its papers were deleted meanwhile: never an empty email.
             if _skip(session, delivery.id, "the selected papers no longer exist", clock):
                 outcome.skipped += 1
             continue
-        message = renderer.render_digest(
-            recipient_of(sub), delivery.edition_date, views, delivery_id=delivery.id
-        )
-        prepared.append(_Prepared(delivery.id, message))
+
+        def render(delivery: Delivery = delivery, sub: Subscriber = sub, picks=picks):  # type: ignore[no-untyped-def]
+            views = [paper_view(papers[pid], topic) for pid, topic in picks if pid in papers]
+            return renderer.render_digest(
+                recipient_of(sub), delivery.edition_date, views, delivery_id=delivery.id
+            )
+
+        message = guarded(delivery.id, "could not render the digest", render)
+        if message is not None:
+            prepared.append(_Prepared(delivery.id, message))
+    session.commit()
     return prepared, outcome
+
+
+def _papers_due_elsewhere(session: Session, subscriber_ids: set[int]) -> dict[int, set[str]]:
+    """Per subscriber, the papers recorded on their deliveries still ``pending`` (a retry
+    waiting for its backoff, an edition of this batch): they will go out with those, so
+    no other edition may pick them again. (Deliveries being selected have none yet.)"""
+    out: dict[int, set[str]] = {}
+    ids = sorted(subscriber_ids)
+    for lo in range(0, len(ids), 5000):
+        for sub_id, paper_id in session.execute(
+            select(Delivery.subscriber_id, DeliveryPaper.paper_id)
+            .join(DeliveryPaper, DeliveryPaper.delivery_id == Delivery.id)
+            .where(
+                Delivery.subscriber_id.in_(ids[lo : lo + 5000]),
+                Delivery.state == DeliveryState.PENDING,
+            )
+        ):
+            out.setdefault(sub_id, set()).add(paper_id)
+    return out
+
+
+def _fail_unsent(
+    session: Session,
+    delivery_id: int,
+    why: str,
+    clock: Clock,
+    kind: str = "send",
+    reason: str | None = None,
+    actor: str | None = None,
+) -> bool:
+    """pending -> failed for a delivery that could not be prepared (nothing was sent),
+    with the reason and a finished attempt row; False if the row had moved on."""
+    now = clock()
+    res = session.execute(
+        update(Delivery)
+        .where(Delivery.id == delivery_id, Delivery.state == DeliveryState.PENDING)
+        .values(state=DeliveryState.FAILED, last_error=why, finished_at=now, updated_at=now)
+    )
+    if res.rowcount != 1:  # type: ignore[attr-defined]
+        return False
+    _finish_attempt(
+        session, delivery_id, _Attempt(kind, now, reason, actor), "failed", why, None, now
+    )
+    return True
 
 
 def recipient_of(sub: Subscriber):  # type: ignore[no-untyped-def]

@@ -326,6 +326,13 @@ class SubscribeOutcome:
         return self.action in {"created", "resent", "reconfirm"}
 
 
+# What the public form says about a well-formed address the mailer cannot send to.
+UNSENDABLE_ADDRESS = (
+    "We can't send email to this address: only plain ASCII letters, digits and symbols "
+    "such as . _ + - can stand before the @ (no accented letters). Please use another address."
+)
+
+
 def parse_subscribe(email: object, topics: object, timezone: object = None) -> dict[str, Any]:
     """Validate the public form's fields; raises InvalidPreferences keyed by field."""
     from worker import subscribers as subs
@@ -333,11 +340,13 @@ def parse_subscribe(email: object, topics: object, timezone: object = None) -> d
     errors: dict[str, str] = {}
     values: dict[str, Any] = {}
     for name, value, parse in (
-        ("email", email, subs.normalize_email),
+        ("email", email, subs.sendable_email),
         ("topics", topics, subs.parse_topics),
     ):
         try:
             values[name] = parse(value)
+        except subs.UnsendableAddress:
+            errors[name] = UNSENDABLE_ADDRESS
         except ValueError as exc:
             errors[name] = str(exc)
     # The zone comes from the browser, silently: a bad one falls back to UTC.
@@ -396,8 +405,10 @@ def subscribe_request(
 def send_confirmation(outcome: SubscribeOutcome, settings: Settings | None = None) -> bool:
     """Render (same MJML path as the digest) and send the confirmation email, if due.
 
-    Returns whether a message went out. Mailer errors are logged, not raised: the
-    requester sees the same page whatever happened.
+    Returns whether a message went out. Nothing is raised (it runs in the background and
+    the requester sees the same page whatever happened), so every failure (rendering,
+    the limiter, the mailer) is logged and recorded in the subscriber's history as
+    ``confirmation_failed`` with its reason.
     """
     from worker.mailers.base import get_mailer
     from worker.mailers.errors import MailerError
@@ -407,14 +418,32 @@ def send_confirmation(outcome: SubscribeOutcome, settings: Settings | None = Non
     if not outcome.send_confirmation or outcome.subscriber_id is None:
         return False
     settings = settings or get_settings()
-    message = get_renderer(settings).render_confirm(outcome.email, outcome.subscriber_id)
-    get_limiter(settings).acquire()
+    who = outcome.subscriber_id
     try:
+        message = get_renderer(settings).render_confirm(outcome.email, outcome.subscriber_id)
+        get_limiter(settings).acquire()
         get_mailer(settings).send(message)
-    except MailerError as exc:
-        log.error("confirmation email to subscriber %s failed: %s", outcome.subscriber_id, exc)
+    except Exception as exc:
+        reason = f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, MailerError | InvalidInput):
+            log.error("confirmation email to subscriber %s failed: %s", who, reason)
+        else:
+            log.exception("confirmation email to subscriber %s failed unexpectedly", who)
+        _record_confirmation_failure(who, f"confirmation email not sent: {reason}"[:1000])
         return False
     return True
+
+
+def _record_confirmation_failure(subscriber_id: int, reason: str) -> None:
+    from worker.db import session_scope
+
+    try:
+        with session_scope() as s:
+            sub = s.get(Subscriber, subscriber_id)
+            if sub is not None:
+                _log(s, sub, "confirmation_failed", reason, "web")
+    except Exception:
+        log.exception("could not record the failed confirmation of subscriber %s", subscriber_id)
 
 
 def confirm(session: Session, subscriber_id: int, *, actor: str = "web") -> str:

@@ -42,7 +42,7 @@ from worker import links
 from worker.clock import utcnow
 from worker.config import Settings, get_settings
 from worker.errors import InvalidInput
-from worker.message import OutgoingMessage
+from worker.message import OutgoingMessage, bare_address
 from worker.models import WEEKDAYS, Paper
 from worker.resources import email_templates_dir
 
@@ -397,7 +397,6 @@ def clear_memory_cache() -> None:
 # --------------------------------------------------------------------------- MIME
 
 _ATEXT_PHRASE = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~ -]*$")
-_LOCAL = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+$")
 _DOMAIN = re.compile(r"^[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*$")
 _NAME_ADDR = re.compile(r"(.*?)\s*<([^<>\s]+)>|([^<>\s]+)")
 _EW_BYTES = 45  # 45 bytes -> 60 base64 chars -> a 72-char encoded-word (limit 75)
@@ -467,25 +466,6 @@ def _phrase(display: str) -> str:
     if _ATEXT_PHRASE.match(display) and "=?" not in display:
         return display
     return '"' + display.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def bare_address(addr: str) -> str:
-    """An ASCII ``local@domain`` for a header, or InvalidInput (never a second header)."""
-    if not isinstance(addr, str) or _BREAKERS.search(addr) or " " in addr.strip():
-        raise InvalidInput(f"invalid email address {addr!r}: it contains spaces or line breaks")
-    local, at, domain = addr.strip().rpartition("@")
-    if not at or not local or not domain:
-        raise InvalidInput(f"invalid email address {addr!r}: expected name@domain")
-    if not domain.isascii():
-        try:
-            domain = domain.encode("idna").decode("ascii")
-        except UnicodeError:
-            raise InvalidInput(f"invalid email address {addr!r}: bad domain") from None
-    if not _LOCAL.match(local) or not _DOMAIN.match(domain):
-        raise InvalidInput(
-            f"invalid email address {addr!r}: only ASCII before the @ can be sent (no SMTPUTF8)"
-        )
-    return f"{local}@{domain}"
 
 
 def address_header(value: str, what: str) -> tuple[str, str]:

@@ -31,13 +31,14 @@ partition. The only Python loops are over subscribers (to gather indices) and pi
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 import threading
 from collections import Counter, OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 from functools import lru_cache
 from itertools import chain, pairwise
 from typing import TYPE_CHECKING, Any
@@ -65,19 +66,25 @@ if TYPE_CHECKING:
 __all__ = [
     "RECEIVED_STATES",
     "Candidate",
+    "Edition",
+    "EditionSelection",
     "Pick",
     "Profile",
     "Result",
     "SelectionInputError",
     "SelectionParams",
     "analyse",
+    "edition_rounds",
     "load_candidates",
     "load_profiles",
     "lookback",
     "select_batch",
+    "select_editions",
     "select_for_subscribers",
     "stem",
 ]
+
+log = logging.getLogger(__name__)
 
 # A paper counts as received once a delivery carrying it was (or may have been) sent.
 RECEIVED_STATES = frozenset(
@@ -774,8 +781,13 @@ def load_profiles(
     subscribers: Sequence[Subscriber],
     window_end_by_sub: Mapping[int, datetime],
     settings: Settings,
+    *,
+    also_exclude: Mapping[int, Iterable[str]] | None = None,
 ) -> tuple[list[Profile], dict[str, Candidate]]:
     """Profiles of these subscribers and the texts of the papers they voted on.
+
+    ``also_exclude`` adds, per subscriber id, papers the caller knows they will get
+    anyway (recorded on another of their editions that is still to be sent).
 
     Two queries per batch (up to 5000 subscribers), whatever its size: the papers already
     received (deliveries in :data:`RECEIVED_STATES`; only papers recent enough to still
@@ -848,7 +860,7 @@ def load_profiles(
             max_papers=sub.max_papers,
             window_start=starts[sub.id],
             window_end=window_end_by_sub[sub.id],
-            exclude=frozenset(received.get(sub.id, ())),
+            exclude=frozenset(received.get(sub.id, ())).union((also_exclude or {}).get(sub.id, ())),
             votes=votes.get(sub.id, {}),
         )
         for sub in subscribers
@@ -861,9 +873,16 @@ def select_for_subscribers(
     subscribers: Sequence[Subscriber],
     window_end_by_sub: Mapping[int, datetime],
     settings: Settings,
+    *,
+    also_exclude: Mapping[int, Iterable[str]] | None = None,
 ) -> dict[int, Result]:
-    """Load profiles and candidates (one window covering the batch) and select."""
-    profiles, voted = load_profiles(session, subscribers, window_end_by_sub, settings)
+    """Load profiles and candidates (one window covering the batch) and select.
+
+    Each subscriber once: for several editions of one subscriber use :func:`select_editions`.
+    """
+    profiles, voted = load_profiles(
+        session, subscribers, window_end_by_sub, settings, also_exclude=also_exclude
+    )
     if not profiles:
         return {}
     candidates = load_candidates(
@@ -874,3 +893,110 @@ def select_for_subscribers(
     return select_batch(
         candidates, profiles, voted_papers=voted, params=SelectionParams.from_settings(settings)
     )
+
+
+# ------------------------------------------------------------------- editions of a batch
+
+
+@dataclass(frozen=True)
+class Edition:
+    """One edition to select for: the caller's key (a delivery id) and its subscriber."""
+
+    key: int
+    subscriber: Subscriber
+    edition_date: date
+    window_end: datetime
+
+
+@dataclass
+class EditionSelection:
+    results: dict[int, Result] = field(default_factory=dict)  # by Edition.key
+    failures: dict[int, str] = field(default_factory=dict)  # by Edition.key: why, in words
+
+
+def edition_rounds(editions: Sequence[Edition]) -> list[list[Edition]]:
+    """Round r holds the r-th edition (by date, then key) of every subscriber, so no
+    subscriber appears twice in a round and earlier editions are selected first."""
+    by_sub: dict[int, list[Edition]] = {}
+    for ed in sorted(editions, key=lambda e: (e.edition_date, e.key)):
+        by_sub.setdefault(ed.subscriber.id, []).append(ed)
+    rounds: list[list[Edition]] = []
+    for mine in by_sub.values():
+        for r, ed in enumerate(mine):
+            if r == len(rounds):
+                rounds.append([])
+            rounds[r].append(ed)
+    return rounds
+
+
+def select_editions(
+    session: Session,
+    editions: Sequence[Edition],
+    settings: Settings,
+    *,
+    also_exclude: Mapping[int, Iterable[str]] | None = None,
+    is_fatal: Callable[[BaseException], bool] = lambda exc: False,
+) -> EditionSelection:
+    """Select papers for any mix of editions: several of one subscriber, any dates.
+
+    Each edition gets its own window; "already received" is what the subscriber received
+    (:data:`RECEIVED_STATES`), plus ``also_exclude`` (per subscriber id), plus what an
+    earlier edition of the same batch picked for them: two editions of one subscriber
+    never carry the same paper. Editions are selected round by round (see
+    :func:`edition_rounds`), each round in one batch.
+
+    One bad edition fails alone: when a round's batch raises, each of its editions is
+    selected by itself, and the ones that still raise are reported in ``failures`` (the
+    others get their result). An exception for which ``is_fatal`` is true (the database
+    is gone) is raised instead. After a failed attempt the session is rolled back, so the
+    caller must have committed everything before calling this.
+    """
+    out = EditionSelection()
+    taken: dict[int, set[str]] = {
+        sub_id: set(papers) for sub_id, papers in (also_exclude or {}).items()
+    }
+
+    def attempt(group: Sequence[Edition]) -> dict[int, Result]:
+        subs = [ed.subscriber for ed in group]
+        ends = {ed.subscriber.id: ed.window_end for ed in group}
+        excluded = {sid: taken[sid] for sid in ends if sid in taken}
+        by_sub = select_for_subscribers(session, subs, ends, settings, also_exclude=excluded)
+        return {ed.key: by_sub[ed.subscriber.id] for ed in group}
+
+    for group in edition_rounds(editions):
+        try:
+            got = attempt(group)
+        except Exception as exc:
+            if is_fatal(exc):
+                raise
+            session.rollback()
+            if len(group) == 1:
+                out.failures[group[0].key] = _failure(exc)
+                continue
+            log.warning(
+                "selection of %d editions failed (%s: %s); selecting them one by one",
+                len(group),
+                type(exc).__name__,
+                exc,
+            )
+            got = {}
+            for ed in group:
+                try:
+                    got.update(attempt([ed]))
+                except Exception as one:
+                    if is_fatal(one):
+                        raise
+                    session.rollback()
+                    out.failures[ed.key] = _failure(one)
+        for ed in group:
+            result = got.get(ed.key)
+            if result is None:
+                continue
+            out.results[ed.key] = result
+            taken.setdefault(ed.subscriber.id, set()).update(p.paper_id for p in result.picks)
+    return out
+
+
+def _failure(exc: BaseException) -> str:
+    log.warning("selection failed for one edition: %s: %s", type(exc).__name__, exc)
+    return f"could not select papers: {type(exc).__name__}: {exc}"[:2000]

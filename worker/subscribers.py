@@ -30,7 +30,7 @@ from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from worker.config import validate_timezone
+from worker.config import Settings, validate_timezone
 from worker.errors import InvalidInput, NotFound, PapermailError
 from worker.models import (
     SUPPRESSED_STATUSES,
@@ -111,6 +111,22 @@ def normalize_email(value: object) -> str:
         raise ValueError(f"invalid email {raw!r}: {exc}") from None
     # See the module docstring for why the local part is lower-cased too.
     return result.normalized.lower()
+
+
+def sendable_email(value: object, settings: Settings | None = None) -> str:
+    """:func:`normalize_email`, then refused (``ValueError``) if the configured mailer
+    could never send to it (e.g. a non-ASCII local part, which SES does not accept)."""
+    from worker.mailers.base import address_problem
+
+    address = normalize_email(value)
+    problem = address_problem(address, settings)
+    if problem:
+        raise UnsendableAddress(problem)
+    return address
+
+
+class UnsendableAddress(ValueError):
+    """A well-formed address the configured mailer cannot send to."""
 
 
 def parse_topics(value: object) -> tuple[str, ...]:
@@ -271,7 +287,7 @@ class SubscriberInput:
         if _blank(email):
             problems.append("email is empty")
         values = {
-            "email": check(normalize_email, email, ""),
+            "email": check(sendable_email, email, ""),
             "topics": check(parse_topics, topics, ()),
             "max_papers": check(parse_max_papers, max_papers, DEFAULT_MAX_PAPERS),
             "frequency": check(parse_frequency, frequency, DEFAULT_FREQUENCY),

@@ -180,3 +180,18 @@ def test_concurrent_sends_from_threads_each_arrive_once(target: Target) -> None:
     assert len(set(ids)) == len(messages)
     received = target.received()
     assert all(received.count(m.raw) == 1 for m in messages)
+
+
+def test_address_problem_names_what_the_mailer_cannot_send(target: Target) -> None:
+    """Every mailer answers, without any call to the provider, whether it can send to an
+    address; subscribe, import and the delivery ask it before anything is queued."""
+    mailer = target.mailer()
+    calls = target.calls()
+    problem = mailer.address_problem("tést@example.com")
+    assert problem is not None and f"with the {target.name} mailer" in problem
+    assert "only ASCII" in problem
+    assert type(mailer).address_problem("tést@example.com") == problem  # no instance needed
+    for fine in (MAIL_RECIPIENT, "ada@münchen.de", "first.last+tag@example.org"):
+        assert mailer.address_problem(fine) is None, fine
+    assert "expected name@domain" in (mailer.address_problem("no-at-sign") or "")
+    assert target.calls() == calls

@@ -20,8 +20,9 @@ from types import TracebackType
 from typing import ClassVar
 
 from worker.config import Settings, get_settings
+from worker.errors import InvalidInput
 from worker.mailers.errors import InvalidMessage, MessageTooLarge
-from worker.message import OutgoingMessage
+from worker.message import NonAsciiLocalPart, OutgoingMessage, bare_address
 
 # Characters that must never appear in an envelope address: they would break the
 # provider's request or, in SMTP, start a new command.
@@ -37,6 +38,29 @@ class Mailer(ABC):
     """Send one message; thread-safe; raise a :class:`MailerError` kind on failure."""
 
     name: ClassVar[str]
+    # Why this mailer cannot deliver to an address with a non-ASCII local part
+    # (``tést@example.com``, which needs SMTPUTF8 and RFC 6532 UTF-8 headers).
+    non_ascii_local_part: ClassVar[str] = (
+        "papermail builds RFC 5322 messages with ASCII headers, so only ASCII can stand "
+        "before the @"
+    )
+
+    @classmethod
+    def address_problem(cls, email: str) -> str | None:
+        """Why this mailer could never send to ``email``, in words, or None if it can.
+
+        A class method: subscribe, import and add ask it of the configured mailer's class
+        without opening a connection; the delivery asks it again before rendering, so rows
+        stored before a check existed fail with this reason instead of stopping a chunk.
+        """
+        try:
+            bare_address(email)
+        except NonAsciiLocalPart:
+            why = cls.non_ascii_local_part
+            return f"cannot send to {email!r} with the {cls.name} mailer: {why}"
+        except InvalidInput as exc:
+            return str(exc)
+        return None
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -85,23 +109,34 @@ def check_message(message: OutgoingMessage, max_bytes: int) -> None:
         raise InvalidMessage("the message has no Message-ID")
 
 
-def create_mailer(settings: Settings | None = None) -> Mailer:
-    """A new mailer of the kind ``settings.mailer`` names (the caller owns and closes it)."""
+def mailer_class(settings: Settings | None = None) -> type[Mailer]:
+    """The class of the mailer ``settings.mailer`` names (nothing is connected)."""
     settings = settings or get_settings()
     # Imported here so the outbox (the embedded default) never loads boto3.
     if settings.mailer == "outbox":
         from worker.mailers.outbox import OutboxMailer
 
-        return OutboxMailer(settings)
+        return OutboxMailer
     if settings.mailer == "ses":
         from worker.mailers.ses import SesMailer
 
-        return SesMailer(settings)
+        return SesMailer
     if settings.mailer == "smtp":
         from worker.mailers.smtp import SmtpMailer
 
-        return SmtpMailer(settings)
+        return SmtpMailer
     raise ValueError(f"unknown mailer {settings.mailer!r}")  # Settings' Literal prevents this
+
+
+def create_mailer(settings: Settings | None = None) -> Mailer:
+    """A new mailer of the kind ``settings.mailer`` names (the caller owns and closes it)."""
+    settings = settings or get_settings()
+    return mailer_class(settings)(settings)
+
+
+def address_problem(email: str, settings: Settings | None = None) -> str | None:
+    """Why the configured mailer could never send to ``email``, or None."""
+    return mailer_class(settings).address_problem(email)
 
 
 _lock = threading.Lock()

@@ -33,6 +33,11 @@ def safe_name(part: str, limit: int = 100) -> str:
 
 class OutboxMailer(Mailer):
     name = "outbox"
+    # The outbox stands in for the real mailers: it refuses what they would refuse.
+    non_ascii_local_part = (
+        "the outbox writes the same RFC 5322 messages (ASCII headers) the real mailers "
+        "send, so only ASCII can stand before the @"
+    )
 
     def __init__(self, settings: Settings) -> None:
         super().__init__(settings)

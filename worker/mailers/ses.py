@@ -93,6 +93,9 @@ def email_tags(tags: Mapping[str, str]) -> list[dict[str, str]]:
 
 class SesMailer(Mailer):
     name = "ses"
+    non_ascii_local_part = (
+        "Amazon SES accepts only ASCII before the @ (it does not support SMTPUTF8)"
+    )
 
     def __init__(self, settings: Settings, client: Any | None = None) -> None:
         super().__init__(settings)

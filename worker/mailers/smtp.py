@@ -66,6 +66,13 @@ def dot_stuff(raw: bytes) -> bytes:
 
 class SmtpMailer(Mailer):
     name = "smtp"
+    # The transaction would pass SMTPUTF8 to a server that offers it, but the messages
+    # papermail renders carry ASCII (RFC 5322) headers, and whether a relay offers
+    # SMTPUTF8 is unknown when someone subscribes: refuse such addresses up front.
+    non_ascii_local_part = (
+        "papermail's SMTP mailer sends RFC 5322 messages with ASCII headers (no SMTPUTF8), "
+        "so only ASCII can stand before the @"
+    )
 
     def __init__(self, settings: Settings, ssl_context: ssl.SSLContext | None = None) -> None:
         super().__init__(settings)

@@ -509,9 +509,18 @@ def dispatch_confirmation(outcome: preferences.SubscribeOutcome, settings: Setti
     if not outcome.send_confirmation:
         return
     future = _confirmations.submit(preferences.send_confirmation, outcome, settings)
+    future.add_done_callback(_log_confirmation_crash)
     with _in_flight_lock:
         _in_flight[:] = [f for f in _in_flight if not f.done()]
         _in_flight.append(future)
+
+
+def _log_confirmation_crash(future: Future[bool]) -> None:
+    # send_confirmation logs and records its own failures; this catches anything that
+    # escaped it, which a Future would otherwise keep to itself.
+    exc = future.exception()
+    if exc is not None:
+        log.error("confirmation email crashed: %s: %s", type(exc).__name__, exc, exc_info=exc)
 
 
 def wait_for_confirmations(timeout: float = 30.0) -> None:
