@@ -960,12 +960,6 @@ def poll_sqs(
     url = queue_url or settings.sqs_queue_url
     if not url:
         raise InvalidInput("no SQS queue: set PAPERMAIL_SQS_QUEUE_URL or pass --queue-url")
-    if settings.sqs_verify_signatures and not settings.sns_topic_arns:
-        # Refuse before receiving: every message would fail verification.
-        raise InvalidInput(
-            "PAPERMAIL_SQS_VERIFY_SIGNATURES is on but PAPERMAIL_SNS_TOPIC_ARNS is empty, so "
-            "every message would be refused: list the SNS topic(s) SES publishes to"
-        )
     if not 1 <= max_messages <= 10:
         raise InvalidInput(
             f"max messages per receive must be 1-10 (SQS's limit), got {max_messages}"
@@ -974,6 +968,13 @@ def poll_sqs(
         wait_seconds = 2 if once else 20
     if not 0 <= wait_seconds <= 20:
         raise InvalidInput(f"wait seconds must be 0-20 (SQS's limit), got {wait_seconds}")
+    if settings.sqs_verify_signatures and not settings.sns_topic_arns:
+        # Refuse before receiving: every message would fail verification.
+        raise InvalidInput(
+            "PAPERMAIL_SQS_VERIFY_SIGNATURES is on but PAPERMAIL_SNS_TOPIC_ARNS is empty, so "
+            "every message would be refused: list the SNS topic(s) SES publishes to "
+            "(or turn verification off, see the README)"
+        )
     client = client or sqs_client(settings, url)
     counts = PollCounts()
     limit = max_batches if max_batches is not None else (1000 if once else None)
