@@ -243,6 +243,13 @@ def _load_certificate(
     return cert
 
 
+def _span(delta: timedelta) -> str:
+    hours = delta / timedelta(hours=1)
+    if hours == 1:
+        return "an hour"
+    return f"{hours / 24:g} days" if hours >= 48 else f"{hours:g} hours"
+
+
 def verify_message(
     message: Mapping[str, Any],
     settings: Settings,
@@ -288,11 +295,12 @@ def verify_message(
 
     now = now or utcnow()
     stamp = parse_timestamp(message["Timestamp"])
-    if stamp - now > MAX_CLOCK_SKEW or now - stamp > max(max_age, MAX_CLOCK_SKEW):
-        window = "an hour" if max_age <= MAX_CLOCK_SKEW else f"{max_age.days} days"
+    oldest = max(max_age, MAX_CLOCK_SKEW)
+    if stamp - now > MAX_CLOCK_SKEW or now - stamp > oldest:
+        window = MAX_CLOCK_SKEW if stamp > now else oldest
         raise SnsVerificationError(
-            f"Timestamp {message['Timestamp']} is more than "
-            f"{'an hour' if stamp > now else window} from now ({now.isoformat()})"
+            f"Timestamp {message['Timestamp']} is more than {_span(window)} from now "
+            f"({now.isoformat()})"
         )
 
     url = message.get("SigningCertURL")
