@@ -7,7 +7,18 @@ object (``bounce``, ``complaint``, ``delivery``, ...). They arrive through the S
 an SQS queue, or a file (``papermail events apply``); every way in ends in
 :func:`apply_notification`.
 
-Policy (settings, defaults in worker/config.py):
+Scope: a notification names one message (``mail.messageId``, matched to the delivery it was
+recorded on or to an earlier attempt of it), and every papermail message goes to one
+subscriber. It acts on that delivery and that subscriber only, and only when its listed
+addresses (the bounced / complained / delivered recipients, else ``mail.destination``)
+include theirs, compared case-insensitively with the domain in ASCII; one that lists no
+address is about the message as a whole. Every other listed address is recorded, never
+acted on: in the stored event, in the result's changes ("ignored: not a recipient of
+message X") and, for a subscriber of ours, in their log (``event_ignored``). A
+notification about our message that lists none of its recipient's addresses is stored
+unlinked (no delivery, so it counts in no rate) and changes nothing.
+
+Policy (settings, defaults in worker/config.py), for the delivery's recipient:
 
 - Permanent bounce -> subscriber ``bounced`` (suppressed), delivery ``bounced``;
   ``OnAccountSuppressionList`` is a permanent bounce, reason recorded as such.
@@ -22,6 +33,12 @@ Policy (settings, defaults in worker/config.py):
 
 Every event is stored raw in ``provider_events`` and deduplicated by the SNS MessageId
 (``sha256:<hex>`` of the canonical JSON when there is none): a repeat changes nothing.
+A received mail to the List-Unsubscribe mailto unsubscribes whoever its signed token
+names, whatever addresses the mail carries.
+
+SQS: with ``sqs_verify_signatures`` on, every body must be an SNS envelope that verifies
+as the webhook's does (worker/sns.py), up to 14 days old; anything else stays in the queue
+for its dead-letter queue (see :func:`poll_sqs`).
 
 Reputation guard: when an edition's bounce rate (hard bounces / accepted deliveries, as
 SES counts it: soft bounces and account-suppression-list bounces do not count) passes
