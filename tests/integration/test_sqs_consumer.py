@@ -22,7 +22,7 @@ from cryptography import x509
 from sqlalchemy import select
 
 from tests.unit import test_events as ev
-from tests.unit.test_sns import CERT_URL, TOPIC, Fetcher, SigningKeys, sign
+from tests.unit.test_sns import CERT_URL, TOPIC, Fetcher, SigningKeys, make_certificate, sign
 from worker import config, events, sns
 from worker.cli import main
 from worker.config import Settings
@@ -34,7 +34,13 @@ SENT = utcnow() - timedelta(hours=1)
 
 @pytest.fixture(scope="module")
 def signer() -> SigningKeys:
-    return SigningKeys()
+    keys = SigningKeys()
+    # Valid around this process's clock (the unit tests' keys are made for their fixed one).
+    now = utcnow()
+    keys.pem = make_certificate(
+        keys.key, not_before=now - timedelta(days=1), not_after=now + timedelta(days=30)
+    )
+    return keys
 
 
 @pytest.fixture
