@@ -83,6 +83,9 @@ class Settings(BaseSettings):
     sns_topic_arns: Annotated[list[str], NoDecode] = Field(default_factory=list)
     sns_require_signature_v2: bool = False
     sqs_queue_url: str | None = None
+    # SNS envelopes read from SQS are verified like the webhook's; raw-message-delivery
+    # bodies cannot be, so they are refused while this is on (README: Bounces, complaints).
+    sqs_verify_signatures: bool = True
     # SNS/SQS endpoints for SNS- and SQS-compatible services (unset: AWS).
     sns_endpoint_url: str | None = None
     sqs_endpoint_url: str | None = None

@@ -7,7 +7,18 @@ object (``bounce``, ``complaint``, ``delivery``, ...). They arrive through the S
 an SQS queue, or a file (``papermail events apply``); every way in ends in
 :func:`apply_notification`.
 
-Policy (settings, defaults in worker/config.py):
+Scope: a notification names one message (``mail.messageId``, matched to the delivery it was
+recorded on or to an earlier attempt of it), and every papermail message goes to one
+subscriber. It acts on that delivery and that subscriber only, and only when its listed
+addresses (the bounced / complained / delivered recipients, else ``mail.destination``)
+include theirs, compared case-insensitively with the domain in ASCII; one that lists no
+address is about the message as a whole. Every other listed address is recorded, never
+acted on: in the stored event, in the result's changes ("ignored: not a recipient of
+message X") and, for a subscriber of ours, in their log (``event_ignored``). A
+notification about our message that lists none of its recipient's addresses is stored
+unlinked (no delivery, so it counts in no rate) and changes nothing.
+
+Policy (settings, defaults in worker/config.py), for the delivery's recipient:
 
 - Permanent bounce -> subscriber ``bounced`` (suppressed), delivery ``bounced``;
   ``OnAccountSuppressionList`` is a permanent bounce, reason recorded as such.
@@ -22,6 +33,12 @@ Policy (settings, defaults in worker/config.py):
 
 Every event is stored raw in ``provider_events`` and deduplicated by the SNS MessageId
 (``sha256:<hex>`` of the canonical JSON when there is none): a repeat changes nothing.
+A received mail to the List-Unsubscribe mailto unsubscribes whoever its signed token
+names, whatever addresses the mail carries.
+
+SQS: with ``sqs_verify_signatures`` on, every body must be an SNS envelope that verifies
+as the webhook's does (worker/sns.py), up to 14 days old; anything else stays in the queue
+for its dead-letter queue (see :func:`poll_sqs`).
 
 Reputation guard: when an edition's bounce rate (hard bounces / accepted deliveries, as
 SES counts it: soft bounces and account-suppression-list bounces do not count) passes
@@ -38,7 +55,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, date, datetime
 from email.utils import parseaddr
@@ -48,6 +65,7 @@ from urllib.parse import urlsplit
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from worker import sns
 from worker.config import Settings, get_settings
 from worker.db import session_scope
 from worker.delivery import pause_sending, sending_paused
@@ -148,6 +166,32 @@ def normalise_address(value: str) -> str:
     """Bare, lower-cased address (subscribers are stored lower-cased)."""
     _, addr = parseaddr(value)
     return (addr or value).strip().lower()
+
+
+def _idna(domain: str, *, to_ascii: bool) -> str:
+    try:
+        return domain.encode("idna").decode("ascii") if to_ascii else domain.encode().decode("idna")
+    except UnicodeError:
+        return domain
+
+
+def address_key(value: str) -> str:
+    """One form per mailbox for comparing addresses: bare, lower-cased, the domain in
+    ASCII (SES reports ``ann@xn--bcher-kva.example`` for a subscriber stored as
+    ``ann@bücher.example``)."""
+    local, at, domain = normalise_address(value).rpartition("@")
+    return f"{local}{at}{_idna(domain, to_ascii=True)}" if at else local
+
+
+def _address_variants(value: str) -> list[str]:
+    """The stored forms an address listed by SES may have (ASCII and Unicode domain)."""
+    bare = normalise_address(value)
+    local, at, domain = bare.rpartition("@")
+    if not at:
+        return [bare]
+    forms = {bare, f"{local}@{_idna(domain, to_ascii=True)}"}
+    forms.add(f"{local}@{_idna(domain, to_ascii=False)}")
+    return sorted(forms)
 
 
 def _parse_time(value: object) -> datetime | None:
@@ -381,6 +425,13 @@ def apply_notification(
     orphan = delivery is None and not ignored
     occurred = _parse_time(detail.get("timestamp")) or sent_at
     recipients = _recipients(kind, notification, detail)
+    scope = _Scope.of(delivery, recipients) if delivery is not None else None
+    if scope is not None and not scope.matched and kind in STATEFUL_TYPES:
+        # The message is ours but none of the addresses is the one it went to: an
+        # anomaly (or a forgery). Stored, unlinked, so it counts for nothing (rates,
+        # history), and nobody it lists is touched.
+        ignored = True
+        delivery = None
     event_id = _insert_event(
         session,
         {
@@ -410,8 +461,11 @@ def apply_notification(
     if kind == "Received":
         result.changes.extend(_mailto_unsubscribe(session, notification, settings))
         return result
+    if scope is not None and kind in STATEFUL_TYPES:
+        _note_not_recipients(session, scope, kind, _subtype(kind, detail), message_id, now, result)
     if ignored:
-        log.info("stored %s event (no policy) for message %s", kind, message_id)
+        if scope is None or scope.matched:
+            log.info("stored %s event (no policy) for message %s", kind, message_id)
         return result
     if delivery is None:
         log.warning("orphan %s for unknown message %s: stored, nothing changed", kind, message_id)
@@ -420,11 +474,11 @@ def apply_notification(
     when = occurred or now
     policy = _Policy(session, settings, delivery, message_id or "?", when, now, result.changes)
     if kind == "Bounce":
-        policy.bounce(detail, recipients)
+        policy.bounce(detail)
     elif kind == "Complaint":
-        policy.complaint(detail, recipients)
+        policy.complaint(detail)
     elif kind == "Delivery":
-        policy.delivered(recipients)
+        policy.delivered()
     elif kind == "Reject":
         policy.rejected(detail)
     session.flush()
@@ -433,6 +487,82 @@ def apply_notification(
         if reason:
             result.changes.append(f"sending paused: {reason}")
     return result
+
+
+@dataclass(frozen=True)
+class _Scope:
+    """Whom an event about one delivery may touch: the one address that delivery went to.
+
+    ``matched``: that address is among those the notification lists (or it lists none, so
+    it is about the message as a whole); ``others``: every other address it lists.
+    """
+
+    delivery_id: int
+    subscriber_id: int
+    address: str
+    matched: bool
+    others: tuple[str, ...]
+
+    @classmethod
+    def of(cls, delivery: Delivery, listed: list[str]) -> _Scope:
+        own = address_key(delivery.subscriber.email)
+        others = tuple(a for a in listed if address_key(a) != own)
+        return cls(
+            delivery.id,
+            delivery.subscriber_id,
+            delivery.subscriber.email,
+            not listed or len(others) < len(listed),
+            others,
+        )
+
+
+def _note_not_recipients(
+    session: Session,
+    scope: _Scope,
+    kind: str,
+    subtype: str | None,
+    message_id: str | None,
+    now: datetime,
+    result: ApplyResult,
+) -> None:
+    """Record, never act on, the addresses an event lists that its message did not go to:
+    in the result (and the log) and, for our subscribers among them, in their own log."""
+    if not scope.matched:
+        result.changes.append(
+            f"message {message_id} (delivery {scope.delivery_id}) went to {scope.address}, "
+            "whom this notification does not list: nothing changed"
+        )
+    if not scope.others:
+        return
+    what = f"{kind} ({subtype})" if subtype else kind
+    note = f"ignored: not a recipient of message {message_id}"
+    variants = {v: a for a in scope.others for v in _address_variants(a)}
+    found = {
+        variants[s.email]: s
+        for s in session.scalars(select(Subscriber).where(Subscriber.email.in_(list(variants))))
+    }
+    for address in scope.others:
+        result.changes.append(f"recipient {address}: {note}")
+        sub = found.get(address)
+        if sub is not None and sub.id != scope.subscriber_id:
+            session.add(
+                SubscriberLog(
+                    subscriber_id=sub.id,
+                    at=now,
+                    action="event_ignored",
+                    detail=f"{what} {note} (it went to subscriber {scope.subscriber_id})",
+                    actor=ACTOR,
+                )
+            )
+    log.warning(
+        "%s for message %s (delivery %s, sent to %s) also lists %s: %s, nothing changed for them",
+        kind,
+        message_id,
+        scope.delivery_id,
+        scope.address,
+        ", ".join(scope.others),
+        note,
+    )
 
 
 def _delivery_for(session: Session, message_id: str) -> Delivery | None:
@@ -507,18 +637,16 @@ class _Policy:
         self.changes.append(f"delivery {self.delivery.id}: {old} -> {new.value}")
         return True
 
-    def subscribers(self, recipients: Iterable[str]) -> list[Subscriber]:
-        emails = list(recipients)
-        found = {
-            s.email: s
-            for s in self.session.scalars(
-                select(Subscriber).where(Subscriber.email.in_(emails)).with_for_update()
-            )
-        }
-        for email in emails:
-            if email not in found:
-                self.changes.append(f"recipient {email}: no such subscriber")
-        return [found[e] for e in emails if e in found]
+    def recipient(self) -> Subscriber:
+        """The one subscriber this delivery went to, locked: the only one events touch."""
+        # populate_existing: the row was read (for the scope) before the lock was held.
+        sub = self.session.scalars(
+            select(Subscriber)
+            .where(Subscriber.id == self.delivery.subscriber_id)
+            .with_for_update()
+            .execution_options(populate_existing=True)
+        ).one()
+        return sub
 
     def log(self, sub: Subscriber, action: str, detail: str) -> None:
         self.session.add(
@@ -538,7 +666,7 @@ class _Policy:
         )
         self.changes.append(f"subscriber {sub.id} ({sub.email}): {old} -> {status.value}: {reason}")
 
-    def bounce(self, detail: Mapping[str, Any], recipients: list[str]) -> None:
+    def bounce(self, detail: Mapping[str, Any]) -> None:
         btype = str(detail.get("bounceType"))
         subtype = str(detail.get("bounceSubType") or "General")
         diagnostics = [
@@ -548,62 +676,58 @@ class _Policy:
         ]
         error = f"{btype} bounce ({subtype})" + (f": {diagnostics[0]}" if diagnostics else "")
         self.move_delivery(DeliveryState.BOUNCED, bounced_at=self.when, last_error=error[:2000])
-        for sub in self.subscribers(recipients):
-            if btype == "Permanent":
-                if sub.status not in _BOUNCEABLE:
-                    self.changes.append(f"subscriber {sub.id}: already {sub.status}")
-                    continue
-                reason = (
-                    "on the SES account-level suppression list"
-                    if subtype == ACCOUNT_SUPPRESSION
-                    else f"hard bounce ({btype}/{subtype})"
-                )
-                self.set_status(sub, SubscriberStatus.BOUNCED, reason)
-                continue
-            # Transient or Undetermined: count; suppress after N in a row.
-            if sub.status not in _BOUNCEABLE:
-                self.changes.append(f"subscriber {sub.id}: already {sub.status}")
-                continue
-            sub.soft_bounce_count = (sub.soft_bounce_count or 0) + 1
-            sub.updated_at = self.now
-            limit = self.settings.soft_bounce_limit
-            note = f"soft bounce {sub.soft_bounce_count}/{limit} ({btype}/{subtype})"
-            self.log(sub, "soft_bounce", f"{note} (message {self.message_id})")
-            self.changes.append(f"subscriber {sub.id} ({sub.email}): {note}")
-            if sub.soft_bounce_count >= limit:
-                self.set_status(
-                    sub,
-                    SubscriberStatus.BOUNCED,
-                    f"{sub.soft_bounce_count} soft bounces in a row (last {btype}/{subtype})",
-                )
+        sub = self.recipient()
+        if sub.status not in _BOUNCEABLE:
+            self.changes.append(f"subscriber {sub.id}: already {sub.status}")
+            return
+        if btype == "Permanent":
+            reason = (
+                "on the SES account-level suppression list"
+                if subtype == ACCOUNT_SUPPRESSION
+                else f"hard bounce ({btype}/{subtype})"
+            )
+            self.set_status(sub, SubscriberStatus.BOUNCED, reason)
+            return
+        # Transient or Undetermined: count; suppress after N in a row.
+        sub.soft_bounce_count = (sub.soft_bounce_count or 0) + 1
+        sub.updated_at = self.now
+        limit = self.settings.soft_bounce_limit
+        note = f"soft bounce {sub.soft_bounce_count}/{limit} ({btype}/{subtype})"
+        self.log(sub, "soft_bounce", f"{note} (message {self.message_id})")
+        self.changes.append(f"subscriber {sub.id} ({sub.email}): {note}")
+        if sub.soft_bounce_count >= limit:
+            self.set_status(
+                sub,
+                SubscriberStatus.BOUNCED,
+                f"{sub.soft_bounce_count} soft bounces in a row (last {btype}/{subtype})",
+            )
 
-    def complaint(self, detail: Mapping[str, Any], recipients: list[str]) -> None:
+    def complaint(self, detail: Mapping[str, Any]) -> None:
         feedback = detail.get("complaintFeedbackType") or detail.get("complaintSubType")
         self.move_delivery(
             DeliveryState.COMPLAINED,
             complained_at=self.when,
             last_error=f"complaint ({feedback or 'no feedback type'})",
         )
-        for sub in self.subscribers(recipients):
-            if sub.status == SubscriberStatus.COMPLAINED:
-                self.changes.append(f"subscriber {sub.id}: already complained")
-                continue
-            self.set_status(
-                sub, SubscriberStatus.COMPLAINED, f"complaint ({feedback or 'no feedback type'})"
-            )
+        sub = self.recipient()
+        if sub.status == SubscriberStatus.COMPLAINED:
+            self.changes.append(f"subscriber {sub.id}: already complained")
+            return
+        self.set_status(
+            sub, SubscriberStatus.COMPLAINED, f"complaint ({feedback or 'no feedback type'})"
+        )
 
-    def delivered(self, recipients: list[str]) -> None:
+    def delivered(self) -> None:
         self.move_delivery(DeliveryState.DELIVERED, delivered_at=self.when)
-        subs = self.subscribers(recipients) if recipients else [self.delivery.subscriber]
-        for sub in subs:
-            # Resets the count of soft bounces "in a row"; the status is never touched, so
-            # a Delivery that arrives after a Bounce does not revive the address.
-            if sub.soft_bounce_count:
-                self.changes.append(
-                    f"subscriber {sub.id}: soft bounce count {sub.soft_bounce_count} -> 0"
-                )
-                sub.soft_bounce_count = 0
-                sub.updated_at = self.now
+        sub = self.recipient()
+        # Resets the count of soft bounces "in a row"; the status is never touched, so a
+        # Delivery that arrives after a Bounce does not revive the address.
+        if sub.soft_bounce_count:
+            self.changes.append(
+                f"subscriber {sub.id}: soft bounce count {sub.soft_bounce_count} -> 0"
+            )
+            sub.soft_bounce_count = 0
+            sub.updated_at = self.now
 
     def rejected(self, detail: Mapping[str, Any]) -> None:
         reason = str(detail.get("reason") or "no reason given")
@@ -734,6 +858,7 @@ class PollCounts:
     ignored: int = 0
     retry_later: int = 0  # left in the queue, redelivered after the visibility timeout
     invalid: int = 0  # left in the queue for its dead-letter queue
+    unverified: int = 0  # failed SNS signature verification: left for the dead-letter queue
     failed: int = 0  # unexpected error (e.g. database down); left in the queue
 
     def as_dict(self) -> dict[str, int]:
@@ -764,16 +889,53 @@ def sqs_client(settings: Settings, queue_url: str) -> Any:
     )
 
 
+def _is_envelope(obj: object) -> bool:
+    return isinstance(obj, dict) and "Type" in obj and "Message" in obj
+
+
+def verify_sqs_message(
+    obj: object,
+    settings: Settings,
+    *,
+    fetcher: sns.CertFetcher | None = None,
+    cache: sns.CertCache | None = None,
+    now: datetime | None = None,
+) -> None:
+    """With ``sqs_verify_signatures`` on, raise :class:`worker.sns.SnsVerificationError`
+    unless ``obj`` is an SNS envelope that verifies exactly as the webhook's would (topic
+    allow-list, certificate host, signature), except that it may be as old as SQS keeps a
+    message. A body that is not an envelope (raw message delivery, a list) carries no
+    signature, so nothing proves who wrote it: refused."""
+    if not settings.sqs_verify_signatures:
+        return
+    if not _is_envelope(obj):
+        raise sns.SnsVerificationError(
+            "not an SNS envelope, so it carries no signature (raw message delivery?): "
+            "refused while PAPERMAIL_SQS_VERIFY_SIGNATURES is on"
+        )
+    assert isinstance(obj, dict)
+    sns.verify_message(
+        obj, settings, fetcher=fetcher, cache=cache, now=now, max_age=sns.SQS_MAX_AGE
+    )
+
+
 def handle_sqs_body(
-    body: str, settings: Settings, *, now: datetime | None = None
+    body: str,
+    settings: Settings,
+    *,
+    now: datetime | None = None,
+    fetcher: sns.CertFetcher | None = None,
+    cache: sns.CertCache | None = None,
 ) -> list[ApplyResult]:
-    """Apply one SQS message body (an SNS envelope, or a bare notification with raw message
-    delivery on) in one transaction. Raises InvalidNotification or RetryLater, having
-    committed nothing."""
+    """Verify (see :func:`verify_sqs_message`) and apply one SQS message body (an SNS
+    envelope, or a bare notification with raw message delivery on) in one transaction.
+    Raises InvalidNotification, SnsVerificationError or RetryLater, having committed
+    nothing."""
     try:
         obj = json.loads(body)
     except ValueError as exc:
         raise InvalidNotification([f"message body is not JSON: {exc}"]) from None
+    verify_sqs_message(obj, settings, fetcher=fetcher, cache=cache, now=now)
     items = parse_envelope(obj)
     with session_scope(settings.database_url) as session:
         return [
@@ -795,6 +957,8 @@ def poll_sqs(
     on_batch: Callable[[PollCounts], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     max_batches: int | None = None,
+    cert_fetcher: sns.CertFetcher | None = None,
+    cert_cache: sns.CertCache | None = None,
 ) -> PollCounts:
     """Consume SES notifications from SQS; delete each message only once it is applied.
 
@@ -803,10 +967,12 @@ def poll_sqs(
     Otherwise loop until ``should_stop()`` (or Ctrl-C). ``wait_seconds`` is the long-poll
     wait per receive: default 20 when looping, 2 with ``once`` (so a periodic task does
     not sit 20 s on an empty queue).
-    Messages that must be retried or are malformed stay in the queue: SQS redelivers them
-    after the visibility timeout, and its redrive policy moves the hopeless ones to the
-    dead-letter queue. The SNS signature is not checked here: the queue's access policy
-    decides who may send to it.
+    Messages that must be retried, are malformed or fail verification stay in the queue:
+    SQS redelivers them after the visibility timeout, and its redrive policy moves the
+    hopeless ones to the dead-letter queue. With ``sqs_verify_signatures`` on (the
+    default) every message must be an SNS envelope signed for a topic of
+    ``sns_topic_arns`` (:func:`verify_sqs_message`); ``cert_fetcher`` / ``cert_cache`` as
+    for the webhook.
     """
     url = queue_url or settings.sqs_queue_url
     if not url:
@@ -819,6 +985,13 @@ def poll_sqs(
         wait_seconds = 2 if once else 20
     if not 0 <= wait_seconds <= 20:
         raise InvalidInput(f"wait seconds must be 0-20 (SQS's limit), got {wait_seconds}")
+    if settings.sqs_verify_signatures and not settings.sns_topic_arns:
+        # Refuse before receiving: every message would fail verification.
+        raise InvalidInput(
+            "PAPERMAIL_SQS_VERIFY_SIGNATURES is on but PAPERMAIL_SNS_TOPIC_ARNS is empty, so "
+            "every message would be refused: list the SNS topic(s) SES publishes to "
+            "(or turn verification off, see the README)"
+        )
     client = client or sqs_client(settings, url)
     counts = PollCounts()
     limit = max_batches if max_batches is not None else (1000 if once else None)
@@ -842,7 +1015,7 @@ def poll_sqs(
         counts.batches += 1
         for message in messages:
             counts.received += 1
-            _handle_sqs_message(client, url, message, settings, counts)
+            _handle_sqs_message(client, url, message, settings, counts, cert_fetcher, cert_cache)
         if on_batch:
             on_batch(counts)
         if once and not messages:
@@ -851,11 +1024,32 @@ def poll_sqs(
 
 
 def _handle_sqs_message(
-    client: Any, url: str, message: Mapping[str, Any], settings: Settings, counts: PollCounts
+    client: Any,
+    url: str,
+    message: Mapping[str, Any],
+    settings: Settings,
+    counts: PollCounts,
+    fetcher: sns.CertFetcher | None = None,
+    cache: sns.CertCache | None = None,
 ) -> None:
     sqs_id = message.get("MessageId", "?")
     try:
-        results = handle_sqs_body(str(message.get("Body", "")), settings)
+        results = handle_sqs_body(
+            str(message.get("Body", "")), settings, fetcher=fetcher, cache=cache
+        )
+    except sns.SnsVerificationError as exc:
+        if exc.retryable:  # the signing certificate could not be fetched: try again later
+            counts.retry_later += 1
+            log.warning("SQS message %s not verified yet: %s; left for redelivery", sqs_id, exc)
+        else:
+            counts.unverified += 1
+            log.error(
+                "SQS message %s refused (%s): %s; not applied, left for the dead-letter queue",
+                sqs_id,
+                exc.kind,
+                exc.reason,
+            )
+        return
     except RetryLater as exc:
         counts.retry_later += 1
         log.info("SQS message %s: %s; left for redelivery", sqs_id, exc)

@@ -40,6 +40,10 @@ from worker.config import Settings
 log = logging.getLogger(__name__)
 
 MAX_CLOCK_SKEW = timedelta(hours=1)
+# A message read from SQS may have waited in the queue (poller down, dead-letter redrive)
+# up to SQS's longest retention; replaying an authentic message is harmless (deduplicated
+# by its MessageId), so only the webhook insists on a fresh one.
+SQS_MAX_AGE = timedelta(days=14)
 MAX_CERT_BYTES = 64 * 1024
 CERT_FETCH_TIMEOUT = 10.0
 
@@ -239,6 +243,13 @@ def _load_certificate(
     return cert
 
 
+def _span(delta: timedelta) -> str:
+    hours = delta / timedelta(hours=1)
+    if hours == 1:
+        return "an hour"
+    return f"{hours / 24:g} days" if hours >= 48 else f"{hours:g} hours"
+
+
 def verify_message(
     message: Mapping[str, Any],
     settings: Settings,
@@ -246,10 +257,13 @@ def verify_message(
     fetcher: CertFetcher | None = None,
     cache: CertCache | None = None,
     now: datetime | None = None,
+    max_age: timedelta = MAX_CLOCK_SKEW,
 ) -> None:
     """Raise :class:`SnsVerificationError` unless ``message`` is authentic and for us.
 
-    Cheap checks come first, so a forged message costs no certificate fetch.
+    Cheap checks come first, so a forged message costs no certificate fetch. ``max_age``:
+    how old its Timestamp may be (the webhook: an hour; SQS: :data:`SQS_MAX_AGE`); it may
+    never be more than :data:`MAX_CLOCK_SKEW` ahead.
     """
     if not isinstance(message, Mapping):
         raise SnsVerificationError("the body is not a JSON object", "malformed")
@@ -281,9 +295,12 @@ def verify_message(
 
     now = now or utcnow()
     stamp = parse_timestamp(message["Timestamp"])
-    if abs(now - stamp) > MAX_CLOCK_SKEW:
+    oldest = max(max_age, MAX_CLOCK_SKEW)
+    if stamp - now > MAX_CLOCK_SKEW or now - stamp > oldest:
+        window = MAX_CLOCK_SKEW if stamp > now else oldest
         raise SnsVerificationError(
-            f"Timestamp {message['Timestamp']} is more than an hour from now ({now.isoformat()})"
+            f"Timestamp {message['Timestamp']} is more than {_span(window)} from now "
+            f"({now.isoformat()})"
         )
 
     url = message.get("SigningCertURL")

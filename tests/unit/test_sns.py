@@ -380,6 +380,19 @@ def test_timestamp_inside_one_hour(keys: SigningKeys, fetcher: Fetcher) -> None:
         verify(sign(notification(when=NOW + offset), keys.key), fetcher)
 
 
+def test_a_longer_max_age_admits_older_messages_only(keys: SigningKeys, fetcher: Fetcher) -> None:
+    """The SQS reader's window: a message that waited days in a queue is still authentic,
+    one from the future never is."""
+    old = sign(notification(when=NOW - timedelta(days=3)), keys.key)
+    assert "more than an hour" in _refusal(old, fetcher).reason
+    verify(old, fetcher, max_age=sns.SQS_MAX_AGE)
+    ancient = sign(notification(when=NOW - sns.SQS_MAX_AGE - timedelta(minutes=1)), keys.key)
+    err = _refusal(ancient, fetcher, max_age=sns.SQS_MAX_AGE)
+    assert "more than 14 days" in err.reason
+    ahead = sign(notification(when=NOW + timedelta(hours=2)), keys.key)
+    assert "more than an hour" in _refusal(ahead, fetcher, max_age=sns.SQS_MAX_AGE).reason
+
+
 def test_topic_not_allowed(keys: SigningKeys, fetcher: Fetcher) -> None:
     other = "arn:aws:sns:us-east-1:999999999999:someone-else"
     err = _refusal(sign(notification(topic=other), keys.key), fetcher)

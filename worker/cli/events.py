@@ -115,8 +115,9 @@ def poll_sqs(
     """Consume SES notifications from an SQS queue (SNS -> SQS, raw delivery on or off).
 
     Each message is deleted only after it is applied. Messages about sends not recorded
-    yet, and malformed ones, stay in the queue (the latter reach its dead-letter queue).
-    Runs until Ctrl-C unless --once.
+    yet, malformed ones and ones that fail SNS signature verification (on by default:
+    PAPERMAIL_SQS_VERIFY_SIGNATURES, topics in PAPERMAIL_SNS_TOPIC_ARNS) stay in the queue
+    (the last two reach its dead-letter queue). Runs until Ctrl-C unless --once.
 
     \b
     Example:
@@ -152,5 +153,5 @@ def poll_sqs(
         echo_json(counts.as_dict())
     else:
         click.echo(counts.summary())
-    if counts.invalid or counts.failed:
+    if counts.invalid or counts.unverified or counts.failed:
         sys.exit(1)
