@@ -49,6 +49,7 @@ class Settings(BaseSettings):
     reply_to: str | None = None
     list_id: str = "papermail daily papers <digest.papermail.localhost>"
     unsubscribe_mailto: str | None = None
+    template_cache_dir: Path | None = None  # unset: ~/.cache/papermail/templates
     base_url: str = "http://localhost:8000"
     # Comma-separated; the first key signs, all of them verify (key rotation).
     secret_key: Annotated[list[str], NoDecode] = Field(default_factory=lambda: [DEV_SECRET_KEY])

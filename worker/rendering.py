@@ -1,6 +1,6 @@
 """Compile the email templates once; render one digest into an outgoing message.
 
-Compile (once per template version, cached in memory and on disk):
+Compile (once per template version, cached in memory and, sealed, in a private directory):
     Jinja ``{% include %}`` resolved as text -> every other Jinja tag swapped for an
     inert placeholder -> mjml-python (MJML -> HTML, no web fonts) -> premailer (CSS
     inlined, no network) -> placeholders swapped back: a Jinja template of the final HTML.
@@ -17,11 +17,13 @@ import binascii
 import contextlib
 import email.utils
 import hashlib
+import hmac
 import json
 import logging
 import os
 import re
 import secrets
+import stat
 import tempfile
 import textwrap
 import threading
@@ -35,6 +37,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 from jinja2 import Environment, StrictUndefined, Template
+from jinja2.runtime import LoopContext
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 from mjml import mjml2html
 from premailer import Premailer
 
@@ -45,6 +49,7 @@ from worker.errors import InvalidInput
 from worker.message import OutgoingMessage, bare_address
 from worker.models import WEEKDAYS, Paper
 from worker.resources import email_templates_dir
+from worker.urls import safe_url
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +97,8 @@ def paper_view(paper: Paper, matched_topic: str | None) -> PaperView:
         authors=list(paper.authors or ()),
         upvotes=int(paper.upvotes or 0),
         abstract=paper.abstract or "",
-        url=paper.url or paper.hf_url or "",
+        # The paper's page, else its Hugging Face page when the page link is unusable.
+        url=paper.url if safe_url(paper.url) else (paper.hf_url or ""),
         pdf_url=paper.pdf_url,
         hf_url=paper.hf_url,
         matched_topic=matched_topic,
@@ -135,13 +141,6 @@ def _wrap(text: str, indent: str = "") -> str:
     return textwrap.fill(
         text, TEXT_WIDTH, initial_indent=indent, subsequent_indent=indent, break_on_hyphens=False
     )
-
-
-def _safe_url(url: str | None) -> str | None:
-    # Only web links: a javascript: or data: URL must never become an href.
-    if not url or not url.startswith(("https://", "http://")) or _BREAKERS.search(url):
-        return None
-    return url.replace(" ", "%20")
 
 
 _MONTHS = (
@@ -302,33 +301,142 @@ def compile_sources(sources: Mapping[str, str]) -> dict[str, str]:
     return out
 
 
+# ----------------------------------------------------------------- the on-disk cache
+#
+# A cache file is a template papermail will run, so it is only read from a directory
+# nobody else can write (checked, created 0700), only if it carries an HMAC made with
+# the signing key (never stored next to it), and only ever rendered in Jinja's sandbox:
+# a file that was planted anyway renders nothing but text. Anything that fails a check
+# is compiled again and overwritten; a directory that fails one is refused.
+
+_SEAL = b"papermail-templates-v1"
+
+
+class TemplateCacheError(TemplateError):
+    """The template cache directory is not private to papermail's user; says which and why."""
+
+
 def default_cache_dir() -> Path:
-    uid = getattr(os, "getuid", lambda: 0)()
-    return Path(tempfile.gettempdir()) / f"papermail-{uid}" / "templates"
+    """``~/.cache/papermail/templates`` of the user papermail runs as (from the password
+    database, not the environment), never a predictable path in the shared temp dir."""
+    import pwd
+
+    home = Path(pwd.getpwuid(os.getuid()).pw_dir)
+    return home / ".cache" / "papermail" / "templates"
 
 
-def _load_disk(path: Path) -> dict[str, str] | None:
+def _refuse(path: Path, problem: str) -> TemplateCacheError:
+    return TemplateCacheError(
+        f"template cache directory {path}: refused, {problem}; a planted file there would "
+        "be rendered into every email. Fix it (chmod 700 / chown it to the user papermail "
+        "runs as) or set PAPERMAIL_TEMPLATE_CACHE_DIR to a private directory"
+    )
+
+
+def _check_dir(path: Path, *, own: bool) -> None:
+    """Refuse ``path`` unless only we (or root, for an ancestor) can change what is in it."""
+    info = os.stat(path)
+    uid = os.getuid()
+    mode = stat.S_IMODE(info.st_mode)
+    if not stat.S_ISDIR(info.st_mode):  # unusable, not unsafe: compiled in memory
+        raise NotADirectoryError(f"{path} is not a directory")
+    allowed = (uid,) if own else (uid, 0)
+    if info.st_uid not in allowed:
+        who = f"uid {uid}" if own else f"uid {uid} or root"
+        raise _refuse(path, f"it is owned by uid {info.st_uid}, not {who}")
+    # A sticky world-writable ancestor (/tmp) lets others add entries, not replace ours.
+    if mode & 0o022 and (own or not mode & stat.S_ISVTX):
+        raise _refuse(path, f"it is writable by group or others (mode {mode:04o})")
+
+
+def _check_chain(path: Path, *, own: bool) -> Path:
+    """Check ``path`` (``own``: as the cache itself) and every directory above it."""
+    uid = os.getuid()
+    for level in (*reversed(path.parents), path):
+        info = os.lstat(level)
+        if stat.S_ISLNK(info.st_mode) and info.st_uid not in (uid, 0):
+            raise _refuse(level, f"it is a symlink owned by uid {info.st_uid}")
+    real = Path(os.path.realpath(path))
+    for level in reversed(real.parents):
+        _check_dir(level, own=False)
+    _check_dir(real, own=own)
+    return real
+
+
+def _private_dir(path: Path) -> Path | None:
+    """``path`` checked (and created 0700 level by level), or None if it cannot be created.
+
+    TemplateCacheError when it, or any directory above it, could be changed by another
+    user: its owner must be us (ancestors: us or root) and none may be group- or
+    world-writable (ancestors may be, when sticky, like /tmp). Symlinks are followed and
+    checked where they point; a symlink on the way must itself belong to us or root.
+    Nothing is created under a directory that fails."""
+    path = Path(os.path.abspath(path))
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        missing = []
+        probe = path
+        while not os.path.lexists(probe):
+            missing.append(probe)
+            probe = probe.parent
+        _check_chain(probe, own=probe == path)
+        for level in reversed(missing):
+            os.mkdir(level, 0o700)
+            _check_chain(level, own=True)
+        return _check_chain(path, own=True)
+    except OSError as exc:
+        log.warning("cannot use the template cache %s: %s; compiling in memory", path, exc)
+        return None
+
+
+def _mac(key: str, payload: bytes, secret: str) -> str:
+    sealer = hmac.new(secret.encode(), _SEAL, hashlib.sha256).digest()  # purpose-bound key
+    return hmac.new(sealer, key.encode() + b"\0" + payload, hashlib.sha256).hexdigest()
+
+
+def _seal(key: str, compiled: Mapping[str, str], secret: str) -> bytes:
+    payload = json.dumps(compiled, sort_keys=True).encode()
+    return b"\n".join((_SEAL, _mac(key, payload, secret).encode(), payload))
+
+
+def _unseal(key: str, data: bytes, secret: str) -> dict[str, str] | None:
+    head, mac, payload = [*data.split(b"\n", 2), b"", b""][:3]
+    if head != _SEAL or not hmac.compare_digest(mac, _mac(key, payload, secret).encode()):
+        return None
+    try:
+        compiled = json.loads(payload)
+    except ValueError:
         return None
     expected = {f"{n}.{ext}" for n in MJML_TEMPLATES for ext in ("html", "txt", "subject")}
-    if not isinstance(data, dict) or set(data) != expected:
+    if not isinstance(compiled, dict) or set(compiled) != expected:
         return None
-    if not all(isinstance(v, str) for v in data.values()):
+    if not all(isinstance(v, str) for v in compiled.values()):
         return None
-    return data
+    return compiled
 
 
-def _store_disk(path: Path, compiled: Mapping[str, str]) -> None:
-    # Write-then-rename: concurrent processes each write their own temp file, and
+def _load_disk(path: Path, key: str, secret: str) -> dict[str, str] | None:
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as fh:
+        info = os.fstat(fh.fileno())
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid():
+            return None
+        compiled = _unseal(key, fh.read(16 * 2**20), secret)
+    if compiled is None:
+        log.warning("template cache %s failed its integrity check; compiling again", path)
+    return compiled
+
+
+def _store_disk(path: Path, key: str, compiled: Mapping[str, str], secret: str) -> None:
+    # Write-then-rename: concurrent processes each write their own temp file (0600), and
     # readers only ever see a complete cache file.
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
         try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                json.dump(compiled, fh)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(_seal(key, compiled, secret))
             os.replace(tmp, path)
         except BaseException:
             with contextlib.suppress(OSError):
@@ -338,14 +446,32 @@ def _store_disk(path: Path, compiled: Mapping[str, str]) -> None:
         log.warning("cannot write the template cache %s: %s", path, exc)
 
 
+class _Sandbox(ImmutableSandboxedEnvironment):
+    """Jinja's sandbox: no template (a cached one included) can reach Python internals
+    such as ``cycler.__init__.__globals__``, call unsafe functions or mutate anything.
+
+    Its per-attribute check costs more than the rest of a render; the paper views and
+    loop counters, plain data, which are nearly all the lookups, skip it (bench/render.py).
+    """
+
+    def getattr(self, obj: Any, attribute: str) -> Any:
+        if attribute in _PLAIN_FIELDS.get(type(obj), ()):
+            return getattr(obj, attribute)
+        return super().getattr(obj, attribute)
+
+
 def _html_env() -> Environment:
-    return Environment(autoescape=True, undefined=StrictUndefined, auto_reload=False)
+    env = _Sandbox(autoescape=True, undefined=StrictUndefined, auto_reload=False)
+    env.filters["safe_url"] = safe_url
+    return env
 
 
 def _text_env() -> Environment:
-    return Environment(
+    env = _Sandbox(
         autoescape=False, undefined=StrictUndefined, auto_reload=False, keep_trailing_newline=True
     )
+    env.filters["safe_url"] = safe_url
+    return env
 
 
 class _Templates(NamedTuple):
@@ -362,19 +488,26 @@ _MEMORY: dict[str, _Templates] = {}
 _MEMORY_LOCK = threading.Lock()
 
 
-def load_templates(templates_dir: Path | None = None, cache_dir: Path | None = None) -> _Templates:
-    """The compiled templates for the current sources: memory, else disk, else compile."""
+def load_templates(
+    templates_dir: Path | None = None, cache_dir: Path | None = None, *, secret: str = ""
+) -> _Templates:
+    """The compiled templates for the current sources: memory, else disk, else compile.
+
+    The disk cache is used only with a ``secret`` (the signing key) to seal its files, and
+    only in a private directory (TemplateCacheError otherwise)."""
     sources = _read_sources(templates_dir or email_templates_dir())
     key = cache_key(sources)
     with _MEMORY_LOCK:
         cached = _MEMORY.get(key)
         if cached is not None:
             return cached
-        path = (cache_dir or default_cache_dir()) / f"{key}.json"
-        compiled = _load_disk(path)
+        directory = _private_dir(cache_dir or default_cache_dir()) if secret else None
+        path = directory / f"{key}.json" if directory else None
+        compiled = _load_disk(path, key, secret) if path else None
         if compiled is None:
             compiled = compile_sources(sources)
-            _store_disk(path, compiled)
+            if path:
+                _store_disk(path, key, compiled, secret)
         html, text = _html_env(), _text_env()
         templates = _Templates(
             key,
@@ -584,6 +717,15 @@ class _Item(NamedTuple):
     less_url: str
 
 
+# Attributes the sandbox may hand out unchecked: data fields, no callables or internals.
+_PLAIN_FIELDS: dict[type, frozenset[str]] = {
+    _Item: frozenset(_Item._fields),
+    LoopContext: frozenset(
+        ("index", "index0", "revindex", "revindex0", "first", "last", "length", "depth")
+    ),
+}
+
+
 class Renderer:
     """Fills the compiled templates. One per process; thread-safe after construction."""
 
@@ -595,7 +737,11 @@ class Renderer:
         cache_dir: Path | None = None,
     ) -> None:
         self.settings = settings = settings or get_settings()
-        self.templates = load_templates(templates_dir, cache_dir)
+        self.templates = load_templates(
+            templates_dir,
+            cache_dir or settings.template_cache_dir,
+            secret=settings.signing_keys[0],
+        )
         self.from_header, self.sender = address_header(
             settings.from_address, "PAPERMAIL_FROM_ADDRESS"
         )
@@ -649,9 +795,9 @@ class Renderer:
             authors=short_authors(paper.authors),
             abstract=abstract,
             abstract_text=_wrap(abstract, "   "),
-            url=_safe_url(paper.url),
-            pdf_url=_safe_url(paper.pdf_url),
-            hf_url=_safe_url(paper.hf_url),
+            url=safe_url(paper.url),
+            pdf_url=safe_url(paper.pdf_url),
+            hf_url=safe_url(paper.hf_url),
             id_json=json.dumps(paper.id).encode(),
         )
         if len(self._parts) > 20_000:

@@ -15,8 +15,15 @@ from worker.clock import utcnow
 from worker.db import insert_ignore_or_update
 from worker.errors import InvalidInput
 from worker.models import Paper
-from worker.papers.sources import DEFAULT_TIMEOUT, PaperRecord, load_source, parse
+from worker.papers.sources import (
+    DEFAULT_TIMEOUT,
+    URL_FIELDS,
+    PaperRecord,
+    load_source,
+    parse,
+)
 from worker.resources import data_dir
+from worker.urls import url_problem
 
 SAMPLE_FILE = "sample_papers.jsonl"
 
@@ -62,6 +69,7 @@ def upsert_papers(
     part-way leaves nothing behind when used inside ``session_scope``.
     """
     now = now or utcnow()
+    _refuse_bad_links(records)
     latest: dict[str, PaperRecord] = {}
     for record in records:
         latest.pop(record.id, None)  # keep the order of last occurrence
@@ -91,6 +99,25 @@ def upsert_papers(
     insert_ignore_or_update(session, Paper.__table__, rows, ["id"], _UPDATE_COLS)
     session.flush()
     return IngestResult(new=len(ids) - len(existing), updated=len(existing), format=source)
+
+
+def _refuse_bad_links(records: Sequence[PaperRecord]) -> None:
+    """InvalidInput, before anything is written, if any link is not an http(s) URL.
+
+    The parsers already refuse such records; this guards every other caller (the sample,
+    scripts, tests) so the table only ever holds links that `worker.urls` allows."""
+    bad = [
+        f"paper {record.id!r}: field '{name}' {getattr(record, name)!r}: {problem}"
+        for record in records
+        for name in URL_FIELDS
+        if getattr(record, name) is not None and (problem := url_problem(getattr(record, name)))
+    ]
+    if bad:
+        shown = "; ".join(bad[:5]) + (f"; ... and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise InvalidInput(
+            f"{len(bad)} paper link(s) are not http:// or https:// URLs, nothing was "
+            f"ingested: {shown}"
+        )
 
 
 def ingest_source(

@@ -30,7 +30,9 @@ Three formats are understood, detected from the content when not given:
     ``upvote`` does not silently drop data. The full description is docs/papers-jsonl.md.
 
 Missing links default to ``https://huggingface.co/papers/<id>`` (``url`` and ``hf_url``)
-and, when the id looks like an arXiv id, ``https://arxiv.org/pdf/<id>``.
+and, when the id looks like an arXiv id, ``https://arxiv.org/pdf/<id>``. Every link, given
+or derived, must be an absolute ``http``/``https`` URL (`worker.urls`): a record with a
+``javascript:``, ``data:`` or relative link is a bad record like any other.
 
 A malformed source is rejected as a whole: `PaperSourceError` lists every bad record (up to
 `MAX_REPORTED_ERRORS`) with its position and the offending field, and nothing is returned.
@@ -52,6 +54,7 @@ from typing import IO, Any, Literal
 
 from worker import __version__
 from worker.errors import PapermailError
+from worker.urls import url_problem
 
 Format = Literal["hf", "arxiv", "jsonl"]
 FORMATS: tuple[Format, ...] = ("hf", "arxiv", "jsonl")
@@ -60,6 +63,9 @@ MAX_REPORTED_ERRORS = 20
 MAX_ID_LENGTH = 64  # papers.id is String(64)
 DEFAULT_TIMEOUT = 30.0  # seconds, for URL sources
 MAX_SOURCE_BYTES = 64 * 1024 * 1024  # refuse absurd downloads instead of exhausting memory
+
+# Every link field of a paper; each must pass worker.urls.url_problem to be stored.
+URL_FIELDS = ("url", "pdf_url", "hf_url")
 
 ATOM_NS = "http://www.w3.org/2005/Atom"
 NS = {"atom": ATOM_NS, "arxiv": "http://arxiv.org/schemas/atom"}
@@ -172,6 +178,33 @@ def _opt_str(obj: dict[str, Any], key: str, label: str | None = None) -> str | N
     return _clean(value) or None
 
 
+def _check_url(value: str | None, label: str) -> str | None:
+    """A link as given, or _FieldError unless it is an absolute http(s) URL."""
+    if value is None:
+        return None
+    problem = url_problem(value)
+    if problem:
+        why = "" if problem.startswith("only ") else f" ({problem})"
+        raise _FieldError(
+            f"expected an absolute http:// or https:// URL for '{label}', "
+            f"got {_describe(value)}{why}"
+        )
+    return value
+
+
+def _opt_url(obj: dict[str, Any], key: str, label: str | None = None) -> str | None:
+    return _check_url(_opt_str(obj, key, label), label or key)
+
+
+def check_record_urls(record: PaperRecord) -> None:
+    """_FieldError for the first link of ``record`` (given or derived) that is not http(s)."""
+    for name in URL_FIELDS:
+        value = getattr(record, name)
+        if value is not None and url_problem(value):
+            derived = value == default_urls(record.id).get(name)
+            _check_url(value, f"{name} (made from the id)" if derived else name)
+
+
 def _check_id(paper_id: str, label: str) -> str:
     if len(paper_id) > MAX_ID_LENGTH:
         raise _FieldError(f"field '{label}' is longer than {MAX_ID_LENGTH} characters")
@@ -251,7 +284,9 @@ class _Errors:
 
     def run(self, where: str, build: Callable[[], PaperRecord]) -> PaperRecord | None:
         try:
-            return build()
+            record = build()
+            check_record_urls(record)  # the links each parser took, and the defaults
+            return record
         except _FieldError as exc:
             self.add(where, str(exc))
             return None
@@ -405,9 +440,9 @@ def _jsonl_record(obj: Any) -> PaperRecord:
         authors=_str_list(obj.get("authors"), "authors"),
         upvotes=_upvotes(obj, "upvotes"),
         published_at=_opt_datetime(obj, "published_at"),
-        url=_opt_str(obj, "url"),
-        pdf_url=_opt_str(obj, "pdf_url"),
-        hf_url=_opt_str(obj, "hf_url"),
+        url=_opt_url(obj, "url"),
+        pdf_url=_opt_url(obj, "pdf_url"),
+        hf_url=_opt_url(obj, "hf_url"),
     )
 
 
@@ -465,9 +500,9 @@ def _arxiv_record(entry: ET.Element) -> PaperRecord:
         if not href:
             continue
         if link.get("title") == "pdf" or link.get("type") == "application/pdf":
-            pdf_url = href
+            pdf_url = _check_url(_clean(href), "link[title=pdf] href (pdf_url)")
         elif link.get("rel", "alternate") == "alternate":
-            url = href
+            url = _check_url(_clean(href), "link[rel=alternate] href (url)")
     return PaperRecord(
         id=paper_id,
         title=_req_str(fields, "title"),
