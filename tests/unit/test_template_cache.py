@@ -112,7 +112,7 @@ def test_planted_file_at_the_cache_path_is_not_run(
     plants = [
         json.dumps(_payload(marker)).encode(),
         good.replace(good.split(b"\n", 2)[2], json.dumps(_payload(marker)).encode()),
-        b"\n".join(good.split(b"\n", 2)[:1] + [b"0" * 64, json.dumps(_payload(marker)).encode()]),
+        b"\n".join([good.split(b"\n", 1)[0], b"0" * 64, json.dumps(_payload(marker)).encode()]),
     ]
     for planted in plants:
         path.write_bytes(planted)

@@ -54,6 +54,7 @@ from worker.models import (
     SubscriberStatus,
 )
 from worker.throttle import Throttle, make_throttle
+from worker.urls import safe_url
 
 log = logging.getLogger(__name__)
 
@@ -266,6 +267,10 @@ def _template_globals() -> dict[str, Any]:
 @bp.app_template_filter("longdate")
 def _long_date(day: date) -> str:
     return f"{day:%A} {day.day} {day:%B %Y}"
+
+
+# The same link rule as the emails: a paper link that is not http(s) renders as no link.
+bp.add_app_template_filter(safe_url, "safe_url")
 
 
 @bp.app_template_filter("sentence")
