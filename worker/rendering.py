@@ -316,13 +316,17 @@ class TemplateCacheError(TemplateError):
     """The template cache directory is not private to papermail's user; says which and why."""
 
 
-def default_cache_dir() -> Path:
+def default_cache_dir() -> Path | None:
     """``~/.cache/papermail/templates`` of the user papermail runs as (from the password
-    database, not the environment), never a predictable path in the shared temp dir."""
+    database, not the environment), never a predictable path in the shared temp dir;
+    None for a uid without a home (a container's arbitrary uid): compile in memory."""
     import pwd
 
-    home = Path(pwd.getpwuid(os.getuid()).pw_dir)
-    return home / ".cache" / "papermail" / "templates"
+    try:
+        home = pwd.getpwuid(os.getuid()).pw_dir
+    except KeyError:
+        return None
+    return Path(home) / ".cache" / "papermail" / "templates" if home else None
 
 
 def _refuse(path: Path, problem: str) -> TemplateCacheError:
@@ -380,7 +384,8 @@ def _private_dir(path: Path) -> Path | None:
             probe = probe.parent
         _check_chain(probe, own=probe == path)
         for level in reversed(missing):
-            os.mkdir(level, 0o700)
+            with contextlib.suppress(FileExistsError):  # another worker made it first
+                os.mkdir(level, 0o700)
             _check_chain(level, own=True)
         return _check_chain(path, own=True)
     except OSError as exc:
@@ -501,7 +506,8 @@ def load_templates(
         cached = _MEMORY.get(key)
         if cached is not None:
             return cached
-        directory = _private_dir(cache_dir or default_cache_dir()) if secret else None
+        where = cache_dir or default_cache_dir()
+        directory = _private_dir(where) if secret and where else None
         path = directory / f"{key}.json" if directory else None
         compiled = _load_disk(path, key, secret) if path else None
         if compiled is None:
