@@ -31,7 +31,7 @@ def url_problem(value: object) -> str | None:
     bad = _FORBIDDEN.search(value)
     if bad:
         what = "a backslash" if bad.group() == "\\" else "whitespace or a control character"
-        return f"it contains {what} ({bad.group()!r} at position {bad.start()})"
+        return f"it contains {what}: {bad.group()!r} at position {bad.start()}"
     scheme, colon, rest = value.partition(":")
     if not colon or not rest.startswith("//") or scheme.lower() not in SCHEMES:
         return "only absolute http:// and https:// URLs are allowed"

@@ -158,13 +158,13 @@ def test_arxiv_bad_link_names_entry_and_field_and_ingests_nothing(
         ingest_source(s, str(source), "arxiv")
     message = str(info.value)
     assert message.startswith(f"{source} (arxiv): entry 2: ")
-    assert f"({field})'" in message and "http:// or https:// URL" in message
+    assert f"http:// or https:// URL for '{field}' (the " in message and "<link" in message
     assert _paper_count() == 0
 
 
 def test_arxiv_control_characters_in_a_link_are_refused() -> None:
     # An XML character reference puts a tab inside the scheme: java&#9;script:
-    with pytest.raises(PaperSourceError, match=r"entry 2: .*\(url\)"):
+    with pytest.raises(PaperSourceError, match=r"entry 2: .* for 'url' \(the <link"):
         parse(_feed('<link rel="alternate" href="java&#9;script:alert(1)"/>'), "arxiv")
 
 
@@ -182,7 +182,7 @@ def test_hf_links_made_from_the_id_are_checked_too(
         ingest_source(s, str(source), "hf")
     message = str(info.value)
     assert message.startswith(f"{source} (hf): record 2 (JSON index 1): ")
-    assert "URL for 'url (made from the id)'" in message
+    assert "URL for 'url' (made from the id)" in message
     assert _paper_count() == 0
 
 

@@ -178,7 +178,7 @@ def _opt_str(obj: dict[str, Any], key: str, label: str | None = None) -> str | N
     return _clean(value) or None
 
 
-def _check_url(value: str | None, label: str) -> str | None:
+def _check_url(value: str | None, label: str, source: str = "") -> str | None:
     """A link as given, or _FieldError unless it is an absolute http(s) URL."""
     if value is None:
         return None
@@ -186,14 +186,20 @@ def _check_url(value: str | None, label: str) -> str | None:
     if problem:
         why = "" if problem.startswith("only ") else f" ({problem})"
         raise _FieldError(
-            f"expected an absolute http:// or https:// URL for '{label}', "
+            f"expected an absolute http:// or https:// URL for '{label}'{source}, "
             f"got {_describe(value)}{why}"
         )
     return value
 
 
 def _opt_url(obj: dict[str, Any], key: str, label: str | None = None) -> str | None:
-    return _check_url(_opt_str(obj, key, label), label or key)
+    # Not _clean()ed: a tab or line break inside a link is an error to show as it is.
+    value = obj.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise _FieldError(f"expected a string for '{label or key}', got {_describe(value)}")
+    return _check_url(value.strip() or None, label or key)
 
 
 def check_record_urls(record: PaperRecord) -> None:
@@ -202,7 +208,7 @@ def check_record_urls(record: PaperRecord) -> None:
         value = getattr(record, name)
         if value is not None and url_problem(value):
             derived = value == default_urls(record.id).get(name)
-            _check_url(value, f"{name} (made from the id)" if derived else name)
+            _check_url(value, name, " (made from the id)" if derived else "")
 
 
 def _check_id(paper_id: str, label: str) -> str:
@@ -500,9 +506,9 @@ def _arxiv_record(entry: ET.Element) -> PaperRecord:
         if not href:
             continue
         if link.get("title") == "pdf" or link.get("type") == "application/pdf":
-            pdf_url = _check_url(_clean(href), "link[title=pdf] href (pdf_url)")
+            pdf_url = _check_url(href.strip(), "pdf_url", " (the PDF <link> href)")
         elif link.get("rel", "alternate") == "alternate":
-            url = _check_url(_clean(href), "link[rel=alternate] href (url)")
+            url = _check_url(href.strip(), "url", ' (the <link rel="alternate"> href)')
     return PaperRecord(
         id=paper_id,
         title=_req_str(fields, "title"),
