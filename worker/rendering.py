@@ -460,7 +460,10 @@ class _Sandbox(ImmutableSandboxedEnvironment):
     """
 
     def getattr(self, obj: Any, attribute: str) -> Any:
-        if attribute in _PLAIN_FIELDS.get(type(obj), ()):
+        kind = type(obj)
+        if (kind is _Item and attribute in _ITEM_FIELDS) or (
+            kind is LoopContext and attribute in _LOOP_FIELDS
+        ):
             return getattr(obj, attribute)
         return super().getattr(obj, attribute)
 
@@ -724,12 +727,10 @@ class _Item(NamedTuple):
 
 
 # Attributes the sandbox may hand out unchecked: data fields, no callables or internals.
-_PLAIN_FIELDS: dict[type, frozenset[str]] = {
-    _Item: frozenset(_Item._fields),
-    LoopContext: frozenset(
-        ("index", "index0", "revindex", "revindex0", "first", "last", "length", "depth")
-    ),
-}
+_ITEM_FIELDS = frozenset(_Item._fields)
+_LOOP_FIELDS = frozenset(
+    ("index", "index0", "revindex", "revindex0", "first", "last", "length", "depth")
+)
 
 
 class Renderer:
@@ -801,6 +802,8 @@ class Renderer:
             authors=short_authors(paper.authors),
             abstract=abstract,
             abstract_text=_wrap(abstract, "   "),
+            # The output filter of every email: the same safe_url as the pages' Jinja
+            # filter, applied once per paper here (the templates see only its result).
             url=safe_url(paper.url),
             pdf_url=safe_url(paper.pdf_url),
             hf_url=safe_url(paper.hf_url),
