@@ -34,7 +34,7 @@ from worker.models import (
     SubscriberStatus,
     utcnow,
 )
-from worker.untrusted import ControlCharacter
+from worker.untrusted import WHITESPACE_CONTROLS, ControlCharacter, check_text
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +155,9 @@ def parse_preferences(form: Mapping[str, object], today: date) -> Preferences:
             values[name] = None
             continue
         try:
+            if isinstance(raw, str):  # named plainly, before a parser quotes it back
+                allow = WHITESPACE_CONTROLS if name == "topics" else ""
+                check_text(raw, name.replace("_", " "), allow=allow)
             values[name] = parse(raw)
         except ValueError as exc:
             errors[name] = str(exc)
