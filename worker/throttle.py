@@ -111,8 +111,7 @@ class RedisWindow:
             )
         except self._errors as exc:
             raise ThrottleUnavailable(
-                f"the request limit store at {self._where} is unreachable: "
-                f"{redact_url(str(exc))}"
+                f"the request limit store at {self._where} is unreachable: {redact_url(str(exc))}"
             ) from None
         return wait_ms / 1000.0
 

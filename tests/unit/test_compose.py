@@ -442,8 +442,7 @@ def test_checkers_catch_wrong_commands(
         "queues share the binding ('plan', 'plan')"
     ]
     assert (
-        "no route /health"
-        in check_command([*GUNICORN, "worker.web:create_app()"], ("/health",))[0]
+        "no route /health" in check_command([*GUNICORN, "worker.web:create_app()"], ("/health",))[0]
     )
     assert "does not load" in check_command([*GUNICORN, "worker.web:make_app()"])[0]
     assert "without -c" in check_command(["gunicorn", "worker.web:create_app()"])[0]
