@@ -127,6 +127,24 @@ class Settings(BaseSettings):
             raise ValueError("must start with http:// or https://")
         return value.rstrip("/")
 
+    @field_validator(
+        "broker_url", "ses_endpoint_url", "sns_endpoint_url", "sqs_endpoint_url", "sqs_queue_url"
+    )
+    @classmethod
+    def _service_url(cls, value: str | None) -> str | None:
+        # Checked here so a typo is one clear error (its password hidden, see _describe),
+        # not a client library's traceback at the first connection.
+        if not value:
+            return None
+        try:
+            parts = urlsplit(value)
+            parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+        except ValueError:
+            raise ValueError("is not a valid URL (the port must be a number)") from None
+        if not parts.scheme or "://" not in value:
+            raise ValueError("must be a URL such as redis://host:6379/0")
+        return value
+
     @field_validator("database_url")
     @classmethod
     def _db_url(cls, value: str) -> str:

@@ -148,3 +148,36 @@ def test_create_app_refuses_the_development_key_unless_dev(
     monkeypatch.setenv("PAPERMAIL_SECRET_KEY", REAL_KEY)
     config.reset_settings()
     assert create_app().test_client().get("/healthz").status_code == 200
+
+
+@pytest.mark.parametrize(
+    "name", ["PAPERMAIL_BROKER_URL", "PAPERMAIL_SES_ENDPOINT_URL", "PAPERMAIL_SQS_QUEUE_URL"]
+)
+def test_bad_service_urls_are_refused_without_their_password(
+    env: dict[str, str], monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    for value in ("redis://:Sup3rSecret@redis:port/0", "redis//user:Sup3rSecret@redis/0"):
+        monkeypatch.setenv(name, value)
+        with pytest.raises(config.ConfigError) as raised:
+            config.load_settings()
+        assert name in str(raised.value) and "Sup3r" not in str(raised.value)
+    monkeypatch.setenv(name, "redis://:Sup3rSecret@redis:6379/0")
+    assert config.load_settings()
+
+
+def test_unreachable_broker_is_one_line_without_the_password(
+    settings: config.Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    added = CliRunner().invoke(main, ["subscribers", "add", "ada@example.org", "--confirmed"])
+    assert added.exit_code == 0, added.output
+    monkeypatch.setenv("PAPERMAIL_BROKER_URL", f"redis://:Sup3rSecret@127.0.0.1:{port}/0")
+    config.reset_settings()
+    result = CliRunner().invoke(main, ["digest", "run"])
+    assert result.exit_code == 1
+    assert "cannot reach the broker (PAPERMAIL_BROKER_URL)" in result.output
+    assert "Sup3rSecret" not in result.output and "Traceback" not in result.output

@@ -8,6 +8,7 @@ import sys
 from typing import Any
 
 import click
+from kombu.exceptions import OperationalError as KombuOperationalError
 from sqlalchemy.exc import OperationalError
 
 from worker import __version__
@@ -46,6 +47,14 @@ class PapermailGroup(click.Group):
             # One line, not a traceback; a driver message never shows the URL's password.
             reason = redact_url(str(getattr(exc, "orig", None) or exc)).strip()
             click.secho(f"error: cannot use the database: {reason}", fg="red", err=True)
+            sys.exit(1)
+        except KombuOperationalError as exc:
+            reason = redact_url(str(exc)).strip()
+            click.secho(
+                f"error: cannot reach the broker (PAPERMAIL_BROKER_URL): {reason}",
+                fg="red",
+                err=True,
+            )
             sys.exit(1)
 
 
