@@ -24,4 +24,4 @@ USER papermail
 WORKDIR /home/papermail
 
 EXPOSE 8000
-CMD ["gunicorn", "worker.web:create_app()", "--bind", "0.0.0.0:8000", "--workers", "2", "--access-logfile", "-"]
+CMD ["gunicorn", "-c", "python:worker.web.gunicorn_conf", "worker.web:create_app()", "--bind", "0.0.0.0:8000", "--workers", "2"]

@@ -118,6 +118,7 @@ def main() -> int:
         settings = load_settings(
             mailer="ses",
             secret_key="bench-secret-key-0123456789abcdefghijklmnop",
+            base_url="https://papermail.example.org",
             ses_endpoint_url=url,
             ses_region="us-east-1",
             aws_access_key_id=KEY_ID,

@@ -6,18 +6,28 @@ of the embedded mode: SQLite file, no broker (in-process), outbox mailer.
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from worker.redact import HIDDEN, redact_url
+
 # Refused whenever mail can leave the machine (MAILER != outbox).
 DEV_SECRET_KEY = "dev-insecure-papermail-secret-change-me"
 
 ENV_PREFIX = "PAPERMAIL_"
+
+# Never echoed in an error message, whatever their value.
+SECRET_FIELDS = frozenset(
+    {"secret_key", "aws_secret_access_key", "aws_access_key_id", "smtp_password"}
+)
 
 
 class ConfigError(Exception):
@@ -118,6 +128,24 @@ class Settings(BaseSettings):
             raise ValueError("must start with http:// or https://")
         return value.rstrip("/")
 
+    @field_validator(
+        "broker_url", "ses_endpoint_url", "sns_endpoint_url", "sqs_endpoint_url", "sqs_queue_url"
+    )
+    @classmethod
+    def _service_url(cls, value: str | None) -> str | None:
+        # Checked here so a typo is one clear error (its password hidden, see _describe),
+        # not a client library's traceback at the first connection.
+        if not value:
+            return None
+        try:
+            parts = urlsplit(value)
+            parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+        except ValueError:
+            raise ValueError("is not a valid URL (the port must be a number)") from None
+        if not parts.scheme or "://" not in value:
+            raise ValueError("must be a URL such as redis://host:6379/0")
+        return value
+
     @field_validator("database_url")
     @classmethod
     def _db_url(cls, value: str) -> str:
@@ -126,23 +154,57 @@ class Settings(BaseSettings):
         # Accept the common postgres:// and postgresql:// spellings; use psycopg 3.
         for prefix in ("postgres://", "postgresql://"):
             if value.startswith(prefix):
-                return "postgresql+psycopg://" + value[len(prefix) :]
+                value = "postgresql+psycopg://" + value[len(prefix) :]
+                break
+        # Parsed now, so a bad port or an unknown kind of database is one clear error here
+        # rather than a traceback (which could show the URL) at the first connection.
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+        try:
+            url = make_url(value)
+        except (ArgumentError, ValueError):
+            raise ValueError(
+                "is not a valid SQLAlchemy URL (e.g. postgresql://user@host:5432/db; "
+                "the port must be a number, special characters in the password %-encoded)"
+            ) from None
+        try:
+            url.get_dialect()
+        except NoSuchModuleError:
+            raise ValueError(
+                f"unknown kind of database {url.drivername!r}; use postgresql://... or "
+                "sqlite:///..."
+            ) from None
         return value
 
     @model_validator(mode="after")
-    def _production_secret(self) -> Settings:
+    def _production_guards(self) -> Settings:
+        """When mail leaves the machine: a real signing key, and public HTTPS links."""
+        if self.mailer == "outbox":
+            return self
+        problems = []
         hint = '(python -c "import secrets; print(secrets.token_urlsafe(48))")'
-        if self.mailer != "outbox" and DEV_SECRET_KEY in self.secret_key:
-            raise ValueError(
+        if DEV_SECRET_KEY in self.secret_key:
+            problems.append(
                 "PAPERMAIL_SECRET_KEY: the development key is refused when PAPERMAIL_MAILER "
                 f"is {self.mailer!r}; set a long random secret {hint}"
             )
-        if self.mailer != "outbox" and len(self.secret_key[0]) < 32:
+        elif len(self.secret_key[0]) < 32:
             # The signing key guards every unsubscribe and preference link ever sent.
-            raise ValueError(
+            problems.append(
                 "PAPERMAIL_SECRET_KEY: the signing key (the first one) must be at least 32 "
                 f"characters when mail leaves the machine; {hint}"
             )
+        problem = _public_https_problem(self.base_url)
+        if problem:
+            problems.append(
+                f"PAPERMAIL_BASE_URL: {problem} when PAPERMAIL_MAILER is {self.mailer!r}: the "
+                "links in every email point there, and one-click unsubscribe (RFC 8058) needs "
+                f"HTTPS; set the public https:// address of the web app (got "
+                f"{redact_url(self.base_url)!r})"
+            )
+        if problems:
+            raise ValueError("\n  ".join(problems))
         return self
 
     @property
@@ -158,16 +220,58 @@ class Settings(BaseSettings):
         return self.send_burst or max(1, round(self.send_rate))
 
 
+def _public_https_problem(url: str) -> str | None:
+    """Why ``url`` cannot be the public address in real emails, or None."""
+    try:
+        parts = urlsplit(url)
+        host = (parts.hostname or "").rstrip(".").lower()
+    except ValueError:
+        return "it is not a valid URL"
+    if parts.scheme != "https":
+        return "it must start with https://"
+    if not host:
+        return "it has no host name"
+    if host == "localhost" or host.endswith(".localhost"):
+        return f"{host} is this machine, not a public address"
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    if ip.is_loopback or ip.is_unspecified:
+        return f"{host} is this machine, not a public address"
+    return None
+
+
+def mask_credentials(value: str) -> str:
+    """``value`` with everything before its last "@" but the scheme hidden, for URLs
+    too malformed for :func:`worker.redact.redact_url` to find their password."""
+    if "@" not in value:
+        return value
+    head, _, tail = value.rpartition("@")
+    scheme = re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", head)
+    return f"{scheme.group() if scheme else ''}{HIDDEN}@{tail}"
+
+
+def _shown_input(field: str, value: Any) -> str:
+    if field in SECRET_FIELDS:
+        return HIDDEN
+    if field.endswith("_url") and isinstance(value, str):
+        return repr(mask_credentials(value))
+    return redact_url(repr(value))
+
+
 def _describe(error: ValidationError) -> str:
+    # Values are echoed to help, but never a secret setting nor a password in a URL.
     lines = []
     for item in error.errors():
         loc = item.get("loc") or ()
+        msg = redact_url(str(item.get("msg", ""))).removeprefix("Value error, ")
         if loc:
-            name = ENV_PREFIX + str(loc[0]).upper()
-            lines.append(f"{name}: {item.get('msg')} (got {item.get('input')!r})")
+            field = str(loc[0])
+            name = ENV_PREFIX + field.upper()
+            lines.append(f"{name}: {msg} (got {_shown_input(field, item.get('input'))})")
         else:
-            msg = str(item.get("msg", ""))
-            lines.append(msg.removeprefix("Value error, "))
+            lines.append(msg)
     return "invalid configuration:\n  " + "\n  ".join(lines)
 
 

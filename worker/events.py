@@ -82,6 +82,7 @@ from worker.models import (
     SubscriberStatus,
     utcnow,
 )
+from worker.untrusted import loads_json
 
 log = logging.getLogger(__name__)
 
@@ -282,7 +283,7 @@ def _from_object(obj: object, where: str) -> tuple[list[tuple[dict[str, Any], st
         if not isinstance(obj["Message"], str):
             return [], [f"{where}: field 'Message': expected a JSON string"]
         try:
-            inner = json.loads(obj["Message"])
+            inner = loads_json(obj["Message"], what="the message")
         except ValueError as exc:
             return [], [f"{where}: field 'Message': not valid JSON ({exc})"]
         problems = validate_notification(inner)
@@ -932,7 +933,7 @@ def handle_sqs_body(
     Raises InvalidNotification, SnsVerificationError or RetryLater, having committed
     nothing."""
     try:
-        obj = json.loads(body)
+        obj = loads_json(body, what="the message body")
     except ValueError as exc:
         raise InvalidNotification([f"message body is not JSON: {exc}"]) from None
     verify_sqs_message(obj, settings, fetcher=fetcher, cache=cache, now=now)

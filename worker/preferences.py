@@ -34,6 +34,7 @@ from worker.models import (
     SubscriberStatus,
     utcnow,
 )
+from worker.untrusted import WHITESPACE_CONTROLS, ControlCharacter, check_text
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +155,9 @@ def parse_preferences(form: Mapping[str, object], today: date) -> Preferences:
             values[name] = None
             continue
         try:
+            if isinstance(raw, str):  # named plainly, before a parser quotes it back
+                allow = WHITESPACE_CONTROLS if name == "topics" else ""
+                check_text(raw, name.replace("_", " "), allow=allow)
             values[name] = parse(raw)
         except ValueError as exc:
             errors[name] = str(exc)
@@ -349,9 +353,12 @@ def parse_subscribe(email: object, topics: object, timezone: object = None) -> d
             errors[name] = UNSENDABLE_ADDRESS
         except ValueError as exc:
             errors[name] = str(exc)
-    # The zone comes from the browser, silently: a bad one falls back to UTC.
+    # The zone comes from the browser, silently: an unknown one falls back to UTC; one
+    # with control characters is not a browser's and is refused like any other field.
     try:
         values["timezone"] = subs.parse_timezone(timezone) if timezone else "UTC"
+    except ControlCharacter as exc:
+        errors["timezone"] = str(exc)
     except ValueError:
         values["timezone"] = "UTC"
     if errors:

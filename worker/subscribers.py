@@ -47,6 +47,7 @@ from worker.models import (
     SubscriberStatus,
     utcnow,
 )
+from worker.untrusted import WHITESPACE_CONTROLS, check_text
 
 DEFAULT_MAX_PAPERS = 5
 DEFAULT_FREQUENCY = Frequency.DAILY.value
@@ -102,7 +103,7 @@ def normalize_email(value: object) -> str:
     """
     if not isinstance(value, str):
         raise ValueError(f"email must be text, got {value!r}")
-    raw = value.strip()
+    raw = check_text(value.strip(), "email")
     if not raw:
         raise ValueError("email is empty")
     try:
@@ -139,7 +140,7 @@ def parse_topics(value: object) -> tuple[str, ...]:
     if value is None:
         return ()
     if isinstance(value, str):
-        text = value
+        text = check_text(value, "topics", allow=WHITESPACE_CONTROLS)
         for sep in TOPIC_SEPARATORS[1:]:
             text = text.replace(sep, TOPIC_SEPARATORS[0])
         items: Iterable[object] = text.split(TOPIC_SEPARATORS[0])
@@ -152,6 +153,8 @@ def parse_topics(value: object) -> tuple[str, ...]:
     for item in items:
         if not isinstance(item, str):
             raise ValueError(f"each topic must be text, got {item!r}")
+        # Checked before the whitespace is collapsed: str.split() eats some controls.
+        check_text(item, "a topic", allow=WHITESPACE_CONTROLS)
         phrase = " ".join(item.split())
         if not phrase:
             continue
@@ -234,7 +237,7 @@ def _timezone(name: str) -> str:
 def parse_timezone(value: object) -> str:
     if not isinstance(value, str):
         raise ValueError(f"time zone must be text, got {value!r}")
-    return _timezone(value.strip())
+    return _timezone(check_text(value.strip(), "time zone"))
 
 
 def weekday_name(index: int | None) -> str | None:

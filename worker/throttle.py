@@ -15,8 +15,14 @@ from collections.abc import Callable
 from typing import Protocol
 
 from worker.config import Settings
+from worker.redact import redact_url
 
 HOUR = 3600.0
+
+
+class ThrottleUnavailable(Exception):
+    """The shared store behind the throttle cannot be reached; the request cannot be
+    counted, so it is neither allowed nor refused (the page answers 503, try later)."""
 
 
 class Throttle(Protocol):
@@ -88,17 +94,25 @@ class RedisWindow:
             raise ValueError("limit must be >= 1 and window > 0")
         self.limit = limit
         self.window = window
-        self._client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+        # Short timeouts: a sign-up page must answer "try later" fast, not hang.
+        self._client = redis.Redis.from_url(url, socket_timeout=3, socket_connect_timeout=2)
         self._script = self._client.register_script(_LUA_HIT)
         self._prefix = f"papermail:throttle:{name}:"
+        self._where = redact_url(url)
+        self._errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
 
     def hit(self, key: str) -> float:
-        wait_ms = int(
-            self._script(
-                keys=[self._prefix + key],
-                args=[self.limit, int(self.window * 1000), uuid.uuid4().hex],
+        try:
+            wait_ms = int(
+                self._script(
+                    keys=[self._prefix + key],
+                    args=[self.limit, int(self.window * 1000), uuid.uuid4().hex],
+                )
             )
-        )
+        except self._errors as exc:
+            raise ThrottleUnavailable(
+                f"the request limit store at {self._where} is unreachable: {redact_url(str(exc))}"
+            ) from None
         return wait_ms / 1000.0
 
 

@@ -87,7 +87,8 @@ def make_message() -> Callable[..., OutgoingMessage]:
 def mailer_env(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Callable[..., Any]:
     """``mailer_env("ses", SES_ENDPOINT_URL=...)`` -> fresh Settings for that mailer.
 
-    Sets a non-development secret key (refused otherwise for ses/smtp) and test AWS keys.
+    Sets a non-development secret key and an https BASE_URL (both refused otherwise for
+    ses/smtp) and test AWS keys.
     """
     from worker import config
 
@@ -98,6 +99,8 @@ def mailer_env(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Callable
             "AWS_ACCESS_KEY_ID": AWS_TEST_KEY_ID,
             "AWS_SECRET_ACCESS_KEY": AWS_TEST_SECRET,
             "SEND_TIMEOUT_SECONDS": "5",
+            # Real mailers need a public https address; links are never fetched.
+            "BASE_URL": "https://papermail.example.org",
         }
         base.update({key: str(value) for key, value in values.items()})
         for key, value in base.items():

@@ -116,7 +116,7 @@ def site(
     config.reset_settings()
     migrate.upgrade()
     settings = config.get_settings()
-    server.app = create_app(settings)
+    server.app = create_app(settings, dev=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     shots = tmp_path / "screenshots"

@@ -326,6 +326,7 @@ def test_invalid_parameter_reason_does_not_quote_the_value(fake_ses: FakeSes) ->
     settings = config.load_settings(
         mailer="ses",
         secret_key="x" * 40,
+        base_url="https://papermail.example.org",
         ses_endpoint_url=fake_ses.url,
         aws_access_key_id=AWS_TEST_KEY_ID,
         aws_secret_access_key=AWS_TEST_SECRET,

@@ -30,6 +30,7 @@ PROCFILE = ROOT / "Procfile"
 PYPROJECT = ROOT / "pyproject.toml"
 
 # Procfile process -> the compose service that runs it.
+GUNICORN = ["gunicorn", "-c", "python:worker.web.gunicorn_conf"]
 PROCESS_SERVICE = {"release": "migrate", "web": "web", "worker": "worker", "beat": "beat"}
 APP_SERVICES = ("web", "worker", "beat")
 
@@ -75,8 +76,25 @@ def entry_point(argv: list[str]) -> tuple[str, ...]:
         sub = next((a for a in argv[3:] if not a.startswith("-")), "")
         return ("celery", option(argv, "-A", "--app") or "", sub, *sorted(queues.split(",")))
     if argv[0] == "gunicorn":
-        return ("gunicorn", next((a for a in argv[1:] if not a.startswith("-")), ""))
+        return ("gunicorn", gunicorn_target(argv), option(argv, "-c", "--config") or "")
     return tuple(a for a in argv if not a.startswith("-"))
+
+
+# gunicorn options that take a value (the ones papermail's commands use).
+_GUNICORN_VALUED = {"-c", "--config", "-b", "--bind", "-w", "--workers", "--access-logfile"}
+
+
+def gunicorn_target(argv: list[str]) -> str:
+    """The APP_MODULE argument: the first word that is neither an option nor its value."""
+    skip = False
+    for arg in argv[1:]:
+        if skip:
+            skip = False
+        elif arg in _GUNICORN_VALUED:
+            skip = True
+        elif not arg.startswith("-"):
+            return arg
+    return ""
 
 
 def check_command(argv: list[str], healthcheck_paths: tuple[str, ...] = ()) -> list[str]:
@@ -128,7 +146,15 @@ def check_command(argv: list[str], healthcheck_paths: tuple[str, ...] = ()) -> l
             problems += queue_binding_problems(app, app.conf.task_queues)
         return problems
     if program == "gunicorn":
-        target = entry_point(argv)[1]
+        target, conf = entry_point(argv)[1:]
+        if not conf.startswith("python:"):
+            return ["gunicorn runs without -c python:worker.web.gunicorn_conf (tokens in logs)"]
+        try:
+            conf_module = importlib.import_module(conf.removeprefix("python:"))
+        except ImportError as exc:
+            return [f"gunicorn config {conf} does not import: {exc}"]
+        if not getattr(conf_module, "logger_class", None):
+            return [f"gunicorn config {conf} sets no logger_class (tokens in access logs)"]
         match = re.fullmatch(r"([\w.]+):(\w+)(\(\))?", target)
         if not match:
             return [f"gunicorn target {target!r} is not module:app or module:factory()"]
@@ -318,8 +344,18 @@ def test_every_procfile_process_has_its_service(
     assert check_procfile(procfile, compose) == []
 
 
+@pytest.fixture
+def production_env(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """The isolated environment with a real signing key: the web app refuses the dev one."""
+    from worker import config
+
+    monkeypatch.setenv("PAPERMAIL_SECRET_KEY", "k" * 48)
+    config.reset_settings()
+    return env
+
+
 def test_every_command_names_a_real_entry_point(
-    env: dict[str, str], procfile: dict[str, list[str]], compose: dict[str, Any]
+    production_env: dict[str, str], procfile: dict[str, list[str]], compose: dict[str, Any]
 ) -> None:
     assert check_commands(procfile, compose) == []
 
@@ -348,6 +384,8 @@ def test_settings_of_the_stack_load(
         subst = re.fullmatch(r"\$\{(\w+)(?::-([^}]*)|:\?[^}]*)?\}", value)
         if subst:
             value = subst.group(2) if subst.group(2) is not None else "x" * 64
+            if key == "PAPERMAIL_BASE_URL" and subst.group(2) is None:
+                value = "https://papermail.example.org"  # what the operator puts in .env
         values[key.removeprefix("PAPERMAIL_").lower()] = value
     settings = load_settings(**values)
     assert settings.mailer == "ses" and settings.broker_url
@@ -385,7 +423,9 @@ def test_checkers_catch_a_broken_stack(env: dict[str, str], compose: dict[str, A
     assert "PAPERMAIL_DATABASE_URL points at 'db'" in text
 
 
-def test_checkers_catch_wrong_commands(env: dict[str, str], compose: dict[str, Any]) -> None:
+def test_checkers_catch_wrong_commands(
+    production_env: dict[str, str], compose: dict[str, Any]
+) -> None:
     assert check_command(["papermail", "db", "upgrayedd"]) == [
         "`papermail db upgrayedd` is not a command"
     ]
@@ -402,13 +442,15 @@ def test_checkers_catch_wrong_commands(env: dict[str, str], compose: dict[str, A
         "queues share the binding ('plan', 'plan')"
     ]
     assert (
-        "no route /health"
-        in check_command(["gunicorn", "worker.web:create_app()"], ("/health",))[0]
+        "no route /health" in check_command([*GUNICORN, "worker.web:create_app()"], ("/health",))[0]
     )
-    assert "does not load" in check_command(["gunicorn", "worker.web:make_app()"])[0]
+    assert "does not load" in check_command([*GUNICORN, "worker.web:make_app()"])[0]
+    assert "without -c" in check_command(["gunicorn", "worker.web:create_app()"])[0]
+    assert "does not import" in check_command(["gunicorn", "-c", "python:worker.nope", "x:y"])[0]
     procfile = load_procfile(
         "release: papermail db upgrade\n"
-        "web: gunicorn 'worker.web:create_app()' --bind 0.0.0.0:$PORT\n"
+        "web: gunicorn -c python:worker.web.gunicorn_conf 'worker.web:create_app()' "
+        "--bind 0.0.0.0:$PORT\n"
         "worker: celery -A worker.tasks worker -Q send\n"
         "clock: celery -A worker.tasks beat\n"
     )

@@ -103,7 +103,7 @@ def _build(
         monkeypatch.setenv(key, value)
     config.reset_settings()
     migrate.upgrade()
-    app = create_app(config.get_settings())
+    app = create_app(config.get_settings(), dev=True)
     app.config["TESTING"] = True
     fetcher = Fetcher({CERT_URL: keys.pem})
     fake = FakeSns()

@@ -25,7 +25,7 @@ from worker.subscribers import SubscriberInput, add_subscriber
 def make_app(settings: Settings) -> Flask:
     from worker.web import create_app
 
-    app = create_app(settings)
+    app = create_app(settings, dev=True)  # the tests sign with the development key
     app.config["TESTING"] = True
     return app
 

@@ -8,10 +8,13 @@ import sys
 from typing import Any
 
 import click
+from kombu.exceptions import OperationalError as KombuOperationalError
+from sqlalchemy.exc import OperationalError
 
 from worker import __version__
 from worker.config import ConfigError, get_settings
 from worker.errors import PapermailError
+from worker.redact import redact_url
 
 # Each module defines a click command or group named `command`.
 _COMMAND_MODULES = [
@@ -40,6 +43,19 @@ class PapermailGroup(click.Group):
         except PapermailError as exc:
             click.secho(f"error: {exc}", fg="red", err=True)
             sys.exit(exc.exit_code)
+        except OperationalError as exc:
+            # One line, not a traceback; a driver message never shows the URL's password.
+            reason = redact_url(str(getattr(exc, "orig", None) or exc)).strip()
+            click.secho(f"error: cannot use the database: {reason}", fg="red", err=True)
+            sys.exit(1)
+        except KombuOperationalError as exc:
+            reason = redact_url(str(exc)).strip()
+            click.secho(
+                f"error: cannot reach the broker (PAPERMAIL_BROKER_URL): {reason}",
+                fg="red",
+                err=True,
+            )
+            sys.exit(1)
 
 
 @click.group(cls=PapermailGroup, context_settings={"help_option_names": ["-h", "--help"]})

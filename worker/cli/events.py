@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from collections import Counter
 
@@ -13,6 +12,7 @@ from worker.cli.common import echo_json, require_schema
 from worker.config import get_settings
 from worker.db import session_scope
 from worker.errors import InvalidInput, PapermailError
+from worker.untrusted import loads_json
 
 
 @click.group("events")
@@ -47,7 +47,8 @@ def apply(file: click.utils.LazyFile, as_json: bool) -> None:
     text = file.read()
     name = getattr(file, "name", "FILE")
     try:
-        obj = json.loads(text)
+        # An operator's file (a dead-letter queue dump) may be large; its depth is bounded.
+        obj = loads_json(text, what="the file", max_bytes=None)
     except ValueError as exc:
         raise InvalidInput(f"{name}: not valid JSON: {exc}") from None
     items = events.parse_envelope(obj)

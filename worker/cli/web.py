@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from worker.cli.common import require_schema
+from worker.redact import redact_url
 
 
 @click.command("web")
@@ -15,23 +16,38 @@ from worker.cli.common import require_schema
 @click.option(
     "--debug", is_flag=True, help="Flask debug mode: reloader and tracebacks (never in production)."
 )
-def command(host: str, port: int, debug: bool) -> None:
+@click.option(
+    "--dev",
+    is_flag=True,
+    help="Development machine: accept the public development PAPERMAIL_SECRET_KEY.",
+)
+def command(host: str, port: int, debug: bool, dev: bool) -> None:
     """Serve the subscriber pages and provider webhooks with Flask's development server.
 
     Links in emails point at PAPERMAIL_BASE_URL, so set it to where this server is
-    reachable. In production run gunicorn instead (see the Procfile).
+    reachable. The development PAPERMAIL_SECRET_KEY (the default) is refused unless
+    --dev is given: anyone can mint working links with it. In production run gunicorn
+    instead (see the Procfile). Link tokens in the access log are shown as [token].
 
     \b
     Example:
-      PAPERMAIL_BASE_URL=http://localhost:8000 papermail web --port 8000
-      gunicorn 'worker.web:create_app()'        # production
+      PAPERMAIL_BASE_URL=http://localhost:8000 papermail web --dev --port 8000
+      gunicorn -c python:worker.web.gunicorn_conf 'worker.web:create_app()'   # production
     """
-    require_schema()
     from worker.config import get_settings
     from worker.web import create_app
+    from worker.web.logs import RedactingRequestHandler
 
     settings = get_settings()
-    app = create_app(settings)
-    click.echo(f"serving on http://{host}:{port} (links in emails use {settings.base_url})")
+    app = create_app(settings, dev=dev)  # refuses the development key first
+    require_schema()
+    shown = redact_url(settings.base_url)
+    click.echo(f"serving on http://{host}:{port} (links in emails use {shown})")
     # werkzeug reports a taken port or a foreign address in one line and exits 1.
-    app.run(host=host, port=port, debug=debug, use_reloader=debug)
+    app.run(
+        host=host,
+        port=port,
+        debug=debug,
+        use_reloader=debug,
+        request_handler=RedactingRequestHandler,
+    )

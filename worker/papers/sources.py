@@ -54,6 +54,7 @@ from typing import IO, Any, Literal
 
 from worker import __version__
 from worker.errors import PapermailError
+from worker.untrusted import UnsafeJSON, loads_json
 from worker.urls import url_problem
 
 Format = Literal["hf", "arxiv", "jsonl"]
@@ -331,7 +332,9 @@ def _json_problem(text: str, exc: json.JSONDecodeError, with_line: bool = True) 
 def parse_hf(text: str, name: str = "<source>") -> list[PaperRecord]:
     """Parse the Hugging Face daily-papers API JSON (a list of items)."""
     try:
-        data = json.loads(text)
+        data = loads_json(text, what="the document", max_bytes=None)
+    except UnsafeJSON as exc:
+        raise PaperSourceError(f"{name} (hf): {exc}") from None
     except json.JSONDecodeError as exc:
         raise PaperSourceError(f"{name} (hf): {_json_problem(text, exc)}") from None
     if not isinstance(data, list):
@@ -417,7 +420,10 @@ def parse_jsonl(text: str, name: str = "<source>") -> list[PaperRecord]:
         number += 1
         where = f"record {number} (line {lineno})"
         try:
-            obj = json.loads(line)
+            obj = loads_json(line, what="the record", max_bytes=None)
+        except UnsafeJSON as exc:
+            errors.add(where, str(exc))
+            continue
         except json.JSONDecodeError as exc:
             errors.add(where, _json_problem(line, exc, with_line=False))
             continue

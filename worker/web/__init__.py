@@ -1,6 +1,11 @@
 """The Flask app: subscriber pages and provider webhooks (served by gunicorn in production).
 
-`create_app()` is the factory: `gunicorn 'worker.web:create_app()'`.
+`create_app()` is the factory:
+`gunicorn -c python:worker.web.gunicorn_conf 'worker.web:create_app()'`.
+
+It refuses the public development ``SECRET_KEY`` (anyone could mint working links with
+it) unless called with ``dev=True``: ``papermail web --dev``, or
+``gunicorn 'worker.web:create_app(dev=True)'`` on a development machine.
 """
 
 from __future__ import annotations
@@ -10,19 +15,34 @@ import logging
 from flask import Flask, jsonify
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from worker.config import Settings, get_settings
+from worker.config import DEV_SECRET_KEY, ConfigError, Settings, get_settings
 
 log = logging.getLogger(__name__)
 
+DEV_KEY_REFUSED = (
+    "PAPERMAIL_SECRET_KEY is the public development key, so anyone could mint working "
+    "unsubscribe and preference links; set a long random secret "
+    '(python -c "import secrets; print(secrets.token_urlsafe(48))"), or, on a development '
+    "machine only, run `papermail web --dev` (gunicorn: 'worker.web:create_app(dev=True)')"
+)
 
-def create_app(settings: Settings | None = None) -> Flask:
+
+def create_app(settings: Settings | None = None, *, dev: bool = False) -> Flask:
+    """The web app; ``dev=True`` accepts the development secret key (never in production)."""
     settings = settings or get_settings()
+    if DEV_SECRET_KEY in settings.signing_keys and not dev:
+        raise ConfigError(DEV_KEY_REFUSED)
+    from worker.web.logs import WEB_LOGGERS, install_filter
+
+    # Tokens never reach a log line: the app's, werkzeug's (papermail web), Flask's own.
+    install_filter(*WEB_LOGGERS, "werkzeug")
     app = Flask(__name__)
     app.config["PAPERMAIL_SETTINGS"] = settings
     app.config["SECRET_KEY"] = settings.signing_keys[0]
     app.config["MAX_CONTENT_LENGTH"] = 1024 * 1024  # SNS messages are far smaller
-    from worker.web import pages, webhooks
+    from worker.web import guards, pages, webhooks
 
+    guards.install(app)
     app.register_blueprint(webhooks.bp)
     app.register_blueprint(pages.bp)
     if settings.trusted_proxies:

@@ -53,8 +53,10 @@ from worker.models import (
     Subscriber,
     SubscriberStatus,
 )
-from worker.throttle import Throttle, make_throttle
+from worker.redact import redact_tokens
+from worker.throttle import Throttle, ThrottleUnavailable, make_throttle
 from worker.urls import safe_url
+from worker.web.guards import validates
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +71,7 @@ bp = Blueprint(
 ONE_CLICK = "One-Click"
 CSRF_FIELD = "csrf_token"
 SUGGESTION_DAYS = 14
+RETRY_AFTER_UNAVAILABLE = 60  # seconds, when the sign-up throttle's store is down
 
 # No asset from another host; inline styles/scripts are not needed, so none are allowed.
 PAGE_CSP = (
@@ -188,7 +191,7 @@ def _bad_link(exc: links.BadLink) -> Response:
 
 @bp.app_errorhandler(NotFound)
 def _not_found(exc: NotFound) -> Response:
-    log.info("not found on %s: %s", request.path, exc)
+    log.info("not found on %s: %s", redact_tokens(request.path), exc)
     _no_cookie()
     return _error_page(
         404,
@@ -377,6 +380,16 @@ def _preferences_page(
 
 
 @bp.route("/preferences/<token>", methods=["GET", "POST"])
+@validates(
+    "topic",
+    "new_topics",
+    "max_papers",
+    "frequency",
+    "weekday",
+    "send_hour",
+    "timezone",
+    "paused_until",
+)
 def preferences_page(token: str) -> Response:
     payload = _read("preferences", token)
     with _db() as s:
@@ -467,6 +480,7 @@ def _subscribe_form(values: dict[str, str], errors: dict[str, str], status: int)
 
 
 @bp.route("/subscribe", methods=["GET", "POST"])
+@validates("email", "topics", "timezone")
 def subscribe() -> Response:
     values = {k: request.form.get(k, "") for k in ("email", "topics", "timezone")}
     if request.method != "POST":
@@ -481,8 +495,23 @@ def subscribe() -> Response:
     try:
         parsed = preferences.parse_subscribe(values["email"], values["topics"], values["timezone"])
     except preferences.InvalidPreferences as exc:
-        return _subscribe_form(values, exc.errors, 400)
-    wait = _rate_limited(parsed["email"])
+        errors = dict(exc.errors)
+        if "timezone" in errors:  # the zone is a hidden field: say it above the form
+            errors.setdefault("form", _sentence(errors["timezone"]))
+        return _subscribe_form(values, errors, 400)
+    try:
+        wait = _rate_limited(parsed["email"])
+    except ThrottleUnavailable as exc:
+        # Without the shared counter a flood could not be stopped: ask to retry later.
+        log.error("subscribe: %s; answering 503", exc)
+        response = _error_page(
+            503,
+            "Please try again in a minute",
+            "We can't take sign-ups right now, through no fault of yours. Nothing was sent "
+            "or saved. Please try again in a minute or two.",
+        )
+        response.headers["Retry-After"] = str(RETRY_AFTER_UNAVAILABLE)
+        return response
     if wait:
         minutes = max(1, round(wait / 60))
         response = _error_page(

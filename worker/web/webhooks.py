@@ -13,17 +13,18 @@ Test hooks (app.config): ``SNS_CERT_FETCHER`` (a :class:`worker.sns.CertFetcher`
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any
 
 from flask import Blueprint, current_app, jsonify, request
 from flask.typing import ResponseReturnValue
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from worker import sns
 from worker.config import Settings
 from worker.db import session_scope
 from worker.events import InvalidNotification, RetryLater, apply_notification, parse_envelope
+from worker.untrusted import MAX_JSON_BYTES, UnsafeJSON, loads_json
 from worker.web import app_settings
 
 log = logging.getLogger(__name__)
@@ -54,9 +55,19 @@ def sns_client(settings: Settings, region: str) -> Any:
 def ses_webhook() -> ResponseReturnValue:
     # remote_addr honours X-Forwarded-For only behind PAPERMAIL_TRUSTED_PROXIES.
     peer = request.remote_addr or "?"
-    # SNS posts text/plain: read the bytes, whatever the Content-Type says.
+    # SNS posts text/plain: read the bytes, whatever the Content-Type says. Size and depth
+    # are checked before parsing (a body of 100,000 "[" must not reach the parser).
+    if (request.content_length or 0) > MAX_JSON_BYTES:
+        log.warning("SNS webhook: refused body from %s: %s bytes", peer, request.content_length)
+        return _answer(400, error=f"body is too large (at most {MAX_JSON_BYTES:,} bytes)")
     try:
-        message = json.loads(request.get_data(cache=False))
+        message = loads_json(request.get_data(cache=False), what="body")
+    except RequestEntityTooLarge:  # a chunked body over the app's MAX_CONTENT_LENGTH
+        log.warning("SNS webhook: refused body from %s: too large", peer)
+        return _answer(400, error=f"body is too large (at most {MAX_JSON_BYTES:,} bytes)")
+    except UnsafeJSON as exc:
+        log.warning("SNS webhook: refused body from %s: %s", peer, exc)
+        return _answer(400, error=str(exc))
     except (ValueError, UnicodeDecodeError) as exc:
         log.warning("SNS webhook: refused body from %s: not JSON (%s)", peer, exc)
         return _answer(400, error="body is not JSON")
