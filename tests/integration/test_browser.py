@@ -8,7 +8,6 @@ the `.eml` files there, as a reader would. Screenshots (phone 375x812 and deskto
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -60,20 +59,10 @@ def browser() -> Iterator[Any]:
         from playwright.sync_api import sync_playwright
     except ImportError as exc:
         _skip_loudly(f"the playwright package is not installed ({exc})")
-    # CI runs the suite a second time with the clock moved years ahead by libfaketime
-    # (LD_PRELOAD); Chromium and Playwright's Node driver hang under it, and nothing they
-    # do depends on papermail's clock, so they start with the real one.
-    saved = {k: os.environ.pop(k) for k in ("LD_PRELOAD", "FAKETIME") if k in os.environ}
-    try:
-        pw = sync_playwright().start()
+    with sync_playwright() as pw:
         chromium = pw.chromium.launch(executable_path=str(CHROMIUM), args=LAUNCH_ARGS)
-    finally:
-        os.environ.update(saved)
-    try:
         yield chromium
-    finally:
         chromium.close()
-        pw.stop()
 
 
 @dataclass
