@@ -11,8 +11,12 @@ import os
 
 _days = os.environ.get("PAPERMAIL_TEST_TIME_SHIFT_DAYS")
 if _days:
+    import time
     from datetime import UTC, datetime, timedelta
 
     import time_machine
 
     time_machine.travel(datetime.now(UTC) + timedelta(days=float(_days)), tick=True).start()
+    # time-machine starts ticking at the first read: read now, so every process keeps the
+    # same offset from the real clock however long its imports take.
+    time.time()

@@ -11,12 +11,13 @@ import pytest
 from click.testing import CliRunner, Result
 from sqlalchemy import func, select
 
+from tests.conftest import FIXED_NOW
 from tests.unit import test_events as ev
 from worker.cli import main
 from worker.db import session_scope
 from worker.models import Delivery, ProviderEvent, Subscriber, SubscriberLog, utcnow
 
-SENT = utcnow() - timedelta(hours=1)
+SENT = FIXED_NOW - timedelta(hours=1)  # an hour before the unit tests' fixed clock
 
 
 def run(*args: str, input: str | None = None) -> Result:
