@@ -86,6 +86,9 @@ class Settings(BaseSettings):
     send_timeout_seconds: float = Field(default=20.0, gt=0)
     # Every 15 minutes, so zones with :30 and :45 offsets get their hour on time too.
     plan_interval_minutes: int = Field(default=15, ge=1, le=1440)
+    # The recovery sweep (stale `sending` -> `unknown`, lost or unpublished tasks queued
+    # again): after a broker loss every pending delivery is queued again within this.
+    sweep_interval_seconds: int = Field(default=60, ge=1, le=3600)
     # Selection
     lookback_daily_hours: int = Field(default=48, ge=1)
     lookback_weekly_hours: int = Field(default=192, ge=1)

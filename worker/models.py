@@ -226,6 +226,9 @@ class Delivery(Base):
     skip_reason: Mapped[str | None] = mapped_column(Text)
     # When the send is due (local send hour in UTC); retries push it later.
     scheduled_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # The broker life (worker.tasks.broker_epoch) the row's send task was published into;
+    # NULL: not published, or handed back because the task could not be re-published.
+    queued_epoch: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
     claimed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

@@ -12,15 +12,26 @@ Redis bucket hands out single tokens from a small batch it took at once, but onl
 the shared bucket is more than half full (it is not what limits sending then), and only
 for a short while: every token spent was taken from the shared bucket, so the sustained
 rate holds exactly, and tokens held locally add at most a quarter of the burst to it.
+
+Redis going away: ``try_acquire`` answers "not now" (the chunk records what it sent, then
+waits in ``acquire``), ``acquire`` rides out an outage of up to ``OUTAGE_SECONDS`` and then
+raises ``redis.ConnectionError`` (the task hands its unclaimed rows back; nothing is marked
+failed), and ``slow_down`` is advisory: it never turns a provider's "not sent" into an error.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from typing import Protocol
 
 from worker.config import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+# How long acquire() waits for an unreachable Redis before giving up on the chunk.
+OUTAGE_SECONDS = 10.0
 
 
 class RateLimiter(Protocol):
@@ -140,8 +151,16 @@ return {wait, taken}
 class RedisBucket(_Bucket):
     """Token bucket shared through Redis by every worker process on every machine."""
 
-    def __init__(self, url: str, rate: float, burst: int, name: str = "send") -> None:
+    def __init__(
+        self,
+        url: str,
+        rate: float,
+        burst: int,
+        name: str = "send",
+        outage_seconds: float = OUTAGE_SECONDS,
+    ) -> None:
         import redis
+        from redis.exceptions import ConnectionError, TimeoutError
 
         if rate <= 0 or burst < 1:
             raise ValueError("rate must be > 0 and burst >= 1")
@@ -158,11 +177,40 @@ class RedisBucket(_Bucket):
         self._held = 0
         self._held_until = 0.0
         self._lock = threading.Lock()
+        self._outage = outage_seconds
+        self._unreachable: tuple[type[Exception], ...] = (ConnectionError, TimeoutError)
 
     @property
     def rate(self) -> float:
         factor = self._client.get(self._slow_key)
         return self._rate * (float(factor) if factor else 1.0)
+
+    def try_acquire(self, tokens: int = 1) -> bool:
+        try:
+            return self._take(tokens) <= 0
+        except self._unreachable:
+            return False  # "not now": the caller records its work, then waits in acquire()
+
+    def acquire(self, tokens: int = 1) -> float:
+        waited = 0.0
+        down_since: float | None = None
+        pause = 0.1
+        while True:
+            try:
+                wait = self._take(tokens)
+                down_since = None
+            except self._unreachable as exc:
+                now = time.monotonic()
+                down_since = down_since if down_since is not None else now
+                if now - down_since >= self._outage:
+                    raise
+                if pause == 0.1:
+                    log.warning("rate limiter: Redis unreachable (%s); waiting for it", exc)
+                wait, pause = pause, min(pause * 2, 2.0)
+            if wait <= 0:
+                return waited
+            time.sleep(wait)
+            waited += wait
 
     def _take(self, tokens: int) -> float:
         """Take tokens (from the local batch when possible); else the seconds to wait."""
@@ -187,9 +235,13 @@ class RedisBucket(_Bucket):
 
     def slow_down(self, factor: float = 0.5, seconds: float = 60.0) -> None:
         self._held = 0  # throttled: nothing taken at the old rate is spent any more
-        current = self._client.get(self._slow_key)
-        new = max(0.05, min(1.0, factor * (float(current) if current else 1.0)))
-        self._client.set(self._slow_key, str(new), px=int(seconds * 1000))
+        try:
+            current = self._client.get(self._slow_key)
+            new = max(0.05, min(1.0, factor * (float(current) if current else 1.0)))
+            self._client.set(self._slow_key, str(new), px=int(seconds * 1000))
+        except self._unreachable as exc:
+            # Advisory: the throttled email is recorded as a retry either way.
+            log.warning("rate limiter: could not slow down (%s)", exc)
 
 
 _limiter: RateLimiter | None = None

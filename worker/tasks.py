@@ -11,18 +11,29 @@ Exactly-once does not come from the queue but from the database: the unique
 a visibility timeout); the second run finds the rows claimed and sends nothing. Tasks are
 enqueued only after the rows they name are committed.
 
-Recovery when a whole worker machine dies: its tasks stay unacknowledged in Redis until the
-visibility timeout (hours, see below). The ``reap`` beat task does not wait for that: rows
-left ``sending`` past ``PAPERMAIL_SENDING_TIMEOUT_SECONDS`` become ``unknown`` (never re-sent
-automatically), and rows still ``pending`` that long after they were due are enqueued again
-once the ``send`` queue has drained (a duplicate task is harmless, see above).
+Recovery, by the ``reap`` sweep the beat runs every ``PAPERMAIL_SWEEP_INTERVAL_SECONDS``:
+
+- **Broker loss.** Every publish stamps its rows with the broker's *epoch* (the Redis run id
+  plus a marker key, read before the publish), so a Redis that restarted, with or without
+  its data, failed over or was flushed has another epoch, and every pending row published
+  into the old one is queued again by the next sweep. Rows whose publish failed, or whose
+  chunk could not be re-published (limiter or database down, retries exhausted), have no
+  epoch and are queued again too. A healthy run queues nothing twice.
+- **A dead worker machine.** Its tasks stay unacknowledged in Redis until the visibility
+  timeout (hours, see below). Rows left ``sending`` past ``PAPERMAIL_SENDING_TIMEOUT_SECONDS``
+  become ``unknown`` (never re-sent automatically), and rows still ``pending`` that long
+  after they were due are enqueued again once the ``send`` queue has drained.
+
+A task queued twice is harmless, see above.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
@@ -31,7 +42,7 @@ from typing import Any
 from celery import Celery, signals
 from celery.schedules import crontab
 from kombu import Exchange, Queue
-from sqlalchemy import select
+from sqlalchemy import and_, or_, select, update
 
 from worker import delivery, scheduling
 from worker.config import Settings, get_settings
@@ -52,8 +63,12 @@ VISIBILITY_TIMEOUT_SECONDS = 3 * 3600
 assert MAX_COUNTDOWN_SECONDS < VISIBILITY_TIMEOUT_SECONDS, "countdown outlives the visibility"
 # Retries due within the same few seconds travel as one task.
 RETRY_GROUP_SECONDS = 5
-REAP_EVERY_MINUTES = 5
 SQS_POLL_SECONDS = 60
+# A row planned this recently without an epoch may still be on its way into the queue
+# (a big edition publishes thousands of chunks after its commit): leave it to the planner.
+UNPUBLISHED_GRACE_SECONDS = 60
+# Marker of the broker's current life, see broker_epoch().
+EPOCH_KEY = "papermail:broker-epoch"
 # The sweep re-enqueues stranded pending rows of recent editions only: a digest from last
 # week is news no more.
 SWEEP_EDITION_DAYS = 2
@@ -71,6 +86,10 @@ def _every(minutes: int) -> Any:
 def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
     """The periodic tasks; each expires after one period so a backlog never piles up."""
     plan_every = settings.plan_interval_minutes
+    sweep_every = settings.sweep_interval_seconds
+    sweep_schedule = (
+        _every(sweep_every // 60) if sweep_every % 60 == 0 else timedelta(seconds=sweep_every)
+    )
     schedule: dict[str, dict[str, Any]] = {
         "plan-due": {
             "task": "papermail.plan_due",
@@ -79,8 +98,8 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
         },
         "reap": {
             "task": "papermail.reap",
-            "schedule": _every(REAP_EVERY_MINUTES),
-            "options": {"queue": PLAN_QUEUE, "expires": REAP_EVERY_MINUTES * 60},
+            "schedule": sweep_schedule,
+            "options": {"queue": PLAN_QUEUE, "expires": sweep_every},
         },
     }
     if settings.sqs_queue_url:
@@ -97,8 +116,25 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # Without a broker nothing is enqueued (the CLI runs in-process); "memory://" only
         # lets this module import, e.g. for `celery inspect` or the tests.
         "broker_url": settings.broker_url or "memory://",
+        # Workers and the beat outlive a broker outage of any length: they reconnect for
+        # ever instead of exiting after 100 attempts (the default).
         "broker_connection_retry_on_startup": True,
-        "broker_transport_options": {"visibility_timeout": VISIBILITY_TIMEOUT_SECONDS},
+        "broker_connection_retry": True,
+        "broker_connection_max_retries": None,
+        "broker_channel_error_retry": True,
+        "broker_transport_options": {
+            "visibility_timeout": VISIBILITY_TIMEOUT_SECONDS,
+            "socket_connect_timeout": 5,
+            "socket_keepalive": True,
+        },
+        # A publish rides out a blip of a few seconds, then fails (and the rows it named
+        # are left for the sweep, see enqueue_ids).
+        "task_publish_retry_policy": {
+            "max_retries": 5,
+            "interval_start": 0,
+            "interval_step": 0.5,
+            "interval_max": 2,
+        },
         "task_serializer": "json",
         "result_serializer": "json",
         "accept_content": ["json"],
@@ -158,6 +194,79 @@ def _fresh_process_state(**_: Any) -> None:
     dispose_engines()
     reset_mailer()
     reset_limiter()
+    _epoch_clients.clear()
+
+
+# ---------------------------------------------------------------------------------------
+# The broker's epoch: which life of the broker a task was published into
+
+_epoch_clients: dict[str, Any] = {}
+_epoch_lock = threading.Lock()
+# Keep the marker while it belongs to this server run; otherwise start a new epoch.
+_LUA_EPOCH = """
+local v = redis.call('GET', KEYS[1])
+if v and string.sub(v, 1, string.len(ARGV[1]) + 1) == ARGV[1] .. ':' then return v end
+redis.call('SET', KEYS[1], ARGV[2])
+return ARGV[2]
+"""
+
+
+def _is_redis(url: str | None) -> bool:
+    return bool(url) and str(url).startswith(("redis://", "rediss://", "unix://"))
+
+
+def broker_epoch(settings: Settings | None = None) -> str:
+    """An id of the broker's current life; it changes whenever queued tasks may be gone.
+
+    The Redis run id changes on every restart (even one that reloaded its append-only
+    file, which may miss the last second of publishes) and on a failover; the marker key
+    disappears with a FLUSHALL. Any other broker has one life: ``"static"``.
+    """
+    settings = settings or get_settings()
+    url = settings.broker_url
+    if not _is_redis(url):
+        return "static"
+    assert url is not None
+    import redis
+
+    with _epoch_lock:
+        client = _epoch_clients.get(url)
+        if client is None:
+            client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+            _epoch_clients[url] = client
+    run_id = str(client.info("server")["run_id"])
+    fresh = f"{run_id}:{uuid.uuid4().hex[:12]}"
+    value = client.eval(_LUA_EPOCH, 1, EPOCH_KEY, run_id, fresh)
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _mark_queued(ids: Sequence[int], epoch: str | None) -> None:
+    """Stamp pending rows with the epoch their task went into (None: hand them back).
+
+    A row that fails to be stamped looks unpublished and is queued once more by the
+    sweep, which is harmless; a stamp without a task would not be, hence: publish first.
+    """
+    if not ids:
+        return
+    with session_scope() as session:
+        for batch in delivery.chunks(list(ids), 5000):
+            session.execute(
+                update(Delivery)
+                .where(Delivery.id.in_(batch), Delivery.state == DeliveryState.PENDING)
+                .values(queued_epoch=epoch)
+            )
+
+
+def release(ids: Sequence[int]) -> None:
+    """The task naming these rows is gone: leave their pending ones to the next sweep."""
+    try:
+        _mark_queued(ids, None)
+    except Exception:
+        log.exception(
+            "could not hand %d deliveries back to the sweep; they are queued again when the "
+            "broker's epoch changes or the send queue drains",
+            len(ids),
+        )
 
 
 # ---------------------------------------------------------------------------------------
@@ -181,6 +290,11 @@ def enqueue_ids(
     if countdown is not None:
         countdown = min(max(0.0, countdown), MAX_COUNTDOWN_SECONDS)
     batches = delivery.chunks(list(ids), settings.chunk_size)
+    if not batches:
+        return 0
+    # Read before the publish: a broker restarting in between makes the stamp stale (the
+    # sweep queues the rows once more), never a stamp whose task is gone.
+    epoch = broker_epoch(settings)
     for batch in batches:
         send_chunk.apply_async(
             (batch,),
@@ -188,6 +302,10 @@ def enqueue_ids(
             queue=SEND_QUEUE,
             countdown=countdown,
         )
+        try:
+            _mark_queued(batch, epoch)
+        except Exception as exc:  # unstamped rows are queued once more by the sweep
+            log.warning("enqueue: could not stamp %d queued deliveries: %s", len(batch), exc)
     return len(batches)
 
 
@@ -260,8 +378,7 @@ def send_chunk(
     self: Any, delivery_ids: list[int], resend: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     """Select, render, claim, rate-limit, send and record one chunk of deliveries."""
-    from redis.exceptions import ConnectionError as RedisConnectionError
-    from sqlalchemy.exc import OperationalError
+    from celery.exceptions import Retry
 
     ids = _delivery_ids(delivery_ids)
     settings = get_settings()
@@ -275,14 +392,30 @@ def send_chunk(
         }
     try:
         outcome = delivery.process_deliveries(ids, settings=settings, **options)
-    except (OperationalError, RedisConnectionError) as exc:
+    except _infrastructure_errors() as exc:
         # The database or the limiter is unreachable: try the whole chunk again later;
         # rows already sent are not claimable any more, so nothing goes out twice.
         countdown = min(MAX_COUNTDOWN_SECONDS, 15 * 2**self.request.retries)
         log.warning("send_chunk: %s; retrying the chunk in %ss", exc, countdown)
-        raise self.retry(exc=exc, countdown=countdown) from exc
+        try:
+            raise self.retry(exc=exc, countdown=countdown) from exc
+        except Retry:
+            raise
+        except BaseException:
+            # The retry could not be published (the broker is down too: Celery would
+            # drop the message) or the retries ran out: never lose the chunk with it.
+            release(ids)
+            raise
+    except Exception:
+        log.exception("send_chunk: unexpected error; its pending rows go back to the sweep")
+        release(ids)
+        raise
     if outcome.retry:
-        requeue_retries(outcome.retry, settings, resend=resend)
+        try:
+            requeue_retries(outcome.retry, settings, resend=resend)
+        except Exception as exc:
+            log.warning("send_chunk: could not queue %d retries (%s)", len(outcome.retry), exc)
+            release([i for i, _ in outcome.retry])
     if outcome.paused:
         log.error(
             "sending paused (%s): deliveries stay pending; `papermail sending resume` "
@@ -302,6 +435,16 @@ def send_chunk(
     return summary
 
 
+def _infrastructure_errors() -> tuple[type[BaseException], ...]:
+    """Errors that say a server is unreachable, not that the chunk is bad."""
+    from kombu.exceptions import OperationalError as BrokerError
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+    from sqlalchemy.exc import InterfaceError, OperationalError
+
+    return (OperationalError, InterfaceError, RedisConnectionError, RedisTimeoutError, BrokerError)
+
+
 @app.task(name="papermail.plan_due")
 def plan_due() -> int:
     """Beat: plan everyone whose local send hour has come; enqueue after the commit."""
@@ -316,8 +459,9 @@ def plan_due() -> int:
 @dataclass
 class Recovery:
     unknown: int = 0  # rows stuck in sending, now unknown
-    requeued: int = 0  # stranded pending rows enqueued again
-    skipped_reason: str | None = None  # why the pending sweep did not run
+    requeued: int = 0  # pending rows enqueued again (lost + stranded)
+    lost: int = 0  # of which: their task was lost with the broker, or never published
+    skipped_reason: str | None = None  # why (part of) the pending sweep did not run
     ids: list[int] = field(default_factory=list)
 
 
@@ -327,11 +471,32 @@ def send_queue_size() -> int:
         return int(conn.default_channel.queue_declare(queue=SEND_QUEUE).message_count)
 
 
-def recover(settings: Settings | None = None, now: datetime | None = None) -> Recovery:
-    """Reap stale ``sending`` rows, then re-enqueue stranded ``pending`` ones.
+def _sweepable(now: datetime) -> list[Any]:
+    """Pending rows of recent editions whose (retry) time has come."""
+    return [
+        Delivery.state == DeliveryState.PENDING,
+        Delivery.edition_date >= now.date() - timedelta(days=SWEEP_EDITION_DAYS),
+        or_(Delivery.scheduled_at.is_(None), Delivery.scheduled_at <= now),
+    ]
 
-    A pending row is stranded when it was due more than the sending timeout ago and the
-    ``send`` queue is empty (so no waiting task names it): its task died with a worker.
+
+def _enqueue_by_edition(rows: Sequence[tuple[int, date]], settings: Settings) -> None:
+    """One edition per chunk: a batch never holds two editions of one subscriber."""
+    by_edition: dict[date, list[int]] = {}
+    for delivery_id, edition in rows:
+        by_edition.setdefault(edition, []).append(delivery_id)
+    for _, ids in sorted(by_edition.items()):
+        enqueue_ids(ids, settings)
+
+
+def recover(settings: Settings | None = None, now: datetime | None = None) -> Recovery:
+    """The sweep: reap stale ``sending`` rows, then re-enqueue pending rows with no task.
+
+    A pending, due row of a recent edition has no task when it was never published (or
+    handed back, ``queued_epoch`` NULL) or was published into an earlier life of the broker
+    (another epoch): those are queued at once. A row whose task died with a worker looks
+    queued; it counts as stranded when it was due more than the sending timeout ago and the
+    ``send`` queue is empty (so no waiting task names it).
     """
     settings = settings or get_settings()
     _ensure_configured(settings)
@@ -343,34 +508,57 @@ def recover(settings: Settings | None = None, now: datetime | None = None) -> Re
     if paused:
         result.skipped_reason = f"sending is paused: {paused}"
         return result
+    epoch = broker_epoch(settings)
+    grace = now - timedelta(seconds=UNPUBLISHED_GRACE_SECONDS)
+    with session_scope() as session:
+        lost = session.execute(
+            select(Delivery.id, Delivery.edition_date)
+            .where(
+                *_sweepable(now),
+                or_(
+                    and_(Delivery.queued_epoch.is_(None), Delivery.created_at <= grace),
+                    Delivery.queued_epoch != epoch,
+                ),
+            )
+            .order_by(Delivery.id)
+        ).all()
+    if lost:
+        _enqueue_by_edition([(r[0], r[1]) for r in lost], settings)
+        log.warning(
+            "reap: %d pending deliveries had no task (broker restarted or publish failed); "
+            "enqueued again",
+            len(lost),
+        )
+    result.lost = len(lost)
+    result.ids = [r[0] for r in lost]
     if send_queue_size():
         result.skipped_reason = "the send queue is not empty"
-        return result
-    cutoff = now - timedelta(seconds=settings.sending_timeout_seconds)
-    with session_scope() as session:
-        result.ids = list(
-            session.scalars(
-                select(Delivery.id)
-                .where(
-                    Delivery.state == DeliveryState.PENDING,
-                    Delivery.edition_date >= now.date() - timedelta(days=SWEEP_EDITION_DAYS),
-                    Delivery.scheduled_at <= cutoff,
+    else:
+        cutoff = now - timedelta(seconds=settings.sending_timeout_seconds)
+        done = set(result.ids)
+        with session_scope() as session:
+            stranded = [
+                (r[0], r[1])
+                for r in session.execute(
+                    select(Delivery.id, Delivery.edition_date)
+                    .where(*_sweepable(now), Delivery.scheduled_at <= cutoff)
+                    .order_by(Delivery.id)
                 )
-                .order_by(Delivery.id)
-            )
-        )
+                if r[0] not in done
+            ]
+        if stranded:
+            _enqueue_by_edition(stranded, settings)
+            log.warning("reap: %d stranded pending deliveries enqueued again", len(stranded))
+        result.ids = sorted(done | {r[0] for r in stranded})
     result.requeued = len(result.ids)
-    if result.ids:
-        enqueue_ids(result.ids, settings)
-        log.warning("reap: %d stranded pending deliveries enqueued again", result.requeued)
     return result
 
 
 @app.task(name="papermail.reap")
 def reap() -> dict[str, Any]:
-    """Beat: stale ``sending`` -> ``unknown``; stranded ``pending`` -> queued again."""
+    """Beat: stale ``sending`` -> ``unknown``; pending rows without a task -> queued again."""
     result = recover()
-    return {"unknown": result.unknown, "requeued": result.requeued}
+    return {"unknown": result.unknown, "requeued": result.requeued, "lost": result.lost}
 
 
 @app.task(name="papermail.poll_sqs")
