@@ -358,3 +358,25 @@ def write_self_signed_cert(directory: Path) -> tuple[Path, Path]:
         )
     )
     return cert_path, key_path
+
+
+# =====================================================================================
+# A redis-server of our own (broker loss, chaos): killed and restarted by the tests
+# =====================================================================================
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[Any]:
+    """A fresh redis-server on a free port (no persistence); never the shared one."""
+    from tests.integration.redis_server import RedisServer
+
+    try:
+        server = RedisServer(tmp_path / "redis").start()
+    except RuntimeError as exc:
+        from tests.conftest import skip_loudly
+
+        skip_loudly(f"cannot start a redis-server of our own: {exc}")
+    try:
+        yield server
+    finally:
+        server.stop()
