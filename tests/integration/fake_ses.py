@@ -6,9 +6,16 @@ Every request is recorded, and every message the server *accepted* (including on
 answer was then delayed or lost) is counted per raw body, so tests can assert that a
 failure never produced a second copy at the server.
 
-Run it in a thread (``FakeSes().start()``) or as its own process, as the benchmark does::
+Besides faults queued one by one (``push``), a share of all requests can fail at random
+(``fault_rate``, drawn from ``random_faults``: 429, 500, a connection reset before the
+message was taken, an answer slower than the client's timeout after it was taken), as the
+chaos benchmark does. ``GET /_fake/stats`` reports, as JSON, what the server accepted per
+recipient, the duplicates, and the faults it served.
+
+Run it in a thread (``FakeSes().start()``) or as its own process, as the benchmarks do::
 
     python tests/integration/fake_ses.py --port 0   # prints the URL, serves until killed
+    python tests/integration/fake_ses.py --port 0 --fault-rate 0.15 --slow-seconds 3
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import base64
 import binascii
 import contextlib
 import json
+import random
 import socket
 import sys
 import threading
@@ -28,6 +36,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 SEND_PATH = "/v2/email/outbound-emails"
+STATS_PATH = "/_fake/stats"
 
 
 @dataclass(frozen=True)
@@ -63,6 +72,22 @@ def slow(delay: float) -> Fault:
 
 
 DROP_AFTER_ACCEPT = Fault(accept=True, drop=True)
+# The connection is cut before the server took the message (the client cannot tell).
+RESET = Fault(status=0, code="ConnectionReset", drop=True)
+
+
+def random_faults(slow_seconds: float) -> dict[str, Fault]:
+    """The faults a share of requests gets at random, by name."""
+    return {
+        "throttle": THROTTLE,
+        "internal": INTERNAL,
+        "reset": RESET,
+        "slow": Fault(delay=slow_seconds, accept=True, code="SlowAnswer"),
+    }
+
+
+# Faults after which the client cannot know whether the message went out.
+AMBIGUOUS_FAULTS = frozenset({"reset", "slow"})
 
 
 @dataclass
@@ -76,9 +101,26 @@ class Received:
 
 
 class FakeSes:
-    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        fault_rate: float = 0.0,
+        faults: dict[str, Fault] | None = None,
+        seed: int | None = None,
+    ) -> None:
+        if not 0.0 <= fault_rate <= 1.0:
+            raise ValueError(f"fault_rate must be within 0..1, got {fault_rate}")
         self._lock = threading.Lock()
         self._faults: list[Fault] = []
+        self.fault_rate = fault_rate
+        self.random_faults = dict(faults or {})
+        if fault_rate and not self.random_faults:
+            raise ValueError("fault_rate needs at least one fault to draw from")
+        self._random = random.Random(seed)
+        self.served: Counter[str] = Counter()  # random faults served, by name
+        self.per_recipient: Counter[str] = Counter()  # accepted copies per address
         self._stopping = threading.Event()
         self._connections: set[socket.socket] = set()
         self.requests: list[Received] = []  # every SendEmail request, faulted or not
@@ -131,9 +173,26 @@ class FakeSes:
 
     # -- internals -------------------------------------------------------------------
 
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "requests": len(self.requests),
+                "accepted": sum(self.accepted.values()),
+                "faults": dict(self.served),
+                "ambiguous": sum(self.served[name] for name in AMBIGUOUS_FAULTS),
+                "per_recipient": dict(self.per_recipient),
+                "duplicates": {a: n for a, n in self.per_recipient.items() if n > 1},
+            }
+
     def _next_fault(self) -> Fault | None:
         with self._lock:
-            return self._faults.pop(0) if self._faults else None
+            if self._faults:
+                return self._faults.pop(0)
+            if self.fault_rate and self._random.random() < self.fault_rate:
+                name = self._random.choice(sorted(self.random_faults))
+                self.served[name] += 1
+                return self.random_faults[name]
+            return None
 
     def _record(self, received: Received, accepted: bool) -> str | None:
         with self._lock:
@@ -141,6 +200,8 @@ class FakeSes:
             if not accepted:
                 return None
             self.accepted[received.raw] += 1
+            for address in received.recipients:
+                self.per_recipient[address] += 1
             message_id = f"fake-{uuid.uuid4()}"
             self.message_ids.append(message_id)
             return message_id
@@ -196,6 +257,12 @@ def _make_handler(state: FakeSes) -> type[BaseHTTPRequestHandler]:
             headers = {"x-amzn-ErrorType": f"{fault.code}:", **fault.headers}
             self._answer(fault.status, {"message": fault.message}, headers)
 
+        def do_GET(self) -> None:
+            if self.path != STATS_PATH:
+                self._error(Fault(404, "NotFoundException", f"no route {self.path}"))
+                return
+            self._answer(200, state.stats(), {})
+
         def do_POST(self) -> None:
             length = int(self.headers.get("Content-Length") or 0)
             data = self.rfile.read(length)
@@ -211,7 +278,7 @@ def _make_handler(state: FakeSes) -> type[BaseHTTPRequestHandler]:
                 self._error(Fault(400, "BadRequestException", f"malformed request: {exc}"))
                 return
             fault = state._next_fault()
-            ok = fault is None or fault.status == 200
+            ok = fault is None or (fault.status == 200 and not fault.drop)
             accepted = ok or bool(fault and fault.accept)
             outcome = "accepted" if ok else (fault.code if fault else "accepted")
             if fault and fault.drop:
@@ -238,8 +305,30 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--fault-rate", type=float, default=0.0, help="share of requests, 0..1")
+    parser.add_argument(
+        "--faults",
+        default="throttle,internal,reset,slow",
+        help="comma-separated names the random faults are drawn from",
+    )
+    parser.add_argument("--slow-seconds", type=float, default=30.0, help="delay of a slow answer")
+    parser.add_argument("--seed", type=int, default=None)
     args = parser.parse_args(argv)
-    server = FakeSes(args.host, args.port)
+    known = random_faults(args.slow_seconds)
+    names = [n.strip() for n in args.faults.split(",") if n.strip()]
+    unknown = sorted(set(names) - set(known))
+    if unknown:
+        parser.error(f"unknown fault(s) {', '.join(unknown)}; choose from {', '.join(known)}")
+    try:
+        server = FakeSes(
+            args.host,
+            args.port,
+            fault_rate=args.fault_rate,
+            faults={n: known[n] for n in names},
+            seed=args.seed,
+        )
+    except ValueError as exc:
+        parser.error(str(exc))
     print(server.url, flush=True)
     with contextlib.suppress(KeyboardInterrupt):
         server._server.serve_forever()
