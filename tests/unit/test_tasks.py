@@ -111,6 +111,58 @@ def test_beat_schedule_follows_settings() -> None:
     assert plain["plan-due"]["options"]["expires"] == 1800
     with_sqs = tasks.beat_schedule(config.load_settings(sqs_queue_url="https://sqs.example/q"))
     assert with_sqs["poll-sqs"]["task"] == "papermail.poll_sqs"
+    # The recovery sweep: every minute by default, on the wall clock; any seconds allowed.
+    assert plain["reap"]["schedule"] == crontab(minute="*/1")
+    assert plain["reap"]["options"] == {"queue": "plan", "expires": 60}
+    fast = tasks.beat_schedule(config.load_settings(sweep_interval_seconds=5))
+    assert fast["reap"]["schedule"] == timedelta(seconds=5)
+    assert fast["reap"]["options"]["expires"] == 5
+    with pytest.raises(config.ConfigError, match="PAPERMAIL_SWEEP_INTERVAL_SECONDS"):
+        config.load_settings(sweep_interval_seconds=0)
+
+
+def test_workers_and_beat_reconnect_for_ever(settings: config.Settings) -> None:
+    conf = tasks.celery_config(settings)
+    assert conf["broker_connection_retry"] and conf["broker_connection_retry_on_startup"]
+    assert conf["broker_connection_max_retries"] is None
+    # A broker blip lets the running chunk finish (its email in flight is not cut off).
+    assert conf["worker_cancel_long_running_tasks_on_connection_loss"] is False
+
+
+def test_a_chunk_that_cannot_retry_is_handed_back_to_the_sweep(broker: str) -> None:
+    """The database is down mid-chunk and the retry cannot be published either (Celery would
+    drop the message): the unclaimed rows lose their epoch, so the next sweep queues them."""
+    from celery.exceptions import Reject
+    from sqlalchemy import select
+    from sqlalchemy.exc import OperationalError
+
+    add_subscribers(3)
+    plan = tasks.enqueue_edition(TODAY)
+    with session_scope() as s:
+        stamps = set(s.scalars(select(Delivery.queued_epoch)))
+    assert stamps == {tasks.broker_epoch()}
+    redis.Redis.from_url(broker).delete("send")  # as if a worker held it
+
+    def db_down(*_: object, **__: object) -> None:
+        raise OperationalError("SELECT 1", {}, Exception("server closed the connection"))
+
+    def broker_down(*_: object, **__: object) -> None:
+        raise ConnectionError("broker unreachable")
+
+    request = tasks.send_chunk.request
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(delivery, "process_deliveries", db_down)
+        mp.setattr(tasks.send_chunk, "apply_async", broker_down)
+        request.called_directly = False  # as in a worker: retry() publishes
+        try:
+            with pytest.raises(Reject):
+                tasks.send_chunk.run(plan.pending_ids)
+        finally:
+            request.called_directly = True
+    with session_scope() as s:
+        assert set(s.scalars(select(Delivery.queued_epoch))) == {None}
+    result = tasks.recover(now=utcnow() + timedelta(seconds=tasks.UNPUBLISHED_GRACE_SECONDS))
+    assert result.lost == 3 and result.ids == plan.pending_ids
 
 
 def test_enqueue_edition_commits_then_enqueues_chunks(broker: str) -> None:
