@@ -107,7 +107,12 @@ class Worker:
         offset = self.log.stat().st_size if self.log.exists() else 0
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
-                argv, env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+                argv,
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                cwd=self.log.parent,  # no stray .env of the caller's directory
             )
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
@@ -142,7 +147,7 @@ def start_beat(env: dict[str, str], logs: Path) -> subprocess.Popen[bytes]:
         argv[argv.index("--schedule") + 1] = str(logs / "beat-schedule")
     with (logs / "beat.log").open("ab") as out:
         return subprocess.Popen(
-            argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=logs
         )
 
 
@@ -454,6 +459,7 @@ def run(args: argparse.Namespace) -> Report:
     )
     os.environ.clear()
     os.environ.update(env)
+    os.chdir(workdir)  # settings also read ./.env: not the caller's
     from worker import config, migrate, tasks
     from worker.db import dispose_engines
 

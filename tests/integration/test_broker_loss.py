@@ -229,3 +229,25 @@ def test_limiter_lost_mid_chunk_leaves_unclaimed_rows_pending(
     assert emails_per_recipient(outbox()) == Counter(
         {f"reader{i:05d}@example.org": 1 for i in range(6)}
     )
+
+
+def test_the_limiter_rides_out_a_short_outage_and_never_turns_throttling_into_an_error(
+    own_redis: RedisServer,
+) -> None:
+    import threading
+
+    from worker.ratelimit import RedisBucket
+
+    bucket = RedisBucket(own_redis.url, rate=100, burst=1, outage_seconds=10)
+    assert bucket.try_acquire()
+    own_redis.kill9()
+    assert bucket.try_acquire() is False  # "not now", no exception: the chunk records first
+    bucket.slow_down()  # advisory: a throttled email is still recorded as a retry
+    restart = threading.Timer(1.0, own_redis.start)
+    restart.start()
+    started = time.monotonic()
+    bucket.acquire()  # waits for Redis to come back
+    restart.join()
+    assert time.monotonic() - started >= 0.9
+    bucket.slow_down(0.5)
+    assert bucket.rate == pytest.approx(50)
