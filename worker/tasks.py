@@ -392,7 +392,11 @@ def send_chunk(
         }
     try:
         outcome = delivery.process_deliveries(ids, settings=settings, **options)
-    except _infrastructure_errors() as exc:
+    except Exception as exc:
+        if not _unreachable(exc):
+            log.exception("send_chunk: unexpected error; its pending rows go back to the sweep")
+            release(ids)
+            raise
         # The database or the limiter is unreachable: try the whole chunk again later;
         # rows already sent are not claimable any more, so nothing goes out twice.
         countdown = min(MAX_COUNTDOWN_SECONDS, 15 * 2**self.request.retries)
@@ -406,10 +410,6 @@ def send_chunk(
             # drop the message) or the retries ran out: never lose the chunk with it.
             release(ids)
             raise
-    except Exception:
-        log.exception("send_chunk: unexpected error; its pending rows go back to the sweep")
-        release(ids)
-        raise
     if outcome.retry:
         try:
             requeue_retries(outcome.retry, settings, resend=resend)
@@ -435,14 +435,17 @@ def send_chunk(
     return summary
 
 
-def _infrastructure_errors() -> tuple[type[BaseException], ...]:
-    """Errors that say a server is unreachable, not that the chunk is bad."""
+def _unreachable(exc: BaseException) -> bool:
+    """A server (database, limiter, broker) is unreachable: not the chunk's fault."""
     from kombu.exceptions import OperationalError as BrokerError
     from redis.exceptions import ConnectionError as RedisConnectionError
     from redis.exceptions import TimeoutError as RedisTimeoutError
-    from sqlalchemy.exc import InterfaceError, OperationalError
 
-    return (OperationalError, InterfaceError, RedisConnectionError, RedisTimeoutError, BrokerError)
+    from worker.db import is_infrastructure_error
+
+    return is_infrastructure_error(exc) or isinstance(
+        exc, RedisConnectionError | RedisTimeoutError | BrokerError
+    )
 
 
 @app.task(name="papermail.plan_due")
