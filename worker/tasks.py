@@ -483,15 +483,6 @@ def _sweepable(now: datetime) -> list[Any]:
     ]
 
 
-def _enqueue_by_edition(rows: Sequence[tuple[int, date]], settings: Settings) -> None:
-    """One edition per chunk: a batch never holds two editions of one subscriber."""
-    by_edition: dict[date, list[int]] = {}
-    for delivery_id, edition in rows:
-        by_edition.setdefault(edition, []).append(delivery_id)
-    for _, ids in sorted(by_edition.items()):
-        enqueue_ids(ids, settings)
-
-
 def recover(settings: Settings | None = None, now: datetime | None = None) -> Recovery:
     """The sweep: reap stale ``sending`` rows, then re-enqueue pending rows with no task.
 
@@ -512,47 +503,51 @@ def recover(settings: Settings | None = None, now: datetime | None = None) -> Re
         result.skipped_reason = f"sending is paused: {paused}"
         return result
     epoch = broker_epoch(settings)
+    # Before queueing anything: only then does an empty queue say no task names a row.
+    queue_busy = send_queue_size() > 0
     grace = now - timedelta(seconds=UNPUBLISHED_GRACE_SECONDS)
     with session_scope() as session:
-        lost = session.execute(
-            select(Delivery.id, Delivery.edition_date)
-            .where(
-                *_sweepable(now),
-                or_(
-                    and_(Delivery.queued_epoch.is_(None), Delivery.created_at <= grace),
-                    Delivery.queued_epoch != epoch,
-                ),
+        lost = list(
+            session.scalars(
+                select(Delivery.id)
+                .where(
+                    *_sweepable(now),
+                    or_(
+                        and_(Delivery.queued_epoch.is_(None), Delivery.created_at <= grace),
+                        Delivery.queued_epoch != epoch,
+                    ),
+                )
+                .order_by(Delivery.id)
             )
-            .order_by(Delivery.id)
-        ).all()
+        )
     if lost:
-        _enqueue_by_edition([(r[0], r[1]) for r in lost], settings)
+        enqueue_ids(lost, settings)
         log.warning(
             "reap: %d pending deliveries had no task (broker restarted or publish failed); "
             "enqueued again",
             len(lost),
         )
     result.lost = len(lost)
-    result.ids = [r[0] for r in lost]
-    if send_queue_size():
+    result.ids = lost
+    if queue_busy:
         result.skipped_reason = "the send queue is not empty"
     else:
         cutoff = now - timedelta(seconds=settings.sending_timeout_seconds)
-        done = set(result.ids)
+        done = set(lost)
         with session_scope() as session:
             stranded = [
-                (r[0], r[1])
-                for r in session.execute(
-                    select(Delivery.id, Delivery.edition_date)
+                i
+                for i in session.scalars(
+                    select(Delivery.id)
                     .where(*_sweepable(now), Delivery.scheduled_at <= cutoff)
                     .order_by(Delivery.id)
                 )
-                if r[0] not in done
+                if i not in done
             ]
         if stranded:
-            _enqueue_by_edition(stranded, settings)
+            enqueue_ids(stranded, settings)
             log.warning("reap: %d stranded pending deliveries enqueued again", len(stranded))
-        result.ids = sorted(done | {r[0] for r in stranded})
+        result.ids = sorted(done | set(stranded))
     result.requeued = len(result.ids)
     return result
 
