@@ -9,6 +9,8 @@ from typing import Any
 
 import click
 from kombu.exceptions import OperationalError as KombuOperationalError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from sqlalchemy.exc import OperationalError
 
 from worker import __version__
@@ -48,7 +50,8 @@ class PapermailGroup(click.Group):
             reason = redact_url(str(getattr(exc, "orig", None) or exc)).strip()
             click.secho(f"error: cannot use the database: {reason}", fg="red", err=True)
             sys.exit(1)
-        except KombuOperationalError as exc:
+        except (KombuOperationalError, RedisConnectionError, RedisTimeoutError) as exc:
+            # Kombu's publish, or papermail's own read of the broker (its epoch) first.
             reason = redact_url(str(exc)).strip()
             click.secho(
                 f"error: cannot reach the broker (PAPERMAIL_BROKER_URL): {reason}",
