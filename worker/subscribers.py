@@ -48,6 +48,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
+from sqlalchemy.sql import Select
 
 from worker.config import Settings, validate_timezone
 from worker.errors import InvalidInput, NotFound, PapermailError
@@ -461,32 +462,54 @@ def get_subscriber(session: Session, email: str) -> Subscriber:
     return sub
 
 
-def list_subscribers(session: Session, status: str | None = None) -> list[Subscriber]:
-    """Subscribers in the order they were added, optionally of one status.
+def subscribers_query(status: str | None = None) -> Select[tuple[Subscriber]]:
+    """The query of :func:`list_subscribers` (id order, optional status filter).
 
     ``status="suppressed"`` selects everyone who gets nothing for good: unsubscribed,
     bounced, complained, or suppressed by an operator.
     """
     query = select(Subscriber).order_by(Subscriber.id)
-    if status is not None:
-        wanted = status.strip().lower()
-        if wanted == SUPPRESSED_FILTER:
-            query = query.where(
-                or_(
-                    Subscriber.status.in_([s.value for s in SUPPRESSED_STATUSES]),
-                    Subscriber.suppressed_at.is_not(None),
-                )
+    if status is None:
+        return query
+    wanted = status.strip().lower()
+    if wanted == SUPPRESSED_FILTER:
+        return query.where(
+            or_(
+                Subscriber.status.in_([s.value for s in SUPPRESSED_STATUSES]),
+                Subscriber.suppressed_at.is_not(None),
             )
-        elif wanted == SubscriberStatus.PAUSED.value:
-            # Subscribers pause themselves with a date ("pause until"), not a status.
-            today = utcnow().date()
-            query = query.where(or_(Subscriber.status == wanted, Subscriber.paused_until >= today))
-        elif wanted in {s.value for s in SubscriberStatus}:
-            query = query.where(Subscriber.status == wanted)
-        else:
-            choices = ", ".join([*(s.value for s in SubscriberStatus), SUPPRESSED_FILTER])
-            raise InvalidInput(f"unknown status {status!r}; choose one of {choices}")
-    return list(session.scalars(query))
+        )
+    if wanted == SubscriberStatus.PAUSED.value:
+        # Subscribers pause themselves with a date ("pause until"), not a status.
+        today = utcnow().date()
+        return query.where(or_(Subscriber.status == wanted, Subscriber.paused_until >= today))
+    if wanted in {s.value for s in SubscriberStatus}:
+        return query.where(Subscriber.status == wanted)
+    choices = ", ".join([*(s.value for s in SubscriberStatus), SUPPRESSED_FILTER])
+    raise InvalidInput(f"unknown status {status!r}; choose one of {choices}")
+
+
+def list_subscribers(session: Session, status: str | None = None) -> list[Subscriber]:
+    """Subscribers in the order they were added, optionally of one status (see
+    :func:`subscribers_query`). For big lists use :func:`iter_subscribers`."""
+    return list(session.scalars(subscribers_query(status)))
+
+
+def iter_subscribers(
+    session: Session, status: str | None = None, batch: int = 1000
+) -> Iterator[Subscriber]:
+    """The same as :func:`list_subscribers`, streamed: a server-side cursor on PostgreSQL
+    fetching ``batch`` rows at a time, so memory stays flat for any number of rows."""
+    query = subscribers_query(status).execution_options(yield_per=batch)
+    for sub in session.scalars(query):
+        yield sub
+        session.expunge(sub)  # the identity map would otherwise keep every row
+
+
+def longest_email(session: Session, status: str | None = None) -> int:
+    """Length of the longest address :func:`list_subscribers` would list (0 if none)."""
+    listed = subscribers_query(status).with_only_columns(Subscriber.email).subquery()
+    return session.scalar(select(func.max(func.length(listed.c.email)))) or 0
 
 
 def status_counts(session: Session) -> dict[str, int]:
