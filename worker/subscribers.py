@@ -46,6 +46,7 @@ from sqlalchemy import (
     or_,
     select,
 )
+from sqlalchemy.engine import Row
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from sqlalchemy.sql import Select
@@ -495,15 +496,16 @@ def list_subscribers(session: Session, status: str | None = None) -> list[Subscr
     return list(session.scalars(subscribers_query(status)))
 
 
-def iter_subscribers(
-    session: Session, status: str | None = None, batch: int = 1000
-) -> Iterator[Subscriber]:
-    """The same as :func:`list_subscribers`, streamed: a server-side cursor on PostgreSQL
-    fetching ``batch`` rows at a time, so memory stays flat for any number of rows."""
-    query = subscribers_query(status).execution_options(yield_per=batch)
-    for sub in session.scalars(query):
-        yield sub
-        session.expunge(sub)  # the identity map would otherwise keep every row
+def iter_subscriber_dicts(
+    session: Session, status: str | None = None, batch: int = 2000
+) -> Iterator[dict[str, Any]]:
+    """:func:`subscriber_to_dict` of each subscriber :func:`list_subscribers` would list,
+    streamed: plain rows (no ORM objects) from a server-side cursor on PostgreSQL,
+    ``batch`` at a time, so memory stays flat for any number of subscribers."""
+    query = subscribers_query(status)
+    rows = query.with_only_columns(*Subscriber.__table__.columns).execution_options(yield_per=batch)
+    for row in session.execute(rows):
+        yield subscriber_to_dict(row)
 
 
 def longest_email(session: Session, status: str | None = None) -> int:
@@ -1108,8 +1110,10 @@ def _iso(value: datetime | date | None) -> str | None:
     return value.isoformat() if value is not None else None
 
 
-def subscriber_to_dict(sub: Subscriber) -> dict[str, Any]:
-    """The subscriber's fields, JSON-serialisable."""
+def subscriber_to_dict(sub: Subscriber | Row[Any]) -> dict[str, Any]:
+    """The subscriber's fields, JSON-serialisable (from the ORM object or a row of the
+    table's columns)."""
+    suppressed = sub.status in SUPPRESSED_STATUSES or sub.suppressed_at is not None
     return {
         "id": sub.id,
         "email": sub.email,
@@ -1121,7 +1125,7 @@ def subscriber_to_dict(sub: Subscriber) -> dict[str, Any]:
         "send_hour": sub.send_hour,
         "timezone": sub.timezone,
         "paused_until": _iso(sub.paused_until),
-        "suppressed": sub.is_suppressed,
+        "suppressed": suppressed,  # Subscriber.is_suppressed
         "suppressed_at": _iso(sub.suppressed_at),
         "suppression_reason": sub.suppression_reason,
         "soft_bounce_count": sub.soft_bounce_count,
