@@ -486,15 +486,22 @@ def test_existing_subscribers_are_left_unchanged(session: Session) -> None:
 def test_an_address_added_during_the_import_is_reported_existing(
     backend: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The race between the look-up and the insert: the other writer's row is kept."""
+    """Another writer adds an address while the file is being read: their row is kept,
+    reported existing with its status, and gets no import log entry."""
     request.getfixturevalue("settings" if backend == "sqlite" else "pg_env")
-    with db.session_scope() as session:
-        subs.add_subscriber(session, subs.SubscriberInput("ada@example.org", max_papers=2), True)
-    monkeypatch.setattr(subs, "_existing_statuses", lambda session, emails: {})
+    staged = subs._merge_duplicates
+
+    def meanwhile(session: Session, stage: Any, report: subs.ImportReport) -> None:
+        with db.session_scope() as other:
+            data = subs.SubscriberInput("ada@example.org", max_papers=2)
+            subs.add_subscriber(other, data, True)
+        staged(session, stage, report)
+
+    monkeypatch.setattr(subs, "_merge_duplicates", meanwhile)
     with db.session_scope() as session:
         report = subs.import_csv(session, "email,max_papers\nnew@x.org,3\nada@example.org,9\n")
     assert report.created == 1
-    assert report.existing == [{"email": "ada@example.org", "line": 3, "status": "?"}]
+    assert report.existing == [{"email": "ada@example.org", "line": 3, "status": "active"}]
     with db.session_scope() as session:
         ada = subs.get_subscriber(session, "ada@example.org")
         assert (ada.max_papers, ada.status) == (2, "active")
@@ -562,11 +569,18 @@ def test_a_file_that_is_not_utf8_is_refused(session: Session, tmp_path: Path) ->
         subs.import_csv(session, tmp_path / "missing.csv")
 
 
-def test_progress_is_reported(session: Session) -> None:
+def test_progress_is_reported(session: Session, tmp_path: Path) -> None:
+    """Progress is the part of the file read (bytes of its size), in steps of 64 KiB."""
     calls: list[tuple[int, int]] = []
-    text = "email\n" + "".join(f"p{i}@example.org\n" for i in range(4500))
-    subs.import_csv(session, text, progress=lambda done, total: calls.append((done, total)))
-    assert calls == [(2000, 4500), (4000, 4500), (4500, 4500)]
+    text = "email\n" + "".join(f"p{i}@example.org\n" for i in range(9000))
+    path = tmp_path / "people.csv"
+    path.write_text(text)
+    size = len(text)
+    subs.import_csv(session, path, progress=lambda done, total: calls.append((done, total)))
+    assert calls[-1] == (size, size)
+    assert [done for done, _ in calls] == sorted(done for done, _ in calls)
+    assert len(calls) == size // 65536 + 1
+    assert all(total == size for _, total in calls)
 
 
 @pytest.mark.postgres

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterable, Iterator
 from datetime import date, datetime
 from typing import Any
 
@@ -14,9 +15,63 @@ from worker.errors import PapermailError
 
 
 def echo_json(data: Any) -> None:
-    click.echo(
-        json.dumps(data, indent=2, sort_keys=True, default=_json_default, ensure_ascii=False)
-    )
+    """Print ``data`` as indented JSON (keys sorted).
+
+    Any iterator in it (a generator of rows, e.g. a database cursor) is written as a
+    JSON array item by item, so a listing of a million rows never sits in memory; the
+    bytes are the same as ``json.dumps(indent=2)`` of the materialised list.
+    """
+    if not _has_iterator(data):
+        click.echo(_dumps(data))
+        return
+    buffer: list[str] = []
+    size = 0
+    for chunk in _stream(data, ""):
+        buffer.append(chunk)
+        size += len(chunk)
+        if size >= 65536:  # one write per 64 KiB, not one per row
+            click.echo("".join(buffer), nl=False)
+            buffer.clear()
+            size = 0
+    click.echo("".join(buffer))
+
+
+def _dumps(data: Any) -> str:
+    return json.dumps(data, indent=2, sort_keys=True, default=_json_default, ensure_ascii=False)
+
+
+def _has_iterator(data: Any) -> bool:
+    if isinstance(data, Iterator):
+        return True
+    if isinstance(data, dict):
+        return any(_has_iterator(v) for v in data.values())
+    if isinstance(data, list | tuple):
+        return any(_has_iterator(v) for v in data)
+    return False
+
+
+def _stream(data: Any, pad: str) -> Iterator[str]:
+    """Chunks of ``_dumps(data)``, with iterators expanded lazily; ``pad`` is the indent."""
+    inner = pad + "  "
+    if isinstance(data, dict) and data and _has_iterator(data):
+        yield "{"
+        for n, key in enumerate(sorted(data)):
+            yield ("," if n else "") + "\n" + inner + json.dumps(key, ensure_ascii=False) + ": "
+            yield from _stream(data[key], inner)
+        yield "\n" + pad + "}"
+    elif isinstance(data, Iterator | list | tuple) and _has_iterator(data):
+        items: Iterable[Any] = data
+        empty = True
+        for item in items:
+            yield ("[" if empty else ",") + "\n" + inner
+            empty = False
+            if _has_iterator(item):
+                yield from _stream(item, inner)
+            else:
+                yield _dumps(item).replace("\n", "\n" + inner)
+        yield "[]" if empty else "\n" + pad + "]"
+    else:
+        yield _dumps(data).replace("\n", "\n" + pad)
 
 
 def _json_default(value: Any) -> Any:

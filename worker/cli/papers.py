@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import click
+from sqlalchemy import func, select
 
 from worker.cli.common import echo_json, parse_date, require_schema
 from worker.db import session_scope
 from worker.models import Paper
-from worker.papers import FORMATS, ingest_source, list_papers
+from worker.papers import FORMATS, ingest_source
+from worker.papers.ingest import iter_papers, papers_query
 from worker.papers.sources import DEFAULT_TIMEOUT
 
 TITLE_WIDTH = 70
@@ -124,21 +126,25 @@ def list_(date_: str | None, limit: int, as_json: bool) -> None:
     on_date = parse_date(date_) if date_ is not None else None
     require_schema()
     with session_scope() as session:
-        papers = list_papers(session, on_date=on_date, limit=limit or None)
-        if as_json:
-            echo_json([_paper_json(p) for p in papers])
+        papers = iter_papers(session, on_date=on_date, limit=limit or None)
+        if as_json:  # streamed paper by paper (--limit 0 lists every stored paper)
+            echo_json(_paper_json(p) for p in papers)
             return
-        if not papers:
-            where = f" for {on_date.isoformat()}" if on_date else ""
-            click.echo(f"no papers{where}; add some with `papermail papers ingest SOURCE`")
-            return
-        id_width = max(len("id"), *(len(p.id) for p in papers))
-        click.echo(f"{'id':<{id_width}}  {'published':<16}  {'upvotes':>7}  title")
+        listed = papers_query(on_date, limit or None).subquery()
+        id_width = max(len("id"), session.scalar(select(func.max(func.length(listed.c.id)))) or 0)
+        count = 0
         for p in papers:
+            if not count:
+                click.echo(f"{'id':<{id_width}}  {'published':<16}  {'upvotes':>7}  title")
+            count += 1
             published = p.published_at.strftime("%Y-%m-%d %H:%M") if p.published_at else "-"
             click.echo(
                 f"{p.id:<{id_width}}  {published:<16}  {p.upvotes:>7}  "
                 f"{_truncate(p.title, TITLE_WIDTH)}"
             )
-        if limit and len(papers) == limit:
+        if not count:
+            where = f" for {on_date.isoformat()}" if on_date else ""
+            click.echo(f"no papers{where}; add some with `papermail papers ingest SOURCE`")
+            return
+        if limit and count == limit:
             click.echo(f"(first {limit}; use --limit N or --limit 0 for more)")

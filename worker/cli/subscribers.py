@@ -37,8 +37,9 @@ _STATE_COLOURS = {
 }
 # Long lists of existing/merged addresses are cut here in the text output (--json has all).
 _LIST_LIMIT = 20
-# Show a progress bar for imports of at least this many rows, on a terminal.
-_PROGRESS_MIN_ROWS = 5000
+# Show a progress bar for imports of files of at least this many bytes (about 5,000
+# rows), on a terminal.
+_PROGRESS_MIN_BYTES = 256 * 1024
 
 
 @click.group("subscribers")
@@ -126,15 +127,16 @@ def add(
 
 @contextmanager
 def _progress_bar() -> Iterator[Any]:
-    """A progress callback for import_csv: a bar on a terminal for big files, else nothing."""
+    """A progress callback for import_csv (bytes read of the file's size): a bar on a
+    terminal for big files, else nothing."""
     bar: Any = None
 
     def update(done: int, total: int) -> None:
         nonlocal bar
         if bar is None:
-            if total < _PROGRESS_MIN_ROWS or not sys.stderr.isatty():
+            if total < _PROGRESS_MIN_BYTES or not sys.stderr.isatty():
                 return
-            bar = click.progressbar(length=total, label="checking rows", file=sys.stderr)
+            bar = click.progressbar(length=total, label="reading the file", file=sys.stderr)
             bar.__enter__()
         bar.update(done - bar.pos)
 
@@ -246,32 +248,38 @@ def list_(status: str | None, as_json: bool) -> None:
     """
     require_schema()
     with session_scope() as session:
-        rows = [subs.subscriber_to_dict(s) for s in subs.list_subscribers(session, status)]
-    if as_json:
-        echo_json(rows)
-        return
-    if not rows:
+        rows = subs.iter_subscriber_dicts(session, status)
+        if as_json:  # streamed row by row: a million subscribers never sit in memory
+            echo_json(rows)
+            return
+        width = min(subs.longest_email(session, status), 48)
+        total, suppressed = 0, False
+        for r in rows:
+            if not total:
+                click.echo(
+                    f"{'EMAIL':<{width}}  {'STATUS':<12}  {'SCHEDULE':<16}  {'TIME ZONE':<20}  "
+                    "N  TOPICS"
+                )
+            total += 1
+            suppressed = suppressed or bool(r["suppressed_at"])
+            _print_row(r, width)
+    if not total:
         click.echo("no subscribers" + (f" with status {status}" if status else ""))
         return
-    width = min(max(len(r["email"]) for r in rows), 48)
-    click.echo(
-        f"{'EMAIL':<{width}}  {'STATUS':<12}  {'SCHEDULE':<16}  {'TIME ZONE':<20}  N  TOPICS"
-    )
-    for r in rows:
-        flag = "*" if r["suppressed_at"] else " "
-        click.echo(f"{r['email']:<{width}}  ", nl=False)
-        click.secho(f"{r['status']:<11}", fg=_STATUS_COLOURS.get(r["status"]), nl=False)
-        topics = ", ".join(r["topics"])
-        if len(topics) > 40:
-            topics = topics[:39] + "…"
-        click.echo(
-            f"{flag}  {_schedule(r):<16}  {r['timezone']:<20}  {r['max_papers']:<2} {topics}"
-        )
-    total = len(rows)
     click.echo(f"{total} subscriber{'s' if total != 1 else ''}", nl=False)
-    if any(r["suppressed_at"] for r in rows):
+    if suppressed:
         click.echo(" (* suppressed by an operator)", nl=False)
     click.echo()
+
+
+def _print_row(r: dict[str, Any], width: int) -> None:
+    flag = "*" if r["suppressed_at"] else " "
+    click.echo(f"{r['email']:<{width}}  ", nl=False)
+    click.secho(f"{r['status']:<11}", fg=_STATUS_COLOURS.get(r["status"]), nl=False)
+    topics = ", ".join(r["topics"])
+    if len(topics) > 40:
+        topics = topics[:39] + "…"
+    click.echo(f"{flag}  {_schedule(r):<16}  {r['timezone']:<20}  {r['max_papers']:<2} {topics}")
 
 
 def _ts(value: str | None) -> str:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
@@ -10,6 +10,7 @@ from typing import IO
 
 from sqlalchemy import and_, func, or_, select
 from sqlalchemy.orm import Session
+from sqlalchemy.sql import Select
 
 from worker.clock import utcnow
 from worker.db import insert_ignore_or_update
@@ -177,6 +178,19 @@ def list_papers(
 ) -> list[Paper]:
     """Papers, newest first; ``on_date`` keeps those published that UTC day (undated papers:
     ingested that day), the same rule as the look-back window."""
+    return list(session.scalars(papers_query(on_date, limit)))
+
+
+def iter_papers(
+    session: Session, on_date: date | None = None, limit: int | None = None, batch: int = 500
+) -> Iterator[Paper]:
+    """:func:`list_papers`, streamed (a server-side cursor on PostgreSQL)."""
+    for paper in session.scalars(papers_query(on_date, limit).execution_options(yield_per=batch)):
+        yield paper
+        session.expunge(paper)
+
+
+def papers_query(on_date: date | None = None, limit: int | None = None) -> Select[tuple[Paper]]:
     query = select(Paper)
     if on_date is not None:
         start = datetime.combine(on_date, time.min, tzinfo=UTC)
@@ -196,7 +210,7 @@ def list_papers(
     query = query.order_by(effective.desc(), Paper.upvotes.desc(), Paper.id)
     if limit:
         query = query.limit(limit)
-    return list(session.scalars(query))
+    return query
 
 
 def count_papers(session: Session) -> int:

@@ -1,0 +1,166 @@
+"""Streaming import and streamed --json listings: files bigger than one staging batch,
+on SQLite and PostgreSQL. (Memory and time at 1M rows: bench/operator_scale.py.)"""
+
+from __future__ import annotations
+
+import json
+from datetime import date, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+from sqlalchemy import func, select
+
+from worker import db
+from worker import subscribers as subs
+from worker.cli import main
+from worker.cli.common import _dumps, echo_json
+from worker.models import Paper, Subscriber, SubscriberLog
+
+BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+# Enough rows for three staging batches.
+ROWS = 3 * subs._IMPORT_BATCH + 17
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    request.getfixturevalue("settings" if request.param == "sqlite" else "pg_env")
+    return str(request.param)
+
+
+def counts() -> tuple[int, int]:
+    with db.session_scope() as s:
+        return (
+            s.scalar(select(func.count()).select_from(Subscriber)) or 0,
+            s.scalar(select(func.count()).select_from(SubscriberLog)) or 0,
+        )
+
+
+def big_file(path: Path, tail: str = "") -> Path:
+    body = "".join(f"reader{i}@example.org,llm; robots,{i % 50 + 1}\n" for i in range(ROWS))
+    path.write_text("email,topics,max_papers\n" + body + tail, encoding="utf-8")
+    return path
+
+
+def test_a_bad_row_at_the_end_of_a_big_file_imports_nothing(backend: str, tmp_path: Path) -> None:
+    path = big_file(tmp_path / "people.csv", tail="last@example.org,,0\n")
+    last_line = ROWS + 2
+    with db.session_scope() as session, pytest.raises(subs.ImportRejected) as info:
+        subs.import_csv(session, path, confirmed=True)
+    report = info.value.report
+    assert (report.rows, report.created, report.imported) == (ROWS + 1, 0, False)
+    assert [(r.line, r.email) for r in report.rejected] == [(last_line, "last@example.org")]
+    assert counts() == (0, 0)
+
+    result = CliRunner().invoke(main, ["subscribers", "import", str(path), "--confirmed"])
+    assert result.exit_code == 2
+    assert f"line {last_line} (last@example.org): max papers" in result.stderr
+    assert counts() == (0, 0)
+
+    with db.session_scope() as session:
+        report = subs.import_csv(session, path, confirmed=True, skip_invalid=True)
+    assert (report.created, len(report.rejected), report.imported) == (ROWS, 1, True)
+    assert counts() == (ROWS, ROWS)
+
+
+def test_duplicates_in_different_batches_are_merged(backend: str, tmp_path: Path) -> None:
+    # Line 2 and the very last line name the same person, three batches apart.
+    path = big_file(
+        tmp_path / "people.csv", tail='READER0@Example.org,"vision, audio",\nother@x.org,,\n'
+    )
+    last = ROWS + 2
+    with db.session_scope() as session:
+        report = subs.import_csv(session, path, confirmed=True)
+    assert report.merged == [{"email": "reader0@example.org", "lines": [2, last]}]
+    assert (report.rows, report.created) == (ROWS + 2, ROWS + 1)
+    with db.session_scope() as session:
+        sub = subs.get_subscriber(session, "reader0@example.org")
+        # Later non-empty cells win; the empty max_papers cell keeps the earlier value.
+        assert (sub.topics, sub.max_papers) == (["vision", "audio"], 1)
+        detail = session.scalar(
+            select(SubscriberLog.detail).where(SubscriberLog.subscriber_id == sub.id)
+        )
+        assert f"people.csv lines 2, {last}; status active" in (detail or "")
+        assert "topics: vision, audio" in (detail or "")
+    assert counts() == (ROWS + 1, ROWS + 1)
+
+    # Again: every address exists now, reported at its first line, nothing written.
+    with db.session_scope() as session:
+        again = subs.import_csv(session, path, confirmed=True)
+    assert again.created == 0 and len(again.existing) == ROWS + 1
+    assert again.existing[0] == {"email": "reader0@example.org", "line": 2, "status": "active"}
+    assert counts() == (ROWS + 1, ROWS + 1)
+
+
+def test_import_from_a_stream_of_unknown_size(backend: str, tmp_path: Path) -> None:
+    path = big_file(tmp_path / "people.csv")
+    with path.open(encoding="utf-8") as fh, db.session_scope() as session:
+        report = subs.import_csv(session, fh, confirmed=False)
+    assert report.created == ROWS
+
+
+def test_the_line_of_a_bad_byte_is_named(settings: Any, tmp_path: Path) -> None:
+    path = tmp_path / "mixed.csv"
+    good = "".join(f"r{i}@example.org\n" for i in range(3000)).encode()
+    path.write_bytes(b"email\n" + good + "zo\xeb@example.org\n".encode("latin-1"))
+    with db.session_scope() as session, pytest.raises(subs.InvalidInput) as info:
+        subs.import_csv(session, path)
+    assert f"line {3002}" in str(info.value)
+    assert f"at byte {6 + len(good) + 2}" in str(info.value)
+    assert counts() == (0, 0)
+
+
+def test_list_json_is_valid_complete_and_unchanged_in_format(backend: str) -> None:
+    empty = CliRunner().invoke(main, ["subscribers", "list", "--json"])
+    assert (empty.exit_code, empty.stdout) == (0, "[]\n")
+    n = 2 * 1000 + 3  # more rows than one cursor batch
+    with db.session_scope() as session:
+        text = "email,topics\n" + "".join(f"u{i}@example.org,llm\n" for i in range(n))
+        subs.import_csv(session, text, confirmed=True)
+    result = CliRunner().invoke(main, ["subscribers", "list", "--json"])
+    assert result.exit_code == 0, result.stderr
+    rows = json.loads(result.stdout)
+    assert [r["email"] for r in rows] == [f"u{i}@example.org" for i in range(n)]
+    with db.session_scope() as session:
+        expected = [subs.subscriber_to_dict(s) for s in subs.list_subscribers(session)]
+    # Byte for byte what the materialised list printed before streaming.
+    assert result.stdout == _dumps(expected) + "\n"
+    text_list = CliRunner().invoke(main, ["subscribers", "list"])
+    assert text_list.stdout.splitlines()[-1] == f"{n:,}".replace(",", "") + " subscribers"
+    assert len(text_list.stdout.splitlines()) == n + 2
+
+
+def test_papers_list_json_streams_every_paper(backend: str) -> None:
+    with db.session_scope() as session:
+        for i in range(1203):
+            session.add(Paper(id=f"2611.{i:05d}", title=f"Paper {i}", upvotes=i % 7))
+    result = CliRunner().invoke(main, ["papers", "list", "--json", "--limit", "0"])
+    assert result.exit_code == 0, result.stderr
+    papers = json.loads(result.stdout)
+    assert len(papers) == 1203 and len({p["id"] for p in papers}) == 1203
+    limited = CliRunner().invoke(main, ["papers", "list", "--limit", "5"])
+    assert len(limited.stdout.splitlines()) == 1 + 5 + 1  # header, rows, "(first 5 ...)"
+
+
+def test_echo_json_streams_iterators_with_the_same_bytes(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    data = {
+        "z": [1, {"b": [date(2026, 1, 2)], "a": "é"}],
+        "rows": [{"n": i, "when": datetime(2026, 1, 1, i)} for i in range(3)],
+        "empty": [],
+        "nested": {"deep": [[1, 2], []]},
+    }
+
+    def lazily(value: Any) -> Any:
+        if isinstance(value, list):
+            return (lazily(v) for v in value)
+        if isinstance(value, dict):
+            return {k: lazily(v) for k, v in value.items()}
+        return value
+
+    echo_json(lazily(data))
+    assert capsys.readouterr().out == _dumps(data) + "\n"
+    echo_json(iter([]))
+    assert capsys.readouterr().out == "[]\n"
