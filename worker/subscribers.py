@@ -736,17 +736,22 @@ def _decoded(fh: IO[bytes], path: Path) -> Iterator[str]:
     """Lines of a UTF-8 file (a byte-order mark is fine), decoded one by one so that an
     error names the exact byte and line."""
     offset = 0
+    number = 0
     try:
-        for number, raw in enumerate(fh, 1):
-            try:
-                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
-            except UnicodeDecodeError as exc:
-                raise InvalidInput(
-                    f"{path} is not UTF-8 text ({exc.reason} at byte {offset + exc.start}, "
-                    f"line {number}); save the CSV as UTF-8"
-                ) from None
-            offset += len(raw)
-            yield line
+        for chunk in fh:
+            # Binary files split on LF only; old Mac exports end lines with a bare CR.
+            parts = chunk.splitlines(keepends=True) if b"\r" in chunk[:-2] else (chunk,)
+            for raw in parts:
+                number += 1
+                try:
+                    line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+                except UnicodeDecodeError as exc:
+                    raise InvalidInput(
+                        f"{path} is not UTF-8 text ({exc.reason} at byte "
+                        f"{offset + exc.start}, line {number}); save the CSV as UTF-8"
+                    ) from None
+                offset += len(raw)
+                yield line
     except OSError as exc:
         raise InvalidInput(f"cannot read {path}: {exc.strerror}") from None
 

@@ -164,3 +164,15 @@ def test_echo_json_streams_iterators_with_the_same_bytes(
     assert capsys.readouterr().out == _dumps(data) + "\n"
     echo_json(iter([]))
     assert capsys.readouterr().out == "[]\n"
+
+
+@pytest.mark.parametrize("ending", ["\r", "\r\n", "\n"])
+def test_every_line_ending_imports(session: Any, tmp_path: Path, ending: str) -> None:
+    """CR (old Mac exports), CRLF (Excel) and LF files give the same rows."""
+    path = tmp_path / "people.csv"
+    rows = ["email,topics", "ada@example.org,pruning", '"bob@example.org","a, b"']
+    path.write_bytes(ending.join(rows).encode() + ending.encode())
+    report = subs.import_csv(session, path, confirmed=True)
+    assert report.created == 2 and report.rows == 2 and not report.rejected, report
+    topics = dict(session.execute(select(Subscriber.email, Subscriber.topics)).all())
+    assert topics == {"ada@example.org": ["pruning"], "bob@example.org": ["a", "b"]}
