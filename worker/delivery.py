@@ -4,18 +4,24 @@ The unique (subscriber, edition date) row and the conditional pending -> sending
 decide whether an email goes out, never the queue: a chunk processed twice, by two
 workers or after a redelivery, sends each email once.
 
-One commit per email: the record of message *i* and the claim of message *i+1* share a
-transaction. A worker killed after the provider accepted *i* but before that commit leaves
-*i* in ``sending`` (the reaper makes it ``unknown``, never re-sent automatically) and *i+1*
-still ``pending`` (claimable again after recovery).
+Sending goes in batches of up to ``Settings.concurrency`` deliveries (the sends in flight
+of one process): tokens for the batch, one conditional claim statement for the batch, the
+sends in parallel threads, one record statement for the batch. The record of batch *k*
+and the claim of batch *k+1* share a transaction. A worker killed after the provider
+accepted batch *k* but before that commit leaves *k* in ``sending`` (the reaper makes it
+``unknown``, never re-sent automatically) and *k+1* still ``pending`` (claimable again
+after recovery): at most one batch per process is ever ``unknown``.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import random
+import threading
 import time as _time
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from zoneinfo import ZoneInfo
@@ -26,6 +32,7 @@ from sqlalchemy import (
     String,
     and_,
     bindparam,
+    case,
     exists,
     func,
     insert,
@@ -335,91 +342,110 @@ def process_deliveries(
         on_progress(prep_outcome.handled)
 
     session = _new_session()
+    # The record of batch k is written in the transaction that claims batch k+1 (or
+    # before waiting for tokens), so at any instant at most one batch is in `sending`.
     pending_record: Callable[[Session], None] | None = None
+    size = _batch_size(settings)
     last_pause_check = _time.monotonic()
     try:
-        for index, item in enumerate(prepared):
-            # A pause (operator, provider, reputation guard) stops in-flight chunks too.
+        for start in range(0, len(prepared), size):
+            batch = prepared[start : start + size]
+            # A pause (operator, provider, reputation guard) stops in-flight chunks too: the
+            # batch in flight finishes, nothing more is claimed.
             if _time.monotonic() - last_pause_check >= PAUSE_CHECK_SECONDS:
                 last_pause_check = _time.monotonic()
                 paused = sending_paused(session)
                 if paused:
                     outcome.paused = paused
                     log.warning(
-                        "sending paused (%s): %d left pending", paused, len(prepared) - index
+                        "sending paused (%s): %d left pending", paused, len(prepared) - start
                     )
                     break
-            # Record i-1 before blocking on the limiter: a worker killed while it waits
-            # must not leave an email the provider accepted looking unsent.
-            if not limiter.try_acquire():  # type: ignore[attr-defined]
+            # Record batch k-1 before blocking on the limiter: a worker killed while it
+            # waits must not leave emails the provider accepted looking unsent.
+            if not limiter.try_acquire(len(batch)):  # type: ignore[attr-defined]
                 if pending_record:
                     pending_record(session)
                     pending_record = None
                     session.commit()
-                # The token before the claim: a worker killed while it waits leaves i
-                # pending (claimable again after recovery), not claimed and never sent.
-                limiter.acquire()  # type: ignore[attr-defined]
-            # Claim i (and record i-1) in one transaction.
+                # The tokens before the claim: a worker killed while it waits leaves the
+                # batch pending (claimable again after recovery), not claimed and unsent.
+                limiter.acquire(len(batch))  # type: ignore[attr-defined]
+            # Claim batch k (and record k-1) in one transaction.
             if pending_record:
                 pending_record(session)
                 pending_record = None
-            claimed_at = _claim(
-                session, item.delivery_id, clock, check_subscriber=not include_suppressed
+            claimed_at, claimed = _claim_batch(
+                session,
+                [item.delivery_id for item in batch],
+                clock,
+                check_subscriber=not include_suppressed,
             )
-            if claimed_at is None:
+            unclaimed = [item for item in batch if item.delivery_id not in claimed]
+            for item in unclaimed:
                 why = _unclaimable_reason(session, item.delivery_id)
                 if why and _skip(session, item.delivery_id, why, clock):
                     outcome.skipped += 1
                 else:
                     outcome.not_claimed += 1
-                session.commit()
-                if on_progress:
-                    on_progress(1)
-                continue
             session.commit()
-            attempt = _Attempt(attempt_kind, claimed_at, reason, actor)
-            try:
-                try:
-                    result = mailer.send(item.message)  # type: ignore[attr-defined]
-                except MailerError:
-                    raise
-                except Exception as unexpected:
-                    # Not one of the mailer's kinds: nobody can tell whether the request
-                    # left, so it is `unknown` (never re-sent by itself) and the chunk
-                    # goes on, instead of the chunk dying with this row in `sending`.
-                    log.exception("mailer raised unexpectedly for delivery %s", item.delivery_id)
-                    raise AmbiguousError(
-                        f"unexpected {type(unexpected).__name__} while sending: {unexpected}",
-                        code=type(unexpected).__name__,
-                    ) from unexpected
-            except MailerError as exc:
-                stop = _record_failure(
-                    session, item.delivery_id, exc, settings, outcome, limiter, attempt, clock
-                )
-                session.commit()
-                if on_progress and item.delivery_id not in {d for d, _ in outcome.retry}:
-                    on_progress(1)
-                if stop:
-                    # Release nothing else: the rest of the chunk was never claimed.
-                    rest = len(prepared) - index - 1
-                    log.error("stopping: %s; %d deliveries left pending", exc, rest)
-                    break
+            if on_progress and unclaimed:
+                on_progress(len(unclaimed))
+            to_send = [item for item in batch if item.delivery_id in claimed]
+            if not to_send:
                 continue
-            message_id = result.message_id
-            delivery_id = item.delivery_id
+            attempt = _Attempt(attempt_kind, claimed_at, reason, actor)
+            results = _send_all(mailer, to_send, size)
+            sent = [
+                (item.delivery_id, result.message_id)
+                for item, result in zip(to_send, results, strict=True)
+                if not isinstance(result, MailerError)
+            ]
+            failures = [
+                (item.delivery_id, result)
+                for item, result in zip(to_send, results, strict=True)
+                if isinstance(result, MailerError)
+            ]
+            stop: MailerError | None = None
+            if failures:
+                # Rare: record failures now, one by one, each with its own error kind.
+                throttled = False
+                for delivery_id, exc in failures:
+                    if isinstance(exc, ThrottledError):
+                        # One slow-down per batch: sixteen throttled sends are one signal.
+                        exc_limiter = None if throttled else limiter
+                        throttled = True
+                    else:
+                        exc_limiter = limiter
+                    if _record_failure(
+                        session, delivery_id, exc, settings, outcome, exc_limiter, attempt, clock
+                    ):
+                        stop = stop or exc
+                if sent:
+                    _record_sent_batch(session, sent, attempt, clock)
+                    sent = []
+                session.commit()
+                retried = {d for d, _ in outcome.retry}
+                settled = sum(1 for d, _ in failures if d not in retried)
+                if on_progress and settled:
+                    on_progress(settled)
+            if sent:
 
-            def record(
-                s: Session,
-                delivery_id: int = delivery_id,
-                mid: str = message_id,
-                attempt: _Attempt = attempt,
-            ) -> None:
-                _record_sent(s, delivery_id, mid, attempt, clock)
+                def record(
+                    s: Session, sent: list[tuple[int, str]] = sent, attempt: _Attempt = attempt
+                ) -> None:
+                    _record_sent_batch(s, sent, attempt, clock)
 
-            pending_record = record
-            outcome.sent += 1
-            if on_progress:
-                on_progress(1)
+                pending_record = record
+            n_sent = len(to_send) - len(failures)
+            outcome.sent += n_sent
+            if on_progress and n_sent:
+                on_progress(n_sent)
+            if stop is not None:
+                # Release nothing else: the rest of the chunk was never claimed.
+                rest = len(prepared) - start - len(batch)
+                log.error("stopping: %s; %d deliveries left pending", stop, rest)
+                break
         if pending_record:
             pending_record(session)
             pending_record = None
@@ -427,15 +453,88 @@ def process_deliveries(
     finally:
         if pending_record:
             # Whatever went wrong after a send (limiter, database, an unexpected error),
-            # try once more to record the accepted email before giving up.
+            # try once more to record the accepted emails before giving up.
             try:
                 session.rollback()
                 pending_record(session)
                 session.commit()
             except Exception:
-                log.exception("could not record a sent email; the reaper will mark it unknown")
+                log.exception("could not record sent emails; the reaper will mark them unknown")
         session.close()
     return outcome
+
+
+def _batch_size(settings: Settings) -> int:
+    """Deliveries claimed, rate-limited, sent and recorded together: the sends in flight."""
+    return max(1, settings.concurrency)
+
+
+def _send_one(mailer: object, item: _Prepared) -> object:
+    """The provider's answer (a SendResult) or the MailerError, never another exception."""
+    try:
+        return mailer.send(item.message)  # type: ignore[attr-defined]
+    except MailerError as exc:
+        return exc
+    except Exception as unexpected:
+        # Not one of the mailer's kinds: nobody can tell whether the request left, so it
+        # is `unknown` (never re-sent by itself) and the chunk goes on, instead of the
+        # chunk dying with this row in `sending`.
+        log.exception("mailer raised unexpectedly for delivery %s", item.delivery_id)
+        return AmbiguousError(
+            f"unexpected {type(unexpected).__name__} while sending: {unexpected}",
+            code=type(unexpected).__name__,
+        )
+
+
+def _send_all(mailer: object, batch: Sequence[_Prepared], concurrency: int) -> list[object]:
+    """Send a claimed batch, up to ``concurrency`` at once; answers in the batch's order.
+
+    Threads, not asyncio: the SES (boto3) and SMTP clients are blocking, thread-safe
+    clients that release the GIL while they wait on the socket (see docs/running.md).
+    """
+    if len(batch) == 1 or concurrency <= 1:
+        return [_send_one(mailer, item) for item in batch]
+    pool = _send_pool(concurrency)
+    futures = [pool.submit(_send_one, mailer, item) for item in batch]
+    # Every send of the batch is waited for, whatever happens: none may be left running
+    # unrecorded. A BaseException in one (the process is going down) is raised after.
+    results: list[object] = []
+    fatal: BaseException | None = None
+    for future in futures:
+        try:
+            results.append(future.result())
+        except BaseException as exc:  # re-raised below
+            fatal = fatal or exc
+            results.append(None)
+    if fatal is not None:
+        raise fatal
+    return results
+
+
+_pool: ThreadPoolExecutor | None = None
+_pool_size = 0
+_pool_lock = threading.Lock()
+
+
+def _send_pool(size: int) -> ThreadPoolExecutor:
+    """This process's sending threads (created on first use, grown when asked for more)."""
+    global _pool, _pool_size
+    with _pool_lock:
+        if _pool is None or _pool_size < size:
+            old, _pool, _pool_size = _pool, ThreadPoolExecutor(size, "papermail-send"), size
+            if old is not None:
+                old.shutdown(wait=False)
+        return _pool
+
+
+def _forget_pool_after_fork() -> None:
+    # A forked child (Celery prefork) has none of its parent's threads.
+    global _pool, _pool_size, _pool_lock
+    _pool, _pool_size, _pool_lock = None, 0, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool_after_fork)
 
 
 def _new_session() -> Session:
@@ -764,6 +863,101 @@ def _claim(
     return now if res.rowcount == 1 else None
 
 
+# A batch's claim: one statement, RETURNING the ids it took (PostgreSQL; SQLite >= 3.35).
+_CLAIM_MANY = (
+    update(_D)
+    .where(
+        _D.c.id.in_(bindparam("dids", expanding=True)),
+        _D.c.state == DeliveryState.PENDING.value,
+    )
+    .values(
+        state=DeliveryState.SENDING.value,
+        claimed_at=bindparam("claimed_at"),
+        attempts=_D.c.attempts + 1,
+        updated_at=bindparam("updated_at"),
+    )
+)
+_CLAIM_MANY_IF_SENDABLE = _CLAIM_MANY.where(
+    exists(
+        select(Subscriber.id).where(
+            Subscriber.id == _D.c.subscriber_id, *sendable_filter(_D.c.edition_date)
+        )
+    )
+)
+
+
+def _claim_batch(
+    session: Session,
+    delivery_ids: Sequence[int],
+    clock: Clock = utcnow,
+    *,
+    check_subscriber: bool = True,
+) -> tuple[datetime, set[int]]:
+    """pending -> sending for every row of the batch still claimable, in one statement;
+    the claim time and the ids claimed (the subscriber is re-checked in the statement)."""
+    now = clock()
+    stmt = _CLAIM_MANY_IF_SENDABLE if check_subscriber else _CLAIM_MANY
+    params = {"dids": list(delivery_ids), "claimed_at": now, "updated_at": now}
+    conn = session.connection()
+    if conn.dialect.update_returning:
+        return now, set(conn.execute(stmt.returning(_D.c.id), params).scalars())
+    # No RETURNING (SQLite < 3.35): one claim per row, still conditional.
+    claimed = set()
+    single = _CLAIM_IF_SENDABLE if check_subscriber else _CLAIM
+    for did in delivery_ids:
+        res = conn.execute(single, {"did": did, "claimed_at": now, "updated_at": now})
+        if res.rowcount == 1:
+            claimed.add(did)
+    return now, claimed
+
+
+def _record_sent_batch(
+    session: Session,
+    sent: Sequence[tuple[int, str]],
+    attempt: _Attempt,
+    clock: Clock = utcnow,
+) -> None:
+    """What :func:`_record_sent` does, for a batch: one UPDATE and one INSERT."""
+    if not sent:
+        return
+    now = clock()
+    ids = [did for did, _ in sent]
+    conn = session.connection()
+    conn.execute(
+        update(_D)
+        .where(
+            _D.c.id.in_(ids),
+            _D.c.state.in_([DeliveryState.SENDING.value, DeliveryState.UNKNOWN.value]),
+        )
+        .values(
+            state=DeliveryState.SENT.value,
+            message_id=case(dict(sent), value=_D.c.id),
+            sent_at=now,
+            finished_at=now,
+            last_error=None,
+            updated_at=now,
+        )
+    )
+    conn.execute(
+        insert(_A).values(
+            [
+                {
+                    "delivery_id": did,
+                    "kind": attempt.kind,
+                    "started_at": attempt.started_at,
+                    "finished_at": now,
+                    "outcome": "sent",
+                    "error": None,
+                    "message_id": mid,
+                    "reason": attempt.reason,
+                    "actor": attempt.actor,
+                }
+                for did, mid in sent
+            ]
+        )
+    )
+
+
 def _unclaimable_reason(session: Session, delivery_id: int) -> str | None:
     """Why a pending row could not be claimed, when it is its subscriber's doing."""
     row = session.execute(
@@ -863,7 +1057,7 @@ def _record_failure(
         outcome.paused = reason
         return True
     if isinstance(exc, TransientError):
-        if isinstance(exc, ThrottledError):
+        if isinstance(exc, ThrottledError) and limiter is not None:
             limiter.slow_down()  # type: ignore[attr-defined]
         attempts = session.scalar(select(Delivery.attempts).where(Delivery.id == delivery_id)) or 1
         if attempts >= settings.max_attempts:

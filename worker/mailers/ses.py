@@ -34,7 +34,8 @@ from worker.message import OutgoingMessage
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_SECONDS = 5.0
-MAX_POOL_CONNECTIONS = 50  # >= the threads of one worker process sharing the client
+# At least the sends in flight of one worker process (the threads sharing the client).
+MIN_POOL_CONNECTIONS = 10
 
 # SES message tags: ASCII letters, digits, "_", "-", "." and "@"; at most 256 characters.
 _TAG_UNSAFE = re.compile(r"[^A-Za-z0-9_.@-]")
@@ -153,7 +154,7 @@ def make_client(settings: Settings) -> Any:
         retries={"total_max_attempts": 1, "mode": "standard"},
         connect_timeout=min(CONNECT_TIMEOUT_SECONDS, settings.send_timeout_seconds),
         read_timeout=settings.send_timeout_seconds,
-        max_pool_connections=MAX_POOL_CONNECTIONS,
+        max_pool_connections=max(MIN_POOL_CONNECTIONS, settings.concurrency),
         tcp_keepalive=True,
     )
     # A private Session: boto3's default session is not safe to share between threads.
