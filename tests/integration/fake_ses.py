@@ -10,12 +10,16 @@ Besides faults queued one by one (``push``), a share of all requests can fail at
 (``fault_rate``, drawn from ``random_faults``: 429, 500, a connection reset before the
 message was taken, an answer slower than the client's timeout after it was taken), as the
 chaos benchmark does. ``GET /_fake/stats`` reports, as JSON, what the server accepted per
-recipient, the duplicates, and the faults it served.
+recipient, the duplicates, the faults it served and the most requests it had open at
+once (``max_in_flight``); ``POST /_fake/reset`` zeroes the counters. ``--latency`` delays
+every answer, like a provider in another region; ``--count-only`` keeps counters only,
+not every request (long benchmark runs).
 
 Run it in a thread (``FakeSes().start()``) or as its own process, as the benchmarks do::
 
     python tests/integration/fake_ses.py --port 0   # prints the URL, serves until killed
     python tests/integration/fake_ses.py --port 0 --fault-rate 0.15 --slow-seconds 3
+    python tests/integration/fake_ses.py --port 0 --latency 0.03 --count-only
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from typing import Any
 
 SEND_PATH = "/v2/email/outbound-emails"
 STATS_PATH = "/_fake/stats"
+RESET_PATH = "/_fake/reset"
 
 
 @dataclass(frozen=True)
@@ -109,7 +114,15 @@ class FakeSes:
         fault_rate: float = 0.0,
         faults: dict[str, Fault] | None = None,
         seed: int | None = None,
+        latency: float = 0.0,
+        keep_requests: bool = True,
     ) -> None:
+        self.latency = latency  # seconds before every answer
+        self.keep_requests = keep_requests
+        self.request_count = 0
+        self.accepted_count = 0
+        self.in_flight = 0  # SendEmail requests being answered right now
+        self.max_in_flight = 0
         if not 0.0 <= fault_rate <= 1.0:
             raise ValueError(f"fault_rate must be within 0..1, got {fault_rate}")
         self._lock = threading.Lock()
@@ -176,13 +189,23 @@ class FakeSes:
     def stats(self) -> dict[str, Any]:
         with self._lock:
             return {
-                "requests": len(self.requests),
-                "accepted": sum(self.accepted.values()),
+                "requests": self.request_count,
+                "accepted": self.accepted_count,
+                "max_in_flight": self.max_in_flight,
                 "faults": dict(self.served),
                 "ambiguous": sum(self.served[name] for name in AMBIGUOUS_FAULTS),
                 "per_recipient": dict(self.per_recipient),
                 "duplicates": {a: n for a, n in self.per_recipient.items() if n > 1},
             }
+
+    def reset(self) -> None:
+        with self._lock:
+            self.request_count = self.accepted_count = self.max_in_flight = 0
+            self.requests.clear()
+            self.accepted.clear()
+            self.message_ids.clear()
+            self.per_recipient.clear()
+            self.served.clear()
 
     def _next_fault(self) -> Fault | None:
         with self._lock:
@@ -196,20 +219,30 @@ class FakeSes:
 
     def _record(self, received: Received, accepted: bool) -> str | None:
         with self._lock:
-            self.requests.append(received)
+            self.request_count += 1
+            if self.keep_requests:
+                self.requests.append(received)
             if not accepted:
                 return None
-            self.accepted[received.raw] += 1
+            self.accepted_count += 1
             for address in received.recipients:
                 self.per_recipient[address] += 1
             message_id = f"fake-{uuid.uuid4()}"
-            self.message_ids.append(message_id)
+            if self.keep_requests:
+                self.accepted[received.raw] += 1
+                self.message_ids.append(message_id)
             return message_id
 
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 1024  # many clients connecting at once (the benchmarks)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that went away (a benchmark's kill -9) is not the server's error.
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
 
 
 def _make_handler(state: FakeSes) -> type[BaseHTTPRequestHandler]:
@@ -266,9 +299,23 @@ def _make_handler(state: FakeSes) -> type[BaseHTTPRequestHandler]:
         def do_POST(self) -> None:
             length = int(self.headers.get("Content-Length") or 0)
             data = self.rfile.read(length)
+            if self.path == RESET_PATH:
+                state.reset()
+                self._answer(200, {}, {})
+                return
             if self.path != SEND_PATH:
                 self._error(Fault(404, "NotFoundException", f"no route {self.path}"))
                 return
+            with state._lock:
+                state.in_flight += 1
+                state.max_in_flight = max(state.max_in_flight, state.in_flight)
+            try:
+                self._send_email(data)
+            finally:
+                with state._lock:
+                    state.in_flight -= 1
+
+        def _send_email(self, data: bytes) -> None:
             try:
                 body = json.loads(data)
                 raw = base64.b64decode(body["Content"]["Raw"]["Data"], validate=True)
@@ -285,8 +332,9 @@ def _make_handler(state: FakeSes) -> type[BaseHTTPRequestHandler]:
                 outcome = "dropped"
             received = Received(sender, recipients, raw, body, dict(self.headers), outcome)
             message_id = state._record(received, accepted)
-            if fault and fault.delay:
-                state._stopping.wait(fault.delay)
+            delay = (fault.delay if fault else 0.0) or state.latency
+            if delay:
+                state._stopping.wait(delay)
             if fault and fault.drop:
                 self.close_connection = True
                 with contextlib.suppress(OSError):
@@ -313,6 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--slow-seconds", type=float, default=30.0, help="delay of a slow answer")
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--latency", type=float, default=0.0, help="seconds before answering")
+    parser.add_argument("--count-only", action="store_true", help="keep counters only")
     args = parser.parse_args(argv)
     known = random_faults(args.slow_seconds)
     names = [n.strip() for n in args.faults.split(",") if n.strip()]
@@ -326,6 +376,8 @@ def main(argv: list[str] | None = None) -> int:
             fault_rate=args.fault_rate,
             faults={n: known[n] for n in names},
             seed=args.seed,
+            latency=args.latency,
+            keep_requests=not args.count_only,
         )
     except ValueError as exc:
         parser.error(str(exc))

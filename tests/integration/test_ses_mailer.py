@@ -246,6 +246,12 @@ def test_client_configuration(mailer_env: Callable[..., Settings]) -> None:
         assert mailer.client.meta.endpoint_url == "http://127.0.0.1:9"
     finally:
         mailer.close()
+    # A connection per send in flight: the threads of a process never wait for the pool.
+    busy = mailer_env("ses", SES_ENDPOINT_URL="http://127.0.0.1:9", SEND_RATE="5000",
+                      SEND_CONCURRENCY="80")  # fmt: skip
+    with create_mailer(busy) as mailer:
+        assert busy.concurrency == 80
+        assert mailer.client.meta.config.max_pool_connections >= 80  # type: ignore[attr-defined]
 
 
 def test_half_configured_credentials_are_refused(

@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_SECONDS = 5.0
 # At least the sends in flight of one worker process (the threads sharing the client).
-MIN_POOL_CONNECTIONS = 10
+MIN_POOL_CONNECTIONS = 50
 
 # SES message tags: ASCII letters, digits, "_", "-", "." and "@"; at most 256 characters.
 _TAG_UNSAFE = re.compile(r"[^A-Za-z0-9_.@-]")
