@@ -27,10 +27,12 @@ from datetime import UTC, date, datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
 from sqlalchemy import (
+    BigInteger,
     Date,
     Integer,
     String,
     and_,
+    any_,
     bindparam,
     case,
     exists,
@@ -39,8 +41,10 @@ from sqlalchemy import (
     literal,
     or_,
     select,
+    text,
     update,
 )
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session
 
 from worker.clock import Clock, anchored
@@ -886,6 +890,34 @@ _CLAIM_MANY_IF_SENDABLE = _CLAIM_MANY.where(
 )
 
 
+# On PostgreSQL the batch travels as one array parameter: the statement text is the same
+# for every batch size, so neither SQLAlchemy nor psycopg compile or parse it again.
+_IDS = bindparam("dids", type_=ARRAY(BigInteger))
+_CLAIM_PG = (
+    update(_D)
+    .where(_D.c.id == any_(_IDS), _D.c.state == DeliveryState.PENDING.value)
+    .values(
+        state=DeliveryState.SENDING.value,
+        claimed_at=bindparam("claimed_at"),
+        attempts=_D.c.attempts + 1,
+        updated_at=bindparam("updated_at"),
+    )
+)
+_CLAIM_PG_IF_SENDABLE = _CLAIM_PG.where(
+    exists(
+        select(Subscriber.id).where(
+            Subscriber.id == _D.c.subscriber_id, *sendable_filter(_D.c.edition_date)
+        )
+    )
+)
+
+
+def _claim_statement(dialect: str, check_subscriber: bool):  # type: ignore[no-untyped-def]
+    if dialect != "postgresql":
+        return _CLAIM_MANY_IF_SENDABLE if check_subscriber else _CLAIM_MANY
+    return _CLAIM_PG_IF_SENDABLE if check_subscriber else _CLAIM_PG
+
+
 def _claim_batch(
     session: Session,
     delivery_ids: Sequence[int],
@@ -896,9 +928,9 @@ def _claim_batch(
     """pending -> sending for every row of the batch still claimable, in one statement;
     the claim time and the ids claimed (the subscriber is re-checked in the statement)."""
     now = clock()
-    stmt = _CLAIM_MANY_IF_SENDABLE if check_subscriber else _CLAIM_MANY
-    params = {"dids": list(delivery_ids), "claimed_at": now, "updated_at": now}
     conn = session.connection()
+    stmt = _claim_statement(conn.dialect.name, check_subscriber)
+    params = {"dids": list(delivery_ids), "claimed_at": now, "updated_at": now}
     if conn.dialect.update_returning:
         return now, set(conn.execute(stmt.returning(_D.c.id), params).scalars())
     # No RETURNING (SQLite < 3.35): one claim per row, still conditional.
@@ -909,6 +941,20 @@ def _claim_batch(
         if res.rowcount == 1:
             claimed.add(did)
     return now, claimed
+
+
+_SENT_ROWS = "unnest(CAST(:dids AS bigint[]), CAST(:mids AS text[])) AS v(id, mid)"
+_RECORD_SENT_PG = text(
+    "UPDATE deliveries SET state = 'sent', message_id = v.mid, sent_at = :now,"
+    " finished_at = :now, last_error = NULL, updated_at = :now"
+    f" FROM {_SENT_ROWS}"
+    " WHERE deliveries.id = v.id AND deliveries.state IN ('sending', 'unknown')"
+).bindparams(bindparam("now", type_=UTCDateTime()))
+_INSERT_SENT_ATTEMPTS_PG = text(
+    "INSERT INTO delivery_attempts (delivery_id, kind, started_at, finished_at, outcome,"
+    " error, message_id, reason, actor)"
+    f" SELECT v.id, :kind, :started, :now, 'sent', NULL, v.mid, :reason, :actor FROM {_SENT_ROWS}"
+).bindparams(bindparam("now", type_=UTCDateTime()), bindparam("started", type_=UTCDateTime()))
 
 
 def _record_sent_batch(
@@ -923,6 +969,19 @@ def _record_sent_batch(
     now = clock()
     ids = [did for did, _ in sent]
     conn = session.connection()
+    if conn.dialect.name == "postgresql":
+        params = {
+            "dids": ids,
+            "mids": [mid for _, mid in sent],
+            "now": now,
+            "started": attempt.started_at,
+            "kind": attempt.kind,
+            "reason": attempt.reason,
+            "actor": attempt.actor,
+        }
+        conn.execute(_RECORD_SENT_PG, params)
+        conn.execute(_INSERT_SENT_ATTEMPTS_PG, params)
+        return
     conn.execute(
         update(_D)
         .where(
