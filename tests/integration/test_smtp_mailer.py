@@ -284,3 +284,23 @@ def test_untrusted_certificate_is_not_accepted(
 def test_dot_stuffing() -> None:
     assert dot_stuff(b"a\r\n.b\r\n..c\r\n") == b"a\r\n..b\r\n...c\r\n.\r\n"
     assert dot_stuff(b"no final newline") == b"no final newline\r\n.\r\n"
+
+
+def test_the_send_threads_reuse_their_connections_across_batches(
+    smtp_server: SmtpServer, smtp_for: Callable[..., SmtpMailer]
+) -> None:
+    """Concurrent sending (worker.delivery): one connection per sending thread, kept for
+    every later batch and chunk, never one per email."""
+    from worker import delivery
+
+    mailer = smtp_for(smtp_server.host, smtp_server.port)
+    for batch in range(5):
+        items = [
+            delivery._Prepared(batch * 4 + i, build_message(body=f"batch {batch} message {i}"))
+            for i in range(4)
+        ]
+        results = delivery._send_all(mailer, items, 4)
+        assert not [r for r in results if isinstance(r, MailerError)]
+
+    assert len(smtp_server.sink.messages) == 20
+    assert smtp_server.sink.sessions <= 4  # at most one per sending thread, not 20
