@@ -22,7 +22,8 @@ duplicates at the endpoint and minutes to drain, and checks the targets:
 - 0 duplicates at the endpoint (no recipient got two copies);
 - 0 deliveries without a terminal state and a reason once it drains;
 - ``unknown`` <= the sends in flight at the kills (rows ``sending`` at each kill, at most
-  one per killed pool process) plus the answers the endpoint made ambiguous (resets, slow
+  one batch of PAPERMAIL_SEND_CONCURRENCY per killed pool process) plus the answers the
+  endpoint made ambiguous (resets, slow
   answers): ``unknown`` is never re-sent automatically, by design;
 - every delivery that could go out went out: none pending, each ``sent`` row accepted
   exactly once by the endpoint, each ``failed`` one after ``PAPERMAIL_MAX_ATTEMPTS``
@@ -491,6 +492,8 @@ def run(args: argparse.Namespace) -> Report:
         events.sort()
         rng = random.Random(args.seed)
         total_processes = args.workers * args.concurrency
+        # Each pool process keeps up to settings.concurrency sends in flight (one batch).
+        per_process = settings.concurrency
         deadline = time.monotonic() + args.timeout
         last_progress = time.monotonic()
         while True:
@@ -506,7 +509,12 @@ def run(args: argparse.Namespace) -> Report:
                     victim = rng.choice(workers)
                     victim.kill9()
                     report.faults.append(
-                        Fault("kill -9 worker", done, min(sending, victim.concurrency), victim.name)
+                        Fault(
+                            "kill -9 worker",
+                            done,
+                            min(sending, victim.concurrency * per_process),
+                            victim.name,
+                        )
                     )
                     say(f"kill -9 {victim.name} ({current['sent']} sent); restarting it")
                     victim.start()
@@ -523,7 +531,7 @@ def run(args: argparse.Namespace) -> Report:
                         Fault(
                             "DB connections dropped",
                             done,
-                            min(sending, total_processes),
+                            min(sending, total_processes * per_process),
                             f"{dropped} connections",
                         )
                     )

@@ -107,12 +107,15 @@ class Endpoint:
         self.url = self.proc.stdout.readline().strip()
 
     def stats(self) -> dict[str, Any]:
-        with urllib.request.urlopen(self.url + "/_stats", timeout=10) as answer:
-            return json.loads(answer.read())
+        """Counters of the server; ``duplicates``: recipients sent more than one copy."""
+        with urllib.request.urlopen(self.url + "/_fake/stats", timeout=10) as answer:
+            stats = json.loads(answer.read())
+        stats["duplicates"] = len(stats["duplicates"])
+        return stats
 
     def reset(self) -> None:
         urllib.request.urlopen(
-            urllib.request.Request(self.url + "/_reset", data=b"", method="POST"), timeout=10
+            urllib.request.Request(self.url + "/_fake/reset", data=b"", method="POST"), timeout=10
         ).close()
 
     def cpu(self) -> float:
