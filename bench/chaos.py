@@ -23,8 +23,8 @@ duplicates at the endpoint and minutes to drain, and checks the targets:
 - 0 deliveries without a terminal state and a reason once it drains;
 - ``unknown`` <= the sends in flight at the kills (rows ``sending`` at each kill, at most
   one batch of PAPERMAIL_SEND_CONCURRENCY per killed pool process) plus the answers the
-  endpoint made ambiguous (resets, slow
-  answers): ``unknown`` is never re-sent automatically, by design;
+  endpoint made ambiguous (resets, slow answers): ``unknown`` is never re-sent
+  automatically, by design;
 - every delivery that could go out went out: none pending, each ``sent`` row accepted
   exactly once by the endpoint, each ``failed`` one after ``PAPERMAIL_MAX_ATTEMPTS``
   transient refusals.
