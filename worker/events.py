@@ -55,7 +55,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, date, datetime
 from email.utils import parseaddr
@@ -67,7 +67,7 @@ from sqlalchemy.orm import Session
 
 from worker import sns
 from worker.config import Settings, get_settings
-from worker.db import session_scope
+from worker.db import dialect_insert, session_scope
 from worker.delivery import pause_sending, sending_paused
 from worker.errors import InvalidInput
 from worker.models import (
@@ -356,25 +356,13 @@ def _recipients(kind: str, notification: Mapping[str, Any], detail: Mapping[str,
     return list(seen)
 
 
-def _insert_event(session: Session, row: dict[str, Any]) -> int | None:
-    """INSERT ... ON CONFLICT (dedupe_key) DO NOTHING; the new id, or None for a repeat.
+BATCH_SIZE = 500  # notifications per transaction (events apply, the SQS consumer)
+_IN_CHUNK = 500  # values per IN (...) list
 
-    A concurrent request with the same key waits for ours and then inserts nothing, so
-    two deliveries of one SNS message apply once.
-    """
-    dialect = session.get_bind().dialect.name
-    if dialect == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
-    else:
-        from sqlalchemy.dialects.sqlite import insert
-    stmt = (
-        insert(ProviderEvent.__table__)
-        .values(**row)
-        .on_conflict_do_nothing(index_elements=["dedupe_key"])
-        .returning(ProviderEvent.__table__.c.id)
-    )
-    new_id: int | None = session.execute(stmt).scalar()
-    return new_id
+
+def _chunked(values: list[Any], size: int = _IN_CHUNK) -> Iterator[list[Any]]:
+    for start in range(0, len(values), size):
+        yield values[start : start + size]
 
 
 def apply_notification(
@@ -391,88 +379,362 @@ def apply_notification(
     Raises :class:`InvalidNotification` for a malformed one and :class:`RetryLater` (having
     written nothing) for a state-changing event about an unknown message younger than
     ``orphan_grace_seconds`` (measured from ``mail.timestamp``; without one, an unknown
-    message is an orphan at once).
+    message is an orphan at once). A batch of one of :func:`apply_batch`.
     """
-    problems = validate_notification(notification)
+    (outcome,) = apply_batch(
+        session, [(notification, dedupe_key)], via=via, now=now, settings=settings
+    )
+    if isinstance(outcome, RetryLater):
+        raise outcome
+    return outcome
+
+
+@dataclass
+class _Item:
+    """One notification of a batch, read (phase 1: no writes) and what it will do."""
+
+    index: int
+    notification: dict[str, Any]
+    key: str
+    kind: str
+    group: int
+    message_id: str | None = None
+    sent_at: datetime | None = None
+    detail: Mapping[str, Any] = field(default_factory=dict)
+    delivery: Delivery | None = None
+    scope: _Scope | None = None
+    ignored: bool = False
+    orphan: bool = False
+    row: dict[str, Any] | None = None
+    outcome: ApplyResult | RetryLater | None = None
+
+
+def apply_batch(
+    session: Session,
+    items: Sequence[tuple[dict[str, Any], str | None]],
+    *,
+    via: str,
+    now: datetime | None = None,
+    settings: Settings | None = None,
+    groups: Sequence[int] | None = None,
+) -> list[ApplyResult | RetryLater]:
+    """Store and apply many notifications in the caller's transaction, with exactly the
+    outcome of applying them one by one in order (:func:`apply_notification`).
+
+    ``items`` are (notification, dedupe key or None). Returns one outcome per item: an
+    :class:`ApplyResult`, or a :class:`RetryLater` (not raised) for one that must wait and
+    wrote nothing. ``groups`` (one label per item) makes items all-or-nothing together, as
+    one SQS message's notifications are: when one of a group must be retried, the whole
+    group is returned as RetryLater and nothing of it is written.
+
+    The work is a constant number of statements per batch instead of per event: one
+    SELECT of the stored keys, one of the deliveries (locked in id order), one of their
+    subscribers (locked in id order), one INSERT ... ON CONFLICT DO NOTHING RETURNING of
+    the events, the policy on the loaded rows, one flush. The reputation guard is read
+    once per edition; only when this batch could push an edition over a threshold are the
+    events of the batch stored and checked one at a time, as one by one would.
+    """
+    problems = [
+        f"item {i}: {p}" if len(items) > 1 else p
+        for i, (notification, _) in enumerate(items)
+        for p in validate_notification(notification)
+    ]
     if problems:
         raise InvalidNotification(problems)
     settings = settings or get_settings()
     now = now or utcnow()
-    key = (dedupe_key or content_key(notification))[:255]
-    kind = notification_type(notification) or "?"
+    batch = [
+        _Item(
+            index=i,
+            notification=notification,
+            key=(key or content_key(notification))[:255],
+            kind=notification_type(notification) or "?",
+            group=groups[i] if groups is not None else i,
+        )
+        for i, (notification, key) in enumerate(items)
+    ]
+    live = _read_batch(session, batch, via, now, settings)
+    if groups is not None:
+        waiting = {
+            item.group: item.outcome for item in live if isinstance(item.outcome, RetryLater)
+        }
+        if waiting:  # drop whole groups, then read the rest again (repeats may shift)
+            for item in batch:
+                if item.group in waiting:
+                    item.outcome = waiting[item.group]
+            live = [item for item in batch if item.group not in waiting]
+            for item in live:
+                item.outcome = item.row = None
+            live = _read_batch(session, live, via, now, settings)
+    todo = [item for item in live if item.row is not None]
+    one_at_a_time = _guard_may_trip(session, todo, settings)
+    stored: dict[str, tuple[int | None, int | None]] = {}
+    segments = [[item] for item in todo] if one_at_a_time else [todo]
+    for segment in segments:
+        inserted = _insert_events(session, [item.row for item in segment if item.row])
+        for item in segment:
+            _apply_item(session, item, inserted, stored, now, settings, one_at_a_time)
+    for item in live:  # repeats within the batch (and of concurrent inserts)
+        if item.outcome is None and item.row is None:
+            first = stored.get(item.key)
+            if first is None:
+                first = _stored_keys(session, [item.key]).get(item.key, (None, None))
+            item.outcome = ApplyResult("duplicate", item.kind, item.key, delivery_id=first[1],
+                                       event_id=first[0])  # fmt: skip
+    session.flush()
+    return [item.outcome for item in batch]  # type: ignore[misc]
 
-    seen = session.execute(
-        select(ProviderEvent.id, ProviderEvent.delivery_id).where(ProviderEvent.dedupe_key == key)
-    ).first()
-    if seen is not None:
-        return ApplyResult("duplicate", kind, key, delivery_id=seen[1], event_id=seen[0])
 
-    mail = notification.get("mail")
-    if not isinstance(mail, dict):
-        mail = {}  # types without policy may come without one
-    message_id = mail.get("messageId") if isinstance(mail.get("messageId"), str) else None
-    sent_at = _parse_time(mail.get("timestamp"))
-    delivery = _delivery_for(session, message_id) if message_id else None
-    if delivery is None and kind in STATEFUL_TYPES and sent_at is not None:
-        age = (now - sent_at).total_seconds()
-        if age < settings.orphan_grace_seconds:
-            raise RetryLater(
-                f"{kind} for unknown message {message_id} sent {age:.0f}s ago; "
-                f"retry (orphaned after {settings.orphan_grace_seconds}s)"
+def _stored_keys(session: Session, keys: list[str]) -> dict[str, tuple[int, int | None]]:
+    found: dict[str, tuple[int, int | None]] = {}
+    for chunk in _chunked(sorted(set(keys))):
+        rows = session.execute(
+            select(ProviderEvent.dedupe_key, ProviderEvent.id, ProviderEvent.delivery_id).where(
+                ProviderEvent.dedupe_key.in_(chunk)
             )
+        )
+        found.update({key: (event_id, delivery_id) for key, event_id, delivery_id in rows})
+    return found
 
-    detail = _detail(notification, kind)
-    ignored = kind not in MAIL_TYPES
-    orphan = delivery is None and not ignored
-    occurred = _parse_time(detail.get("timestamp")) or sent_at
-    recipients = _recipients(kind, notification, detail)
-    scope = _Scope.of(delivery, recipients) if delivery is not None else None
-    if scope is not None and not scope.matched and kind in STATEFUL_TYPES:
-        # The message is ours but none of the addresses is the one it went to: an
-        # anomaly (or a forgery). Stored, unlinked, so it counts for nothing (rates,
-        # history), and nobody it lists is touched.
-        ignored = True
-        delivery = None
-    event_id = _insert_event(
+
+def _read_batch(
+    session: Session, batch: list[_Item], via: str, now: datetime, settings: Settings
+) -> list[_Item]:
+    """Phase 1 (reads and row locks only): for each item in order, whether it is a repeat,
+    must wait, or will be stored — and the event row it will store."""
+    stored = _stored_keys(session, [item.key for item in batch])
+    for item in batch:
+        if item.key in stored:
+            event_id, delivery_id = stored[item.key]
+            item.outcome = ApplyResult("duplicate", item.kind, item.key, delivery_id=delivery_id,
+                                       event_id=event_id)  # fmt: skip
+            continue
+        mail = item.notification.get("mail")
+        if not isinstance(mail, dict):
+            mail = {}  # types without policy may come without one
+        message_id = mail.get("messageId")
+        item.message_id = message_id if isinstance(message_id, str) else None
+        item.sent_at = _parse_time(mail.get("timestamp"))
+    deliveries = _deliveries_for(
         session,
-        {
-            "dedupe_key": key,
+        [item.message_id for item in batch if item.outcome is None and item.message_id],
+    )
+    first: dict[str, _Item] = {}
+    for item in batch:
+        if item.outcome is not None:
+            continue
+        if item.key in first:  # a repeat within the batch: decided once the first is stored
+            continue
+        kind = item.kind
+        delivery = deliveries.get(item.message_id) if item.message_id else None
+        if delivery is None and kind in STATEFUL_TYPES and item.sent_at is not None:
+            age = (now - item.sent_at).total_seconds()
+            if age < settings.orphan_grace_seconds:
+                item.outcome = RetryLater(
+                    f"{kind} for unknown message {item.message_id} sent {age:.0f}s ago; "
+                    f"retry (orphaned after {settings.orphan_grace_seconds}s)"
+                )
+                continue
+        first[item.key] = item
+        detail = _detail(item.notification, kind)
+        item.detail = detail
+        item.ignored = kind not in MAIL_TYPES
+        item.orphan = delivery is None and not item.ignored
+        occurred = _parse_time(detail.get("timestamp")) or item.sent_at
+        recipients = _recipients(kind, item.notification, detail)
+        item.scope = _Scope.of(delivery, recipients) if delivery is not None else None
+        if item.scope is not None and not item.scope.matched and kind in STATEFUL_TYPES:
+            # The message is ours but none of the addresses is the one it went to: an
+            # anomaly (or a forgery). Stored, unlinked, so it counts for nothing (rates,
+            # history), and nobody it lists is touched.
+            item.ignored = True
+            delivery = None
+        item.delivery = delivery
+        item.row = {
+            "dedupe_key": item.key,
             "event_type": kind[:32],
             "subtype": _subtype(kind, detail),
-            "provider_message_id": message_id[:255] if message_id else None,
+            "provider_message_id": item.message_id[:255] if item.message_id else None,
             "delivery_id": delivery.id if delivery else None,
             "recipients": recipients,
             "occurred_at": occurred,
             "received_at": now,
             "via": via[:16],
-            "orphan": orphan,
-            "raw": notification,
-        },
-    )
-    if event_id is None:
-        return ApplyResult("duplicate", kind, key, delivery_id=delivery.id if delivery else None)
+            "orphan": item.orphan,
+            "raw": item.notification,
+        }
+    return batch
 
+
+def _deliveries_for(session: Session, message_ids: list[str]) -> dict[str, Delivery]:
+    """The delivery each provider message id belongs to (its latest send, or an earlier
+    attempt of it: the events of a re-sent edition's first copy still count), locked, with
+    its subscriber loaded and locked too (the only subscriber its events may touch)."""
+    wanted = {}
+    for message_id in set(message_ids):
+        bare = message_id.strip("<>")
+        wanted[message_id] = sorted({message_id, bare, f"<{bare}>"})
+    if not wanted:
+        return {}
+    variants = sorted({v for forms in wanted.values() for v in forms})
+    by_variant: dict[str, Delivery] = {}
+    for chunk in _chunked(variants, 10_000):
+        # In id order, so two batches lock shared rows in the same order (no deadlock).
+        for row in session.scalars(
+            select(Delivery)
+            .where(Delivery.message_id.in_(chunk))
+            .order_by(Delivery.id)
+            .with_for_update()
+        ):
+            if row.message_id is not None:
+                by_variant.setdefault(row.message_id, row)
+    missing = sorted(
+        {v for m, forms in wanted.items() if not any(f in by_variant for f in forms) for v in forms}
+    )
+    if missing:
+        via_attempt: dict[str, int] = {}
+        for chunk in _chunked(missing, 10_000):
+            for delivery_id, message_id in session.execute(
+                select(DeliveryAttempt.delivery_id, DeliveryAttempt.message_id)
+                .where(DeliveryAttempt.message_id.in_(chunk))
+                .order_by(DeliveryAttempt.id)
+            ):
+                via_attempt.setdefault(message_id, delivery_id)
+        rows = (
+            {
+                row.id: row
+                for row in session.scalars(
+                    select(Delivery)
+                    .where(Delivery.id.in_(sorted(set(via_attempt.values()))))
+                    .order_by(Delivery.id)
+                    .with_for_update()
+                )
+            }
+            if via_attempt
+            else {}
+        )
+        for variant, delivery_id in via_attempt.items():
+            if delivery_id in rows:
+                by_variant.setdefault(variant, rows[delivery_id])
+    found: dict[str, Delivery] = {}
+    for message_id, forms in wanted.items():
+        for form in forms:
+            if form in by_variant:
+                found[message_id] = by_variant[form]
+                break
+    subscriber_ids = sorted({d.subscriber_id for d in found.values()})
+    for chunk in _chunked(subscriber_ids, 10_000):
+        # populate_existing: a row read before the lock was held is read again under it.
+        session.scalars(
+            select(Subscriber)
+            .where(Subscriber.id.in_(chunk))
+            .order_by(Subscriber.id)
+            .with_for_update()
+            .execution_options(populate_existing=True)
+        ).all()
+    return found
+
+
+def _insert_events(session: Session, rows: list[dict[str, Any]]) -> dict[str, int]:
+    """INSERT ... ON CONFLICT (dedupe_key) DO NOTHING RETURNING, for many rows in one
+    statement; the new id of each key stored now (a key missing was stored by a concurrent
+    apply, which ours waited for: two deliveries of one SNS message apply once)."""
+    if not rows:
+        return {}
+    table = ProviderEvent.__table__
+    stmt = (
+        dialect_insert(session, table)
+        .on_conflict_do_nothing(index_elements=["dedupe_key"])
+        .returning(table.c.id, table.c.dedupe_key, sort_by_parameter_order=True)
+    )
+    return {key: event_id for event_id, key in session.execute(stmt, rows)}
+
+
+def _guard_may_trip(session: Session, todo: list[_Item], settings: Settings) -> bool:
+    """Whether this batch could take an edition over a reputation threshold.
+
+    An upper bound from the edition's rates before the batch: every hard bounce and
+    complaint of the batch counted as new, accepted deliveries as few as its rejects can
+    make them (and as many as its bounces and complaints can, for the minimum sample).
+    Only then must the guard be checked after each event, as one by one would."""
+    counts: dict[date, list[int]] = {}  # bounces+complaints, hard bounces, complaints, rejects
+    for item in todo:
+        if item.delivery is None or item.ignored:
+            continue
+        c = counts.setdefault(item.delivery.edition_date, [0, 0, 0, 0])
+        if item.kind in ("Bounce", "Complaint"):
+            c[0] += 1
+        if item.kind == "Bounce" and item.detail.get("bounceType") == "Permanent":
+            c[1] += 1  # counts OnAccountSuppressionList too: an upper bound
+        elif item.kind == "Complaint":
+            c[2] += 1
+        elif item.kind == "Reject":
+            c[3] += 1
+    for edition, (either, hard, complaints, rejects) in counts.items():
+        if not either:
+            continue  # the guard is consulted after bounces and complaints only
+        rates = edition_rates(session, edition, settings)
+        if rates["guard_tripped"]:
+            continue  # trips once per edition
+        if rates["accepted"] + either < settings.reputation_min_sample:
+            continue
+        fewest = rates["accepted"] - rejects
+        hard_most = rates["hard_bounced"] + hard
+        complained_most = rates["complained"] + complaints
+        if fewest <= 0:
+            if hard_most or complained_most:
+                return True
+            continue
+        # Division is monotonic, so this bounds every rate one by one could compute.
+        if (
+            hard_most / fewest > settings.bounce_rate_limit
+            or complained_most / fewest > settings.complaint_rate_limit
+        ):
+            return True
+    return False
+
+
+def _apply_item(
+    session: Session,
+    item: _Item,
+    inserted: dict[str, int],
+    stored: dict[str, tuple[int | None, int | None]],
+    now: datetime,
+    settings: Settings,
+    check_guard: bool,
+) -> None:
+    """Phase 2 for one stored item: its policy, in batch order."""
+    assert item.row is not None
+    kind, key, delivery = item.kind, item.key, item.delivery
+    event_id = inserted.get(key)
+    if event_id is None:
+        item.outcome = ApplyResult(
+            "duplicate", kind, key, delivery_id=delivery.id if delivery else None
+        )
+        return
+    stored[key] = (event_id, item.row["delivery_id"])
     result = ApplyResult(
-        "ignored" if ignored else "orphan" if orphan else "applied",
+        "ignored" if item.ignored else "orphan" if item.orphan else "applied",
         kind,
         key,
         delivery_id=delivery.id if delivery else None,
         event_id=event_id,
     )
+    item.outcome = result
+    message_id, detail, scope = item.message_id, item.detail, item.scope
     if kind == "Received":
-        result.changes.extend(_mailto_unsubscribe(session, notification, settings))
-        return result
+        result.changes.extend(_mailto_unsubscribe(session, item.notification, settings))
+        return
     if scope is not None and kind in STATEFUL_TYPES:
         _note_not_recipients(session, scope, kind, _subtype(kind, detail), message_id, now, result)
-    if ignored:
+    if item.ignored:
         if scope is None or scope.matched:
             log.info("stored %s event (no policy) for message %s", kind, message_id)
-        return result
+        return
     if delivery is None:
         log.warning("orphan %s for unknown message %s: stored, nothing changed", kind, message_id)
-        return result
-
-    when = occurred or now
+        return
+    when = item.row["occurred_at"] or now
     policy = _Policy(session, settings, delivery, message_id or "?", when, now, result.changes)
     if kind == "Bounce":
         policy.bounce(detail)
@@ -482,12 +744,11 @@ def apply_notification(
         policy.delivered()
     elif kind == "Reject":
         policy.rejected(detail)
-    session.flush()
-    if kind in ("Bounce", "Complaint"):
+    if check_guard and kind in ("Bounce", "Complaint"):
+        session.flush()
         reason = check_reputation(session, delivery.edition_date, settings)
         if reason:
             result.changes.append(f"sending paused: {reason}")
-    return result
 
 
 @dataclass(frozen=True)
@@ -566,24 +827,6 @@ def _note_not_recipients(
     )
 
 
-def _delivery_for(session: Session, message_id: str) -> Delivery | None:
-    """The delivery a provider message id belongs to: its latest send, or an earlier
-    attempt of it (the events of a re-sent edition's first copy still count)."""
-    bare = message_id.strip("<>")
-    ids = list({message_id, bare, f"<{bare}>"})
-    found = session.scalars(
-        select(Delivery).where(Delivery.message_id.in_(ids)).with_for_update()
-    ).first()
-    if found is not None:
-        return found
-    attempt = session.scalar(
-        select(DeliveryAttempt.delivery_id).where(DeliveryAttempt.message_id.in_(ids)).limit(1)
-    )
-    if attempt is None:
-        return None
-    return session.scalars(select(Delivery).where(Delivery.id == attempt).with_for_update()).first()
-
-
 _MAILTO_SUBJECT = re.compile(r"\bunsubscribe\s+([A-Za-z0-9_\-.]{20,})", re.IGNORECASE)
 
 
@@ -640,13 +883,10 @@ class _Policy:
 
     def recipient(self) -> Subscriber:
         """The one subscriber this delivery went to, locked: the only one events touch."""
-        # populate_existing: the row was read (for the scope) before the lock was held.
-        sub = self.session.scalars(
-            select(Subscriber)
-            .where(Subscriber.id == self.delivery.subscriber_id)
-            .with_for_update()
-            .execution_options(populate_existing=True)
-        ).one()
+        # Locked (and read again under the lock) with the batch's deliveries, so this is
+        # the identity map's copy, carrying the earlier events of the batch.
+        sub = self.session.get(Subscriber, self.delivery.subscriber_id)
+        assert sub is not None, "the delivery's subscriber is loaded with the delivery"
         return sub
 
     def log(self, sub: Subscriber, action: str, detail: str) -> None:
