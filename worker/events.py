@@ -55,11 +55,11 @@ import json
 import logging
 import re
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, date, datetime
 from email.utils import parseaddr
-from typing import Any
+from typing import IO, Any
 from urllib.parse import urlsplit
 
 from sqlalchemy import func, select
@@ -82,7 +82,7 @@ from worker.models import (
     SubscriberStatus,
     utcnow,
 )
-from worker.untrusted import loads_json
+from worker.untrusted import MAX_JSON_DEPTH, json_depth, loads_json
 
 log = logging.getLogger(__name__)
 
@@ -316,6 +316,108 @@ def parse_envelope(obj: object) -> list[tuple[dict[str, Any], str]]:
     return items
 
 
+def iter_json_items(
+    stream: IO[str], name: str = "FILE", chunk: int = 1 << 16
+) -> Iterator[tuple[str, object]]:
+    """(where, value) for each item of a top-level JSON array ("item N"), decoded one at
+    a time as the text is read (so a big dead-letter dump never sits in memory whole), or
+    ("notification", value) for a file holding one value. Raises :class:`InvalidInput`
+    naming the file for text that is not JSON."""
+    decoder = json.JSONDecoder()
+    buffer, offset, eof = "", 0, False
+
+    def fill() -> bool:
+        nonlocal buffer, offset, eof
+        more = "" if eof else stream.read(chunk)
+        eof = eof or not more
+        buffer, offset = buffer[offset:] + more, 0
+        return bool(more)
+
+    def skip_space() -> None:
+        nonlocal offset
+        while True:
+            while offset < len(buffer) and buffer[offset] in " \t\r\n":
+                offset += 1
+            if offset < len(buffer) or not fill():
+                return
+
+    def value(where: str) -> object:
+        nonlocal offset
+        while True:
+            try:
+                obj, end = decoder.raw_decode(buffer, offset)
+            except json.JSONDecodeError as exc:
+                if fill():
+                    continue
+                raise InvalidInput(f"{name}: not valid JSON: {exc}") from None
+            except RecursionError:
+                end = len(buffer)  # far too deep: refused below
+                obj = None
+            if end == len(buffer) and fill():
+                continue  # a number or literal may go on in the next piece
+            # The same bound as every JSON papermail reads (worker.untrusted), per item.
+            piece = buffer[offset:end].encode("utf-8", "surrogatepass")
+            if json_depth(piece, MAX_JSON_DEPTH - 1) > MAX_JSON_DEPTH - 1:
+                raise InvalidInput(
+                    f"{name}: not valid JSON: {where} is nested more than "
+                    f"{MAX_JSON_DEPTH} levels deep"
+                )
+            offset = end
+            return obj
+
+    def bad(expected: str) -> InvalidInput:
+        got = buffer[offset : offset + 20] if offset < len(buffer) else "end of file"
+        return InvalidInput(f"{name}: not valid JSON: expected {expected}, got {got!r}")
+
+    skip_space()
+    if offset >= len(buffer):
+        raise InvalidInput(f"{name}: not valid JSON: the file is empty")
+    if buffer[offset] != "[":
+        yield "notification", value("the value")
+        skip_space()
+        if offset < len(buffer):
+            raise bad("the end of the file")
+        return
+    offset += 1
+    skip_space()
+    if offset < len(buffer) and buffer[offset] == "]":
+        offset += 1
+    else:
+        index = 0
+        while True:
+            skip_space()
+            yield f"item {index}", value("an item")
+            index += 1
+            skip_space()
+            if offset < len(buffer) and buffer[offset] == ",":
+                offset += 1
+                continue
+            if offset < len(buffer) and buffer[offset] == "]":
+                offset += 1
+                break
+            raise bad("',' or ']'")
+    skip_space()
+    if offset < len(buffer):
+        raise bad("the end of the file")
+
+
+def read_file_items(stream: IO[str], name: str = "FILE") -> Iterator[tuple[dict[str, Any], str]]:
+    """Notifications and dedupe keys of a file (one notification, one SNS envelope or a
+    JSON list of either), read as a stream. Validates as :func:`parse_envelope` does but
+    item by item: iterate it once to check the whole file before applying anything."""
+    count = 0
+    problems: list[str] = []
+    for where, obj in iter_json_items(stream, name):
+        count += 1
+        found, bad = _from_object(obj, where)
+        problems += bad
+        yield from found
+    if not count:
+        raise InvalidNotification(["the list is empty: no notification to apply"])
+    if problems:
+        raise InvalidNotification(problems)
+
+
 # ---------------------------------------------------------------------------------------
 # Applying
 
@@ -483,6 +585,35 @@ def apply_batch(
                                        event_id=first[0])  # fmt: skip
     session.flush()
     return [item.outcome for item in batch]  # type: ignore[misc]
+
+
+def apply_in_batches(
+    items: Iterable[tuple[dict[str, Any], str | None]],
+    *,
+    via: str,
+    batch_size: int = BATCH_SIZE,
+    settings: Settings | None = None,
+) -> Iterator[ApplyResult | RetryLater]:
+    """Apply a stream of notifications ``batch_size`` at a time, one transaction per
+    batch (so locks are held briefly and memory stays flat); yields each outcome in order.
+    Committed batches stay applied if a later one fails: applying the same input again
+    finds them as repeats."""
+    if batch_size < 1:
+        raise InvalidInput(f"batch size must be at least 1, got {batch_size}")
+    settings = settings or get_settings()
+    batch: list[tuple[dict[str, Any], str | None]] = []
+
+    def flush() -> list[ApplyResult | RetryLater]:
+        with session_scope(settings.database_url) as session:
+            return apply_batch(session, batch, via=via, settings=settings)
+
+    for item in items:
+        batch.append(item)
+        if len(batch) >= batch_size:
+            yield from flush()
+            batch = []
+    if batch:
+        yield from flush()
 
 
 def _stored_keys(session: Session, keys: list[str]) -> dict[str, tuple[int, int | None]]:
