@@ -50,6 +50,7 @@ operator resumes, later events of that edition do not pause again.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -64,6 +65,7 @@ from urllib.parse import urlsplit
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import set_committed_value
 
 from worker import sns
 from worker.config import Settings, get_settings
@@ -163,6 +165,7 @@ def content_key(notification: Mapping[str, Any]) -> str:
     return "sha256:" + hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
+@functools.lru_cache(maxsize=65_536)  # parseaddr is slow, and a batch asks per address
 def normalise_address(value: str) -> str:
     """Bare, lower-cased address (subscribers are stored lower-cased)."""
     _, addr = parseaddr(value)
@@ -176,6 +179,7 @@ def _idna(domain: str, *, to_ascii: bool) -> str:
         return domain
 
 
+@functools.lru_cache(maxsize=65_536)
 def address_key(value: str) -> str:
     """One form per mailbox for comparing addresses: bare, lower-cased, the domain in
     ASCII (SES reports ``ann@xn--bcher-kva.example`` for a subscriber stored as
@@ -753,16 +757,22 @@ def _deliveries_for(session: Session, message_ids: list[str]) -> dict[str, Deliv
             if form in by_variant:
                 found[message_id] = by_variant[form]
                 break
-    subscriber_ids = sorted({d.subscriber_id for d in found.values()})
-    for chunk in _chunked(subscriber_ids, 10_000):
+    subscribers: dict[int, Subscriber] = {}
+    for chunk in _chunked(sorted({d.subscriber_id for d in found.values()}), 10_000):
         # populate_existing: a row read before the lock was held is read again under it.
-        session.scalars(
-            select(Subscriber)
-            .where(Subscriber.id.in_(chunk))
-            .order_by(Subscriber.id)
-            .with_for_update()
-            .execution_options(populate_existing=True)
-        ).all()
+        subscribers.update(
+            (sub.id, sub)
+            for sub in session.scalars(
+                select(Subscriber)
+                .where(Subscriber.id.in_(chunk))
+                .order_by(Subscriber.id)
+                .with_for_update()
+                .execution_options(populate_existing=True)
+            )
+        )
+    for row in found.values():
+        # Attached without a change (and held: the identity map only keeps weak references).
+        set_committed_value(row, "subscriber", subscribers[row.subscriber_id])
     return found
 
 
