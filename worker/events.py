@@ -1301,6 +1301,25 @@ def verify_sqs_message(
     )
 
 
+def read_sqs_body(
+    body: str,
+    settings: Settings,
+    *,
+    now: datetime | None = None,
+    fetcher: sns.CertFetcher | None = None,
+    cache: sns.CertCache | None = None,
+) -> list[tuple[dict[str, Any], str]]:
+    """Verify (see :func:`verify_sqs_message`) and parse one SQS message body (an SNS
+    envelope, or a bare notification with raw message delivery on). Raises
+    InvalidNotification or SnsVerificationError."""
+    try:
+        obj = loads_json(body, what="the message body")
+    except ValueError as exc:
+        raise InvalidNotification([f"message body is not JSON: {exc}"]) from None
+    verify_sqs_message(obj, settings, fetcher=fetcher, cache=cache, now=now)
+    return parse_envelope(obj)
+
+
 def handle_sqs_body(
     body: str,
     settings: Settings,
@@ -1309,23 +1328,17 @@ def handle_sqs_body(
     fetcher: sns.CertFetcher | None = None,
     cache: sns.CertCache | None = None,
 ) -> list[ApplyResult]:
-    """Verify (see :func:`verify_sqs_message`) and apply one SQS message body (an SNS
-    envelope, or a bare notification with raw message delivery on) in one transaction.
-    Raises InvalidNotification, SnsVerificationError or RetryLater, having committed
-    nothing."""
-    try:
-        obj = loads_json(body, what="the message body")
-    except ValueError as exc:
-        raise InvalidNotification([f"message body is not JSON: {exc}"]) from None
-    verify_sqs_message(obj, settings, fetcher=fetcher, cache=cache, now=now)
-    items = parse_envelope(obj)
+    """Verify and apply one SQS message body in one transaction. Raises
+    InvalidNotification, SnsVerificationError or RetryLater, having committed nothing."""
+    items = read_sqs_body(body, settings, now=now, fetcher=fetcher, cache=cache)
     with session_scope(settings.database_url) as session:
-        return [
-            apply_notification(
-                session, notification, dedupe_key=key, via="sqs", now=now, settings=settings
-            )
-            for notification, key in items
-        ]
+        outcomes = apply_batch(
+            session, items, via="sqs", now=now, settings=settings, groups=[0] * len(items)
+        )
+        for outcome in outcomes:
+            if isinstance(outcome, RetryLater):
+                raise outcome
+    return outcomes  # type: ignore[return-value]
 
 
 def poll_sqs(
@@ -1395,9 +1408,9 @@ def poll_sqs(
             continue
         messages = response.get("Messages") or []
         counts.batches += 1
-        for message in messages:
-            counts.received += 1
-            _handle_sqs_message(client, url, message, settings, counts, cert_fetcher, cert_cache)
+        counts.received += len(messages)
+        if messages:
+            _handle_sqs_messages(client, url, messages, settings, counts, cert_fetcher, cert_cache)
         if on_batch:
             on_batch(counts)
         if once and not messages:
@@ -1405,50 +1418,101 @@ def poll_sqs(
     return counts
 
 
-def _handle_sqs_message(
+def _handle_sqs_messages(
     client: Any,
     url: str,
-    message: Mapping[str, Any],
+    messages: list[Mapping[str, Any]],
     settings: Settings,
     counts: PollCounts,
     fetcher: sns.CertFetcher | None = None,
     cache: sns.CertCache | None = None,
 ) -> None:
-    sqs_id = message.get("MessageId", "?")
-    try:
-        results = handle_sqs_body(
-            str(message.get("Body", "")), settings, fetcher=fetcher, cache=cache
-        )
-    except sns.SnsVerificationError as exc:
-        if exc.retryable:  # the signing certificate could not be fetched: try again later
-            counts.retry_later += 1
-            log.warning("SQS message %s not verified yet: %s; left for redelivery", sqs_id, exc)
-        else:
-            counts.unverified += 1
+    """One receive's messages: each verified and parsed alone, the good ones applied as
+    one batch (each message all-or-nothing: a group), the applied ones deleted in one
+    call. If the batch fails as a whole, each message is tried alone, so one that cannot
+    be applied stays in the queue by itself."""
+    good: list[tuple[Mapping[str, Any], list[tuple[dict[str, Any], str]]]] = []
+    for message in messages:
+        sqs_id = message.get("MessageId", "?")
+        try:
+            good.append((message, read_sqs_body(str(message.get("Body", "")), settings,
+                                                fetcher=fetcher, cache=cache)))  # fmt: skip
+        except sns.SnsVerificationError as exc:
+            if exc.retryable:  # the signing certificate could not be fetched: try again later
+                counts.retry_later += 1
+                log.warning("SQS message %s not verified yet: %s; left for redelivery", sqs_id, exc)
+            else:
+                counts.unverified += 1
+                log.error(
+                    "SQS message %s refused (%s): %s; not applied, left for the dead-letter queue",
+                    sqs_id,
+                    exc.kind,
+                    exc.reason,
+                )
+        except InvalidNotification as exc:
+            counts.invalid += 1
             log.error(
-                "SQS message %s refused (%s): %s; not applied, left for the dead-letter queue",
-                sqs_id,
-                exc.kind,
-                exc.reason,
+                "SQS message %s is malformed, left for the dead-letter queue: %s", sqs_id, exc
             )
+    if not good:
         return
-    except RetryLater as exc:
-        counts.retry_later += 1
-        log.info("SQS message %s: %s; left for redelivery", sqs_id, exc)
-        return
-    except InvalidNotification as exc:
-        counts.invalid += 1
-        log.error("SQS message %s is malformed, left for the dead-letter queue: %s", sqs_id, exc)
-        return
-    except Exception:
-        counts.failed += 1
-        log.exception("SQS message %s could not be applied; left in the queue", sqs_id)
-        return
-    for result in results:
-        setattr(counts, result.status, getattr(counts, result.status) + 1)
     try:
-        client.delete_message(QueueUrl=url, ReceiptHandle=message["ReceiptHandle"])
-        counts.deleted += 1
+        applied = _apply_sqs_group(good, settings, counts)
     except Exception:
-        # Applied and committed: a redelivery will be recognised as a duplicate.
-        log.exception("SQS message %s applied but not deleted", sqs_id)
+        if len(good) == 1:
+            counts.failed += 1
+            log.exception("SQS message %s could not be applied; left in the queue",
+                          good[0][0].get("MessageId", "?"))  # fmt: skip
+            return
+        log.exception("a batch of %d SQS messages failed; applying them one at a time", len(good))
+        applied = []
+        for one in good:
+            try:
+                applied += _apply_sqs_group([one], settings, counts)
+            except Exception:
+                counts.failed += 1
+                log.exception("SQS message %s could not be applied; left in the queue",
+                              one[0].get("MessageId", "?"))  # fmt: skip
+    _delete_sqs_messages(client, url, applied, counts)
+
+
+def _apply_sqs_group(
+    good: list[tuple[Mapping[str, Any], list[tuple[dict[str, Any], str]]]],
+    settings: Settings,
+    counts: PollCounts,
+) -> list[Mapping[str, Any]]:
+    """Apply the messages' notifications in one transaction; the messages to delete."""
+    items = [item for _, found in good for item in found]
+    groups = [g for g, (_, found) in enumerate(good) for _ in found]
+    with session_scope(settings.database_url) as session:
+        outcomes = apply_batch(session, items, via="sqs", settings=settings, groups=groups)
+    waiting: set[int] = set()
+    for group, outcome in zip(groups, outcomes, strict=True):
+        if isinstance(outcome, RetryLater):
+            if group not in waiting:
+                waiting.add(group)
+                counts.retry_later += 1
+                log.info("SQS message %s: %s; left for redelivery",
+                         good[group][0].get("MessageId", "?"), outcome)  # fmt: skip
+        else:
+            setattr(counts, outcome.status, getattr(counts, outcome.status) + 1)
+    return [message for g, (message, _) in enumerate(good) if g not in waiting]
+
+
+def _delete_sqs_messages(
+    client: Any, url: str, messages: list[Mapping[str, Any]], counts: PollCounts
+) -> None:
+    # Applied and committed: a message not deleted is redelivered and found a repeat.
+    for start in range(0, len(messages), 10):  # SQS deletes at most 10 per call
+        chunk = messages[start : start + 10]
+        entries = [{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(chunk)]
+        try:
+            response = client.delete_message_batch(QueueUrl=url, Entries=entries)
+        except Exception:
+            log.exception("%d SQS messages applied but not deleted", len(chunk))
+            continue
+        failed = response.get("Failed") or []
+        counts.deleted += len(chunk) - len(failed)
+        for entry in failed:
+            which = chunk[int(entry["Id"])].get("MessageId", "?")
+            log.error("SQS message %s applied but not deleted: %s", which, entry.get("Message"))

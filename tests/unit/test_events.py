@@ -672,8 +672,9 @@ class FlakySqs:
             raise ConnectionError("network down")
         return {"Messages": self.batches.pop(0) if self.batches else []}
 
-    def delete_message(self, **kw: Any) -> None:
-        self.deleted.append(kw["ReceiptHandle"])
+    def delete_message_batch(self, **kw: Any) -> dict[str, Any]:
+        self.deleted += [entry["ReceiptHandle"] for entry in kw["Entries"]]
+        return {"Successful": [{"Id": entry["Id"]} for entry in kw["Entries"]], "Failed": []}
 
 
 def test_poll_sqs_once_stops_on_receive_error(settings: Settings) -> None:
