@@ -34,8 +34,10 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
+from collections import Counter
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -322,11 +324,215 @@ def run_apply(url: str, notes: list[dict[str, Any]], batch_size: int, workdir: P
     return elapsed
 
 
+class CertFetcher:
+    """Stands in for Amazon's certificate host (unreachable from here): serves the test
+    certificate for its URL only."""
+
+    def __init__(self, pem: bytes) -> None:
+        self.pem = pem
+
+    def __call__(self, url: str) -> bytes:
+        if url != CERT_URL:
+            raise OSError(f"404 {url}")
+        return self.pem
+
+
+def start_moto(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+    log = (workdir / "moto.log").open("wb")
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
+                             str(port)], stdout=log, stderr=subprocess.STDOUT, env=env,
+                            cwd=workdir)  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    wait_http(f"{url}/moto-api/data.json", proc)
+    return proc, url
+
+
+def wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"{url}: the server exited ({proc.returncode})")
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return
+        except urllib.error.HTTPError:
+            return  # it answers
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            time.sleep(0.2)
+    raise SystemExit(f"{url} did not answer within {timeout}s")
+
+
+def sqs_client(endpoint: str) -> Any:
+    import boto3
+
+    return boto3.client("sqs", endpoint_url=endpoint, region_name="us-east-1",
+                        aws_access_key_id="testing", aws_secret_access_key="testing")  # fmt: skip
+
+
+class Feeder(threading.Thread):
+    """Sends the signed envelopes into the queue, keeping at most ``depth`` waiting: moto's
+    receive walks the whole queue, so a deep queue would measure moto, not papermail."""
+
+    def __init__(self, endpoint: str, queue: str, bodies: list[str], consumed: Any,
+                 depth: int = 200) -> None:  # fmt: skip
+        super().__init__(daemon=True)
+        self.client, self.queue, self.bodies = sqs_client(endpoint), queue, bodies
+        self.consumed, self.depth, self.sent = consumed, depth, 0
+
+    def send_some(self) -> None:
+        chunk = self.bodies[self.sent : self.sent + 10]
+        self.client.send_message_batch(QueueUrl=self.queue, Entries=[
+            {"Id": str(i), "MessageBody": b} for i, b in enumerate(chunk)])  # fmt: skip
+        self.sent += len(chunk)
+
+    def run(self) -> None:
+        while self.sent < len(self.bodies):
+            if self.sent - self.consumed() < self.depth:
+                self.send_some()
+            else:
+                time.sleep(0.002)
+
+
+def run_sqs(url: str, notes: list[dict[str, Any]], workdir: Path, *, batched: bool,
+            endpoint: str, signer: Signer) -> float:  # fmt: skip
+    """Consume the queue with `events.poll_sqs` (batched) or the way it worked before
+    (each message verified, applied in its own transaction and deleted alone)."""
+    from worker import config, events, sns
+
+    client = sqs_client(endpoint)
+    queue = client.create_queue(QueueName=f"ses-{uuid.uuid4().hex[:8]}",
+                                Attributes={"VisibilityTimeout": "300"})["QueueUrl"]  # fmt: skip
+    now = datetime.now(UTC)
+    bodies = [json.dumps(signer.envelope(note, now)) for note in notes]
+    use_database(url, PAPERMAIL_SQS_QUEUE_URL=queue, PAPERMAIL_SQS_ENDPOINT_URL=endpoint,
+                 PAPERMAIL_SNS_TOPIC_ARNS=TOPIC, PAPERMAIL_AWS_ACCESS_KEY_ID="testing",
+                 PAPERMAIL_AWS_SECRET_ACCESS_KEY="testing")  # fmt: skip
+    settings = config.get_settings()
+    fetcher, cache = CertFetcher(signer.pem), sns.CertCache()
+    done = [0]
+    feeder = Feeder(endpoint, queue, bodies, lambda: done[0])
+    while feeder.sent < min(feeder.depth, len(bodies)):
+        feeder.send_some()
+    feeder.start()
+    start = time.perf_counter()
+    if batched:
+
+        def progress(counts: events.PollCounts) -> None:
+            done[0] = counts.deleted
+
+        counts = events.poll_sqs(settings, once=False, wait_seconds=1, client=client,
+                                 cert_fetcher=fetcher, cert_cache=cache, on_batch=progress,
+                                 should_stop=lambda: done[0] >= len(notes))  # fmt: skip
+        if counts.deleted != len(notes):
+            raise SystemExit(f"SQS: {counts.summary()}")
+    else:
+        while done[0] < len(notes):
+            messages = client.receive_message(QueueUrl=queue, MaxNumberOfMessages=10,
+                                              WaitTimeSeconds=1).get("Messages", [])  # fmt: skip
+            for message in messages:
+                events.handle_sqs_body(message["Body"], settings, fetcher=fetcher, cache=cache)
+                client.delete_message(QueueUrl=queue, ReceiptHandle=message["ReceiptHandle"])
+                done[0] += 1
+    elapsed = time.perf_counter() - start
+    feeder.join()
+    return elapsed
+
+
+def webhook_app(pem_path: str) -> Any:
+    """The real app for gunicorn, with the SNS certificate fetcher injected (as in the
+    tests): `gunicorn --pythonpath bench 'events:webhook_app("cert.pem")'`."""
+    from worker import sns
+    from worker.web import create_app
+
+    app = create_app()
+    app.config["SNS_CERT_FETCHER"] = CertFetcher(Path(pem_path).read_bytes())
+    app.config["SNS_CERT_CACHE"] = sns.CertCache()
+    return app
+
+
+def post_all(port: int, bodies: list[bytes], clients: int) -> Counter[int]:
+    """POST every body from ``clients`` concurrent keep-alive connections, as SNS does."""
+    import http.client
+
+    statuses: Counter[int] = Counter()
+    lock = threading.Lock()
+    todo = iter(bodies)
+
+    def client() -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        headers = {"Content-Type": "text/plain; charset=UTF-8",
+                   "x-amz-sns-message-type": "Notification"}  # fmt: skip
+        while True:
+            with lock:
+                body = next(todo, None)
+            if body is None:
+                break
+            for attempt in range(3):
+                try:
+                    conn.request("POST", "/webhooks/ses", body=body, headers=headers)
+                    response = conn.getresponse()
+                    response.read()
+                    break
+                except (http.client.HTTPException, OSError):
+                    conn.close()  # the server closed a kept-alive connection: reconnect
+                    if attempt == 2:
+                        raise
+            with lock:
+                statuses[response.status] += 1
+        conn.close()
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return statuses
+
+
+def run_webhook(url: str, notes: list[dict[str, Any]], workdir: Path, *, signer: Signer,
+                workers: int, threads: int, clients: int) -> float:  # fmt: skip
+    """Signed SNS envelopes POSTed to gunicorn serving the app."""
+    pem = workdir / "cert.pem"
+    pem.write_bytes(signer.pem)
+    now = datetime.now(UTC)
+    bodies = [json.dumps(signer.envelope(note, now)).encode() for note in notes]
+    port = free_port()
+    env = {**os.environ, "PAPERMAIL_DATABASE_URL": url, "PAPERMAIL_SNS_TOPIC_ARNS": TOPIC,
+           "PAPERMAIL_SECRET_KEY": base64.urlsafe_b64encode(os.urandom(36)).decode()}  # fmt: skip
+    app = f"events:webhook_app({str(pem)!r})"
+    cmd = [str(BIN / "gunicorn"), "--pythonpath", str(ROOT / "bench"), app,
+           "--bind", f"127.0.0.1:{port}", "--workers", str(workers), "--threads", str(threads),
+           "--log-level", "warning"]  # fmt: skip
+    log = (workdir / "gunicorn.log").open("wb")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/healthz", proc)
+        post_all(port, bodies[:1], 1)  # every worker warms up on its first requests
+        start = time.perf_counter()
+        statuses = post_all(port, bodies[1:], clients)
+        elapsed = time.perf_counter() - start
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    statuses[200] += 1
+    if set(statuses) != {200}:
+        raise SystemExit(f"webhook answers: {dict(statuses)}; see {workdir / 'gunicorn.log'}")
+    return elapsed * len(notes) / (len(notes) - 1)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=10_000)
     parser.add_argument("--only", choices=["apply", "sqs", "webhook"], action="append")
     parser.add_argument("--skip-baseline", action="store_true")
+    parser.add_argument("--web-workers", type=int, default=2, help="gunicorn workers (Procfile)")
+    parser.add_argument("--web-threads", type=int, default=4, help="gunicorn threads per worker")
+    parser.add_argument("--clients", type=int, default=16, help="concurrent webhook clients")
     parser.add_argument("--profile", action="store_true", help="profile one apply (pyinstrument)")
     args = parser.parse_args()
     ways = args.only or ["apply", "sqs", "webhook"]
@@ -357,6 +563,26 @@ def main() -> int:
         if not args.skip_baseline:
             measure("baseline: one by one, one transaction", run_one_by_one)
         measure("events apply, batched (default)", lambda u, n, w: run_apply(u, n, 500, w))
+    if "sqs" in ways:
+        signer = Signer()
+        with tempfile.TemporaryDirectory() as tmp:
+            moto, endpoint = start_moto(Path(tmp))
+            try:
+                kw = {"endpoint": endpoint, "signer": signer}
+                if not args.skip_baseline:
+                    measure("baseline: SQS, a transaction per message",
+                            lambda u, n, w: run_sqs(u, n, w, batched=False, **kw))  # fmt: skip
+                measure("SQS poll_sqs, batched per receive",
+                        lambda u, n, w: run_sqs(u, n, w, batched=True, **kw))  # fmt: skip
+            finally:
+                moto.terminate()
+                moto.wait(10)
+    if "webhook" in ways:
+        signer = Signer()
+        web = {"signer": signer, "workers": args.web_workers, "threads": args.web_threads,
+               "clients": args.clients}  # fmt: skip
+        measure(f"webhook, gunicorn {args.web_workers} workers x {args.web_threads} threads",
+                lambda u, n, w: run_webhook(u, n, w, **web))  # fmt: skip
     print(f"load average after: {os.getloadavg()[0]:.2f}")
     return 0
 
