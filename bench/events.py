@@ -427,7 +427,8 @@ def run_sqs(url: str, notes: list[dict[str, Any]], workdir: Path, *, batched: bo
 
         counts = events.poll_sqs(settings, once=False, wait_seconds=1, client=client,
                                  cert_fetcher=fetcher, cert_cache=cache, on_batch=progress,
-                                 should_stop=lambda: done[0] >= len(notes))  # fmt: skip
+                                 should_stop=lambda: done[0] >= len(notes),
+                                 receivers=settings.sqs_receivers)  # fmt: skip
         if counts.deleted != len(notes):
             raise SystemExit(f"SQS: {counts.summary()}")
     else:
@@ -572,7 +573,7 @@ def main() -> int:
                 if not args.skip_baseline:
                     measure("baseline: SQS, a transaction per message",
                             lambda u, n, w: run_sqs(u, n, w, batched=False, **kw))  # fmt: skip
-                measure("SQS poll_sqs, batched per receive",
+                measure("SQS poll_sqs, batched per receive, 4 loops",
                         lambda u, n, w: run_sqs(u, n, w, batched=True, **kw))  # fmt: skip
             finally:
                 moto.terminate()

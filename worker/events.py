@@ -55,6 +55,7 @@ import hashlib
 import json
 import logging
 import re
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -1354,8 +1355,13 @@ def poll_sqs(
     max_batches: int | None = None,
     cert_fetcher: sns.CertFetcher | None = None,
     cert_cache: sns.CertCache | None = None,
+    receivers: int = 1,
 ) -> PollCounts:
     """Consume SES notifications from SQS; delete each message only once it is applied.
+
+    Each receive's messages (up to ``max_messages``) are applied as one batch and deleted
+    in one call; ``receivers`` loops receive side by side (the CLI and the periodic task
+    run ``sqs_receivers``).
 
     ``once``: receive until the queue answers empty (what is waiting now), then return —
     the shape for a periodic task (at most ``max_batches``, default 1000, receives).
@@ -1387,35 +1393,68 @@ def poll_sqs(
             "every message would be refused: list the SNS topic(s) SES publishes to "
             "(or turn verification off, see the README)"
         )
-    client = client or sqs_client(settings, url)
-    counts = PollCounts()
+    client = client or sqs_client(settings, url)  # boto3 clients are thread-safe
+    if receivers < 1:
+        raise InvalidInput(f"receivers must be at least 1, got {receivers}")
     limit = max_batches if max_batches is not None else (1000 if once else None)
-    while limit is None or counts.batches < limit:
-        if should_stop and should_stop():
-            break
-        try:
-            response = client.receive_message(
-                QueueUrl=url,
-                MaxNumberOfMessages=max_messages,
-                WaitTimeSeconds=wait_seconds,
-            )
-        except Exception:
-            log.exception("SQS receive from %s failed", url)
-            counts.failed += 1
-            if once:
-                break
-            time.sleep(min(5.0, max(1.0, float(wait_seconds))))
-            continue
-        messages = response.get("Messages") or []
-        counts.batches += 1
-        counts.received += len(messages)
-        if messages:
-            _handle_sqs_messages(client, url, messages, settings, counts, cert_fetcher, cert_cache)
-        if on_batch:
-            on_batch(counts)
-        if once and not messages:
-            break
-    return counts
+    shares = [PollCounts() for _ in range(receivers)]
+    lock = threading.Lock()
+    taken = [0]  # receives started, all loops together (for ``limit``)
+
+    def total() -> PollCounts:
+        out = PollCounts()
+        for share in shares:
+            for name, value in share.as_dict().items():
+                setattr(out, name, getattr(out, name) + value)
+        return out
+
+    def loop(counts: PollCounts) -> None:
+        while True:
+            with lock:
+                if (limit is not None and taken[0] >= limit) or (should_stop and should_stop()):
+                    return
+                taken[0] += 1
+            try:
+                response = client.receive_message(
+                    QueueUrl=url,
+                    MaxNumberOfMessages=max_messages,
+                    WaitTimeSeconds=wait_seconds,
+                )
+            except Exception:
+                log.exception("SQS receive from %s failed", url)
+                with lock:
+                    taken[0] -= 1
+                counts.failed += 1
+                if once:
+                    return
+                time.sleep(min(5.0, max(1.0, float(wait_seconds))))
+                continue
+            messages = response.get("Messages") or []
+            counts.batches += 1
+            counts.received += len(messages)
+            if messages:
+                _handle_sqs_messages(
+                    client, url, messages, settings, counts, cert_fetcher, cert_cache
+                )
+            if on_batch:
+                with lock:
+                    on_batch(total())
+            if once and not messages:
+                return
+
+    if receivers == 1:
+        loop(shares[0])
+        return shares[0]
+    # Several receive loops keep SQS's and the database's round trips overlapping.
+    threads = [
+        threading.Thread(target=loop, args=(share,), name=f"sqs-receive-{i}", daemon=True)
+        for i, share in enumerate(shares)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return total()
 
 
 def _handle_sqs_messages(

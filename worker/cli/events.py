@@ -133,7 +133,8 @@ def poll_sqs(
     Each message is deleted only after it is applied. Messages about sends not recorded
     yet, malformed ones and ones that fail SNS signature verification (on by default:
     PAPERMAIL_SQS_VERIFY_SIGNATURES, topics in PAPERMAIL_SNS_TOPIC_ARNS) stay in the queue
-    (the last two reach its dead-letter queue). Runs until Ctrl-C unless --once.
+    (the last two reach its dead-letter queue). Each receive is applied as one batch;
+    PAPERMAIL_SQS_RECEIVERS loops receive side by side. Runs until Ctrl-C unless --once.
 
     \b
     Example:
@@ -161,6 +162,7 @@ def poll_sqs(
             wait_seconds=wait_seconds,
             queue_url=queue_url,
             on_batch=progress,
+            receivers=settings.sqs_receivers,
         )
     except KeyboardInterrupt:
         click.echo("stopped", err=True)
