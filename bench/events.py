@@ -398,7 +398,7 @@ class Feeder(threading.Thread):
                 time.sleep(0.002)
 
 
-def run_sqs(url: str, notes: list[dict[str, Any]], workdir: Path, *, batched: bool,
+def run_sqs(url: str, notes: list[dict[str, Any]], workdir: Path, *, batched: bool | None,
             endpoint: str, signer: Signer) -> float:  # fmt: skip
     """Consume the queue with `events.poll_sqs` (batched) or the way it worked before
     (each message verified, applied in its own transaction and deleted alone)."""
@@ -420,6 +420,20 @@ def run_sqs(url: str, notes: list[dict[str, Any]], workdir: Path, *, batched: bo
         feeder.send_some()
     feeder.start()
     start = time.perf_counter()
+    if batched is None:  # moto's own floor: receive and delete, nothing applied
+        while done[0] < len(notes):
+            messages = client.receive_message(QueueUrl=queue, MaxNumberOfMessages=10,
+                                              WaitTimeSeconds=1).get("Messages", [])  # fmt: skip
+            if messages:
+                client.delete_message_batch(QueueUrl=queue, Entries=[
+                    {"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]}
+                    for i, m in enumerate(messages)])  # fmt: skip
+            done[0] += len(messages)
+        feeder.join()
+        elapsed = time.perf_counter() - start
+        # Applied afterwards, untimed, so the outcome check holds for this run too.
+        list(events.apply_in_batches([(n, None) for n in notes], via="sqs"))
+        return elapsed
     if batched:
 
         def progress(counts: events.PollCounts) -> None:
@@ -570,6 +584,8 @@ def main() -> int:
             moto, endpoint = start_moto(Path(tmp))
             try:
                 kw = {"endpoint": endpoint, "signer": signer}
+                measure("floor: moto receive + delete, nothing applied",
+                        lambda u, n, w: run_sqs(u, n, w, batched=None, **kw))  # fmt: skip
                 if not args.skip_baseline:
                     measure("baseline: SQS, a transaction per message",
                             lambda u, n, w: run_sqs(u, n, w, batched=False, **kw))  # fmt: skip
