@@ -5,7 +5,9 @@ SES reports what became of each message in two shapes: identity notifications
 (with the SES ``messageId`` the mailer recorded as ``Delivery.message_id``) and one detail
 object (``bounce``, ``complaint``, ``delivery``, ...). They arrive through the SNS webhook,
 an SQS queue, or a file (``papermail events apply``); every way in ends in
-:func:`apply_notification`.
+:func:`apply_batch` (the webhook with a batch of one per request, SQS with what one receive
+brought, a file 500 at a time), whose outcome is by construction that of applying the
+same notifications one by one, in order (tests/unit/test_events_batch.py).
 
 Scope: a notification names one message (``mail.messageId``, matched to the delivery it was
 recorded on or to an earlier attempt of it), and every papermail message goes to one
