@@ -57,6 +57,7 @@ import hashlib
 import json
 import logging
 import re
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -621,6 +622,90 @@ def apply_in_batches(
             batch = []
     if batch:
         yield from flush()
+
+
+@dataclass
+class _Job:
+    items: list[tuple[dict[str, Any], str | None]]
+    wake: threading.Event = field(default_factory=threading.Event)
+    outcomes: list[ApplyResult | RetryLater] | None = None
+    error: BaseException | None = None
+    lead: bool = False
+
+
+class Coalescer:
+    """Applies the notifications of concurrent callers (the webhook's request threads) as
+    one batch: a caller that finds no batch running applies everything waiting, its own
+    included, in one transaction, and hands the lead to a waiting caller when its own is
+    answered. Each caller's notifications are one group (all-or-nothing, as its own
+    transaction would be) and each gets its own outcomes, so the answer of every request is
+    the one it would get alone; a batch that fails is retried caller by caller, so one
+    request's failure stays its own."""
+
+    def __init__(self, settings: Settings, *, via: str, max_batch: int = 200) -> None:
+        self.settings, self.via, self.max_batch = settings, via, max_batch
+        self._lock = threading.Lock()
+        self._waiting: list[_Job] = []
+        self._running = False
+
+    def apply(
+        self, items: list[tuple[dict[str, Any], str | None]]
+    ) -> list[ApplyResult | RetryLater]:
+        job = _Job(list(items))
+        with self._lock:
+            self._waiting.append(job)
+            job.lead = not self._running
+            self._running = True
+        while not job.lead and job.outcomes is None and job.error is None:
+            job.wake.wait()
+            job.wake.clear()
+        if job.outcomes is None and job.error is None:
+            self._lead(job)
+        if job.error is not None:
+            raise job.error
+        assert job.outcomes is not None
+        return job.outcomes
+
+    def _lead(self, mine: _Job) -> None:
+        while mine.outcomes is None and mine.error is None:
+            with self._lock:
+                jobs = self._waiting[: self.max_batch]
+                del self._waiting[: self.max_batch]
+            self._run(jobs)
+        with self._lock:  # answered: the next waiting caller leads, or nobody runs
+            if self._waiting:
+                successor = self._waiting[0]
+                successor.lead = True
+                successor.wake.set()
+            else:
+                self._running = False
+
+    def _run(self, jobs: list[_Job]) -> None:
+        try:
+            self._apply(jobs)
+        except Exception:
+            if len(jobs) == 1:
+                jobs[0].error = sys.exc_info()[1]
+            else:
+                for job in jobs:  # one by one: a failure is its caller's alone
+                    try:
+                        self._apply([job])
+                    except Exception as exc:
+                        job.error = exc
+        for job in jobs:
+            job.wake.set()
+
+    def _apply(self, jobs: list[_Job]) -> None:
+        items = [item for job in jobs for item in job.items]
+        groups = [g for g, job in enumerate(jobs) for _ in job.items]
+        with session_scope(self.settings.database_url) as session:
+            outcomes = apply_batch(
+                session, items, via=self.via, settings=self.settings, groups=groups
+            )
+        start = 0
+        for job in jobs:
+            job.outcomes = outcomes[start : start + len(job.items)]
+            start += len(job.items)
 
 
 def _stored_keys(session: Session, keys: list[str]) -> dict[str, tuple[int, int | None]]:

@@ -213,3 +213,62 @@ def test_invalid_item_in_a_batch_applies_nothing(backend: str) -> None:
         events.apply_batch(session, [(delivered(ids["ann"], ["ann@example.org"]), "a"),
                                          (broken, "b")], via="x")  # fmt: skip
     assert snapshot() == before
+
+
+def test_coalescer_answers_each_caller_its_own_outcome(backend: str) -> None:
+    """Concurrent callers (the webhook's request threads) share batches; each gets what it
+    would get alone: applied, a repeat, or retry later for its own young unknown message."""
+    import threading
+
+    reset(backend)
+    with session_scope() as session:
+        ids = world(session)
+    young = bounce("m-not-yet", ["zoe@example.org"], sent_at=NOW - timedelta(seconds=5))
+    calls = [[(delivered(ids[f"g{i}"], [f"g{i}@example.org"]), f"c{i}")] for i in range(6)]
+    calls += [[(delivered(ids["g0"], ["g0@example.org"]), "c0")], [(young, "c-young")]]
+    coalescer = events.Coalescer(config.get_settings(), via="sns", max_batch=3)
+    answers: dict[int, Any] = {}
+    start = threading.Barrier(len(calls))
+
+    def call(n: int) -> None:
+        start.wait()
+        answers[n] = outcomes(coalescer.apply(calls[n]))[0]
+
+    threads = [threading.Thread(target=call, args=(n,)) for n in range(len(calls))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert not any(thread.is_alive() for thread in threads)
+    statuses = {n: a if isinstance(a, str) else a["status"] for n, a in answers.items()}
+    assert [statuses[n] for n in range(6)].count("applied") + (statuses[6] == "applied") == 6
+    assert sorted(statuses[n] for n in (0, 6)) == ["applied", "duplicate"]
+    assert statuses[7].startswith("retry:")
+    rows = snapshot()
+    assert sorted(r["dedupe_key"] for r in rows["provider_events"]) == [f"c{i}" for i in range(6)]
+    guarded = {f"m-g{i}" for i in range(6)}
+    assert {r["state"] for r in rows["deliveries"] if r["message_id"] in guarded} == {"delivered"}
+
+
+def test_coalescer_keeps_a_failure_to_its_caller(
+    backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch that fails is retried caller by caller: only the failing caller gets it."""
+    reset(backend)
+    with session_scope() as session:
+        ids = world(session)
+    real = events.apply_batch
+
+    def fragile(session: Session, items: Any, **kw: Any) -> Any:
+        if any(key == "poison" for _, key in items):
+            raise RuntimeError("boom")
+        return real(session, items, **kw)
+
+    monkeypatch.setattr(events, "apply_batch", fragile)
+    coalescer = events.Coalescer(config.get_settings(), via="sns")
+    good = events._Job([(delivered(ids["ann"], ["ann@example.org"]), "ok")])
+    bad = events._Job([(delivered(ids["bob"], ["bob@example.org"]), "poison")])
+    coalescer._run([good, bad])
+    assert good.outcomes is not None and good.outcomes[0].status == "applied"  # type: ignore[union-attr]
+    assert isinstance(bad.error, RuntimeError) and bad.outcomes is None
+    assert [r["dedupe_key"] for r in snapshot()["provider_events"]] == ["ok"]
