@@ -520,7 +520,9 @@ def run_webhook(url: str, notes: list[dict[str, Any]], workdir: Path, *, signer:
     env = {**os.environ, "PAPERMAIL_DATABASE_URL": url, "PAPERMAIL_SNS_TOPIC_ARNS": TOPIC,
            "PAPERMAIL_SECRET_KEY": base64.urlsafe_b64encode(os.urandom(36)).decode()}  # fmt: skip
     app = f"events:webhook_app({str(pem)!r})"
-    cmd = [str(BIN / "gunicorn"), "--pythonpath", str(ROOT / "bench"), app,
+    # The Procfile's configuration module (threads, redacted access log), this factory.
+    cmd = [str(BIN / "gunicorn"), "-c", "python:worker.web.gunicorn_conf",
+           "--pythonpath", str(ROOT / "bench"), app,
            "--bind", f"127.0.0.1:{port}", "--workers", str(workers), "--threads", str(threads),
            "--log-level", "warning"]  # fmt: skip
     log = (workdir / "gunicorn.log").open("wb")
@@ -546,8 +548,9 @@ def main() -> int:
     parser.add_argument("--only", choices=["apply", "sqs", "webhook"], action="append")
     parser.add_argument("--skip-baseline", action="store_true")
     parser.add_argument("--web-workers", type=int, default=2, help="gunicorn workers (Procfile)")
-    parser.add_argument("--web-threads", type=int, default=4, help="gunicorn threads per worker")
-    parser.add_argument("--clients", type=int, default=16, help="concurrent webhook clients")
+    parser.add_argument("--web-threads", type=int, default=16,
+                        help="gunicorn threads per worker (worker/web/gunicorn_conf.py: 16)")  # fmt: skip
+    parser.add_argument("--clients", type=int, default=48, help="concurrent webhook clients")
     parser.add_argument("--profile", action="store_true", help="profile one apply (pyinstrument)")
     args = parser.parse_args()
     ways = args.only or ["apply", "sqs", "webhook"]
