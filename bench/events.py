@@ -549,7 +549,7 @@ def main() -> int:
     parser.add_argument("--skip-baseline", action="store_true")
     parser.add_argument("--web-workers", type=int, default=2, help="gunicorn workers (Procfile)")
     parser.add_argument("--web-threads", type=int, default=16,
-                        help="gunicorn threads per worker (worker/web/gunicorn_conf.py: 16)")  # fmt: skip
+                        help="threads per gunicorn worker (as gunicorn_conf.py)")  # fmt: skip
     parser.add_argument("--clients", type=int, default=48, help="concurrent webhook clients")
     parser.add_argument("--profile", action="store_true", help="profile one apply (pyinstrument)")
     args = parser.parse_args()
