@@ -376,10 +376,11 @@ def sqs_client(endpoint: str) -> Any:
 
 class Feeder(threading.Thread):
     """Sends the signed envelopes into the queue, keeping at most ``depth`` waiting: moto's
-    receive walks the whole queue, so a deep queue would measure moto, not papermail."""
+    receive costs grow with the queue's depth (0.5 s per receive at 200 waiting), so a deep
+    queue would measure moto, not papermail."""
 
     def __init__(self, endpoint: str, queue: str, bodies: list[str], consumed: Any,
-                 depth: int = 200) -> None:  # fmt: skip
+                 depth: int = 40) -> None:  # fmt: skip
         super().__init__(daemon=True)
         self.client, self.queue, self.bodies = sqs_client(endpoint), queue, bodies
         self.consumed, self.depth, self.sent = consumed, depth, 0
@@ -601,6 +602,10 @@ def main() -> int:
         signer = Signer()
         web = {"signer": signer, "workers": args.web_workers, "threads": args.web_threads,
                "clients": args.clients}  # fmt: skip
+        if not args.skip_baseline:  # one request at a time per worker: nothing to coalesce
+            one = {**web, "threads": 1}
+            measure(f"baseline: webhook, gunicorn {args.web_workers} workers x 1 thread",
+                    lambda u, n, w: run_webhook(u, n, w, **one))  # fmt: skip
         measure(f"webhook, gunicorn {args.web_workers} workers x {args.web_threads} threads",
                 lambda u, n, w: run_webhook(u, n, w, **web))  # fmt: skip
     print(f"load average after: {os.getloadavg()[0]:.2f}")
