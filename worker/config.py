@@ -111,6 +111,8 @@ class Settings(BaseSettings):
     # SNS envelopes read from SQS are verified like the webhook's; raw-message-delivery
     # bodies cannot be, so they are refused while this is on (README: Bounces, complaints).
     sqs_verify_signatures: bool = True
+    # Receive loops of the SQS consumer side by side (each applies its receive as a batch).
+    sqs_receivers: int = Field(default=4, ge=1, le=32)
     # SNS/SQS endpoints for SNS- and SQS-compatible services (unset: AWS).
     sns_endpoint_url: str | None = None
     sqs_endpoint_url: str | None = None

@@ -5,7 +5,9 @@ SES reports what became of each message in two shapes: identity notifications
 (with the SES ``messageId`` the mailer recorded as ``Delivery.message_id``) and one detail
 object (``bounce``, ``complaint``, ``delivery``, ...). They arrive through the SNS webhook,
 an SQS queue, or a file (``papermail events apply``); every way in ends in
-:func:`apply_notification`.
+:func:`apply_batch` (the webhook with a batch of one per request, SQS with what one receive
+brought, a file 500 at a time), whose outcome is by construction that of applying the
+same notifications one by one, in order (tests/unit/test_events_batch.py).
 
 Scope: a notification names one message (``mail.messageId``, matched to the delivery it was
 recorded on or to an earlier attempt of it), and every papermail message goes to one
@@ -50,24 +52,28 @@ operator resumes, later events of that edition do not pause again.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import re
+import sys
+import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, date, datetime
 from email.utils import parseaddr
-from typing import Any
+from typing import IO, Any
 from urllib.parse import urlsplit
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import set_committed_value
 
 from worker import sns
 from worker.config import Settings, get_settings
-from worker.db import session_scope
+from worker.db import dialect_insert, session_scope
 from worker.delivery import pause_sending, sending_paused
 from worker.errors import InvalidInput
 from worker.models import (
@@ -82,7 +88,7 @@ from worker.models import (
     SubscriberStatus,
     utcnow,
 )
-from worker.untrusted import loads_json
+from worker.untrusted import MAX_JSON_DEPTH, json_depth, loads_json
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +169,7 @@ def content_key(notification: Mapping[str, Any]) -> str:
     return "sha256:" + hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
+@functools.lru_cache(maxsize=65_536)  # parseaddr is slow, and a batch asks per address
 def normalise_address(value: str) -> str:
     """Bare, lower-cased address (subscribers are stored lower-cased)."""
     _, addr = parseaddr(value)
@@ -176,6 +183,7 @@ def _idna(domain: str, *, to_ascii: bool) -> str:
         return domain
 
 
+@functools.lru_cache(maxsize=65_536)
 def address_key(value: str) -> str:
     """One form per mailbox for comparing addresses: bare, lower-cased, the domain in
     ASCII (SES reports ``ann@xn--bcher-kva.example`` for a subscriber stored as
@@ -316,6 +324,108 @@ def parse_envelope(obj: object) -> list[tuple[dict[str, Any], str]]:
     return items
 
 
+def iter_json_items(
+    stream: IO[str], name: str = "FILE", chunk: int = 1 << 16
+) -> Iterator[tuple[str, object]]:
+    """(where, value) for each item of a top-level JSON array ("item N"), decoded one at
+    a time as the text is read (so a big dead-letter dump never sits in memory whole), or
+    ("notification", value) for a file holding one value. Raises :class:`InvalidInput`
+    naming the file for text that is not JSON."""
+    decoder = json.JSONDecoder()
+    buffer, offset, eof = "", 0, False
+
+    def fill() -> bool:
+        nonlocal buffer, offset, eof
+        more = "" if eof else stream.read(chunk)
+        eof = eof or not more
+        buffer, offset = buffer[offset:] + more, 0
+        return bool(more)
+
+    def skip_space() -> None:
+        nonlocal offset
+        while True:
+            while offset < len(buffer) and buffer[offset] in " \t\r\n":
+                offset += 1
+            if offset < len(buffer) or not fill():
+                return
+
+    def value(where: str) -> object:
+        nonlocal offset
+        while True:
+            try:
+                obj, end = decoder.raw_decode(buffer, offset)
+            except json.JSONDecodeError as exc:
+                if fill():
+                    continue
+                raise InvalidInput(f"{name}: not valid JSON: {exc}") from None
+            except RecursionError:
+                end = len(buffer)  # far too deep: refused below
+                obj = None
+            if end == len(buffer) and fill():
+                continue  # a number or literal may go on in the next piece
+            # The same bound as every JSON papermail reads (worker.untrusted), per item.
+            piece = buffer[offset:end].encode("utf-8", "surrogatepass")
+            if json_depth(piece, MAX_JSON_DEPTH - 1) > MAX_JSON_DEPTH - 1:
+                raise InvalidInput(
+                    f"{name}: not valid JSON: {where} is nested more than "
+                    f"{MAX_JSON_DEPTH} levels deep"
+                )
+            offset = end
+            return obj
+
+    def bad(expected: str) -> InvalidInput:
+        got = buffer[offset : offset + 20] if offset < len(buffer) else "end of file"
+        return InvalidInput(f"{name}: not valid JSON: expected {expected}, got {got!r}")
+
+    skip_space()
+    if offset >= len(buffer):
+        raise InvalidInput(f"{name}: not valid JSON: the file is empty")
+    if buffer[offset] != "[":
+        yield "notification", value("the value")
+        skip_space()
+        if offset < len(buffer):
+            raise bad("the end of the file")
+        return
+    offset += 1
+    skip_space()
+    if offset < len(buffer) and buffer[offset] == "]":
+        offset += 1
+    else:
+        index = 0
+        while True:
+            skip_space()
+            yield f"item {index}", value("an item")
+            index += 1
+            skip_space()
+            if offset < len(buffer) and buffer[offset] == ",":
+                offset += 1
+                continue
+            if offset < len(buffer) and buffer[offset] == "]":
+                offset += 1
+                break
+            raise bad("',' or ']'")
+    skip_space()
+    if offset < len(buffer):
+        raise bad("the end of the file")
+
+
+def read_file_items(stream: IO[str], name: str = "FILE") -> Iterator[tuple[dict[str, Any], str]]:
+    """Notifications and dedupe keys of a file (one notification, one SNS envelope or a
+    JSON list of either), read as a stream. Validates as :func:`parse_envelope` does but
+    item by item: iterate it once to check the whole file before applying anything."""
+    count = 0
+    problems: list[str] = []
+    for where, obj in iter_json_items(stream, name):
+        count += 1
+        found, bad = _from_object(obj, where)
+        problems += bad
+        yield from found
+    if not count:
+        raise InvalidNotification(["the list is empty: no notification to apply"])
+    if problems:
+        raise InvalidNotification(problems)
+
+
 # ---------------------------------------------------------------------------------------
 # Applying
 
@@ -356,25 +466,13 @@ def _recipients(kind: str, notification: Mapping[str, Any], detail: Mapping[str,
     return list(seen)
 
 
-def _insert_event(session: Session, row: dict[str, Any]) -> int | None:
-    """INSERT ... ON CONFLICT (dedupe_key) DO NOTHING; the new id, or None for a repeat.
+BATCH_SIZE = 500  # notifications per transaction (events apply, the SQS consumer)
+_IN_CHUNK = 500  # values per IN (...) list
 
-    A concurrent request with the same key waits for ours and then inserts nothing, so
-    two deliveries of one SNS message apply once.
-    """
-    dialect = session.get_bind().dialect.name
-    if dialect == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
-    else:
-        from sqlalchemy.dialects.sqlite import insert
-    stmt = (
-        insert(ProviderEvent.__table__)
-        .values(**row)
-        .on_conflict_do_nothing(index_elements=["dedupe_key"])
-        .returning(ProviderEvent.__table__.c.id)
-    )
-    new_id: int | None = session.execute(stmt).scalar()
-    return new_id
+
+def _chunked(values: list[Any], size: int = _IN_CHUNK) -> Iterator[list[Any]]:
+    for start in range(0, len(values), size):
+        yield values[start : start + size]
 
 
 def apply_notification(
@@ -391,88 +489,481 @@ def apply_notification(
     Raises :class:`InvalidNotification` for a malformed one and :class:`RetryLater` (having
     written nothing) for a state-changing event about an unknown message younger than
     ``orphan_grace_seconds`` (measured from ``mail.timestamp``; without one, an unknown
-    message is an orphan at once).
+    message is an orphan at once). A batch of one of :func:`apply_batch`.
     """
-    problems = validate_notification(notification)
+    (outcome,) = apply_batch(
+        session, [(notification, dedupe_key)], via=via, now=now, settings=settings
+    )
+    if isinstance(outcome, RetryLater):
+        raise outcome
+    return outcome
+
+
+@dataclass
+class _Item:
+    """One notification of a batch, read (phase 1: no writes) and what it will do."""
+
+    index: int
+    notification: dict[str, Any]
+    key: str
+    kind: str
+    group: int
+    message_id: str | None = None
+    sent_at: datetime | None = None
+    detail: Mapping[str, Any] = field(default_factory=dict)
+    delivery: Delivery | None = None
+    scope: _Scope | None = None
+    ignored: bool = False
+    orphan: bool = False
+    row: dict[str, Any] | None = None
+    outcome: ApplyResult | RetryLater | None = None
+
+
+def apply_batch(
+    session: Session,
+    items: Sequence[tuple[dict[str, Any], str | None]],
+    *,
+    via: str,
+    now: datetime | None = None,
+    settings: Settings | None = None,
+    groups: Sequence[int] | None = None,
+) -> list[ApplyResult | RetryLater]:
+    """Store and apply many notifications in the caller's transaction, with exactly the
+    outcome of applying them one by one in order (:func:`apply_notification`).
+
+    ``items`` are (notification, dedupe key or None). Returns one outcome per item: an
+    :class:`ApplyResult`, or a :class:`RetryLater` (not raised) for one that must wait and
+    wrote nothing. ``groups`` (one label per item) makes items all-or-nothing together, as
+    one SQS message's notifications are: when one of a group must be retried, the whole
+    group is returned as RetryLater and nothing of it is written.
+
+    The work is a constant number of statements per batch instead of per event: one
+    SELECT of the stored keys, one of the deliveries (locked in id order), one of their
+    subscribers (locked in id order), one INSERT ... ON CONFLICT DO NOTHING RETURNING of
+    the events, the policy on the loaded rows, one flush. The reputation guard is read
+    once per edition; only when this batch could push an edition over a threshold are the
+    events of the batch stored and checked one at a time, as one by one would.
+    """
+    problems = [
+        f"item {i}: {p}" if len(items) > 1 else p
+        for i, (notification, _) in enumerate(items)
+        for p in validate_notification(notification)
+    ]
     if problems:
         raise InvalidNotification(problems)
     settings = settings or get_settings()
     now = now or utcnow()
-    key = (dedupe_key or content_key(notification))[:255]
-    kind = notification_type(notification) or "?"
+    batch = [
+        _Item(
+            index=i,
+            notification=notification,
+            key=(key or content_key(notification))[:255],
+            kind=notification_type(notification) or "?",
+            group=groups[i] if groups is not None else i,
+        )
+        for i, (notification, key) in enumerate(items)
+    ]
+    live = _read_batch(session, batch, via, now, settings)
+    if groups is not None:
+        waiting = {
+            item.group: item.outcome for item in live if isinstance(item.outcome, RetryLater)
+        }
+        if waiting:  # drop whole groups, then read the rest again (repeats may shift)
+            for item in batch:
+                if item.group in waiting:
+                    item.outcome = waiting[item.group]
+            live = [item for item in batch if item.group not in waiting]
+            for item in live:
+                item.outcome = item.row = None
+            live = _read_batch(session, live, via, now, settings)
+    todo = [item for item in live if item.row is not None]
+    one_at_a_time = _guard_may_trip(session, todo, settings)
+    stored: dict[str, tuple[int | None, int | None]] = {}
+    segments = [[item] for item in todo] if one_at_a_time else [todo]
+    for segment in segments:
+        inserted = _insert_events(session, [item.row for item in segment if item.row])
+        for item in segment:
+            _apply_item(session, item, inserted, stored, now, settings, one_at_a_time)
+    for item in live:  # repeats within the batch (and of concurrent inserts)
+        if item.outcome is None and item.row is None:
+            first = stored.get(item.key)
+            if first is None:
+                first = _stored_keys(session, [item.key]).get(item.key, (None, None))
+            item.outcome = ApplyResult("duplicate", item.kind, item.key, delivery_id=first[1],
+                                       event_id=first[0])  # fmt: skip
+    session.flush()
+    return [item.outcome for item in batch]  # type: ignore[misc]
 
-    seen = session.execute(
-        select(ProviderEvent.id, ProviderEvent.delivery_id).where(ProviderEvent.dedupe_key == key)
-    ).first()
-    if seen is not None:
-        return ApplyResult("duplicate", kind, key, delivery_id=seen[1], event_id=seen[0])
 
-    mail = notification.get("mail")
-    if not isinstance(mail, dict):
-        mail = {}  # types without policy may come without one
-    message_id = mail.get("messageId") if isinstance(mail.get("messageId"), str) else None
-    sent_at = _parse_time(mail.get("timestamp"))
-    delivery = _delivery_for(session, message_id) if message_id else None
-    if delivery is None and kind in STATEFUL_TYPES and sent_at is not None:
-        age = (now - sent_at).total_seconds()
-        if age < settings.orphan_grace_seconds:
-            raise RetryLater(
-                f"{kind} for unknown message {message_id} sent {age:.0f}s ago; "
-                f"retry (orphaned after {settings.orphan_grace_seconds}s)"
+def apply_in_batches(
+    items: Iterable[tuple[dict[str, Any], str | None]],
+    *,
+    via: str,
+    batch_size: int = BATCH_SIZE,
+    settings: Settings | None = None,
+) -> Iterator[ApplyResult | RetryLater]:
+    """Apply a stream of notifications ``batch_size`` at a time, one transaction per
+    batch (so locks are held briefly and memory stays flat); yields each outcome in order.
+    Committed batches stay applied if a later one fails: applying the same input again
+    finds them as repeats."""
+    if batch_size < 1:
+        raise InvalidInput(f"batch size must be at least 1, got {batch_size}")
+    settings = settings or get_settings()
+    batch: list[tuple[dict[str, Any], str | None]] = []
+
+    def flush() -> list[ApplyResult | RetryLater]:
+        with session_scope(settings.database_url) as session:
+            return apply_batch(session, batch, via=via, settings=settings)
+
+    for item in items:
+        batch.append(item)
+        if len(batch) >= batch_size:
+            yield from flush()
+            batch = []
+    if batch:
+        yield from flush()
+
+
+@dataclass
+class _Job:
+    items: list[tuple[dict[str, Any], str | None]]
+    wake: threading.Event = field(default_factory=threading.Event)
+    outcomes: list[ApplyResult | RetryLater] | None = None
+    error: BaseException | None = None
+    lead: bool = False
+
+
+class Coalescer:
+    """Applies the notifications of concurrent callers (the webhook's request threads) as
+    one batch: a caller that finds no batch running applies everything waiting, its own
+    included, in one transaction, and hands the lead to a waiting caller when its own is
+    answered. Each caller's notifications are one group (all-or-nothing, as its own
+    transaction would be) and each gets its own outcomes, so the answer of every request is
+    the one it would get alone; a batch that fails is retried caller by caller, so one
+    request's failure stays its own."""
+
+    def __init__(self, settings: Settings, *, via: str, max_batch: int = 200) -> None:
+        self.settings, self.via, self.max_batch = settings, via, max_batch
+        self._lock = threading.Lock()
+        self._waiting: list[_Job] = []
+        self._running = False
+
+    def apply(
+        self, items: list[tuple[dict[str, Any], str | None]]
+    ) -> list[ApplyResult | RetryLater]:
+        job = _Job(list(items))
+        with self._lock:
+            self._waiting.append(job)
+            job.lead = not self._running
+            self._running = True
+        while not job.lead and job.outcomes is None and job.error is None:
+            job.wake.wait()
+            job.wake.clear()
+        if job.outcomes is None and job.error is None:
+            self._lead(job)
+        if job.error is not None:
+            raise job.error
+        assert job.outcomes is not None
+        return job.outcomes
+
+    def _lead(self, mine: _Job) -> None:
+        while mine.outcomes is None and mine.error is None:
+            with self._lock:
+                jobs = self._waiting[: self.max_batch]
+                del self._waiting[: self.max_batch]
+            self._run(jobs)
+        with self._lock:  # answered: the next waiting caller leads, or nobody runs
+            if self._waiting:
+                successor = self._waiting[0]
+                successor.lead = True
+                successor.wake.set()
+            else:
+                self._running = False
+
+    def _run(self, jobs: list[_Job]) -> None:
+        try:
+            self._apply(jobs)
+        except Exception:
+            if len(jobs) == 1:
+                jobs[0].error = sys.exc_info()[1]
+            else:
+                for job in jobs:  # one by one: a failure is its caller's alone
+                    try:
+                        self._apply([job])
+                    except Exception as exc:
+                        job.error = exc
+        for job in jobs:
+            job.wake.set()
+
+    def _apply(self, jobs: list[_Job]) -> None:
+        items = [item for job in jobs for item in job.items]
+        groups = [g for g, job in enumerate(jobs) for _ in job.items]
+        with session_scope(self.settings.database_url) as session:
+            outcomes = apply_batch(
+                session, items, via=self.via, settings=self.settings, groups=groups
             )
+        start = 0
+        for job in jobs:
+            job.outcomes = outcomes[start : start + len(job.items)]
+            start += len(job.items)
 
-    detail = _detail(notification, kind)
-    ignored = kind not in MAIL_TYPES
-    orphan = delivery is None and not ignored
-    occurred = _parse_time(detail.get("timestamp")) or sent_at
-    recipients = _recipients(kind, notification, detail)
-    scope = _Scope.of(delivery, recipients) if delivery is not None else None
-    if scope is not None and not scope.matched and kind in STATEFUL_TYPES:
-        # The message is ours but none of the addresses is the one it went to: an
-        # anomaly (or a forgery). Stored, unlinked, so it counts for nothing (rates,
-        # history), and nobody it lists is touched.
-        ignored = True
-        delivery = None
-    event_id = _insert_event(
+
+def _stored_keys(session: Session, keys: list[str]) -> dict[str, tuple[int, int | None]]:
+    found: dict[str, tuple[int, int | None]] = {}
+    for chunk in _chunked(sorted(set(keys))):
+        rows = session.execute(
+            select(ProviderEvent.dedupe_key, ProviderEvent.id, ProviderEvent.delivery_id).where(
+                ProviderEvent.dedupe_key.in_(chunk)
+            )
+        )
+        found.update({key: (event_id, delivery_id) for key, event_id, delivery_id in rows})
+    return found
+
+
+def _read_batch(
+    session: Session, batch: list[_Item], via: str, now: datetime, settings: Settings
+) -> list[_Item]:
+    """Phase 1 (reads and row locks only): for each item in order, whether it is a repeat,
+    must wait, or will be stored — and the event row it will store."""
+    stored = _stored_keys(session, [item.key for item in batch])
+    for item in batch:
+        if item.key in stored:
+            event_id, delivery_id = stored[item.key]
+            item.outcome = ApplyResult("duplicate", item.kind, item.key, delivery_id=delivery_id,
+                                       event_id=event_id)  # fmt: skip
+            continue
+        mail = item.notification.get("mail")
+        if not isinstance(mail, dict):
+            mail = {}  # types without policy may come without one
+        message_id = mail.get("messageId")
+        item.message_id = message_id if isinstance(message_id, str) else None
+        item.sent_at = _parse_time(mail.get("timestamp"))
+    deliveries = _deliveries_for(
         session,
-        {
-            "dedupe_key": key,
+        [item.message_id for item in batch if item.outcome is None and item.message_id],
+    )
+    first: dict[str, _Item] = {}
+    for item in batch:
+        if item.outcome is not None:
+            continue
+        if item.key in first:  # a repeat within the batch: decided once the first is stored
+            continue
+        kind = item.kind
+        delivery = deliveries.get(item.message_id) if item.message_id else None
+        if delivery is None and kind in STATEFUL_TYPES and item.sent_at is not None:
+            age = (now - item.sent_at).total_seconds()
+            if age < settings.orphan_grace_seconds:
+                item.outcome = RetryLater(
+                    f"{kind} for unknown message {item.message_id} sent {age:.0f}s ago; "
+                    f"retry (orphaned after {settings.orphan_grace_seconds}s)"
+                )
+                continue
+        first[item.key] = item
+        detail = _detail(item.notification, kind)
+        item.detail = detail
+        item.ignored = kind not in MAIL_TYPES
+        item.orphan = delivery is None and not item.ignored
+        occurred = _parse_time(detail.get("timestamp")) or item.sent_at
+        recipients = _recipients(kind, item.notification, detail)
+        item.scope = _Scope.of(delivery, recipients) if delivery is not None else None
+        if item.scope is not None and not item.scope.matched and kind in STATEFUL_TYPES:
+            # The message is ours but none of the addresses is the one it went to: an
+            # anomaly (or a forgery). Stored, unlinked, so it counts for nothing (rates,
+            # history), and nobody it lists is touched.
+            item.ignored = True
+            delivery = None
+        item.delivery = delivery
+        item.row = {
+            "dedupe_key": item.key,
             "event_type": kind[:32],
             "subtype": _subtype(kind, detail),
-            "provider_message_id": message_id[:255] if message_id else None,
+            "provider_message_id": item.message_id[:255] if item.message_id else None,
             "delivery_id": delivery.id if delivery else None,
             "recipients": recipients,
             "occurred_at": occurred,
             "received_at": now,
             "via": via[:16],
-            "orphan": orphan,
-            "raw": notification,
-        },
-    )
-    if event_id is None:
-        return ApplyResult("duplicate", kind, key, delivery_id=delivery.id if delivery else None)
+            "orphan": item.orphan,
+            "raw": item.notification,
+        }
+    return batch
 
+
+def _deliveries_for(session: Session, message_ids: list[str]) -> dict[str, Delivery]:
+    """The delivery each provider message id belongs to (its latest send, or an earlier
+    attempt of it: the events of a re-sent edition's first copy still count), locked, with
+    its subscriber loaded and locked too (the only subscriber its events may touch)."""
+    wanted = {}
+    for message_id in set(message_ids):
+        bare = message_id.strip("<>")
+        wanted[message_id] = sorted({message_id, bare, f"<{bare}>"})
+    if not wanted:
+        return {}
+    variants = sorted({v for forms in wanted.values() for v in forms})
+    by_variant: dict[str, Delivery] = {}
+    for chunk in _chunked(variants, 10_000):
+        # In id order, so two batches lock shared rows in the same order (no deadlock).
+        for row in session.scalars(
+            select(Delivery)
+            .where(Delivery.message_id.in_(chunk))
+            .order_by(Delivery.id)
+            .with_for_update()
+        ):
+            if row.message_id is not None:
+                by_variant.setdefault(row.message_id, row)
+    missing = sorted(
+        {v for m, forms in wanted.items() if not any(f in by_variant for f in forms) for v in forms}
+    )
+    if missing:
+        via_attempt: dict[str, int] = {}
+        for chunk in _chunked(missing, 10_000):
+            for delivery_id, message_id in session.execute(
+                select(DeliveryAttempt.delivery_id, DeliveryAttempt.message_id)
+                .where(DeliveryAttempt.message_id.in_(chunk))
+                .order_by(DeliveryAttempt.id)
+            ):
+                via_attempt.setdefault(message_id, delivery_id)
+        rows = (
+            {
+                row.id: row
+                for row in session.scalars(
+                    select(Delivery)
+                    .where(Delivery.id.in_(sorted(set(via_attempt.values()))))
+                    .order_by(Delivery.id)
+                    .with_for_update()
+                )
+            }
+            if via_attempt
+            else {}
+        )
+        for variant, delivery_id in via_attempt.items():
+            if delivery_id in rows:
+                by_variant.setdefault(variant, rows[delivery_id])
+    found: dict[str, Delivery] = {}
+    for message_id, forms in wanted.items():
+        for form in forms:
+            if form in by_variant:
+                found[message_id] = by_variant[form]
+                break
+    subscribers: dict[int, Subscriber] = {}
+    for chunk in _chunked(sorted({d.subscriber_id for d in found.values()}), 10_000):
+        # populate_existing: a row read before the lock was held is read again under it.
+        subscribers.update(
+            (sub.id, sub)
+            for sub in session.scalars(
+                select(Subscriber)
+                .where(Subscriber.id.in_(chunk))
+                .order_by(Subscriber.id)
+                .with_for_update()
+                .execution_options(populate_existing=True)
+            )
+        )
+    for row in found.values():
+        # Attached without a change (and held: the identity map only keeps weak references).
+        set_committed_value(row, "subscriber", subscribers[row.subscriber_id])
+    return found
+
+
+def _insert_events(session: Session, rows: list[dict[str, Any]]) -> dict[str, int]:
+    """INSERT ... ON CONFLICT (dedupe_key) DO NOTHING RETURNING, for many rows in one
+    statement; the new id of each key stored now (a key missing was stored by a concurrent
+    apply, which ours waited for: two deliveries of one SNS message apply once)."""
+    if not rows:
+        return {}
+    table = ProviderEvent.__table__
+    stmt = (
+        dialect_insert(session, table)
+        .on_conflict_do_nothing(index_elements=["dedupe_key"])
+        .returning(table.c.id, table.c.dedupe_key, sort_by_parameter_order=True)
+    )
+    return {key: event_id for event_id, key in session.execute(stmt, rows)}
+
+
+def _guard_may_trip(session: Session, todo: list[_Item], settings: Settings) -> bool:
+    """Whether this batch could take an edition over a reputation threshold.
+
+    An upper bound from the edition's rates before the batch: every hard bounce and
+    complaint of the batch counted as new, accepted deliveries as few as its rejects can
+    make them (and as many as its bounces and complaints can, for the minimum sample).
+    Only then must the guard be checked after each event, as one by one would."""
+    counts: dict[date, list[int]] = {}  # bounces+complaints, hard bounces, complaints, rejects
+    for item in todo:
+        if item.delivery is None or item.ignored:
+            continue
+        c = counts.setdefault(item.delivery.edition_date, [0, 0, 0, 0])
+        if item.kind in ("Bounce", "Complaint"):
+            c[0] += 1
+        if item.kind == "Bounce" and item.detail.get("bounceType") == "Permanent":
+            c[1] += 1  # counts OnAccountSuppressionList too: an upper bound
+        elif item.kind == "Complaint":
+            c[2] += 1
+        elif item.kind == "Reject":
+            c[3] += 1
+    for edition, (either, hard, complaints, rejects) in counts.items():
+        if not either:
+            continue  # the guard is consulted after bounces and complaints only
+        rates = edition_rates(session, edition, settings)
+        if rates["guard_tripped"]:
+            continue  # trips once per edition
+        if rates["accepted"] + either < settings.reputation_min_sample:
+            continue
+        fewest = rates["accepted"] - rejects
+        hard_most = rates["hard_bounced"] + hard
+        complained_most = rates["complained"] + complaints
+        if fewest <= 0:
+            if hard_most or complained_most:
+                return True
+            continue
+        # Division is monotonic, so this bounds every rate one by one could compute.
+        if (
+            hard_most / fewest > settings.bounce_rate_limit
+            or complained_most / fewest > settings.complaint_rate_limit
+        ):
+            return True
+    return False
+
+
+def _apply_item(
+    session: Session,
+    item: _Item,
+    inserted: dict[str, int],
+    stored: dict[str, tuple[int | None, int | None]],
+    now: datetime,
+    settings: Settings,
+    check_guard: bool,
+) -> None:
+    """Phase 2 for one stored item: its policy, in batch order."""
+    assert item.row is not None
+    kind, key, delivery = item.kind, item.key, item.delivery
+    event_id = inserted.get(key)
+    if event_id is None:
+        item.outcome = ApplyResult(
+            "duplicate", kind, key, delivery_id=delivery.id if delivery else None
+        )
+        return
+    stored[key] = (event_id, item.row["delivery_id"])
     result = ApplyResult(
-        "ignored" if ignored else "orphan" if orphan else "applied",
+        "ignored" if item.ignored else "orphan" if item.orphan else "applied",
         kind,
         key,
         delivery_id=delivery.id if delivery else None,
         event_id=event_id,
     )
+    item.outcome = result
+    message_id, detail, scope = item.message_id, item.detail, item.scope
     if kind == "Received":
-        result.changes.extend(_mailto_unsubscribe(session, notification, settings))
-        return result
+        result.changes.extend(_mailto_unsubscribe(session, item.notification, settings))
+        return
     if scope is not None and kind in STATEFUL_TYPES:
         _note_not_recipients(session, scope, kind, _subtype(kind, detail), message_id, now, result)
-    if ignored:
+    if item.ignored:
         if scope is None or scope.matched:
             log.info("stored %s event (no policy) for message %s", kind, message_id)
-        return result
+        return
     if delivery is None:
         log.warning("orphan %s for unknown message %s: stored, nothing changed", kind, message_id)
-        return result
-
-    when = occurred or now
+        return
+    when = item.row["occurred_at"] or now
     policy = _Policy(session, settings, delivery, message_id or "?", when, now, result.changes)
     if kind == "Bounce":
         policy.bounce(detail)
@@ -482,12 +973,11 @@ def apply_notification(
         policy.delivered()
     elif kind == "Reject":
         policy.rejected(detail)
-    session.flush()
-    if kind in ("Bounce", "Complaint"):
+    if check_guard and kind in ("Bounce", "Complaint"):
+        session.flush()
         reason = check_reputation(session, delivery.edition_date, settings)
         if reason:
             result.changes.append(f"sending paused: {reason}")
-    return result
 
 
 @dataclass(frozen=True)
@@ -566,24 +1056,6 @@ def _note_not_recipients(
     )
 
 
-def _delivery_for(session: Session, message_id: str) -> Delivery | None:
-    """The delivery a provider message id belongs to: its latest send, or an earlier
-    attempt of it (the events of a re-sent edition's first copy still count)."""
-    bare = message_id.strip("<>")
-    ids = list({message_id, bare, f"<{bare}>"})
-    found = session.scalars(
-        select(Delivery).where(Delivery.message_id.in_(ids)).with_for_update()
-    ).first()
-    if found is not None:
-        return found
-    attempt = session.scalar(
-        select(DeliveryAttempt.delivery_id).where(DeliveryAttempt.message_id.in_(ids)).limit(1)
-    )
-    if attempt is None:
-        return None
-    return session.scalars(select(Delivery).where(Delivery.id == attempt).with_for_update()).first()
-
-
 _MAILTO_SUBJECT = re.compile(r"\bunsubscribe\s+([A-Za-z0-9_\-.]{20,})", re.IGNORECASE)
 
 
@@ -640,13 +1112,10 @@ class _Policy:
 
     def recipient(self) -> Subscriber:
         """The one subscriber this delivery went to, locked: the only one events touch."""
-        # populate_existing: the row was read (for the scope) before the lock was held.
-        sub = self.session.scalars(
-            select(Subscriber)
-            .where(Subscriber.id == self.delivery.subscriber_id)
-            .with_for_update()
-            .execution_options(populate_existing=True)
-        ).one()
+        # Locked (and read again under the lock) with the batch's deliveries, so this is
+        # the identity map's copy, carrying the earlier events of the batch.
+        sub = self.session.get(Subscriber, self.delivery.subscriber_id)
+        assert sub is not None, "the delivery's subscriber is loaded with the delivery"
         return sub
 
     def log(self, sub: Subscriber, action: str, detail: str) -> None:
@@ -920,6 +1389,25 @@ def verify_sqs_message(
     )
 
 
+def read_sqs_body(
+    body: str,
+    settings: Settings,
+    *,
+    now: datetime | None = None,
+    fetcher: sns.CertFetcher | None = None,
+    cache: sns.CertCache | None = None,
+) -> list[tuple[dict[str, Any], str]]:
+    """Verify (see :func:`verify_sqs_message`) and parse one SQS message body (an SNS
+    envelope, or a bare notification with raw message delivery on). Raises
+    InvalidNotification or SnsVerificationError."""
+    try:
+        obj = loads_json(body, what="the message body")
+    except ValueError as exc:
+        raise InvalidNotification([f"message body is not JSON: {exc}"]) from None
+    verify_sqs_message(obj, settings, fetcher=fetcher, cache=cache, now=now)
+    return parse_envelope(obj)
+
+
 def handle_sqs_body(
     body: str,
     settings: Settings,
@@ -928,23 +1416,17 @@ def handle_sqs_body(
     fetcher: sns.CertFetcher | None = None,
     cache: sns.CertCache | None = None,
 ) -> list[ApplyResult]:
-    """Verify (see :func:`verify_sqs_message`) and apply one SQS message body (an SNS
-    envelope, or a bare notification with raw message delivery on) in one transaction.
-    Raises InvalidNotification, SnsVerificationError or RetryLater, having committed
-    nothing."""
-    try:
-        obj = loads_json(body, what="the message body")
-    except ValueError as exc:
-        raise InvalidNotification([f"message body is not JSON: {exc}"]) from None
-    verify_sqs_message(obj, settings, fetcher=fetcher, cache=cache, now=now)
-    items = parse_envelope(obj)
+    """Verify and apply one SQS message body in one transaction. Raises
+    InvalidNotification, SnsVerificationError or RetryLater, having committed nothing."""
+    items = read_sqs_body(body, settings, now=now, fetcher=fetcher, cache=cache)
     with session_scope(settings.database_url) as session:
-        return [
-            apply_notification(
-                session, notification, dedupe_key=key, via="sqs", now=now, settings=settings
-            )
-            for notification, key in items
-        ]
+        outcomes = apply_batch(
+            session, items, via="sqs", now=now, settings=settings, groups=[0] * len(items)
+        )
+        for outcome in outcomes:
+            if isinstance(outcome, RetryLater):
+                raise outcome
+    return outcomes  # type: ignore[return-value]
 
 
 def poll_sqs(
@@ -960,8 +1442,13 @@ def poll_sqs(
     max_batches: int | None = None,
     cert_fetcher: sns.CertFetcher | None = None,
     cert_cache: sns.CertCache | None = None,
+    receivers: int = 1,
 ) -> PollCounts:
     """Consume SES notifications from SQS; delete each message only once it is applied.
+
+    Each receive's messages (up to ``max_messages``) are applied as one batch and deleted
+    in one call; ``receivers`` loops receive side by side (the CLI and the periodic task
+    run ``sqs_receivers``).
 
     ``once``: receive until the queue answers empty (what is waiting now), then return —
     the shape for a periodic task (at most ``max_batches``, default 1000, receives).
@@ -993,81 +1480,165 @@ def poll_sqs(
             "every message would be refused: list the SNS topic(s) SES publishes to "
             "(or turn verification off, see the README)"
         )
-    client = client or sqs_client(settings, url)
-    counts = PollCounts()
+    client = client or sqs_client(settings, url)  # boto3 clients are thread-safe
+    if receivers < 1:
+        raise InvalidInput(f"receivers must be at least 1, got {receivers}")
     limit = max_batches if max_batches is not None else (1000 if once else None)
-    while limit is None or counts.batches < limit:
-        if should_stop and should_stop():
-            break
-        try:
-            response = client.receive_message(
-                QueueUrl=url,
-                MaxNumberOfMessages=max_messages,
-                WaitTimeSeconds=wait_seconds,
-            )
-        except Exception:
-            log.exception("SQS receive from %s failed", url)
-            counts.failed += 1
-            if once:
-                break
-            time.sleep(min(5.0, max(1.0, float(wait_seconds))))
-            continue
-        messages = response.get("Messages") or []
-        counts.batches += 1
-        for message in messages:
-            counts.received += 1
-            _handle_sqs_message(client, url, message, settings, counts, cert_fetcher, cert_cache)
-        if on_batch:
-            on_batch(counts)
-        if once and not messages:
-            break
-    return counts
+    shares = [PollCounts() for _ in range(receivers)]
+    lock = threading.Lock()
+    taken = [0]  # receives started, all loops together (for ``limit``)
+
+    def total() -> PollCounts:
+        out = PollCounts()
+        for share in shares:
+            for name, value in share.as_dict().items():
+                setattr(out, name, getattr(out, name) + value)
+        return out
+
+    def loop(counts: PollCounts) -> None:
+        while True:
+            with lock:
+                if (limit is not None and taken[0] >= limit) or (should_stop and should_stop()):
+                    return
+                taken[0] += 1
+            try:
+                response = client.receive_message(
+                    QueueUrl=url,
+                    MaxNumberOfMessages=max_messages,
+                    WaitTimeSeconds=wait_seconds,
+                )
+            except Exception:
+                log.exception("SQS receive from %s failed", url)
+                with lock:
+                    taken[0] -= 1
+                counts.failed += 1
+                if once:
+                    return
+                time.sleep(min(5.0, max(1.0, float(wait_seconds))))
+                continue
+            messages = response.get("Messages") or []
+            counts.batches += 1
+            counts.received += len(messages)
+            if messages:
+                _handle_sqs_messages(
+                    client, url, messages, settings, counts, cert_fetcher, cert_cache
+                )
+            if on_batch:
+                with lock:
+                    on_batch(total())
+            if once and not messages:
+                return
+
+    if receivers == 1:
+        loop(shares[0])
+        return shares[0]
+    # Several receive loops keep SQS's and the database's round trips overlapping.
+    threads = [
+        threading.Thread(target=loop, args=(share,), name=f"sqs-receive-{i}", daemon=True)
+        for i, share in enumerate(shares)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return total()
 
 
-def _handle_sqs_message(
+def _handle_sqs_messages(
     client: Any,
     url: str,
-    message: Mapping[str, Any],
+    messages: list[Mapping[str, Any]],
     settings: Settings,
     counts: PollCounts,
     fetcher: sns.CertFetcher | None = None,
     cache: sns.CertCache | None = None,
 ) -> None:
-    sqs_id = message.get("MessageId", "?")
-    try:
-        results = handle_sqs_body(
-            str(message.get("Body", "")), settings, fetcher=fetcher, cache=cache
-        )
-    except sns.SnsVerificationError as exc:
-        if exc.retryable:  # the signing certificate could not be fetched: try again later
-            counts.retry_later += 1
-            log.warning("SQS message %s not verified yet: %s; left for redelivery", sqs_id, exc)
-        else:
-            counts.unverified += 1
+    """One receive's messages: each verified and parsed alone, the good ones applied as
+    one batch (each message all-or-nothing: a group), the applied ones deleted in one
+    call. If the batch fails as a whole, each message is tried alone, so one that cannot
+    be applied stays in the queue by itself."""
+    good: list[tuple[Mapping[str, Any], list[tuple[dict[str, Any], str]]]] = []
+    for message in messages:
+        sqs_id = message.get("MessageId", "?")
+        try:
+            good.append((message, read_sqs_body(str(message.get("Body", "")), settings,
+                                                fetcher=fetcher, cache=cache)))  # fmt: skip
+        except sns.SnsVerificationError as exc:
+            if exc.retryable:  # the signing certificate could not be fetched: try again later
+                counts.retry_later += 1
+                log.warning("SQS message %s not verified yet: %s; left for redelivery", sqs_id, exc)
+            else:
+                counts.unverified += 1
+                log.error(
+                    "SQS message %s refused (%s): %s; not applied, left for the dead-letter queue",
+                    sqs_id,
+                    exc.kind,
+                    exc.reason,
+                )
+        except InvalidNotification as exc:
+            counts.invalid += 1
             log.error(
-                "SQS message %s refused (%s): %s; not applied, left for the dead-letter queue",
-                sqs_id,
-                exc.kind,
-                exc.reason,
+                "SQS message %s is malformed, left for the dead-letter queue: %s", sqs_id, exc
             )
+    if not good:
         return
-    except RetryLater as exc:
-        counts.retry_later += 1
-        log.info("SQS message %s: %s; left for redelivery", sqs_id, exc)
-        return
-    except InvalidNotification as exc:
-        counts.invalid += 1
-        log.error("SQS message %s is malformed, left for the dead-letter queue: %s", sqs_id, exc)
-        return
-    except Exception:
-        counts.failed += 1
-        log.exception("SQS message %s could not be applied; left in the queue", sqs_id)
-        return
-    for result in results:
-        setattr(counts, result.status, getattr(counts, result.status) + 1)
     try:
-        client.delete_message(QueueUrl=url, ReceiptHandle=message["ReceiptHandle"])
-        counts.deleted += 1
+        applied = _apply_sqs_group(good, settings, counts)
     except Exception:
-        # Applied and committed: a redelivery will be recognised as a duplicate.
-        log.exception("SQS message %s applied but not deleted", sqs_id)
+        if len(good) == 1:
+            counts.failed += 1
+            log.exception("SQS message %s could not be applied; left in the queue",
+                          good[0][0].get("MessageId", "?"))  # fmt: skip
+            return
+        log.exception("a batch of %d SQS messages failed; applying them one at a time", len(good))
+        applied = []
+        for one in good:
+            try:
+                applied += _apply_sqs_group([one], settings, counts)
+            except Exception:
+                counts.failed += 1
+                log.exception("SQS message %s could not be applied; left in the queue",
+                              one[0].get("MessageId", "?"))  # fmt: skip
+    _delete_sqs_messages(client, url, applied, counts)
+
+
+def _apply_sqs_group(
+    good: list[tuple[Mapping[str, Any], list[tuple[dict[str, Any], str]]]],
+    settings: Settings,
+    counts: PollCounts,
+) -> list[Mapping[str, Any]]:
+    """Apply the messages' notifications in one transaction; the messages to delete."""
+    items = [item for _, found in good for item in found]
+    groups = [g for g, (_, found) in enumerate(good) for _ in found]
+    with session_scope(settings.database_url) as session:
+        outcomes = apply_batch(session, items, via="sqs", settings=settings, groups=groups)
+    waiting: set[int] = set()
+    for group, outcome in zip(groups, outcomes, strict=True):
+        if isinstance(outcome, RetryLater):
+            if group not in waiting:
+                waiting.add(group)
+                counts.retry_later += 1
+                log.info("SQS message %s: %s; left for redelivery",
+                         good[group][0].get("MessageId", "?"), outcome)  # fmt: skip
+        else:
+            setattr(counts, outcome.status, getattr(counts, outcome.status) + 1)
+    return [message for g, (message, _) in enumerate(good) if g not in waiting]
+
+
+def _delete_sqs_messages(
+    client: Any, url: str, messages: list[Mapping[str, Any]], counts: PollCounts
+) -> None:
+    # Applied and committed: a message not deleted is redelivered and found a repeat.
+    for start in range(0, len(messages), 10):  # SQS deletes at most 10 per call
+        chunk = messages[start : start + 10]
+        entries = [{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(chunk)]
+        try:
+            response = client.delete_message_batch(QueueUrl=url, Entries=entries)
+        except Exception:
+            log.exception("%d SQS messages applied but not deleted", len(chunk))
+            continue
+        failed = response.get("Failed") or []
+        counts.deleted += len(chunk) - len(failed)
+        for entry in failed:
+            which = chunk[int(entry["Id"])].get("MessageId", "?")
+            log.error("SQS message %s applied but not deleted: %s", which, entry.get("Message"))

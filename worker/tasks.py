@@ -564,7 +564,8 @@ def poll_sqs() -> str:
     """Beat (when PAPERMAIL_SQS_QUEUE_URL is set): apply the SES notifications waiting."""
     from worker.events import poll_sqs as poll
 
-    counts = poll(get_settings(), once=True)
+    settings = get_settings()
+    counts = poll(settings, once=True, receivers=settings.sqs_receivers)
     log.info("poll_sqs: %s", counts)
     return str(counts)
 

@@ -672,8 +672,9 @@ class FlakySqs:
             raise ConnectionError("network down")
         return {"Messages": self.batches.pop(0) if self.batches else []}
 
-    def delete_message(self, **kw: Any) -> None:
-        self.deleted.append(kw["ReceiptHandle"])
+    def delete_message_batch(self, **kw: Any) -> dict[str, Any]:
+        self.deleted += [entry["ReceiptHandle"] for entry in kw["Entries"]]
+        return {"Successful": [{"Id": entry["Id"]} for entry in kw["Entries"]], "Failed": []}
 
 
 def test_poll_sqs_once_stops_on_receive_error(settings: Settings) -> None:
@@ -766,3 +767,50 @@ def test_events_of_a_resent_editions_first_copy_still_match(session: Session) ->
     result = apply(session, bounce("first-copy", ["twice@example.org"], "Permanent"))
     assert result.status == "applied" and result.delivery_id == row.id
     assert sub.status == "bounced"
+
+
+class ScriptedSqs:
+    """A thread-safe stand-in serving scripted receives, then empty ones."""
+
+    def __init__(self, batches: list[list[dict[str, Any]]]) -> None:
+        import threading
+
+        self.batches = batches
+        self.lock = threading.Lock()
+        self.deleted: list[str] = []
+
+    def receive_message(self, **kw: Any) -> dict[str, Any]:
+        with self.lock:
+            return {"Messages": self.batches.pop(0) if self.batches else []}
+
+    def delete_message_batch(self, **kw: Any) -> dict[str, Any]:
+        with self.lock:
+            self.deleted += [entry["ReceiptHandle"] for entry in kw["Entries"]]
+        return {"Successful": [{"Id": e["Id"]} for e in kw["Entries"]], "Failed": []}
+
+
+def test_poll_sqs_several_receivers_apply_every_message_once(settings: Settings) -> None:
+    an_hour_ago = utcnow() - timedelta(hours=1)
+    with session_for() as session:
+        subs = [add_subscriber(session, f"r{i}@example.org") for i in range(30)]
+        mids = [add_delivery(session, sub).message_id for sub in subs]
+    bodies = [
+        {"MessageId": f"q{i}", "ReceiptHandle": f"rh-{i}",
+         "Body": json.dumps(envelope(delivered(mid, [sub.email], sent_at=an_hour_ago)))}
+        for i, (mid, sub) in enumerate(zip(mids, subs, strict=True))
+    ]  # fmt: skip
+    bodies.append(dict(bodies[0], ReceiptHandle="rh-again"))  # SQS redelivers one
+    client = ScriptedSqs([bodies[i : i + 10] for i in range(0, len(bodies), 10)])
+    counts = events.poll_sqs(
+        settings.model_copy(update={"sqs_verify_signatures": False}),
+        once=True,
+        client=client,
+        queue_url="http://q",
+        receivers=3,
+    )
+    assert (counts.received, counts.applied, counts.duplicate, counts.deleted) == (31, 30, 1, 31)
+    assert sorted(client.deleted) == sorted(b["ReceiptHandle"] for b in bodies)
+    with session_for() as session:
+        assert count(session, ProviderEvent) == 30
+        states = session.scalars(select(Delivery.state)).all()
+        assert states == ["delivered"] * 30

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
+import shutil
 import sys
+import tempfile
 from collections import Counter
+from typing import IO
 
 import click
 
 from worker import events
 from worker.cli.common import echo_json, require_schema
 from worker.config import get_settings
-from worker.db import session_scope
 from worker.errors import InvalidInput, PapermailError
-from worker.untrusted import loads_json
 
 
 @click.group("events")
@@ -31,55 +33,68 @@ def command() -> None:
 @command.command("apply")
 @click.argument("file", type=click.File("r", encoding="utf-8"))
 @click.option("--json", "as_json", is_flag=True, help="Print the outcome of each as JSON.")
-def apply(file: click.utils.LazyFile, as_json: bool) -> None:
+@click.option(
+    "--batch-size",
+    type=click.IntRange(1, 5000),
+    default=events.BATCH_SIZE,
+    show_default=True,
+    help="Notifications applied per transaction.",
+)
+def apply(file: click.utils.LazyFile, as_json: bool, batch_size: int) -> None:
     """Apply notification JSON from FILE (or - for stdin).
 
     FILE holds one SES notification, one SNS envelope, or a JSON list of either, e.g.
     messages saved from a dead-letter queue. The whole file is checked before anything is
-    applied (signatures are not: you vouch for the file); repeats of notifications already
-    applied change nothing.
+    applied (signatures are not: you vouch for the file); then it is read again and
+    applied in batches, one transaction each. Repeats of notifications already applied
+    change nothing, so a file can always be applied again.
 
     \b
     Example:
       papermail events apply bounces.json
       aws sqs receive-message ... | jq '[.Messages[].Body | fromjson]' | papermail events apply -
     """
-    text = file.read()
-    name = getattr(file, "name", "FILE")
-    try:
-        # An operator's file (a dead-letter queue dump) may be large; its depth is bounded.
-        obj = loads_json(text, what="the file", max_bytes=None)
-    except ValueError as exc:
-        raise InvalidInput(f"{name}: not valid JSON: {exc}") from None
-    items = events.parse_envelope(obj)
+    with contextlib.ExitStack() as stack:
+        stream: IO[str] = file  # type: ignore[assignment]
+        if not stream.seekable():  # stdin: kept in a temporary file to be read twice
+            stream = stack.enter_context(tempfile.TemporaryFile("w+", encoding="utf-8"))
+            shutil.copyfileobj(file, stream)
+        _apply_file(stream, getattr(file, "name", "FILE"), as_json, batch_size)
+
+
+def _apply_file(stream: IO[str], name: str, as_json: bool, batch_size: int) -> None:
+    stream.seek(0)
+    for _ in events.read_file_items(stream, name):  # check everything first
+        pass
     require_schema()
     settings = get_settings()
-    results: list[events.ApplyResult] = []
+    stream.seek(0)
+    counts: Counter[str] = Counter()
+    results: list[dict[str, object]] = []
+    changes: list[str] = []
     retry: list[str] = []
-    with session_scope() as session:
-        for index, (notification, key) in enumerate(items):
-            try:
-                results.append(
-                    events.apply_notification(
-                        session, notification, dedupe_key=key, via="file", settings=settings
-                    )
-                )
-            except events.RetryLater as exc:
-                retry.append(f"item {index}: {exc}")
-    counts = Counter(r.status for r in results)
+    outcomes = events.apply_in_batches(
+        events.read_file_items(stream, name), via="file", batch_size=batch_size, settings=settings
+    )
+    for index, outcome in enumerate(outcomes):
+        if isinstance(outcome, events.RetryLater):
+            retry.append(f"item {index}: {outcome}")
+            continue
+        counts[outcome.status] += 1
+        if as_json:
+            results.append(outcome.as_dict())
+        else:
+            changes.extend(outcome.changes)
     summary = {
         status: counts.get(status, 0) for status in ("applied", "duplicate", "orphan", "ignored")
     }
     summary["retry_later"] = len(retry)
     if as_json:
-        echo_json(
-            {"counts": summary, "results": [r.as_dict() for r in results], "retry_later": retry}
-        )
+        echo_json({"counts": summary, "results": results, "retry_later": retry})
     else:
         click.echo(", ".join(f"{k.replace('_', ' ')} {v}" for k, v in summary.items()))
-        for result in results:
-            for change in result.changes:
-                click.echo(f"  {change}")
+        for change in changes:
+            click.echo(f"  {change}")
     if retry:
         for line in retry:
             click.echo(line, err=True)
@@ -118,7 +133,8 @@ def poll_sqs(
     Each message is deleted only after it is applied. Messages about sends not recorded
     yet, malformed ones and ones that fail SNS signature verification (on by default:
     PAPERMAIL_SQS_VERIFY_SIGNATURES, topics in PAPERMAIL_SNS_TOPIC_ARNS) stay in the queue
-    (the last two reach its dead-letter queue). Runs until Ctrl-C unless --once.
+    (the last two reach its dead-letter queue). Each receive is applied as one batch;
+    PAPERMAIL_SQS_RECEIVERS loops receive side by side. Runs until Ctrl-C unless --once.
 
     \b
     Example:
@@ -146,6 +162,7 @@ def poll_sqs(
             wait_seconds=wait_seconds,
             queue_url=queue_url,
             on_batch=progress,
+            receivers=settings.sqs_receivers,
         )
     except KeyboardInterrupt:
         click.echo("stopped", err=True)

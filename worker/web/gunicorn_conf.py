@@ -6,7 +6,8 @@ Access lines go to stdout in gunicorn's usual (combined) format, except that lin
 are replaced by ``[token]`` in every atom (request line, path, query, referer, headers,
 environ), so ``GET /preferences/[token] HTTP/1.1`` keeps the shape of the request and none
 of the capability. gunicorn's own error log is redacted the same way. Command-line flags
-(``--bind``, ``--workers``, ``--access-logfile``) still override what is set here.
+(``--bind``, ``--workers``, ``--threads``, ``--access-logfile``) still override what is set
+here.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ from worker.redact import redact_tokens
 from worker.web.logs import RedactTokens
 
 accesslog = "-"
+# Threads per worker (gthread): concurrent SNS deliveries to one process are applied as
+# one batch (worker.events.Coalescer), 16 per worker measured best (bench/events.py).
+threads = 16
 logger_class = "worker.web.gunicorn_conf.RedactingLogger"
 
 

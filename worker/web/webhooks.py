@@ -22,8 +22,13 @@ from werkzeug.exceptions import RequestEntityTooLarge
 
 from worker import sns
 from worker.config import Settings
-from worker.db import session_scope
-from worker.events import InvalidNotification, RetryLater, apply_notification, parse_envelope
+from worker.events import (
+    ApplyResult,
+    Coalescer,
+    InvalidNotification,
+    RetryLater,
+    parse_envelope,
+)
 from worker.untrusted import MAX_JSON_BYTES, UnsafeJSON, loads_json
 from worker.web import app_settings
 
@@ -36,6 +41,15 @@ _STATUS = {"malformed": 400, "refused": 403, "unavailable": 503}
 
 def _answer(code: int, **body: Any) -> ResponseReturnValue:
     return jsonify(body), code
+
+
+def _coalescer(settings: Settings) -> Coalescer:
+    found = current_app.extensions.get("papermail_events")
+    if found is None or found.settings is not settings:
+        found = current_app.extensions.setdefault(
+            "papermail_events", Coalescer(settings, via="sns")
+        )
+    return found  # type: ignore[no-any-return]
 
 
 def sns_client(settings: Settings, region: str) -> Any:
@@ -100,17 +114,14 @@ def ses_webhook() -> ResponseReturnValue:
             exc,
         )
         return _answer(400, error=str(exc))
-    try:
-        with session_scope(settings.database_url) as session:
-            results = [
-                apply_notification(
-                    session, notification, dedupe_key=key, via="sns", settings=settings
-                )
-                for notification, key in items
-            ]
-    except RetryLater as exc:
-        log.info("SNS webhook: %s", exc)
-        return _answer(503, error=str(exc))
+    # Concurrent requests of this process are applied together (one transaction), each
+    # answered with its own outcome: see worker.events.Coalescer.
+    outcomes = _coalescer(settings).apply(items)
+    waiting = next((o for o in outcomes if isinstance(o, RetryLater)), None)
+    if waiting is not None:
+        log.info("SNS webhook: %s", waiting)
+        return _answer(503, error=str(waiting))
+    results = [o for o in outcomes if isinstance(o, ApplyResult)]
     result = results[0]
     log.info(
         "SNS webhook: %s %s delivery=%s %s",

@@ -1,0 +1,274 @@
+"""Batched apply == one by one: the same stream of notifications applied one at a time
+(each in its own transaction, as the webhook does) and in batches (`apply_in_batches`,
+as `events apply` and the SQS consumer do) leaves identical delivery, subscriber, event
+and log rows, and gives identical outcomes. On SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import date, timedelta
+from typing import Any
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.orm import Session
+
+from tests.unit.test_events import (
+    NOW,
+    add_delivery,
+    add_subscriber,
+    bounce,
+    complaint,
+    delivered,
+    envelope,
+    simple,
+)
+from worker import clock, config, events
+from worker.db import Base, get_engine, session_scope
+from worker.models import DeliveryAttempt
+
+GUARDED = date(2026, 11, 28)  # an edition small enough for the guard to trip mid-stream
+TABLES = ["subscribers", "deliveries", "delivery_attempts", "provider_events",
+          "subscriber_log", "control_flags"]  # fmt: skip
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    request.getfixturevalue("settings" if request.param == "sqlite" else "pg_env")
+    # Small thresholds so the reputation guard trips inside a batch.
+    monkeypatch.setenv("PAPERMAIL_REPUTATION_MIN_SAMPLE", "5")
+    monkeypatch.setenv("PAPERMAIL_BOUNCE_RATE_LIMIT", "0.45")
+    monkeypatch.setenv("PAPERMAIL_COMPLAINT_RATE_LIMIT", "0.5")
+    monkeypatch.setenv("PAPERMAIL_SOFT_BOUNCE_LIMIT", "3")
+    config.reset_settings()
+    with clock.installed(lambda: NOW):  # every stamp the same in both runs
+        yield request.param
+
+
+def world(session: Session) -> dict[str, str]:
+    """Subscribers and sent deliveries; returns the message id of each named send."""
+    ids: dict[str, str] = {}
+    people = ["ann", "bob", "carol", "dave", "erin", "fay", "gus"]
+    subs = {
+        name: add_subscriber(
+            session, f"{name}@example.org", soft_bounce_count=1 if name == "carol" else 0
+        )
+        for name in people
+    }
+    for name, sub in subs.items():
+        ids[name] = add_delivery(session, sub, message_id=f"m-{name}").message_id or ""
+    # carol's weekly edition of the next day too: two soft bounces in one batch.
+    ids["carol2"] = add_delivery(session, subs["carol"], edition=GUARDED + timedelta(days=7),
+                                 message_id="m-carol2").message_id or ""  # fmt: skip
+    # gus's edition was re-sent: events about the first copy still count.
+    session.add(DeliveryAttempt(delivery_id=session.get_one(type(subs["gus"]), subs["gus"].id)
+                                .deliveries[0].id, kind="send", message_id="m-gus-first",
+                                outcome="sent"))  # fmt: skip
+    for i in range(6):  # the guarded edition: 6 sends, the guard trips at 3 hard bounces
+        sub = add_subscriber(session, f"g{i}@example.org")
+        ids[f"g{i}"] = add_delivery(session, sub, edition=GUARDED,
+                                    message_id=f"m-g{i}").message_id or ""  # fmt: skip
+    session.flush()
+    return ids
+
+
+def stream(ids: dict[str, str]) -> list[tuple[dict[str, Any], str | None]]:
+    young = NOW - timedelta(seconds=30)
+    old = NOW - timedelta(hours=2)
+    ann_delivered = delivered(ids["ann"], ["ann@example.org"])
+    no_key = complaint(ids["dave"], ["dave@example.org"])
+    young_unknown = bounce("m-not-yet", ["zoe@example.org"], sent_at=young)
+    out: list[tuple[dict[str, Any], str | None]] = [
+        (ann_delivered, "k-ann"),
+        (ann_delivered, "k-ann"),  # a repeat within the batch
+        (bounce(ids["bob"], ["bob@example.org"]), "k-bob-bounce"),
+        (delivered(ids["bob"], ["bob@example.org"]), "k-bob-delivery"),  # after the bounce
+        (bounce(ids["carol"], ["carol@example.org"], "Transient"), "k-carol-1"),
+        (bounce(ids["carol2"], ["carol@example.org"], "Transient"), "k-carol-2"),  # crosses 3
+        (no_key, None),  # deduplicated by content
+        (no_key, None),
+        (bounce("m-gone", ["yan@example.org"], sent_at=old), "k-orphan"),
+        (young_unknown, "k-young"),  # retry later
+        (young_unknown, "k-young"),  # and its repeat too: nothing was stored
+        (bounce(ids["erin"], ["erin@example.org", "ann@example.org"]), "k-multi"),
+        (complaint(ids["fay"], ["nobody@example.org"]), "k-not-hers"),  # stored unlinked
+        (bounce("m-gus-first", ["gus@example.org"]), "k-gus"),
+        (simple("Reject", ids["fay"], ["fay@example.org"], {"reason": "Bad content"}), "k-rej"),
+        (simple("Open", ids["ann"], ["ann@example.org"], {"timestamp": "x"}), "k-open"),
+        (delivered(ids["bob"], ["bob@example.org"]), "k-bob-bounce"),  # same key, new content
+    ]
+    for i in range(4):  # hard bounces in the guarded edition: trips at the third
+        out.append((bounce(ids[f"g{i}"], [f"g{i}@example.org"]), f"k-g{i}"))
+    out.append((delivered(ids["g5"], ["g5@example.org"]), "k-g5"))
+    out.append((envelope(delivered(ids["g4"], ["g4@example.org"]), "sns-g4"), None))
+    return out
+
+
+def outcomes(found: list[events.ApplyResult | events.RetryLater]) -> list[Any]:
+    return [f"retry: {o}" if isinstance(o, events.RetryLater) else o.as_dict() for o in found]
+
+
+def snapshot() -> dict[str, list[dict[str, Any]]]:
+    with get_engine().connect() as conn:
+        return {
+            name: [
+                dict(r._mapping) for r in conn.execute(text(f'SELECT * FROM "{name}" ORDER BY 1'))
+            ]
+            for name in TABLES
+        }
+
+
+def reset(backend: str) -> None:
+    with get_engine().begin() as conn:
+        if backend == "postgres":
+            names = ", ".join(f'"{t.name}"' for t in Base.metadata.sorted_tables)
+            conn.execute(text(f"TRUNCATE {names} RESTART IDENTITY CASCADE"))
+        else:
+            for table in reversed(Base.metadata.sorted_tables):
+                conn.execute(table.delete())
+
+
+def run(
+    backend: str, given: list[tuple[dict[str, Any], str | None]], how: str, size: int = 0
+) -> tuple[list[Any], dict[str, Any]]:
+    reset(backend)
+    with session_scope() as session:
+        world(session)
+    items = []
+    for obj, key in given:
+        if key is None and "Type" in obj:  # an SNS envelope: its MessageId is the key
+            items += events.parse_envelope(obj)
+        else:
+            items.append((obj, key))
+    found: list[events.ApplyResult | events.RetryLater] = []
+    if how == "one":
+        for notification, key in items:
+            try:
+                with session_scope() as session:
+                    found.append(
+                        events.apply_notification(session, notification, dedupe_key=key, via="x")
+                    )
+            except events.RetryLater as exc:
+                found.append(exc)
+    else:
+        found = list(events.apply_in_batches(items, via="x", batch_size=size))
+    return outcomes(found), snapshot()
+
+
+def test_batches_give_the_outcome_of_one_by_one(backend: str) -> None:
+    reset(backend)
+    with session_scope() as session:
+        given = stream(world(session))  # built once: builders add random feedback ids
+    want_outcomes, want_rows = run(backend, given, "one")
+    # The stream does what it is meant to (so the comparison is not of two empty runs).
+    statuses = {r["email"]: (r["status"], r["soft_bounce_count"]) for r in want_rows["subscribers"]}
+    assert statuses["bob@example.org"][0] == "bounced"
+    assert statuses["carol@example.org"] == ("bounced", 3)
+    assert statuses["dave@example.org"][0] == "complained"
+    assert statuses["ann@example.org"][0] == "active"  # listed by erin's bounce: ignored
+    assert statuses["gus@example.org"][0] == "bounced"
+    assert [o for o in want_outcomes if isinstance(o, str)] == [want_outcomes[9]] * 2
+    tripped = [o for o in want_outcomes if isinstance(o, dict)
+               and any(c.startswith("sending paused") for c in o["changes"])]  # fmt: skip
+    assert len(tripped) == 1 and tripped[0]["dedupe_key"] == "k-g2"
+    assert "(3 hard bounces)" in tripped[0]["changes"][-1]
+    for size in (len(want_outcomes), 5, 2):
+        got_outcomes, got_rows = run(backend, given, "batch", size)
+        assert got_outcomes == want_outcomes, f"batch size {size}"
+        assert got_rows == want_rows, f"batch size {size}"
+
+
+def test_sqs_groups_are_all_or_nothing(backend: str) -> None:
+    """One SQS message (a group) with a notification that must wait writes nothing; the
+    other messages of the batch apply."""
+    reset(backend)
+    with session_scope() as session:
+        ids = world(session)
+    young = bounce("m-not-yet", ["zoe@example.org"], sent_at=NOW - timedelta(seconds=5))
+    items = [
+        (delivered(ids["ann"], ["ann@example.org"]), "a"),
+        (bounce(ids["bob"], ["bob@example.org"]), "b"),  # same group as the young one
+        (young, "c"),
+        (delivered(ids["bob"], ["bob@example.org"]), "d"),
+    ]
+    with session_scope() as session:
+        found = events.apply_batch(session, items, via="sqs", groups=[0, 1, 1, 2])
+    assert [type(o).__name__ for o in found] == [
+        "ApplyResult", "RetryLater", "RetryLater", "ApplyResult"]  # fmt: skip
+    rows = snapshot()
+    assert sorted(r["dedupe_key"] for r in rows["provider_events"]) == ["a", "d"]
+    states = {r["message_id"]: r["state"] for r in rows["deliveries"]}
+    assert states["m-bob"] == "delivered" and states["m-ann"] == "delivered"
+
+
+def test_invalid_item_in_a_batch_applies_nothing(backend: str) -> None:
+    reset(backend)
+    with session_scope() as session:
+        ids = world(session)
+    broken = bounce(ids["bob"], ["bob@example.org"])
+    del broken["bounce"]["bounceType"]
+    before = snapshot()
+    problem = r"item 1: field 'bounce\.bounceType'"
+    with pytest.raises(events.InvalidNotification, match=problem), session_scope() as session:
+        events.apply_batch(session, [(delivered(ids["ann"], ["ann@example.org"]), "a"),
+                                         (broken, "b")], via="x")  # fmt: skip
+    assert snapshot() == before
+
+
+def test_coalescer_answers_each_caller_its_own_outcome(backend: str) -> None:
+    """Concurrent callers (the webhook's request threads) share batches; each gets what it
+    would get alone: applied, a repeat, or retry later for its own young unknown message."""
+    import threading
+
+    reset(backend)
+    with session_scope() as session:
+        ids = world(session)
+    young = bounce("m-not-yet", ["zoe@example.org"], sent_at=NOW - timedelta(seconds=5))
+    calls = [[(delivered(ids[f"g{i}"], [f"g{i}@example.org"]), f"c{i}")] for i in range(6)]
+    calls += [[(delivered(ids["g0"], ["g0@example.org"]), "c0")], [(young, "c-young")]]
+    coalescer = events.Coalescer(config.get_settings(), via="sns", max_batch=3)
+    answers: dict[int, Any] = {}
+    start = threading.Barrier(len(calls))
+
+    def call(n: int) -> None:
+        start.wait()
+        answers[n] = outcomes(coalescer.apply(calls[n]))[0]
+
+    threads = [threading.Thread(target=call, args=(n,)) for n in range(len(calls))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert not any(thread.is_alive() for thread in threads)
+    statuses = {n: a if isinstance(a, str) else a["status"] for n, a in answers.items()}
+    assert [statuses[n] for n in range(6)].count("applied") + (statuses[6] == "applied") == 6
+    assert sorted(statuses[n] for n in (0, 6)) == ["applied", "duplicate"]
+    assert statuses[7].startswith("retry:")
+    rows = snapshot()
+    assert sorted(r["dedupe_key"] for r in rows["provider_events"]) == [f"c{i}" for i in range(6)]
+    guarded = {f"m-g{i}" for i in range(6)}
+    assert {r["state"] for r in rows["deliveries"] if r["message_id"] in guarded} == {"delivered"}
+
+
+def test_coalescer_keeps_a_failure_to_its_caller(
+    backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch that fails is retried caller by caller: only the failing caller gets it."""
+    reset(backend)
+    with session_scope() as session:
+        ids = world(session)
+    real = events.apply_batch
+
+    def fragile(session: Session, items: Any, **kw: Any) -> Any:
+        if any(key == "poison" for _, key in items):
+            raise RuntimeError("boom")
+        return real(session, items, **kw)
+
+    monkeypatch.setattr(events, "apply_batch", fragile)
+    coalescer = events.Coalescer(config.get_settings(), via="sns")
+    good = events._Job([(delivered(ids["ann"], ["ann@example.org"]), "ok")])
+    bad = events._Job([(delivered(ids["bob"], ["bob@example.org"]), "poison")])
+    coalescer._run([good, bad])
+    assert good.outcomes is not None and good.outcomes[0].status == "applied"  # type: ignore[union-attr]
+    assert isinstance(bad.error, RuntimeError) and bad.outcomes is None
+    assert [r["dedupe_key"] for r in snapshot()["provider_events"]] == ["ok"]
