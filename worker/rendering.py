@@ -637,10 +637,40 @@ def list_id_header(value: str) -> str:
     return f"{phrase} <{ident}>" if phrase else f"<{ident}>"
 
 
+def _qp_line(line: str) -> bytes:
+    # b2a_qp with a newline after the line, as inside the text: trailing blanks encoded.
+    encoded = binascii.b2a_qp(line.encode() + b"\n", quotetabs=False, istext=True)[:-1]
+    return encoded.replace(b"=\n", b"=\r\n")  # its soft line breaks, CRLF
+
+
+_QP_LINES: dict[str, bytes] = {}
+
+
 def _qp(text: str) -> bytes:
-    # One line-ending convention in, CRLF out; b2a_qp (C) soft-wraps at 76 columns.
-    body = text.replace("\r\n", "\n").replace("\r", "\n").encode()
-    return binascii.b2a_qp(body, quotetabs=False, istext=True, header=False).replace(b"\n", b"\r\n")
+    """``b2a_qp`` of the text (soft-wrapped at 76 columns), with CRLF line endings.
+
+    Quoted-printable encodes each line on its own, and most lines of a digest (the
+    abstracts, titles, paper links, the footer) recur in every email of an edition, so a
+    line's encoding is looked up instead of recomputed: b2a_qp, char by char, cost about
+    a sixth of a whole render. tests/unit/test_render_golden.py and test_rendering.py
+    check the result against one b2a_qp of the whole text."""
+    if "\r" in text:  # one line-ending convention in, CRLF out
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    lines = text.split("\n")
+    last = lines.pop()  # after the final newline: "" for a text that ends with one
+    cache = _QP_LINES
+    if len(cache) > 50_000:  # per-subscriber lines (links) would grow it without end
+        cache.clear()
+    out = []
+    for line in lines:
+        encoded = cache.get(line)
+        if encoded is None:
+            encoded = cache[line] = _qp_line(line)
+        out.append(encoded)
+    # The end of the data has its own rule (a final blank or lone "." is encoded).
+    tail = binascii.b2a_qp(last.encode(), quotetabs=False, istext=True) if last else b""
+    out.append(tail.replace(b"=\n", b"=\r\n"))
+    return b"\r\n".join(out)
 
 
 def _base64_lines(data: bytes) -> bytes:

@@ -382,3 +382,46 @@ def test_base64_body_matches_the_stdlib(size: int) -> None:
 
     data = (bytes(range(256)) * (size // 256 + 1))[:size]
     assert rendering._base64_lines(data) == base64.encodebytes(data).replace(b"\n", b"\r\n")
+
+
+def _qp_reference(text: str) -> bytes:
+    # The encoding before the per-line cache: one b2a_qp over the whole text.
+    import binascii
+
+    body = text.replace("\r\n", "\n").replace("\r", "\n").encode()
+    return binascii.b2a_qp(body, quotetabs=False, istext=True, header=False).replace(b"\n", b"\r\n")
+
+
+QP_EDGES = [
+    "",
+    "\n",
+    "a",
+    ".",
+    ".\n",
+    "a.\n.\n. \n",
+    "trailing space \nand tab\t\nend ",
+    "end\t",
+    "x" * 75 + "\n" + "y" * 76 + "\n" + "z" * 77 + "\n" + "=" * 80,
+    "crlf\r\nlines\rmixed\n\n\n",
+    "Zoë · 数据 = 1\n" * 3 + "\x00.\n\x7f\n",
+    " " * 100 + "\n" + "\t" * 30,
+]
+
+
+@pytest.mark.parametrize("text", QP_EDGES)
+def test_quoted_printable_matches_one_b2a_qp(text: str) -> None:
+    assert rendering._qp(text) == _qp_reference(text)
+    assert rendering._qp(text) == _qp_reference(text)  # again, from the line cache
+
+
+def test_quoted_printable_matches_one_b2a_qp_on_random_text() -> None:
+    import random
+
+    rng = random.Random(12)
+    alphabet = ["a", "b", " ", "\t", "=", ".", "\n", "\r", "é", "数", "\x00", "~", "_"]
+    for _ in range(2000):
+        pieces = rng.choices(alphabet, k=rng.randrange(0, 200))
+        if rng.random() < 0.3:
+            pieces.insert(rng.randrange(len(pieces) + 1), "w" * rng.randrange(60, 200))
+        text = "".join(pieces)
+        assert rendering._qp(text) == _qp_reference(text), repr(text)
