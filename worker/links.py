@@ -20,8 +20,7 @@ confirm        /confirm/<token>          {"s": subscriber id}  (valid 7 days)
 
 from __future__ import annotations
 
-import base64
-import hmac
+import binascii
 import json
 from collections.abc import Callable
 from functools import lru_cache
@@ -105,11 +104,19 @@ class _Minter:
     key derivation and zlib attempt (useless on a few-byte payload): a digest holds
     a dozen links, and 10,000 digests must render in seconds."""
 
-    __slots__ = ("_mac", "_stamp")
+    __slots__ = ("_inner", "_outer", "_stamp")
 
     def __init__(self, purpose: str, keys: tuple[str, ...]) -> None:
         signer = _serializer(purpose, keys).make_signer(salt(purpose))
-        self._mac = hmac.new(signer.derive_key(), digestmod=signer.digest_method)
+        # HMAC (RFC 2104) from its two keyed hash states: copying two C hash objects per
+        # link costs half of what ``hmac.HMAC.copy`` (Python) does; the bytes are the same.
+        key = signer.derive_key()
+        probe = signer.digest_method()
+        if len(key) > probe.block_size:
+            key = signer.digest_method(key).digest()
+        key = key.ljust(probe.block_size, b"\0")
+        self._inner = signer.digest_method(key.translate(_IPAD))
+        self._outer = signer.digest_method(key.translate(_OPAD))
         self._stamp: tuple[int, bytes] = (-1, b"")  # one attribute: threads swap it whole
 
     def mint(self, payload: dict[str, Any]) -> str:
@@ -123,13 +130,21 @@ class _Minter:
             stamp = b"." + _b64(int_to_bytes(now))
             self._stamp = (now, stamp)
         body = _b64(payload_json) + stamp
-        mac = self._mac.copy()
-        mac.update(body)
-        return (body + b"." + _b64(mac.digest())).decode("ascii")
+        inner = self._inner.copy()
+        inner.update(body)
+        outer = self._outer.copy()
+        outer.update(inner.digest())
+        return (body + b"." + _b64(outer.digest())).decode("ascii")
+
+
+_IPAD = bytes(x ^ 0x36 for x in range(256))
+_OPAD = bytes(x ^ 0x5C for x in range(256))
+_URLSAFE = bytes.maketrans(b"+/", b"-_")
 
 
 def _b64(data: bytes) -> bytes:
-    return base64.urlsafe_b64encode(data).rstrip(b"=")
+    # base64.urlsafe_b64encode without its Python-level wrapper.
+    return binascii.b2a_base64(data, newline=False).translate(_URLSAFE).rstrip(b"=")
 
 
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True).encode
