@@ -158,5 +158,5 @@ def test_minted_tokens_are_what_itsdangerous_makes_for_any_key(
     reference = URLSafeTimedSerializer(
         ["old", key], salt=f"papermail.{purpose}.v1", signer=links._ClockSigner
     )
-    for payload in (PAYLOADS[purpose], {"s": 2**40, "p": "é", "v": 1}):
+    for payload in (PAYLOADS[purpose], {"s": 2**40, "p": "2611.99999v2", "v": 1}):
         assert links.make_token(purpose, payload, settings) == reference.dumps(payload)
