@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import binascii
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import lru_cache
 from typing import Any
 
@@ -124,17 +124,27 @@ class _Minter:
 
     def mint_json(self, payload_json: bytes) -> str:
         """Mint from the payload already in compact JSON (a hot loop's shortcut)."""
+        return self.mint_json_many((payload_json,))[0]
+
+    def mint_json_many(self, payloads_json: Sequence[bytes]) -> list[str]:
+        """Mint several links at once (one email's), all stamped with the same second."""
         now = int(_clock())
         at, stamp = self._stamp
         if now != at:  # racing threads may both recompute: harmless
             stamp = b"." + _b64(int_to_bytes(now))
             self._stamp = (now, stamp)
-        body = _b64(payload_json) + stamp
-        inner = self._inner.copy()
-        inner.update(body)
-        outer = self._outer.copy()
-        outer.update(inner.digest())
-        return (body + b"." + _b64(outer.digest())).decode("ascii")
+        b2a, urlsafe = binascii.b2a_base64, _URLSAFE
+        inner_key, outer_key = self._inner, self._outer
+        out = []
+        for payload_json in payloads_json:
+            body = b2a(payload_json, newline=False).translate(urlsafe).rstrip(b"=") + stamp
+            inner = inner_key.copy()
+            inner.update(body)
+            outer = outer_key.copy()
+            outer.update(inner.digest())
+            mac = b2a(outer.digest(), newline=False).translate(urlsafe).rstrip(b"=")
+            out.append((body + b"." + mac).decode("ascii"))
+        return out
 
 
 _IPAD = bytes(x ^ 0x36 for x in range(256))
@@ -157,6 +167,13 @@ def _minter(purpose: str, keys: tuple[str, ...]) -> _Minter:
 
 def _keys(settings: Settings | None) -> tuple[str, ...]:
     return tuple((settings or get_settings()).signing_keys)
+
+
+def json_many_minter(
+    purpose: str, settings: Settings | None = None
+) -> Callable[[Sequence[bytes]], list[str]]:
+    """Like :func:`json_minter` for a batch of payloads (one clock read for all)."""
+    return _minter(_check_purpose(purpose), _keys(settings)).mint_json_many
 
 
 def minter(purpose: str, settings: Settings | None = None) -> Callable[[dict[str, Any]], str]:

@@ -402,6 +402,8 @@ QP_EDGES = [
     "trailing space \nand tab\t\nend ",
     "end\t",
     "x" * 75 + "\n" + "y" * 76 + "\n" + "z" * 77 + "\n" + "=" * 80,
+    "u" * 75 + ".\n" + "v" * 150 + ".\n" + "w" * 151 + "\n" + "a " * 80 + "\n" + "b" * 75 + " c",
+    "   More like this: https://papermail.example.org/feedback/" + "eyJzIjo0Mn0" * 9 + "\n",
     "crlf\r\nlines\rmixed\n\n\n",
     "Zoë · 数据 = 1\n" * 3 + "\x00.\n\x7f\n",
     " " * 100 + "\n" + "\t" * 30,
@@ -419,7 +421,12 @@ def test_quoted_printable_matches_one_b2a_qp_on_random_text() -> None:
 
     rng = random.Random(12)
     alphabet = ["a", "b", " ", "\t", "=", ".", "\n", "\r", "é", "数", "\x00", "~", "_"]
-    for _ in range(2000):
+    plain = ["x", "/", ":", "-", " ", "."]  # long printable lines: the soft-break rule
+    for n in range(4000):
+        if n % 2:
+            line = "".join(rng.choices(plain, k=rng.randrange(60, 320)))
+            assert rendering._qp(line + "\n") == _qp_reference(line + "\n"), repr(line)
+            continue
         pieces = rng.choices(alphabet, k=rng.randrange(0, 200))
         if rng.random() < 0.3:
             pieces.insert(rng.randrange(len(pieces) + 1), "w" * rng.randrange(60, 200))
