@@ -432,3 +432,30 @@ def test_quoted_printable_matches_one_b2a_qp_on_random_text() -> None:
             pieces.insert(rng.randrange(len(pieces) + 1), "w" * rng.randrange(60, 200))
         text = "".join(pieces)
         assert rendering._qp(text) == _qp_reference(text), repr(text)
+
+
+def test_field_reads_skip_the_sandbox_only_for_paper_views() -> None:
+    # Templates compile ``x.title`` to a plain read only when x is exactly a paper view;
+    # anything else (a dict, another object) takes the sandbox's checked getattr as before.
+    from jinja2.exceptions import SecurityError, UndefinedError
+
+    env = rendering._html_env()
+    fields = dict.fromkeys(rendering._Item._fields, "")
+    item = rendering._Item(**{**fields, "title": "<b>t</b>", "upvotes": 3})
+    template = env.from_string("{{ p.title }}|{{ p.upvotes + 1 }}|{{ d.title }}|{{ (d).url }}")
+    assert template.render(p=item, d={"title": "from a dict", "url": "u"}) == (
+        "&lt;b&gt;t&lt;/b&gt;|4|from a dict|u"
+    )
+
+    class Other:
+        title = "other"
+
+    assert env.from_string("{{ o.title }}{{ p.title.upper() }}").render(o=Other(), p=item) == (
+        "other&lt;B&gt;T&lt;/B&gt;"
+    )
+    with pytest.raises(UndefinedError):
+        env.from_string("{{ o.url }}").render(o=Other())
+    with pytest.raises(SecurityError):  # the checked path still guards what follows
+        env.from_string("{{ p.title.__class__.__mro__ }}").render(p=item)
+    with pytest.raises(SecurityError):
+        env.from_string("{{ p.authors.__class__.__subclasses__() }}").render(p=item)
