@@ -143,9 +143,26 @@ def short_authors(authors: Sequence[str], keep: int = 3) -> str:
 
 @lru_cache(maxsize=8192)
 def _wrap(text: str, indent: str = "") -> str:
-    return textwrap.fill(
-        text, TEXT_WIDTH, initial_indent=indent, subsequent_indent=indent, break_on_hyphens=False
-    )
+    """``textwrap.fill`` at TEXT_WIDTH (no hyphen breaks), every line indented."""
+    words = text.split(" ")
+    width = TEXT_WIDTH - len(indent)
+    # textwrap splits on ASCII whitespace only; with single spaces between words that
+    # all fit a line (the usual case: one footer per email, textwrap a tenth of the
+    # render) it is the greedy fill below. Anything else is left to textwrap itself.
+    if not text or "" in words or max(map(len, words)) > width or not text.isprintable():
+        return textwrap.fill(
+            text, TEXT_WIDTH, initial_indent=indent, subsequent_indent=indent,
+            break_on_hyphens=False,
+        )  # fmt: skip
+    lines, line = [], words[0]
+    for word in words[1:]:
+        if len(line) + 1 + len(word) <= width:
+            line += " " + word
+        else:
+            lines.append(indent + line)
+            line = word
+    lines.append(indent + line)
+    return "\n".join(lines)
 
 
 _MONTHS = (

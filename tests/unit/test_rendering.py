@@ -459,3 +459,22 @@ def test_field_reads_skip_the_sandbox_only_for_paper_views() -> None:
         env.from_string("{{ p.title.__class__.__mro__ }}").render(p=item)
     with pytest.raises(SecurityError):
         env.from_string("{{ p.authors.__class__.__subclasses__() }}").render(p=item)
+
+
+def test_wrap_is_textwrap_fill() -> None:
+    import random
+    import textwrap
+
+    rng = random.Random(5)
+    pieces = ["a", "bb", "reader@example.org,", "Ünïcode", "x" * 71, "y" * 72, "z" * 80, "-"]
+    texts = ["", " ", "a  b", " lead", "trail ", "tab\there", "nbsp\xa0word", "line\nbreak"]
+    for _ in range(3000):
+        sep = rng.choice([" ", " ", " ", "  ", "\t"])
+        texts.append(sep.join(rng.choices(pieces, k=rng.randrange(1, 30))))
+    for text in texts:
+        for indent in ("", "   "):
+            rendering._wrap.cache_clear()
+            want = textwrap.fill(
+                text, 72, initial_indent=indent, subsequent_indent=indent, break_on_hyphens=False
+            )
+            assert rendering._wrap(text, indent) == want, (text, indent)
