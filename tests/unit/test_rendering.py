@@ -478,3 +478,35 @@ def test_wrap_is_textwrap_fill() -> None:
                 text, 72, initial_indent=indent, subsequent_indent=indent, break_on_hyphens=False
             )
             assert rendering._wrap(text, indent) == want, (text, indent)
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "{{ s }}|{{ n }}|{{ m }}|{{ s|safe }}|{{ s|e }}|{{ s ~ m }}|{{ q }}",
+        "{% autoescape false %}{{ s }}{% endautoescape %}{{ s }}",
+        "{% macro b(x) %}<b>{{ x }}</b>{% endmacro %}{{ b(s) }}{{ b(m) }}",
+        "{% set block %}<i>{{ s }}</i>{% endset %}{{ block }}{{ block|length }}",
+        "{% for c in s %}{{ loop.index }}{{ c }}{% endfor %}{{ u|safe_url }}",
+        "{% if p.title %}{{ p.title }}{% endif %}{{ p.abstract|upper }}{{ p.upvotes * 2 }}",
+    ],
+)
+def test_compiled_templates_render_what_jinjas_sandbox_renders(source: str) -> None:
+    from jinja2 import StrictUndefined
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    from markupsafe import Markup
+
+    plain = ImmutableSandboxedEnvironment(autoescape=True, undefined=StrictUndefined)
+    plain.filters["safe_url"] = rendering.safe_url
+    fields = dict.fromkeys(rendering._Item._fields, "")
+    item = rendering._Item(**{**fields, "title": "<t>", "abstract": "a'b\"c&", "upvotes": 2})
+    values = {
+        "s": "<a href='x'>&\"</a>",
+        "n": 42,
+        "m": Markup("<em>ok</em>"),
+        "q": None,
+        "u": "HTTPS://e.org/?a=1&b=<2>",
+        "p": item,
+    }
+    want = plain.from_string(source).render(values)
+    assert rendering._html_env().from_string(source).render(values) == want
