@@ -9,6 +9,10 @@ Compile (once per template version, cached in memory and, sealed, in a private d
     rows), an expression becomes a bare alphanumeric word (safe in text and attributes).
 Fill (per email): the Jinja render, a dozen signed links and a hand-built MIME message
 (the stdlib ``EmailMessage`` costs more than the whole render; tests parse ours back).
+The fill is the hot loop of a send (bench/render.py): templates compile through a code
+generator that reads paper-view fields without a sandbox call and escapes without a
+Markup per value, quoted-printable lines recur across an edition and are looked up, and
+tests/unit/test_render_golden.py holds every byte of the output to a golden file.
 """
 
 from __future__ import annotations
