@@ -867,22 +867,6 @@ _CLAIM_IF_SENDABLE = _CLAIM.where(
         )
     )
 )
-# A late record still wins over the reaper's `unknown`: the provider did accept it.
-_RECORD_SENT = (
-    update(_D)
-    .where(
-        _D.c.id == bindparam("did"),
-        _D.c.state.in_([DeliveryState.SENDING.value, DeliveryState.UNKNOWN.value]),
-    )
-    .values(
-        state=DeliveryState.SENT.value,
-        message_id=bindparam("mid"),
-        sent_at=bindparam("sent_at"),
-        finished_at=bindparam("finished_at"),
-        last_error=None,
-        updated_at=bindparam("updated_at"),
-    )
-)
 _INSERT_ATTEMPT = insert(_A)
 
 
@@ -895,18 +879,6 @@ class _Attempt:
     started_at: datetime
     reason: str | None = None
     actor: str | None = None
-
-
-def _claim(
-    session: Session, delivery_id: int, clock: Clock = utcnow, *, check_subscriber: bool = True
-) -> datetime | None:
-    """pending -> sending; the claim time, or None when the row was not claimable."""
-    now = clock()
-    stmt = _CLAIM_IF_SENDABLE if check_subscriber else _CLAIM
-    res = session.connection().execute(
-        stmt, {"did": delivery_id, "claimed_at": now, "updated_at": now}
-    )
-    return now if res.rowcount == 1 else None
 
 
 # A batch's claim: one statement, RETURNING the ids it took (PostgreSQL; SQLite >= 3.35).
@@ -1005,7 +977,12 @@ def _record_sent_batch(
     attempt: _Attempt,
     clock: Clock = utcnow,
 ) -> None:
-    """What :func:`_record_sent` does, for a batch: one UPDATE and one INSERT."""
+    """Record a batch the provider accepted: one UPDATE and one INSERT.
+
+    A late record still wins over the reaper's ``unknown`` (the provider did accept it),
+    and the attempt rows are written even if a delivery row has moved on (resent by an
+    operator meanwhile): bounces and complaints find their delivery through the attempt's
+    message id."""
     if not sent:
         return
     now = clock()
@@ -1097,30 +1074,6 @@ def _finish_attempt(
             "actor": attempt.actor,
         },
     )
-
-
-def _record_sent(
-    session: Session,
-    delivery_id: int,
-    message_id: str,
-    attempt: _Attempt | None = None,
-    clock: Clock = utcnow,
-) -> None:
-    # The attempt row is written even if the delivery row has moved on (resent by an
-    # operator meanwhile): the provider accepted this message, and bounces and complaints
-    # find their delivery through the attempt's message id.
-    now = clock()
-    session.connection().execute(
-        _RECORD_SENT,
-        {
-            "did": delivery_id,
-            "mid": message_id,
-            "sent_at": now,
-            "finished_at": now,
-            "updated_at": now,
-        },
-    )
-    _finish_attempt(session, delivery_id, attempt, "sent", None, message_id, now)
 
 
 def _record_failure(

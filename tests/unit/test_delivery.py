@@ -445,7 +445,7 @@ def test_late_record_wins_over_the_reaper(world: Settings) -> None:
         ids = delivery.plan_edition(s, TODAY, now=NOW).pending_ids
         s.execute(update(Delivery).where(Delivery.id == ids[0]).values(state="unknown"))
     with session_scope() as s:
-        delivery._record_sent(s, ids[0], "ses-late")
+        delivery._record_sent_batch(s, [(ids[0], "ses-late")], delivery._Attempt("send", NOW))
     with session_scope() as s:
         d = s.get(Delivery, ids[0])
         assert d.state == "sent" and d.message_id == "ses-late"
