@@ -69,22 +69,20 @@ from urllib.parse import urlsplit
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
-from sqlalchemy.orm.attributes import set_committed_value
 
+from worker import event_rows as rows
 from worker import sns
 from worker.config import Settings, get_settings
-from worker.db import dialect_insert, session_scope
+from worker.db import session_scope
 from worker.delivery import pause_sending, sending_paused
 from worker.errors import InvalidInput
+from worker.event_rows import DeliveryRow, SubscriberRow
 from worker.models import (
     ACCEPTED_DELIVERY_STATES,
     ControlFlag,
     Delivery,
-    DeliveryAttempt,
     DeliveryState,
     ProviderEvent,
-    Subscriber,
-    SubscriberLog,
     SubscriberStatus,
     utcnow,
 )
@@ -467,12 +465,6 @@ def _recipients(kind: str, notification: Mapping[str, Any], detail: Mapping[str,
 
 
 BATCH_SIZE = 500  # notifications per transaction (events apply, the SQS consumer)
-_IN_CHUNK = 500  # values per IN (...) list
-
-
-def _chunked(values: list[Any], size: int = _IN_CHUNK) -> Iterator[list[Any]]:
-    for start in range(0, len(values), size):
-        yield values[start : start + size]
 
 
 def apply_notification(
@@ -511,7 +503,7 @@ class _Item:
     message_id: str | None = None
     sent_at: datetime | None = None
     detail: Mapping[str, Any] = field(default_factory=dict)
-    delivery: Delivery | None = None
+    delivery: DeliveryRow | None = None
     scope: _Scope | None = None
     ignored: bool = False
     orphan: bool = False
@@ -540,9 +532,11 @@ def apply_batch(
     The work is a constant number of statements per batch instead of per event: one
     SELECT of the stored keys, one of the deliveries (locked in id order), one of their
     subscribers (locked in id order), one INSERT ... ON CONFLICT DO NOTHING RETURNING of
-    the events, the policy on the loaded rows, one flush. The reputation guard is read
-    once per edition; only when this batch could push an edition over a threshold are the
-    events of the batch stored and checked one at a time, as one by one would.
+    the events, the policy on the loaded rows (plain rows, not ORM objects), one UPDATE of
+    the deliveries, one of the subscribers and one INSERT of their log lines
+    (worker/event_rows.py). The reputation guard is read once per edition; only when this
+    batch could push an edition over a threshold are the events of the batch stored and
+    checked one at a time, as one by one would.
     """
     problems = [
         f"item {i}: {p}" if len(items) > 1 else p
@@ -579,16 +573,19 @@ def apply_batch(
     todo = [item for item in live if item.row is not None]
     one_at_a_time = _guard_may_trip(session, todo, settings)
     stored: dict[str, tuple[int | None, int | None]] = {}
+    changes = rows.Changes()
     segments = [[item] for item in todo] if one_at_a_time else [todo]
     for segment in segments:
-        inserted = _insert_events(session, [item.row for item in segment if item.row])
+        inserted = rows.insert_events(session, [item.row for item in segment if item.row])
         for item in segment:
-            _apply_item(session, item, inserted, stored, now, settings, one_at_a_time)
+            _apply_item(session, item, inserted, stored, changes, todo, now, settings,
+                        one_at_a_time)  # fmt: skip
+    changes.write(session)
     for item in live:  # repeats within the batch (and of concurrent inserts)
         if item.outcome is None and item.row is None:
             first = stored.get(item.key)
             if first is None:
-                first = _stored_keys(session, [item.key]).get(item.key, (None, None))
+                first = rows.stored_keys(session, [item.key]).get(item.key, (None, None))
             item.outcome = ApplyResult("duplicate", item.kind, item.key, delivery_id=first[1],
                                        event_id=first[0])  # fmt: skip
     session.flush()
@@ -708,24 +705,12 @@ class Coalescer:
             start += len(job.items)
 
 
-def _stored_keys(session: Session, keys: list[str]) -> dict[str, tuple[int, int | None]]:
-    found: dict[str, tuple[int, int | None]] = {}
-    for chunk in _chunked(sorted(set(keys))):
-        rows = session.execute(
-            select(ProviderEvent.dedupe_key, ProviderEvent.id, ProviderEvent.delivery_id).where(
-                ProviderEvent.dedupe_key.in_(chunk)
-            )
-        )
-        found.update({key: (event_id, delivery_id) for key, event_id, delivery_id in rows})
-    return found
-
-
 def _read_batch(
     session: Session, batch: list[_Item], via: str, now: datetime, settings: Settings
 ) -> list[_Item]:
     """Phase 1 (reads and row locks only): for each item in order, whether it is a repeat,
     must wait, or will be stored — and the event row it will store."""
-    stored = _stored_keys(session, [item.key for item in batch])
+    stored = rows.stored_keys(session, [item.key for item in batch])
     for item in batch:
         if item.key in stored:
             event_id, delivery_id = stored[item.key]
@@ -738,7 +723,7 @@ def _read_batch(
         message_id = mail.get("messageId")
         item.message_id = message_id if isinstance(message_id, str) else None
         item.sent_at = _parse_time(mail.get("timestamp"))
-    deliveries = _deliveries_for(
+    deliveries = rows.deliveries_by_message(
         session,
         [item.message_id for item in batch if item.outcome is None and item.message_id],
     )
@@ -787,96 +772,6 @@ def _read_batch(
             "raw": item.notification,
         }
     return batch
-
-
-def _deliveries_for(session: Session, message_ids: list[str]) -> dict[str, Delivery]:
-    """The delivery each provider message id belongs to (its latest send, or an earlier
-    attempt of it: the events of a re-sent edition's first copy still count), locked, with
-    its subscriber loaded and locked too (the only subscriber its events may touch)."""
-    wanted = {}
-    for message_id in set(message_ids):
-        bare = message_id.strip("<>")
-        wanted[message_id] = sorted({message_id, bare, f"<{bare}>"})
-    if not wanted:
-        return {}
-    variants = sorted({v for forms in wanted.values() for v in forms})
-    by_variant: dict[str, Delivery] = {}
-    for chunk in _chunked(variants, 10_000):
-        # In id order, so two batches lock shared rows in the same order (no deadlock).
-        for row in session.scalars(
-            select(Delivery)
-            .where(Delivery.message_id.in_(chunk))
-            .order_by(Delivery.id)
-            .with_for_update()
-        ):
-            if row.message_id is not None:
-                by_variant.setdefault(row.message_id, row)
-    missing = sorted(
-        {v for m, forms in wanted.items() if not any(f in by_variant for f in forms) for v in forms}
-    )
-    if missing:
-        via_attempt: dict[str, int] = {}
-        for chunk in _chunked(missing, 10_000):
-            for delivery_id, message_id in session.execute(
-                select(DeliveryAttempt.delivery_id, DeliveryAttempt.message_id)
-                .where(DeliveryAttempt.message_id.in_(chunk))
-                .order_by(DeliveryAttempt.id)
-            ):
-                via_attempt.setdefault(message_id, delivery_id)
-        rows = (
-            {
-                row.id: row
-                for row in session.scalars(
-                    select(Delivery)
-                    .where(Delivery.id.in_(sorted(set(via_attempt.values()))))
-                    .order_by(Delivery.id)
-                    .with_for_update()
-                )
-            }
-            if via_attempt
-            else {}
-        )
-        for variant, delivery_id in via_attempt.items():
-            if delivery_id in rows:
-                by_variant.setdefault(variant, rows[delivery_id])
-    found: dict[str, Delivery] = {}
-    for message_id, forms in wanted.items():
-        for form in forms:
-            if form in by_variant:
-                found[message_id] = by_variant[form]
-                break
-    subscribers: dict[int, Subscriber] = {}
-    for chunk in _chunked(sorted({d.subscriber_id for d in found.values()}), 10_000):
-        # populate_existing: a row read before the lock was held is read again under it.
-        subscribers.update(
-            (sub.id, sub)
-            for sub in session.scalars(
-                select(Subscriber)
-                .where(Subscriber.id.in_(chunk))
-                .order_by(Subscriber.id)
-                .with_for_update()
-                .execution_options(populate_existing=True)
-            )
-        )
-    for row in found.values():
-        # Attached without a change (and held: the identity map only keeps weak references).
-        set_committed_value(row, "subscriber", subscribers[row.subscriber_id])
-    return found
-
-
-def _insert_events(session: Session, rows: list[dict[str, Any]]) -> dict[str, int]:
-    """INSERT ... ON CONFLICT (dedupe_key) DO NOTHING RETURNING, for many rows in one
-    statement; the new id of each key stored now (a key missing was stored by a concurrent
-    apply, which ours waited for: two deliveries of one SNS message apply once)."""
-    if not rows:
-        return {}
-    table = ProviderEvent.__table__
-    stmt = (
-        dialect_insert(session, table)
-        .on_conflict_do_nothing(index_elements=["dedupe_key"])
-        .returning(table.c.id, table.c.dedupe_key, sort_by_parameter_order=True)
-    )
-    return {key: event_id for event_id, key in session.execute(stmt, rows)}
 
 
 def _guard_may_trip(session: Session, todo: list[_Item], settings: Settings) -> bool:
@@ -928,11 +823,14 @@ def _apply_item(
     item: _Item,
     inserted: dict[str, int],
     stored: dict[str, tuple[int | None, int | None]],
+    changes: rows.Changes,
+    todo: list[_Item],
     now: datetime,
     settings: Settings,
     check_guard: bool,
 ) -> None:
-    """Phase 2 for one stored item: its policy, in batch order."""
+    """Phase 2 for one stored item: its policy, in batch order, on the batch's rows
+    (``changes`` collects what it changed)."""
     assert item.row is not None
     kind, key, delivery = item.kind, item.key, item.delivery
     event_id = inserted.get(key)
@@ -952,10 +850,16 @@ def _apply_item(
     item.outcome = result
     message_id, detail, scope = item.message_id, item.detail, item.scope
     if kind == "Received":
+        # The unsubscribe reads and writes the subscriber through the ORM: it sees what the
+        # batch changed so far, and the batch's rows then see what it changed.
+        changes.write(session)
         result.changes.extend(_mailto_unsubscribe(session, item.notification, settings))
+        session.flush()
+        rows.refresh_subscribers(session, [i.delivery.subscriber for i in todo if i.delivery])
         return
     if scope is not None and kind in STATEFUL_TYPES:
-        _note_not_recipients(session, scope, kind, _subtype(kind, detail), message_id, now, result)
+        _note_not_recipients(session, scope, kind, _subtype(kind, detail), message_id, now,
+                             result, changes)  # fmt: skip
     if item.ignored:
         if scope is None or scope.matched:
             log.info("stored %s event (no policy) for message %s", kind, message_id)
@@ -964,7 +868,7 @@ def _apply_item(
         log.warning("orphan %s for unknown message %s: stored, nothing changed", kind, message_id)
         return
     when = item.row["occurred_at"] or now
-    policy = _Policy(session, settings, delivery, message_id or "?", when, now, result.changes)
+    policy = _Policy(changes, settings, delivery, message_id or "?", when, now, result.changes)
     if kind == "Bounce":
         policy.bounce(detail)
     elif kind == "Complaint":
@@ -974,7 +878,7 @@ def _apply_item(
     elif kind == "Reject":
         policy.rejected(detail)
     if check_guard and kind in ("Bounce", "Complaint"):
-        session.flush()
+        changes.write(session)  # the guard counts what is in the tables
         reason = check_reputation(session, delivery.edition_date, settings)
         if reason:
             result.changes.append(f"sending paused: {reason}")
@@ -995,7 +899,7 @@ class _Scope:
     others: tuple[str, ...]
 
     @classmethod
-    def of(cls, delivery: Delivery, listed: list[str]) -> _Scope:
+    def of(cls, delivery: DeliveryRow, listed: list[str]) -> _Scope:
         own = address_key(delivery.subscriber.email)
         others = tuple(a for a in listed if address_key(a) != own)
         return cls(
@@ -1015,6 +919,7 @@ def _note_not_recipients(
     message_id: str | None,
     now: datetime,
     result: ApplyResult,
+    changes: rows.Changes,
 ) -> None:
     """Record, never act on, the addresses an event lists that its message did not go to:
     in the result (and the log) and, for our subscribers among them, in their own log."""
@@ -1029,22 +934,15 @@ def _note_not_recipients(
     note = f"ignored: not a recipient of message {message_id}"
     variants = {v: a for a in scope.others for v in _address_variants(a)}
     found = {
-        variants[s.email]: s
-        for s in session.scalars(select(Subscriber).where(Subscriber.email.in_(list(variants))))
+        variants[email]: sub_id
+        for email, sub_id in rows.subscriber_ids_by_email(session, list(variants)).items()
     }
     for address in scope.others:
         result.changes.append(f"recipient {address}: {note}")
-        sub = found.get(address)
-        if sub is not None and sub.id != scope.subscriber_id:
-            session.add(
-                SubscriberLog(
-                    subscriber_id=sub.id,
-                    at=now,
-                    action="event_ignored",
-                    detail=f"{what} {note} (it went to subscriber {scope.subscriber_id})",
-                    actor=ACTOR,
-                )
-            )
+        sub_id = found.get(address)
+        if sub_id is not None and sub_id != scope.subscriber_id:
+            went = f"(it went to subscriber {scope.subscriber_id})"
+            changes.log(sub_id, now, "event_ignored", f"{what} {note} {went}", ACTOR)
     log.warning(
         "%s for message %s (delivery %s, sent to %s) also lists %s: %s, nothing changed for them",
         kind,
@@ -1091,9 +989,9 @@ def _mailto_unsubscribe(
 
 @dataclass
 class _Policy:
-    session: Session
+    rows: rows.Changes
     settings: Settings
-    delivery: Delivery
+    delivery: DeliveryRow
     message_id: str
     when: datetime
     now: datetime
@@ -1103,29 +1001,25 @@ class _Policy:
         old = self.delivery.state
         if old == new or old not in _DELIVERY_FROM[new]:
             return False
-        self.delivery.state = new
+        self.delivery.state = new.value
         self.delivery.updated_at = self.now
         for name, value in values.items():
             setattr(self.delivery, name, value)
+        self.rows.deliveries[self.delivery.id] = self.delivery
         self.changes.append(f"delivery {self.delivery.id}: {old} -> {new.value}")
         return True
 
-    def recipient(self) -> Subscriber:
-        """The one subscriber this delivery went to, locked: the only one events touch."""
-        # Locked (and read again under the lock) with the batch's deliveries, so this is
-        # the identity map's copy, carrying the earlier events of the batch.
-        sub = self.session.get(Subscriber, self.delivery.subscriber_id)
-        assert sub is not None, "the delivery's subscriber is loaded with the delivery"
+    def recipient(self) -> SubscriberRow:
+        """The one subscriber this delivery went to, locked: the only one events touch.
+        One row per subscriber in a batch, so it carries the batch's earlier events."""
+        sub = self.delivery.subscriber
+        self.rows.subscribers[sub.id] = sub  # written back whole if anything changed
         return sub
 
-    def log(self, sub: Subscriber, action: str, detail: str) -> None:
-        self.session.add(
-            SubscriberLog(
-                subscriber_id=sub.id, at=self.now, action=action, detail=detail, actor=ACTOR
-            )
-        )
+    def log(self, sub: SubscriberRow, action: str, detail: str) -> None:
+        self.rows.log(sub.id, self.now, action, detail, ACTOR)
 
-    def set_status(self, sub: Subscriber, status: SubscriberStatus, reason: str) -> None:
+    def set_status(self, sub: SubscriberRow, status: SubscriberStatus, reason: str) -> None:
         old = sub.status
         sub.status = status.value
         sub.updated_at = self.now
