@@ -167,9 +167,17 @@ def content_key(notification: Mapping[str, Any]) -> str:
     return "sha256:" + hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
+# A bare dot-atom address, which parseaddr returns as it is (tests/unit/test_events_batch.py
+# checks that on generated addresses): most of what SES lists, read without parseaddr.
+_ATOM = "A-Za-z0-9!#$%&'*+/=?^_`{|}~-"
+_BARE_ADDRESS = re.compile(rf"[{_ATOM}]+(?:\.[{_ATOM}]+)*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*")
+
+
 @functools.lru_cache(maxsize=65_536)  # parseaddr is slow, and a batch asks per address
 def normalise_address(value: str) -> str:
     """Bare, lower-cased address (subscribers are stored lower-cased)."""
+    if _BARE_ADDRESS.fullmatch(value):
+        return value.lower()
     _, addr = parseaddr(value)
     return (addr or value).strip().lower()
 
@@ -1001,12 +1009,12 @@ class _Policy:
         old = self.delivery.state
         if old == new or old not in _DELIVERY_FROM[new]:
             return False
-        self.delivery.state = new.value
+        self.delivery.state = new._value_  # the plain string (Enum.value is slow in 3.11)
         self.delivery.updated_at = self.now
         for name, value in values.items():
             setattr(self.delivery, name, value)
         self.rows.deliveries[self.delivery.id] = self.delivery
-        self.changes.append(f"delivery {self.delivery.id}: {old} -> {new.value}")
+        self.changes.append(f"delivery {self.delivery.id}: {old} -> {new._value_}")
         return True
 
     def recipient(self) -> SubscriberRow:
