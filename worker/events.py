@@ -1020,9 +1020,10 @@ class _Policy:
     def recipient(self) -> SubscriberRow:
         """The one subscriber this delivery went to, locked: the only one events touch.
         One row per subscriber in a batch, so it carries the batch's earlier events."""
-        sub = self.delivery.subscriber
-        self.rows.subscribers[sub.id] = sub  # written back whole if anything changed
-        return sub
+        return self.delivery.subscriber
+
+    def changed(self, sub: SubscriberRow) -> None:
+        self.rows.subscribers[sub.id] = sub  # written back whole with the batch
 
     def log(self, sub: SubscriberRow, action: str, detail: str) -> None:
         self.rows.log(sub.id, self.now, action, detail, ACTOR)
@@ -1031,6 +1032,7 @@ class _Policy:
         old = sub.status
         sub.status = status.value
         sub.updated_at = self.now
+        self.changed(sub)
         if sub.suppressed_at is None:  # an operator's own reason stays as written
             sub.suppression_reason = reason
         self.log(
@@ -1063,6 +1065,7 @@ class _Policy:
         # Transient or Undetermined: count; suppress after N in a row.
         sub.soft_bounce_count = (sub.soft_bounce_count or 0) + 1
         sub.updated_at = self.now
+        self.changed(sub)
         limit = self.settings.soft_bounce_limit
         note = f"soft bounce {sub.soft_bounce_count}/{limit} ({btype}/{subtype})"
         self.log(sub, "soft_bounce", f"{note} (message {self.message_id})")
@@ -1100,6 +1103,7 @@ class _Policy:
             )
             sub.soft_bounce_count = 0
             sub.updated_at = self.now
+            self.changed(sub)
 
     def rejected(self, detail: Mapping[str, Any]) -> None:
         reason = str(detail.get("reason") or "no reason given")
