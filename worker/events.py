@@ -718,23 +718,21 @@ def _read_batch(
 ) -> list[_Item]:
     """Phase 1 (reads and row locks only): for each item in order, whether it is a repeat,
     must wait, or will be stored — and the event row it will store."""
-    stored = rows.stored_keys(session, [item.key for item in batch])
     for item in batch:
-        if item.key in stored:
-            event_id, delivery_id = stored[item.key]
-            item.outcome = ApplyResult("duplicate", item.kind, item.key, delivery_id=delivery_id,
-                                       event_id=event_id)  # fmt: skip
-            continue
         mail = item.notification.get("mail")
         if not isinstance(mail, dict):
             mail = {}  # types without policy may come without one
         message_id = mail.get("messageId")
         item.message_id = message_id if isinstance(message_id, str) else None
         item.sent_at = _parse_time(mail.get("timestamp"))
-    deliveries = rows.deliveries_by_message(
-        session,
-        [item.message_id for item in batch if item.outcome is None and item.message_id],
-    )
+    # One read for both (a repeat's delivery is locked too: harmless, and one round trip).
+    message_ids = [item.message_id for item in batch if item.message_id]
+    stored, deliveries = rows.read_batch(session, [item.key for item in batch], message_ids)
+    for item in batch:
+        if item.key in stored:
+            event_id, delivery_id = stored[item.key]
+            item.outcome = ApplyResult("duplicate", item.kind, item.key, delivery_id=delivery_id,
+                                       event_id=event_id)  # fmt: skip
     first: dict[str, _Item] = {}
     for item in batch:
         if item.outcome is not None:
@@ -802,17 +800,26 @@ def _guard_may_trip(session: Session, todo: list[_Item], settings: Settings) -> 
             c[2] += 1
         elif item.kind == "Reject":
             c[3] += 1
-    for edition, (either, hard, complaints, rejects) in counts.items():
-        if not either:
-            continue  # the guard is consulted after bounces and complaints only
-        rates = edition_rates(session, edition, settings)
-        if rates["guard_tripped"]:
+    consulted = sorted(e for e, c in counts.items() if c[0])  # after bounces, complaints
+    if not consulted:
+        return False
+    # One statement for every edition on PostgreSQL; edition_rates' own queries otherwise.
+    known = rows.guard_counts(session, consulted, GUARD_FLAG_PREFIX, ACCOUNT_SUPPRESSION)
+    for edition in consulted:
+        either, hard, complaints, rejects = counts[edition]
+        if known is not None:
+            accepted, hard_bounced, complained, tripped = known[edition]
+        else:
+            rates = edition_rates(session, edition, settings)
+            accepted, hard_bounced = rates["accepted"], rates["hard_bounced"]
+            complained, tripped = rates["complained"], rates["guard_tripped"]
+        if tripped:
             continue  # trips once per edition
-        if rates["accepted"] + either < settings.reputation_min_sample:
+        if accepted + either < settings.reputation_min_sample:
             continue
-        fewest = rates["accepted"] - rejects
-        hard_most = rates["hard_bounced"] + hard
-        complained_most = rates["complained"] + complaints
+        fewest = accepted - rejects
+        hard_most = hard_bounced + hard
+        complained_most = complained + complaints
         if fewest <= 0:
             if hard_most or complained_most:
                 return True
