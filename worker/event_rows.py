@@ -32,6 +32,7 @@ from sqlalchemy.orm import Session
 from worker.db import dialect_insert
 from worker.models import (
     ACCEPTED_DELIVERY_STATES,
+    HARD_BOUNCE_PREDICATE,
     Delivery,
     DeliveryAttempt,
     DeliveryState,
@@ -333,22 +334,27 @@ def subscriber_ids_by_email(session: Session, emails: list[str]) -> dict[str, in
 
 
 # What the reputation guard's bound needs of each edition (worker.events._guard_may_trip),
-# in one statement: the counts of edition_rates and whether its guard has tripped.
-_PG_GUARD = """
+# in one statement: the counts of edition_rates and whether its guard has tripped. The hard
+# bounces are counted with the partial index's own predicate, so the planner reads
+# ix_provider_events_hard_bounces instead of every stored event.
+_HARD = " AND ".join(f"pe.{part}" for part in HARD_BOUNCE_PREDICATE.split(" AND "))
+_PG_GUARD = (
+    """
 SELECT e.d,
     (SELECT count(*) FROM deliveries WHERE edition_date = e.d AND state = ANY(%(accepted)s)),
     (SELECT count(DISTINCT pe.delivery_id) FROM provider_events pe
-        JOIN deliveries d ON d.id = pe.delivery_id
-        WHERE d.edition_date = e.d AND pe.event_type = 'Bounce'
-            AND pe.subtype LIKE 'Permanent/%%' AND pe.subtype <> %(suppression)s),
+        JOIN deliveries d ON d.id = pe.delivery_id WHERE d.edition_date = e.d AND """
+    + _HARD.replace("%", "%%")
+    + """),
     (SELECT count(*) FROM deliveries WHERE edition_date = e.d AND state = %(complained)s),
     EXISTS (SELECT 1 FROM control_flags WHERE key = e.flag)
 FROM unnest(%(editions)s::date[], %(flags)s::text[]) AS e(d, flag)
 """
+)
 
 
 def guard_counts(
-    session: Session, editions: Sequence[date], flag_prefix: str, suppression: str
+    session: Session, editions: Sequence[date], flag_prefix: str
 ) -> dict[date, tuple[int, int, int, bool]] | None:
     """Edition -> (accepted, hard bounced, complained, guard tripped), as edition_rates
     counts them, in one round trip; None where only edition_rates can tell (SQLite)."""
@@ -356,7 +362,6 @@ def guard_counts(
         return None
     params = {
         "accepted": sorted(s.value for s in ACCEPTED_DELIVERY_STATES),
-        "suppression": f"Permanent/{suppression}",
         "complained": DeliveryState.COMPLAINED.value,
         "editions": list(editions),
         "flags": [flag_prefix + e.isoformat() for e in editions],

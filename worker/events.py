@@ -804,7 +804,7 @@ def _guard_may_trip(session: Session, todo: list[_Item], settings: Settings) -> 
     if not consulted:
         return False
     # One statement for every edition on PostgreSQL; edition_rates' own queries otherwise.
-    known = rows.guard_counts(session, consulted, GUARD_FLAG_PREFIX, ACCOUNT_SUPPRESSION)
+    known = rows.guard_counts(session, consulted, GUARD_FLAG_PREFIX)
     for edition in consulted:
         either, hard, complaints, rejects = counts[edition]
         if known is not None:
