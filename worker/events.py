@@ -632,6 +632,7 @@ def apply_in_batches(
 @dataclass
 class _Job:
     items: list[tuple[dict[str, Any], str | None]]
+    groups: list[int] | None = None  # within the job; None: the job is one group
     wake: threading.Event = field(default_factory=threading.Event)
     outcomes: list[ApplyResult | RetryLater] | None = None
     error: BaseException | None = None
@@ -639,11 +640,12 @@ class _Job:
 
 
 class Coalescer:
-    """Applies the notifications of concurrent callers (the webhook's request threads) as
-    one batch: a caller that finds no batch running applies everything waiting, its own
-    included, in one transaction, and hands the lead to a waiting caller when its own is
-    answered. Each caller's notifications are one group (all-or-nothing, as its own
-    transaction would be) and each gets its own outcomes, so the answer of every request is
+    """Applies the notifications of concurrent callers (the webhook's request threads, the
+    SQS consumer's receive loops) as one batch: a caller that finds no batch running
+    applies everything waiting, its own included, in one transaction, and hands the lead
+    to a waiting caller when its own is answered. Each caller's notifications are one
+    group (all-or-nothing, as its own transaction would be), or the groups it gives (one
+    per SQS message), and each gets its own outcomes, so the answer of every request is
     the one it would get alone; a batch that fails is retried caller by caller, so one
     request's failure stays its own."""
 
@@ -654,9 +656,12 @@ class Coalescer:
         self._running = False
 
     def apply(
-        self, items: list[tuple[dict[str, Any], str | None]]
+        self, items: list[tuple[dict[str, Any], str | None]], groups: list[int] | None = None
     ) -> list[ApplyResult | RetryLater]:
-        job = _Job(list(items))
+        """Apply ``items`` in the next batch; ``groups`` (one label per item) splits them
+        into groups that are all-or-nothing on their own (as apply_batch's), otherwise
+        they are one group. Raises what the batch raised when it fails for these items."""
+        job = _Job(list(items), list(groups) if groups is not None else None)
         with self._lock:
             self._waiting.append(job)
             job.lead = not self._running
@@ -702,7 +707,12 @@ class Coalescer:
 
     def _apply(self, jobs: list[_Job]) -> None:
         items = [item for job in jobs for item in job.items]
-        groups = [g for g, job in enumerate(jobs) for _ in job.items]
+        groups: list[int] = []
+        base = 0
+        for job in jobs:  # labels unique across the jobs
+            labels = [base + g for g in job.groups] if job.groups else [base] * len(job.items)
+            groups += labels
+            base = max(labels, default=base) + 1
         with session_scope(self.settings.database_url) as session:
             outcomes = apply_batch(
                 session, items, via=self.via, settings=self.settings, groups=groups
@@ -1359,9 +1369,10 @@ def poll_sqs(
 ) -> PollCounts:
     """Consume SES notifications from SQS; delete each message only once it is applied.
 
-    Each receive's messages (up to ``max_messages``) are applied as one batch and deleted
+    Each receive's messages (up to ``max_messages``) are applied in one batch and deleted
     in one call; ``receivers`` loops receive side by side (the CLI and the periodic task
-    run ``sqs_receivers``).
+    run ``sqs_receivers``), and the messages they bring meanwhile share one batch
+    (:class:`Coalescer`).
 
     ``once``: receive until the queue answers empty (what is waiting now), then return —
     the shape for a periodic task (at most ``max_batches``, default 1000, receives).
@@ -1398,6 +1409,9 @@ def poll_sqs(
         raise InvalidInput(f"receivers must be at least 1, got {receivers}")
     limit = max_batches if max_batches is not None else (1000 if once else None)
     shares = [PollCounts() for _ in range(receivers)]
+    # Receive loops side by side share their database batches: up to 10 messages a
+    # receive (SQS's limit) is a small batch, several receives' worth is not.
+    shared = Coalescer(settings, via="sqs") if receivers > 1 else None
     lock = threading.Lock()
     taken = [0]  # receives started, all loops together (for ``limit``)
 
@@ -1434,7 +1448,7 @@ def poll_sqs(
             counts.received += len(messages)
             if messages:
                 _handle_sqs_messages(
-                    client, url, messages, settings, counts, cert_fetcher, cert_cache
+                    client, url, messages, settings, counts, cert_fetcher, cert_cache, shared
                 )
             if on_batch:
                 with lock:
@@ -1465,9 +1479,11 @@ def _handle_sqs_messages(
     counts: PollCounts,
     fetcher: sns.CertFetcher | None = None,
     cache: sns.CertCache | None = None,
+    coalescer: Coalescer | None = None,
 ) -> None:
     """One receive's messages: each verified and parsed alone, the good ones applied as
-    one batch (each message all-or-nothing: a group), the applied ones deleted in one
+    one batch (each message all-or-nothing: a group; with ``coalescer``, together with
+    what the other receive loops brought meanwhile), the applied ones deleted in one
     call. If the batch fails as a whole, each message is tried alone, so one that cannot
     be applied stays in the queue by itself."""
     good: list[tuple[Mapping[str, Any], list[tuple[dict[str, Any], str]]]] = []
@@ -1496,7 +1512,7 @@ def _handle_sqs_messages(
     if not good:
         return
     try:
-        applied = _apply_sqs_group(good, settings, counts)
+        applied = _apply_sqs_group(good, settings, counts, coalescer)
     except Exception:
         if len(good) == 1:
             counts.failed += 1
@@ -1519,12 +1535,17 @@ def _apply_sqs_group(
     good: list[tuple[Mapping[str, Any], list[tuple[dict[str, Any], str]]]],
     settings: Settings,
     counts: PollCounts,
+    coalescer: Coalescer | None = None,
 ) -> list[Mapping[str, Any]]:
-    """Apply the messages' notifications in one transaction; the messages to delete."""
+    """Apply the messages' notifications in one transaction (with ``coalescer``, the one
+    it shares with the other receive loops' messages); the messages to delete."""
     items = [item for _, found in good for item in found]
     groups = [g for g, (_, found) in enumerate(good) for _ in found]
-    with session_scope(settings.database_url) as session:
-        outcomes = apply_batch(session, items, via="sqs", settings=settings, groups=groups)
+    if coalescer is not None:
+        outcomes = coalescer.apply(items, groups)
+    else:
+        with session_scope(settings.database_url) as session:
+            outcomes = apply_batch(session, items, via="sqs", settings=settings, groups=groups)
     waiting: set[int] = set()
     for group, outcome in zip(groups, outcomes, strict=True):
         if isinstance(outcome, RetryLater):
