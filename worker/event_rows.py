@@ -56,9 +56,16 @@ def is_postgres(session: Session) -> bool:
 
 def _driver(session: Session) -> Any:
     """The psycopg connection of the session's transaction (its pending ORM changes
-    flushed first, as a query through the session would)."""
+    flushed first, as a query through the session would). Kept for the transaction:
+    finding it through the session costs more than most statements of a small batch."""
     session.flush()
-    return session.connection().connection.driver_connection
+    transaction = session.get_transaction()
+    cached = session.info.get("papermail_driver")
+    if cached is not None and cached[0] is transaction:
+        return cached[1]
+    driver = session.connection().connection.driver_connection
+    session.info["papermail_driver"] = (session.get_transaction(), driver)
+    return driver
 
 
 def _utc(value: datetime | None) -> datetime | None:
@@ -376,7 +383,9 @@ def guard_counts(
 
 # Each statement takes its rows as one JSON document, typed by json_to_recordset and read
 # in order (so ids are assigned in batch order): psycopg dumps a list of JSON texts as an
-# array at ~20 µs an element, a document costs one json.dumps.
+# array at ~20 µs an element, a document costs one json.dumps. An UPDATE names its ids as
+# an array too: the planner guesses 100 rows for any json_to_recordset and would join them
+# to a sequential scan of the whole table (2 ms at 10,000 deliveries, 0.2 s at a million).
 _PG_INSERT_EVENTS = """
 INSERT INTO provider_events (dedupe_key, event_type, subtype, provider_message_id,
     delivery_id, recipients, occurred_at, received_at, via, orphan, raw)
@@ -395,14 +404,14 @@ UPDATE deliveries AS d SET state = v.state, updated_at = v.updated_at,
 FROM json_to_recordset(%s::json) AS v(id bigint, state varchar,
     updated_at timestamptz, last_error text, delivered_at timestamptz,
     bounced_at timestamptz, complained_at timestamptz, finished_at timestamptz)
-WHERE d.id = v.id
+WHERE d.id = v.id AND d.id = ANY(%s::bigint[])
 """
 _PG_UPDATE_SUBSCRIBERS = """
 UPDATE subscribers AS s SET status = v.status, updated_at = v.updated_at,
     suppression_reason = v.suppression_reason, soft_bounce_count = v.soft_bounce_count
 FROM json_to_recordset(%s::json) AS v(id integer, status varchar,
     updated_at timestamptz, suppression_reason text, soft_bounce_count integer)
-WHERE s.id = v.id
+WHERE s.id = v.id AND s.id = ANY(%s::integer[])
 """
 _PG_INSERT_LOG = """
 INSERT INTO subscriber_log (subscriber_id, at, action, detail, actor)
@@ -490,9 +499,13 @@ class Changes:
             conn = _driver(session)
             with conn.pipeline():  # one round trip for the three
                 if subscribers:
-                    conn.execute(_PG_UPDATE_SUBSCRIBERS, (_rows(subscribers, _SUB_WRITES),))
+                    document = _rows(subscribers, _SUB_WRITES)
+                    ids = [row.id for row in subscribers]
+                    conn.execute(_PG_UPDATE_SUBSCRIBERS, (document, ids))
                 if deliveries:
-                    conn.execute(_PG_UPDATE_DELIVERIES, (_rows(deliveries, _DELIVERY_WRITES),))
+                    document = _rows(deliveries, _DELIVERY_WRITES)
+                    ids = [row.id for row in deliveries]
+                    conn.execute(_PG_UPDATE_DELIVERIES, (document, ids))
                 if lines:
                     conn.execute(_PG_INSERT_LOG, (_document(lines),))
         else:
