@@ -52,7 +52,6 @@ operator resumes, later events of that edition do not pause again.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import json
@@ -640,10 +639,6 @@ class _Job:
     lead: bool = False
 
 
-# The Coalescer the calling thread announced itself to (Coalescer.expecting), if any.
-_ANNOUNCED = threading.local()
-
-
 class Coalescer:
     """Applies the notifications of concurrent callers (the webhook's request threads, the
     SQS consumer's receive loops) as one batch: a caller that finds no batch running
@@ -652,38 +647,13 @@ class Coalescer:
     group (all-or-nothing, as its own transaction would be), or the groups it gives (one
     per SQS message), and each gets its own outcomes, so the answer of every request is
     the one it would get alone; a batch that fails is retried caller by caller, so one
-    request's failure stays its own.
+    request's failure stays its own."""
 
-    A caller announces itself early (:meth:`expecting`, while it still verifies and
-    parses), and a leader waits up to ``gather`` seconds for the announced callers to
-    join before it starts a batch: a batch costs about a millisecond of CPU whatever its
-    size, so a batch of the 16 requests a web worker holds costs far less per event than
-    three batches of five. Nobody announced (one request at a time), nobody waits."""
-
-    def __init__(
-        self, settings: Settings, *, via: str, max_batch: int = 200, gather: float = 0.005
-    ) -> None:
-        self.settings, self.via, self.max_batch, self.gather = settings, via, max_batch, gather
+    def __init__(self, settings: Settings, *, via: str, max_batch: int = 200) -> None:
+        self.settings, self.via, self.max_batch = settings, via, max_batch
         self._lock = threading.Lock()
-        self._joined = threading.Condition(self._lock)
         self._waiting: list[_Job] = []
         self._running = False
-        self._coming = 0  # callers announced, not yet waiting
-
-    @contextlib.contextmanager
-    def expecting(self) -> Iterator[None]:
-        """Announce a call of :meth:`apply` to come (or not: the block may end without)."""
-        with self._lock:
-            self._coming += 1
-        _ANNOUNCED.by = self
-        try:
-            yield
-        finally:
-            if getattr(_ANNOUNCED, "by", None) is self:  # apply() was not called
-                _ANNOUNCED.by = None
-                with self._lock:
-                    self._coming -= 1
-                    self._joined.notify_all()
 
     def apply(
         self, items: list[tuple[dict[str, Any], str | None]], groups: list[int] | None = None
@@ -692,16 +662,10 @@ class Coalescer:
         into groups that are all-or-nothing on their own (as apply_batch's), otherwise
         they are one group. Raises what the batch raised when it fails for these items."""
         job = _Job(list(items), list(groups) if groups is not None else None)
-        announced = getattr(_ANNOUNCED, "by", None) is self
-        if announced:
-            _ANNOUNCED.by = None
         with self._lock:
             self._waiting.append(job)
             job.lead = not self._running
             self._running = True
-            if announced:
-                self._coming -= 1
-                self._joined.notify_all()
         while not job.lead and job.outcomes is None and job.error is None:
             job.wake.wait()
             job.wake.clear()
@@ -715,11 +679,6 @@ class Coalescer:
     def _lead(self, mine: _Job) -> None:
         while mine.outcomes is None and mine.error is None:
             with self._lock:
-                deadline = time.monotonic() + self.gather
-                while self._coming > 0 and len(self._waiting) < self.max_batch:
-                    left = deadline - time.monotonic()
-                    if left <= 0 or not self._joined.wait(left):
-                        break
                 jobs = self._waiting[: self.max_batch]
                 del self._waiting[: self.max_batch]
             self._run(jobs)
@@ -1527,20 +1486,6 @@ def _handle_sqs_messages(
     what the other receive loops brought meanwhile), the applied ones deleted in one
     call. If the batch fails as a whole, each message is tried alone, so one that cannot
     be applied stays in the queue by itself."""
-    with coalescer.expecting() if coalescer is not None else contextlib.nullcontext():
-        _verify_and_apply(client, url, messages, settings, counts, fetcher, cache, coalescer)
-
-
-def _verify_and_apply(
-    client: Any,
-    url: str,
-    messages: list[Mapping[str, Any]],
-    settings: Settings,
-    counts: PollCounts,
-    fetcher: sns.CertFetcher | None,
-    cache: sns.CertCache | None,
-    coalescer: Coalescer | None,
-) -> None:
     good: list[tuple[Mapping[str, Any], list[tuple[dict[str, Any], str]]]] = []
     for message in messages:
         sqs_id = message.get("MessageId", "?")

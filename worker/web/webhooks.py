@@ -93,20 +93,6 @@ def handle_body(
     body: bytes, peer: str, config: Mapping[str, Any], extensions: dict[str, Any]
 ) -> tuple[int, dict[str, Any]]:
     """The answer (status, JSON body) to one POSTed SNS message: parse, verify, apply."""
-    settings: Settings = config["PAPERMAIL_SETTINGS"]
-    # Announced to the batch now, while this request is still being read: a batch about
-    # to start waits a moment for it (see Coalescer).
-    with _coalescer(settings, extensions).expecting():
-        return _handle(body, peer, config, extensions, settings)
-
-
-def _handle(
-    body: bytes,
-    peer: str,
-    config: Mapping[str, Any],
-    extensions: dict[str, Any],
-    settings: Settings,
-) -> tuple[int, dict[str, Any]]:
     try:
         message = loads_json(body, what="body")
     except UnsafeJSON as exc:
@@ -115,6 +101,7 @@ def _handle(
     except (ValueError, UnicodeDecodeError) as exc:
         log.warning("SNS webhook: refused body from %s: not JSON (%s)", peer, exc)
         return 400, {"error": "body is not JSON"}
+    settings: Settings = config["PAPERMAIL_SETTINGS"]
     try:
         sns.verify_message(
             message,
