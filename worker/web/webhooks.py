@@ -75,11 +75,13 @@ def ses_webhook() -> ResponseReturnValue:
     # SNS posts text/plain: read the bytes, whatever the Content-Type says. Size and depth
     # are checked before parsing (a body of 100,000 "[" must not reach the parser).
     if (request.content_length or 0) > MAX_JSON_BYTES:
-        return _answer(*_too_large(peer, f"{request.content_length} bytes"))
+        code, answer = _too_large(peer, f"{request.content_length} bytes")
+        return _answer(code, **answer)
     try:
         body = request.get_data(cache=False)
     except RequestEntityTooLarge:  # a chunked body over the app's MAX_CONTENT_LENGTH
-        return _answer(*_too_large(peer, "too large"))
+        code, answer = _too_large(peer, "too large")
+        return _answer(code, **answer)
     code, answer = handle_body(body, peer, current_app.config, current_app.extensions)
     return _answer(code, **answer)
 
@@ -186,7 +188,7 @@ class SnsFastPath:
             return InternalServerError()(environ, start_response)
         data = (json.dumps(answer, sort_keys=True, separators=(",", ":")) + "\n").encode()
         start_response(
-            f"{code} {HTTP_STATUS_CODES.get(code, '')}".rstrip(),
+            f"{code} {HTTP_STATUS_CODES.get(code, 'UNKNOWN').upper()}",  # as werkzeug writes it
             [("Content-Type", "application/json"), ("Content-Length", str(len(data)))],
         )
         return [data]
