@@ -161,10 +161,29 @@ def notification_type(notification: Mapping[str, Any]) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def _canonical(notification: Mapping[str, Any]) -> str:
+    return json.dumps(notification, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def _key_of(canonical: str) -> str:
+    return "sha256:" + hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
 def content_key(notification: Mapping[str, Any]) -> str:
     """Dedupe key of a notification without an SNS MessageId: hash of canonical JSON."""
-    canonical = json.dumps(notification, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return "sha256:" + hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+    return _key_of(_canonical(notification))
+
+
+class Parsed(dict[str, Any]):
+    """A notification read from JSON, carrying that JSON text (``json_text``: what SNS
+    signed, or the canonical text its content key hashes), so storing it costs no second
+    serialisation. Never changed after parsing; a plain dict works everywhere too."""
+
+    __slots__ = ("json_text",)
+
+    def __init__(self, values: Mapping[str, Any], json_text: str) -> None:
+        super().__init__(values)
+        self.json_text = json_text
 
 
 # A bare dot-atom address, which parseaddr returns as it is (tests/unit/test_events_batch.py
@@ -303,11 +322,12 @@ def _from_object(obj: object, where: str) -> tuple[list[tuple[dict[str, Any], st
         problems = validate_notification(inner)
         if problems:
             return [], [f"{where}: in 'Message': {p}" for p in problems]
-        return [(inner, message_id)], []
+        return [(Parsed(inner, obj["Message"]), message_id)], []
     problems = validate_notification(obj)
     if problems:
         return [], [f"{where}: {p}" for p in problems]
-    return [(obj, content_key(obj))], []
+    canonical = _canonical(obj)
+    return [(Parsed(obj, canonical), _key_of(canonical))], []
 
 
 def parse_envelope(obj: object) -> list[tuple[dict[str, Any], str]]:
@@ -517,6 +537,7 @@ class _Item:
     orphan: bool = False
     row: dict[str, Any] | None = None
     outcome: ApplyResult | RetryLater | None = None
+    json_text: str | None = None  # the notification's JSON as it will be stored, if known
 
 
 def apply_batch(
@@ -555,16 +576,22 @@ def apply_batch(
         raise InvalidNotification(problems)
     settings = settings or get_settings()
     now = now or utcnow()
-    batch = [
-        _Item(
-            index=i,
-            notification=notification,
-            key=(key or content_key(notification))[:255],
-            kind=notification_type(notification) or "?",
-            group=groups[i] if groups is not None else i,
+    batch = []
+    for i, (notification, key) in enumerate(items):
+        text = notification.json_text if isinstance(notification, Parsed) else None
+        if not key:
+            text = _canonical(notification)
+            key = _key_of(text)
+        batch.append(
+            _Item(
+                index=i,
+                notification=notification,
+                key=key[:255],
+                kind=notification_type(notification) or "?",
+                group=groups[i] if groups is not None else i,
+                json_text=text,
+            )
         )
-        for i, (notification, key) in enumerate(items)
-    ]
     live = _read_batch(session, batch, via, now, settings)
     if groups is not None:
         waiting = {
@@ -786,6 +813,7 @@ def _read_batch(
             "via": via[:16],
             "orphan": item.orphan,
             "raw": item.notification,
+            "raw_json": item.json_text,
         }
     return batch
 

@@ -5,6 +5,7 @@ and log rows, and gives identical outcomes. On SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from datetime import date, timedelta
 from typing import Any
@@ -393,3 +394,30 @@ def test_guard_counts_are_edition_rates(pg_env: dict[str, str]) -> None:
             assert known[edition] == want, edition
         assert known[date(2026, 11, 27)][1] == 1  # bob; carol's is on the suppression list
         assert known[GUARDED][3] and not known[date(2026, 11, 27)][3]
+
+
+@pytest.mark.postgres
+def test_stored_json_is_the_text_received(pg_env: dict[str, str]) -> None:
+    """On PostgreSQL the raw event is stored as the JSON text it came in (SNS's Message,
+    or the canonical text a content key hashes), not serialised again: the same value."""
+    with clock.installed(lambda: NOW), session_scope() as session:
+        ids = world(session)
+        note = delivered(ids["ann"], ["ann@example.org"])
+        sns_text = (
+            '{"eventType": "Delivery",  "mail": '
+            + json.dumps(note["mail"])
+            + (', "delivery": ' + json.dumps(note["delivery"]) + "}")
+        )
+        wrapped = {**envelope(note, "sns-1"), "Message": sns_text}
+        bare = complaint(ids["dave"], ["dave@example.org"])
+        items = events.parse_envelope([wrapped, bare])
+        events.apply_batch(session, items, via="x")
+        events.apply_batch(session, [(delivered(ids["bob"], ["bob@example.org"]), "plain")],
+                           via="x")  # fmt: skip
+        stored = dict(session.execute(text(
+            "SELECT dedupe_key, raw::text FROM provider_events")).all())  # fmt: skip
+    assert stored["sns-1"] == sns_text
+    assert stored[events.content_key(bare)] == json.dumps(
+        bare, sort_keys=True, separators=(",", ":"), ensure_ascii=False
+    )
+    assert json.loads(stored["plain"]) == delivered(ids["bob"], ["bob@example.org"])
