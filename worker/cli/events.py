@@ -45,9 +45,9 @@ def apply(file: click.utils.LazyFile, as_json: bool, batch_size: int) -> None:
 
     FILE holds one SES notification, one SNS envelope, or a JSON list of either, e.g.
     messages saved from a dead-letter queue. The whole file is checked before anything is
-    applied (signatures are not: you vouch for the file); then it is read again and
-    applied in batches, one transaction each. Repeats of notifications already applied
-    change nothing, so a file can always be applied again.
+    applied (signatures are not: you vouch for the file); then it is applied in batches,
+    one transaction each (a file over 16 MB is read a second time for that). Repeats of
+    notifications already applied change nothing, so a file can always be applied again.
 
     \b
     Example:
