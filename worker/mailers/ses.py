@@ -1,5 +1,9 @@
 """Amazon SES (or any SES-compatible API) through boto3's ``sesv2`` ``SendEmail``, raw MIME.
 
+The request itself goes out through :mod:`worker.mailers.ses_http` (the same signed
+request without botocore's per-call CPU) whenever that reproduces botocore's behaviour;
+credentials, endpoint, error parsing and the error kinds are botocore's either way.
+
 One botocore client per mailer (so per process, see ``get_mailer``), shared by the threads
 of that process: botocore clients are thread-safe and pool their connections. SDK retries
 are OFF: if SendEmail timed out after the request left, a retry could send the email twice;
@@ -20,6 +24,7 @@ from botocore.config import Config
 
 from worker.clock import utcnow
 from worker.config import ConfigError, Settings
+from worker.mailers import ses_http
 from worker.mailers.base import Mailer, SendResult
 from worker.mailers.errors import (
     AccountError,
@@ -29,6 +34,7 @@ from worker.mailers.errors import (
     ThrottledError,
     TransientError,
 )
+from worker.mailers.ses_http import SendEmailTransport
 from worker.message import OutgoingMessage
 
 log = logging.getLogger(__name__)
@@ -101,7 +107,18 @@ class SesMailer(Mailer):
     def __init__(self, settings: Settings, client: Any | None = None) -> None:
         super().__init__(settings)
         self.configuration_set = settings.ses_configuration_set
-        self.client = client if client is not None else make_client(settings)
+        self.transport: SendEmailTransport | None = None
+        if client is not None:  # the caller's own client: every call goes through it
+            self.client = client
+            return
+        session = _session(settings)
+        self.client = make_client(settings, session)
+        if ses_http.usable(self.client):
+            # The hot path: the same request, signed with the same credentials, without
+            # botocore's per-call machinery (see worker/mailers/ses_http.py).
+            self.transport = SendEmailTransport(
+                self.client, session.get_credentials(), pool_size=_pool_size(settings)
+            )
 
     def request_for(self, message: OutgoingMessage) -> dict[str, Any]:
         """The SendEmail arguments for ``message`` (tags come from ``message.tags``)."""
@@ -117,8 +134,9 @@ class SesMailer(Mailer):
         return kwargs
 
     def _send(self, message: OutgoingMessage) -> SendResult:
+        sender = self.transport or self.client
         try:
-            response = self.client.send_email(**self.request_for(message))
+            response = sender.send_email(**self.request_for(message))
         except (bx.ClientError, bx.BotoCoreError) as exc:
             error = classify(exc)
             log.warning(
@@ -137,31 +155,41 @@ class SesMailer(Mailer):
         return SendResult(message_id)
 
     def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
         self.client.close()
 
 
-def make_client(settings: Settings) -> Any:
-    """A sesv2 client: retries off, short connect timeout, pool >= concurrency."""
+def _pool_size(settings: Settings) -> int:
+    return max(MIN_POOL_CONNECTIONS, settings.concurrency)
+
+
+def _session(settings: Settings) -> boto3.session.Session:
     key_id, secret = settings.aws_access_key_id, settings.aws_secret_access_key
     if bool(key_id) != bool(secret):
         raise ConfigError(
             "PAPERMAIL_AWS_ACCESS_KEY_ID and PAPERMAIL_AWS_SECRET_ACCESS_KEY must be set "
             "together (or neither, to use the standard AWS credential chain)"
         )
+    # A private Session: boto3's default session is not safe to share between threads.
+    return boto3.session.Session(
+        aws_access_key_id=key_id or None,
+        aws_secret_access_key=secret or None,
+        region_name=settings.ses_region,
+    )
+
+
+def make_client(settings: Settings, session: boto3.session.Session | None = None) -> Any:
+    """A sesv2 client: retries off, short connect timeout, pool >= concurrency."""
+    session = session or _session(settings)
     config = Config(
         # total_max_attempts counts the first try; botocore's "max_attempts" counts RETRIES,
         # so {"max_attempts": 1} would still send a throttled or timed-out email twice.
         retries={"total_max_attempts": 1, "mode": "standard"},
         connect_timeout=min(CONNECT_TIMEOUT_SECONDS, settings.send_timeout_seconds),
         read_timeout=settings.send_timeout_seconds,
-        max_pool_connections=max(MIN_POOL_CONNECTIONS, settings.concurrency),
+        max_pool_connections=_pool_size(settings),
         tcp_keepalive=True,
-    )
-    # A private Session: boto3's default session is not safe to share between threads.
-    session = boto3.session.Session(
-        aws_access_key_id=key_id or None,
-        aws_secret_access_key=secret or None,
-        region_name=settings.ses_region,
     )
     return session.client("sesv2", endpoint_url=settings.ses_endpoint_url or None, config=config)
 
