@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import subprocess
+import sys
 from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -324,3 +328,25 @@ def test_resend_goes_through_the_send_queue_with_its_options(broker: str) -> Non
     with session_scope() as s:
         attempts = s.query(DeliveryAttempt).filter(DeliveryAttempt.kind == "resend").all()
     assert {(a.reason, a.outcome) for a in attempts} == {("x1", "sent")}
+
+
+def test_the_worker_parent_loads_the_sending_path_before_forking(tmp_path: Path) -> None:
+    """What prefork children would each import on their first chunk is loaded once, in the
+    parent, when the worker starts (``worker_init``): they inherit it."""
+    probe = (
+        "import sys\n"
+        "from celery import signals\n"
+        "from worker import tasks\n"
+        "before = {m for m in ('numpy', 'scipy.sparse', 'worker.rendering') if m in sys.modules}\n"
+        "signals.worker_init.send(sender=None)\n"
+        "from worker import rendering\n"
+        "print(sorted(before), 'worker.rendering' in sys.modules, 'scipy.sparse' in sys.modules,"
+        " rendering._RENDERER is not None)\n"
+    )
+    env = {**os.environ, "PAPERMAIL_DATABASE_URL": f"sqlite:///{tmp_path}/x.db",
+           "PAPERMAIL_TEMPLATE_CACHE_DIR": str(tmp_path / "templates")}  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["[]", "True", "True", "True"]
