@@ -292,7 +292,14 @@ class _Prepared:
     # Builds the message; pure, so it runs just before its batch is claimed (while the
     # batch before it is in flight) instead of for the whole chunk up front.
     render: Callable[[], OutgoingMessage]
-    message: OutgoingMessage | None = None
+
+
+@dataclass
+class _Ready:
+    """A rendered message of the batch about to be claimed; gone with its batch."""
+
+    delivery_id: int
+    message: OutgoingMessage
 
 
 class _InFlight:
@@ -300,7 +307,7 @@ class _InFlight:
 
     def __init__(
         self,
-        items: list[_Prepared],
+        items: list[_Ready],
         attempt: _Attempt,
         *,
         futures: list[Future[object]] | None = None,
@@ -556,11 +563,11 @@ def _render_batch(
     attempt_kind: str,
     reason: str | None,
     actor: str | None,
-) -> list[_Prepared]:
+) -> list[_Ready]:
     """Render a batch's messages; a delivery that cannot be rendered fails alone."""
     from worker.db import is_infrastructure_error
 
-    ready: list[_Prepared] = []
+    ready: list[_Ready] = []
     for item in batch:
         try:
             message = item.render()
@@ -574,8 +581,7 @@ def _render_batch(
             else:
                 outcome.not_claimed += 1
             continue
-        item.message = message
-        ready.append(item)
+        ready.append(_Ready(item.delivery_id, message))
     return ready
 
 
@@ -584,7 +590,7 @@ def _batch_size(settings: Settings) -> int:
     return max(1, settings.concurrency)
 
 
-def _send_one(mailer: object, item: _Prepared) -> object:
+def _send_one(mailer: object, item: _Ready) -> object:
     """The provider's answer (a SendResult) or the MailerError, never another exception."""
     try:
         return mailer.send(item.message)  # type: ignore[attr-defined]
@@ -602,7 +608,7 @@ def _send_one(mailer: object, item: _Prepared) -> object:
 
 
 def _start_sends(
-    mailer: object, batch: list[_Prepared], concurrency: int, attempt: _Attempt
+    mailer: object, batch: list[_Ready], concurrency: int, attempt: _Attempt
 ) -> _InFlight:
     """Start sending a claimed batch, up to ``concurrency`` at once.
 

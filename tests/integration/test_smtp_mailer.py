@@ -299,7 +299,7 @@ def test_the_send_threads_reuse_their_connections_across_batches(
         items = []
         for i in range(4):
             message = build_message(body=f"batch {batch} message {i}")
-            items.append(delivery._Prepared(batch * 4 + i, lambda m=message: m, message))
+            items.append(delivery._Ready(batch * 4 + i, message))
         attempt = delivery._Attempt("send", datetime(2031, 3, 14, tzinfo=UTC))
         results = delivery._start_sends(mailer, items, 4, attempt).results()
         assert not [r for r in results if isinstance(r, MailerError)]

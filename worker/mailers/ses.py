@@ -15,11 +15,13 @@ from __future__ import annotations
 import email.utils
 import logging
 import re
+import threading
 from collections.abc import Mapping
 from typing import Any
 
 import boto3
 import botocore.exceptions as bx
+import botocore.session
 from botocore.config import Config
 
 from worker.clock import utcnow
@@ -106,19 +108,41 @@ class SesMailer(Mailer):
 
     def __init__(self, settings: Settings, client: Any | None = None) -> None:
         super().__init__(settings)
+        self.settings = settings
         self.configuration_set = settings.ses_configuration_set
         self.transport: SendEmailTransport | None = None
+        self._client = client
+        self._client_lock = threading.Lock()
+        self._session: boto3.session.Session | None = None
         if client is not None:  # the caller's own client: every call goes through it
-            self.client = client
             return
-        session = _session(settings)
-        self.client = make_client(settings, session)
-        if ses_http.usable(self.client):
+        botocore_session = botocore.session.Session()
+        self._session = _session(settings, botocore_session)
+        direct = ses_http.direct_endpoint(
+            botocore_session, settings.ses_region, settings.ses_endpoint_url
+        )
+        if direct is not None:
             # The hot path: the same request, signed with the same credentials, without
             # botocore's per-call machinery (see worker/mailers/ses_http.py).
+            endpoint_url, ca_bundle = direct
             self.transport = SendEmailTransport(
-                self.client, session.get_credentials(), pool_size=_pool_size(settings)
+                endpoint_url,
+                ca_bundle,
+                settings.ses_region,
+                self._session.get_credentials(),
+                connect_timeout=_connect_timeout(settings),
+                read_timeout=settings.send_timeout_seconds,
+                pool_size=_pool_size(settings),
             )
+
+    @property
+    def client(self) -> Any:
+        """The botocore client, built on first use (only where the direct path does not
+        apply, or when asked for)."""
+        with self._client_lock:
+            if self._client is None:
+                self._client = make_client(self.settings, self._session)
+            return self._client
 
     def request_for(self, message: OutgoingMessage) -> dict[str, Any]:
         """The SendEmail arguments for ``message`` (tags come from ``message.tags``)."""
@@ -157,14 +181,19 @@ class SesMailer(Mailer):
     def close(self) -> None:
         if self.transport is not None:
             self.transport.close()
-        self.client.close()
+        if self._client is not None:
+            self._client.close()
 
 
 def _pool_size(settings: Settings) -> int:
     return max(MIN_POOL_CONNECTIONS, settings.concurrency)
 
 
-def _session(settings: Settings) -> boto3.session.Session:
+def _connect_timeout(settings: Settings) -> float:
+    return min(CONNECT_TIMEOUT_SECONDS, settings.send_timeout_seconds)
+
+
+def _session(settings: Settings, botocore_session: Any = None) -> boto3.session.Session:
     key_id, secret = settings.aws_access_key_id, settings.aws_secret_access_key
     if bool(key_id) != bool(secret):
         raise ConfigError(
@@ -176,6 +205,7 @@ def _session(settings: Settings) -> boto3.session.Session:
         aws_access_key_id=key_id or None,
         aws_secret_access_key=secret or None,
         region_name=settings.ses_region,
+        botocore_session=botocore_session,
     )
 
 
@@ -186,7 +216,7 @@ def make_client(settings: Settings, session: boto3.session.Session | None = None
         # total_max_attempts counts the first try; botocore's "max_attempts" counts RETRIES,
         # so {"max_attempts": 1} would still send a throttled or timed-out email twice.
         retries={"total_max_attempts": 1, "mode": "standard"},
-        connect_timeout=min(CONNECT_TIMEOUT_SECONDS, settings.send_timeout_seconds),
+        connect_timeout=_connect_timeout(settings),
         read_timeout=settings.send_timeout_seconds,
         max_pool_connections=_pool_size(settings),
         tcp_keepalive=True,

@@ -15,8 +15,10 @@ profile, instance role, with refresh), the region and endpoint, the parsing of e
 answers into the same ``ClientError``, and the exception types, so
 :func:`worker.mailers.ses.classify` decides the error kind exactly as before.
 
-:func:`usable` says when this path applies; otherwise (a proxy, a custom CA bundle or
-client certificate, anything botocore would treat specially) the mailer calls botocore.
+:func:`direct_endpoint` says when this path applies; otherwise (a proxy, another AWS
+partition, FIPS or dual-stack endpoints, anything botocore would treat specially) the
+mailer calls botocore. The botocore client itself is then only built when needed, which
+keeps its service model (~10 MB per worker process) out of memory.
 """
 
 from __future__ import annotations
@@ -65,30 +67,53 @@ def _user_agent() -> str:
 USER_AGENT = _user_agent()
 
 
-def usable(client: Any) -> bool:
-    """Whether this path reproduces what ``client.send_email`` would do on the wire.
+def direct_endpoint(
+    botocore_session: Any, region: str, endpoint_url: str | None
+) -> tuple[str, str] | None:
+    """``(endpoint URL, CA bundle)`` of the direct path, or None where botocore must send.
 
-    Not when botocore would go through a proxy (its configuration or the environment),
-    present a client certificate or skip certificate checks: those stay botocore's.
+    The endpoint is the configured one, or SES v2's standard endpoint in the ``aws``
+    partition. Anything botocore would treat specially stays botocore's: another partition
+    (China, GovCloud...), FIPS or dual-stack endpoints, an endpoint configured in botocore's
+    own environment or config file, a proxy.
     """
-    config = client.meta.config
-    endpoint = client.meta.endpoint_url
-    if urlsplit(endpoint).scheme not in ("http", "https"):
-        return False
-    if getattr(config, "proxies", None) or get_environ_proxies(endpoint):
-        return False
-    if getattr(config, "client_cert", None):
-        return False
-    return _ca_bundle(client) is not None
+    import boto3
+
+    if endpoint_url is None:
+        if (
+            boto3.session.Session(botocore_session=botocore_session).get_partition_for_region(
+                region
+            )
+            != "aws"
+        ):
+            return None
+        for name in ("use_fips_endpoint", "use_dualstack_endpoint"):
+            if str(botocore_session.get_config_variable(name) or "").lower() == "true":
+                return None
+        if _configured_endpoint(botocore_session):
+            return None
+        endpoint_url = f"https://email.{region}.amazonaws.com"
+    if urlsplit(endpoint_url).scheme not in ("http", "https"):
+        return None
+    if get_environ_proxies(endpoint_url):
+        return None
+    # botocore verifies with AWS_CA_BUNDLE / ca_bundle when set, else its default bundle.
+    bundle = botocore_session.get_config_variable("ca_bundle") or get_cert_path(True)
+    return endpoint_url, str(bundle)
 
 
-def _ca_bundle(client: Any) -> str | None:
-    """The CA bundle botocore verifies SES's certificate with (its default, or the
-    ``AWS_CA_BUNDLE`` / ``ca_bundle`` it was configured with); None if it does not verify."""
-    verify = getattr(client._endpoint.http_session, "_verify", True)
-    if verify is True:
-        return str(get_cert_path(True))
-    return verify if isinstance(verify, str) and verify else None
+def _configured_endpoint(botocore_session: Any) -> str | None:
+    """An endpoint URL set through botocore's configuration (AWS_ENDPOINT_URL_SESV2, ...)."""
+    try:
+        from botocore.configprovider import ConfiguredEndpointProvider
+    except ImportError:  # an older botocore has no such configuration
+        return None
+    provider = ConfiguredEndpointProvider(
+        full_config=botocore_session.full_config,
+        scoped_config=botocore_session.get_scoped_config(),
+        client_name="sesv2",
+    )
+    return provider.provide()  # type: ignore[no-any-return]
 
 
 def _hmac(key: bytes, text: str) -> bytes:
@@ -180,21 +205,29 @@ def request_body(kwargs: Mapping[str, Any]) -> bytes:
 class SendEmailTransport:
     """``send_email(**kwargs) -> {"MessageId": ...}``, raising what botocore would raise."""
 
-    def __init__(self, client: Any, credentials: Any, *, pool_size: int) -> None:
-        endpoint = urlsplit(client.meta.endpoint_url)
-        self.endpoint_url = client.meta.endpoint_url
+    def __init__(
+        self,
+        endpoint_url: str,
+        ca_bundle: str,
+        region: str,
+        credentials: Any,
+        *,
+        connect_timeout: float,
+        read_timeout: float,
+        pool_size: int,
+    ) -> None:
+        endpoint = urlsplit(endpoint_url)
+        self.endpoint_url = endpoint_url
         self._credentials = credentials
         default_port = 443 if endpoint.scheme == "https" else 80
         port = endpoint.port or default_port
         host = endpoint.hostname or ""
         netloc = host if port == default_port else f"{host}:{port}"
-        self.signer = Signer(client.meta.region_name, netloc, endpoint.path.rstrip("/") + PATH)
-        config = client.meta.config
-        timeout = urllib3.Timeout(connect=config.connect_timeout, read=config.read_timeout)
+        self.signer = Signer(region, netloc, endpoint.path.rstrip("/") + PATH)
         options: dict[str, Any] = {
             "maxsize": pool_size,
             "block": False,  # more threads than connections: open one, keep at most maxsize
-            "timeout": timeout,
+            "timeout": urllib3.Timeout(connect=connect_timeout, read=read_timeout),
             "retries": False,  # never a second copy: the delivery layer owns retries
             "socket_options": [
                 *urllib3.connection.HTTPConnection.default_socket_options,
@@ -204,12 +237,11 @@ class SendEmailTransport:
         pool_class: type[urllib3.HTTPConnectionPool]
         if endpoint.scheme == "https":
             pool_class = urllib3.HTTPSConnectionPool
-            options.update(cert_reqs="CERT_REQUIRED", ca_certs=_ca_bundle(client))
+            options.update(cert_reqs="CERT_REQUIRED", ca_certs=ca_bundle)
         else:
             pool_class = urllib3.HTTPConnectionPool
         self._pool = pool_class(host, port, **options)
         self._parser = create_parser("rest-json")
-        self._output_shape = client.meta.service_model.operation_model(OPERATION).output_shape
 
     def send_email(self, **kwargs: Any) -> dict[str, Any]:
         credentials = self._credentials
@@ -255,7 +287,9 @@ class SendEmailTransport:
             "headers": {name.lower(): value for name, value in answer.headers.items()},
             "body": answer.data,
         }
-        error = self._parser.parse(response, self._output_shape)
+        # Errors parse without the service model (SendEmail's output shape has no error
+        # members), so the model, ~10 MB once loaded, is never loaded for sending.
+        error = self._parser.parse(response, None)
         raise bx.ClientError(error, OPERATION)
 
     def close(self) -> None:

@@ -1,18 +1,22 @@
-"""The SES hot path signs exactly as botocore does: same headers signed, same signature."""
+"""The SES direct path (worker/mailers/ses_http.py) does what botocore would: the same
+endpoint, the same signature; and it steps aside wherever botocore would do more."""
 
 from __future__ import annotations
 
 import base64
 import json
 from datetime import UTC, datetime
+from pathlib import Path
 
+import boto3
+import botocore.session
 import pytest
 import time_machine
 from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 
-from worker.mailers.ses_http import Signer, request_body
+from worker.mailers.ses_http import Signer, direct_endpoint, request_body
 
 NOW = datetime(2031, 3, 14, 5, 30, 7, tzinfo=UTC)
 KEY, SECRET = "AKIAEXAMPLEKEY000000", "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY+/="
@@ -94,3 +98,52 @@ def test_body_is_what_botocore_would_send() -> None:
     assert body["ConfigurationSetName"] == "events"
     assert body["Destination"] == {"ToAddresses": ["b@example.org"]}
     assert "EmailTags" not in body
+
+
+@pytest.mark.parametrize("region", ["us-east-1", "eu-west-1", "ap-southeast-2", "sa-east-1"])
+def test_default_endpoint_is_botocores(region: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_SESV2", "AWS_USE_FIPS_ENDPOINT",
+                 "AWS_USE_DUALSTACK_ENDPOINT", "HTTPS_PROXY", "https_proxy"):  # fmt: skip
+        monkeypatch.delenv(name, raising=False)
+    session = botocore.session.Session()
+    client = boto3.session.Session(
+        botocore_session=session, region_name=region, aws_access_key_id=KEY,
+        aws_secret_access_key=SECRET,
+    ).client("sesv2")  # fmt: skip
+
+    direct = direct_endpoint(session, region, None)
+
+    assert direct is not None
+    assert direct[0] == client.meta.endpoint_url
+
+
+@pytest.mark.parametrize(
+    ("region", "env"),
+    [
+        ("cn-north-1", {}),  # another partition: botocore knows its endpoints
+        ("us-gov-west-1", {}),
+        ("us-east-1", {"AWS_USE_FIPS_ENDPOINT": "true"}),
+        ("us-east-1", {"AWS_USE_DUALSTACK_ENDPOINT": "true"}),
+        ("us-east-1", {"AWS_ENDPOINT_URL_SESV2": "https://ses.proxy.example"}),
+        ("us-east-1", {"HTTPS_PROXY": "http://proxy.example:3128"}),
+    ],
+    ids=["china", "govcloud", "fips", "dualstack", "configured-endpoint", "proxy"],
+)
+def test_botocore_keeps_what_it_does_specially(
+    region: str, env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert direct_endpoint(botocore.session.Session(), region, None) is None
+
+
+def test_a_configured_endpoint_is_used_with_botocores_ca_bundle(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    bundle = tmp_path / "ca.pem"
+    monkeypatch.setenv("AWS_CA_BUNDLE", str(bundle))
+    assert direct_endpoint(botocore.session.Session(), "us-east-1", "http://127.0.0.1:4566") == (
+        "http://127.0.0.1:4566",
+        str(bundle),
+    )
+    assert direct_endpoint(botocore.session.Session(), "us-east-1", "ftp://x") is None
