@@ -318,3 +318,40 @@ def test_bad_concurrency_is_refused_by_name(
     monkeypatch.setenv("PAPERMAIL_SEND_CONCURRENCY", bad)
     with pytest.raises(ConfigError, match="PAPERMAIL_SEND_CONCURRENCY"):
         load_settings()
+
+
+def test_the_chosen_papers_are_recorded_in_order_with_topic_and_score(world: Settings) -> None:
+    """One statement records a chunk's papers (JSON on PostgreSQL); every pick arrives."""
+    from worker.models import DeliveryPaper
+    from worker.selection import Edition, select_editions
+
+    ids = plan()
+    with session_scope() as s:
+        rows = s.execute(
+            select(Delivery, Subscriber).join(Delivery.subscriber).where(Delivery.id.in_(ids))
+        ).all()
+        expected = select_editions(
+            s,
+            [Edition(d.id, sub, d.edition_date, delivery.window_end(sub, d.edition_date, NOW))
+             for d, sub in rows],
+            world,
+        ).results  # fmt: skip
+    out = run(ids, RecipientMailer(), world)
+    assert out.sent == N
+    with session_scope() as s:
+        recorded = s.scalars(
+            select(DeliveryPaper).order_by(DeliveryPaper.delivery_id, DeliveryPaper.position)
+        ).all()
+        got: dict[int, list[tuple[str, int, str | None, float]]] = {}
+        for dp in recorded:
+            got.setdefault(dp.delivery_id, []).append(
+                (dp.paper_id, dp.position, dp.matched_topic, round(dp.score or 0.0, 6))
+            )
+    assert got == {
+        did: [
+            (p.paper_id, pos, p.matched_topic, round(float(p.score), 6))
+            for pos, p in enumerate(result.picks)
+        ]
+        for did, result in expected.items()
+    }
+    assert all(len(picks) > 0 for picks in got.values()) and len(got) == N
