@@ -139,6 +139,17 @@ class Paper(Base):
     url: Mapped[str | None] = mapped_column(Text)  # the paper's page
     pdf_url: Mapped[str | None] = mapped_column(Text)
     hf_url: Mapped[str | None] = mapped_column(Text)
+    # arXiv metadata (from an arXiv feed or JSON Lines); Hugging Face leaves them alone.
+    categories: Mapped[list[str]] = mapped_column(JSON, default=list)  # primary first
+    arxiv_version: Mapped[int | None] = mapped_column(Integer)
+    comment: Mapped[str | None] = mapped_column(Text)
+    doi: Mapped[str | None] = mapped_column(String(255))
+    # Every source that has given this paper (hf, arxiv, jsonl, sample); `source` is the last.
+    sources: Mapped[list[str]] = mapped_column(JSON, default=list)
+
+    @property
+    def primary_category(self) -> str | None:
+        return self.categories[0] if self.categories else None
 
     @property
     def effective_date(self) -> datetime:
