@@ -363,3 +363,56 @@ class ControlFlag(Base):
     key: Mapped[str] = mapped_column(String(64), primary_key=True)
     value: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+
+
+class FetchStatus(StrEnum):
+    OK = "ok"  # fetched, validated and stored
+    NOT_MODIFIED = "not_modified"  # the source answered 304: nothing new since the last one
+    FAILED = "failed"  # nothing stored; `error` says why
+
+
+# A fetch in these states means the source's papers for that date are in the table.
+FETCH_SUCCEEDED = frozenset({FetchStatus.OK, FetchStatus.NOT_MODIFIED})
+
+
+class PaperFetch(Base):
+    """One run of the scheduled fetch for one source and date (or `papers fetch`)."""
+
+    __tablename__ = "paper_fetches"
+    __table_args__ = (
+        CheckConstraint(_state_check("status", FetchStatus), name="fetch_status_valid"),
+        Index("ix_paper_fetches_date_source", "fetch_date", "source"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    source: Mapped[str] = mapped_column(String(16))  # hf | arxiv
+    fetch_date: Mapped[date] = mapped_column(Date)  # the day whose papers were fetched
+    status: Mapped[str] = mapped_column(String(16))
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    url: Mapped[str | None] = mapped_column(Text)  # the first request's URL
+    http_status: Mapped[int | None] = mapped_column(Integer)  # of the last response
+    requests: Mapped[int] = mapped_column(Integer, default=0)  # every attempt, retries too
+    pages: Mapped[int] = mapped_column(Integer, default=0)
+    bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    papers: Mapped[int] = mapped_column(Integer, default=0)  # distinct papers received
+    new: Mapped[int] = mapped_column(Integer, default=0)
+    updated: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str | None] = mapped_column(Text)
+    etag: Mapped[str | None] = mapped_column(String(255))  # of the first page
+    last_modified: Mapped[str | None] = mapped_column(String(64))
+
+
+class FetchValidator(Base):
+    """The validators (ETag, Last-Modified) a source last sent for a URL whose papers are
+    stored: the next request for it is conditional, and a 304 costs no parsing or writes."""
+
+    __tablename__ = "fetch_validators"
+    __table_args__ = (UniqueConstraint("source", "url", name="uq_fetch_validators_source_url"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    source: Mapped[str] = mapped_column(String(16))
+    url: Mapped[str] = mapped_column(Text)
+    etag: Mapped[str | None] = mapped_column(String(255))
+    last_modified: Mapped[str | None] = mapped_column(String(64))
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
