@@ -240,6 +240,9 @@ class Delivery(Base):
     # The broker life (worker.tasks.broker_epoch) the row's send task was published into;
     # NULL: not published, or handed back because the task could not be re-published.
     queued_epoch: Mapped[str | None] = mapped_column(String(64))
+    # "papers": held back by the beat until the day's papers are fetched; `scheduled_at`
+    # is then the deadline (worker.scheduling.release_waiting). Never claimed meanwhile.
+    waiting_for: Mapped[str | None] = mapped_column(String(16))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
     claimed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

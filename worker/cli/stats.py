@@ -94,6 +94,8 @@ def _table(editions: list[dict[str, object]], paused: str | None) -> None:
             extra.append(f"ended {e['ended_at']}")
         if e["oldest_pending_at"]:
             extra.append(f"oldest pending since {e['oldest_pending_at']}")
+        if e.get("waiting_for_papers"):
+            extra.append(f"{e['waiting_for_papers']} waiting for the day's papers")
         if extra:
             click.echo(f"{e['edition']}: " + ", ".join(extra))
     t = editions[0]

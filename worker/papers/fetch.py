@@ -603,6 +603,27 @@ def fetch_papers(
     ]
 
 
+def fetch_due(
+    *,
+    settings: Settings | None = None,
+    now: datetime | None = None,
+    sleep: Sleep = _time.sleep,
+    monotonic: Monotonic = _time.monotonic,
+) -> list[SourceFetch]:
+    """The beat's fetch: from FETCH_AT (UTC) on, today's sources that have not succeeded.
+
+    Runs at FETCH_AT and every quarter of an hour after it; once every source has
+    succeeded for the day it asks nothing more.
+    """
+    settings = settings or get_settings()
+    now = (now or utcnow()).astimezone(UTC)
+    if not settings.sources or now.time() < settings.fetch_time:
+        return []
+    return fetch_papers(
+        settings=settings, on_date=now.date(), only_missing=True, sleep=sleep, monotonic=monotonic
+    )
+
+
 def succeeded_sources(session: Session, on_date: date) -> set[str]:
     """The sources with a successful fetch (ok or not modified) for ``on_date``."""
     return set(
