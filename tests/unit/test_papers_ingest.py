@@ -413,3 +413,17 @@ def test_session_fixture_sees_upserts(session: Session) -> None:
     result = upsert_papers(session, [PaperRecord(id="a", title="A")], "jsonl")
     assert result.new == 1
     assert session.get(Paper, "a").hf_url == "https://huggingface.co/papers/a"  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("hour", [3, 17])
+def test_demo_sends_the_undated_sample_whatever_the_hour(settings: Any, hour: int) -> None:
+    """The sample has no dates (none is made up); the demo counts them as ingested before
+    the edition's first send time, so its editions find them early or late in the day."""
+    from worker import clock
+    from worker.demo import run_demo
+
+    at = datetime(2031, 3, 14, hour, 0, tzinfo=UTC)
+    with clock.installed(clock.anchored(at)):
+        result = run_demo(settings)
+    assert result.outcome.sent == 4, result.skipped
+    assert list(result.skipped) == ["katherine@example.org"]  # her topic matches nothing

@@ -118,5 +118,6 @@ def _fetch_table(fetches: list[dict[str, object]]) -> None:
             continue
         click.echo(
             f"{line} {f['papers']} papers ({f['new']} new, {f['updated']} updated), "
-            f"{f['requests']} requests, {f['bytes']:,} bytes, at {f['finished_at']}"
+            f"{f['requests']} request{'' if f['requests'] == 1 else 's'}, {f['bytes']:,} bytes, "
+            f"at {f['finished_at']}"
         )
