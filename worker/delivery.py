@@ -115,9 +115,22 @@ def send_time(sub: Subscriber, edition_date: date) -> datetime:
     return local.astimezone(UTC)
 
 
-def window_end(sub: Subscriber, edition_date: date, now: datetime) -> datetime:
-    """Selection window end: the edition's send time, or now when that is still ahead."""
-    return min(send_time(sub, edition_date), now)
+def window_end(
+    sub: Subscriber,
+    edition_date: date,
+    now: datetime,
+    released_at: datetime | None = None,
+    max_wait: timedelta | None = None,
+) -> datetime:
+    """Selection window end: the edition's send time, or now when that is still ahead.
+
+    An edition that waited for the day's papers (``released_at``, its ``scheduled_at``,
+    within ``max_wait`` of the send time) takes the papers that arrived while it waited.
+    """
+    end = send_time(sub, edition_date)
+    if released_at is not None and max_wait is not None and end < released_at <= end + max_wait:
+        end = released_at
+    return min(end, now)
 
 
 # ---------------------------------------------------------------------------------------
@@ -210,7 +223,9 @@ def pending_delivery_ids(
     now: datetime | None = None,
 ) -> list[int]:
     query = select(Delivery.id).where(
-        Delivery.edition_date == edition_date, Delivery.state == DeliveryState.PENDING
+        Delivery.edition_date == edition_date,
+        Delivery.state == DeliveryState.PENDING,
+        Delivery.waiting_for.is_(None),  # held for the day's papers (worker.scheduling)
     )
     if now is not None:  # only rows whose (retry) time has come
         query = query.where(or_(Delivery.scheduled_at.is_(None), Delivery.scheduled_at <= now))
@@ -732,6 +747,7 @@ def prepare_messages(
             Delivery.state == DeliveryState.PENDING,
             # A retry waits out its backoff even when its chunk is delivered early.
             or_(Delivery.scheduled_at.is_(None), Delivery.scheduled_at <= now),
+            Delivery.waiting_for.is_(None),  # held until the day's papers are fetched
         )
         .order_by(Delivery.id)
     ).all()
@@ -768,13 +784,15 @@ def prepare_messages(
     ):
         recorded.setdefault(dp.delivery_id, []).append(dp)
     editions: list[Edition] = []
+    # How late an edition held for the day's papers can be let go (worker.scheduling).
+    waited = timedelta(minutes=settings.fetch_wait_minutes + settings.plan_interval_minutes)
     for d, sub in sendable:
         if d.id in recorded:
             continue
         end = guarded(
             d.id,
             "bad subscriber data",
-            lambda d=d, sub=sub: window_end(sub, d.edition_date, now),  # type: ignore[misc]
+            lambda d=d, sub=sub: window_end(sub, d.edition_date, now, d.scheduled_at, waited),  # type: ignore[misc]
         )
         if end is not None:
             editions.append(Edition(d.id, sub, d.edition_date, end))  # type: ignore[arg-type]

@@ -109,8 +109,14 @@ def test_beat_intervals(minutes: int, expected: object) -> None:
 
 
 def test_beat_schedule_follows_settings() -> None:
-    plain = tasks.beat_schedule(config.load_settings(plan_interval_minutes=30))
+    plain = tasks.beat_schedule(config.load_settings(plan_interval_minutes=30, sources=""))
     assert set(plain) == {"plan-due", "reap"}
+    # Papers arrive by themselves (the default source, hf): at FETCH_AT (UTC) and every
+    # 15 minutes after it until the day ends; a fetch that succeeded asks nothing more.
+    fetching = tasks.beat_schedule(config.load_settings(fetch_at="05:40"))
+    assert fetching["fetch-papers"]["task"] == "papermail.fetch_papers"
+    assert fetching["fetch-papers"]["schedule"] == crontab(minute="40-59/15", hour="5-23")
+    assert fetching["fetch-papers"]["options"] == {"queue": "plan", "expires": 900}
     assert plain["plan-due"]["schedule"] == crontab(minute="*/30")
     assert plain["plan-due"]["options"]["expires"] == 1800
     with_sqs = tasks.beat_schedule(config.load_settings(sqs_queue_url="https://sqs.example/q"))
