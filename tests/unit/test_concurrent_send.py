@@ -320,38 +320,36 @@ def test_bad_concurrency_is_refused_by_name(
         load_settings()
 
 
-def test_the_chosen_papers_are_recorded_in_order_with_topic_and_score(world: Settings) -> None:
-    """One statement records a chunk's papers (JSON on PostgreSQL); every pick arrives."""
+def test_the_chosen_papers_are_recorded_in_order_with_topic_and_score(
+    world: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One statement records a chunk's papers (JSON on PostgreSQL): every pick the
+    selection made arrives as it was, position, topic and score included."""
     from worker.models import DeliveryPaper
-    from worker.selection import Edition, select_editions
 
-    ids = plan()
-    with session_scope() as s:
-        rows = s.execute(
-            select(Delivery, Subscriber).join(Delivery.subscriber).where(Delivery.id.in_(ids))
-        ).all()
-        expected = select_editions(
-            s,
-            [Edition(d.id, sub, d.edition_date, delivery.window_end(sub, d.edition_date, NOW))
-             for d, sub in rows],
-            world,
-        ).results  # fmt: skip
-    out = run(ids, RecipientMailer(), world)
+    chosen: list[dict[str, object]] = []
+    real = delivery._insert_delivery_papers
+
+    def spy(session, rows):  # type: ignore[no-untyped-def]
+        chosen.extend(dict(r) for r in rows)
+        real(session, rows)
+
+    monkeypatch.setattr(delivery, "_insert_delivery_papers", spy)
+    out = run(plan(), RecipientMailer(), world)
+
     assert out.sent == N
     with session_scope() as s:
-        recorded = s.scalars(
-            select(DeliveryPaper).order_by(DeliveryPaper.delivery_id, DeliveryPaper.position)
-        ).all()
-        got: dict[int, list[tuple[str, int, str | None, float]]] = {}
-        for dp in recorded:
-            got.setdefault(dp.delivery_id, []).append(
-                (dp.paper_id, dp.position, dp.matched_topic, round(dp.score or 0.0, 6))
-            )
-    assert got == {
-        did: [
-            (p.paper_id, pos, p.matched_topic, round(float(p.score), 6))
-            for pos, p in enumerate(result.picks)
-        ]
-        for did, result in expected.items()
-    }
-    assert all(len(picks) > 0 for picks in got.values()) and len(got) == N
+        recorded = {
+            (dp.delivery_id, dp.paper_id, dp.position, dp.matched_topic, round(dp.score, 9))
+            for dp in s.scalars(select(DeliveryPaper))
+        }
+    expected = {
+        (r["delivery_id"], r["paper_id"], r["position"], r["matched_topic"],
+         round(float(r["score"]), 9))  # type: ignore[arg-type]
+        for r in chosen
+    }  # fmt: skip
+    assert recorded == expected
+    assert len({r[0] for r in recorded}) == N and any(r[3] == "pruning" for r in recorded)
+    for did in {r[0] for r in recorded}:
+        positions = sorted(r[2] for r in recorded if r[0] == did)
+        assert positions == list(range(len(positions)))
