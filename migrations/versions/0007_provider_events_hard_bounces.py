@@ -5,8 +5,8 @@ edition's hard bounces (Permanent, other than OnAccountSuppressionList). Without
 that was a scan of every event ever stored (16 ms at 10,000 events, growing with every
 edition); with this one it reads the hard bounces only.
 
-Revision ID: 0004
-Revises: 0003
+Revision ID: 0007
+Revises: 0006
 Create Date: 2026-12-01 17:05:00
 """
 
@@ -15,8 +15,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0004"
-down_revision = "0003"
+revision = "0007"
+down_revision = "0006"
 branch_labels = None
 depends_on = None
 
