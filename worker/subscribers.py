@@ -978,39 +978,22 @@ class _RowParser:
         from worker.mailers.base import mailer_class
 
         self.address_problem = mailer_class(None).address_problem
-        self.memos: dict[str, dict[str, Any]] = {
-            "topics": {}, "max_papers": {}, "frequency": {}, "weekday": {}, "send_hour": {},
-            "timezone": {},
-        }  # fmt: skip
-        self.parsers: dict[str, Callable[[str], Any]] = {
-            "topics": self._topics,
-            "max_papers": parse_max_papers,
-            "frequency": parse_frequency,
-            "weekday": parse_weekday,
-            "send_hour": parse_send_hour,
-            "timezone": parse_timezone,
-        }
+        # (column, memo of its distinct cells, parser, value when blank), in the order
+        # SubscriberInput checks them.
+        self.fields: list[tuple[str, dict[str, Any], Callable[[str], Any], Any]] = [
+            ("topics", {}, self._topics, ("[]", _describe_topics(()))),
+            ("max_papers", {}, parse_max_papers, DEFAULT_MAX_PAPERS),
+            ("frequency", {}, parse_frequency, DEFAULT_FREQUENCY),
+            ("weekday", {}, parse_weekday, None),
+            ("send_hour", {}, parse_send_hour, DEFAULT_SEND_HOUR),
+            ("timezone", {}, parse_timezone, DEFAULT_TIMEZONE),
+        ]
         self.schedules: dict[tuple[Any, ...], str] = {}
 
     @staticmethod
     def _topics(cell: str) -> tuple[str, str]:
         topics = parse_topics(cell)
         return json.dumps(list(topics), ensure_ascii=False), _describe_topics(topics)
-
-    def _cell(self, column: str, cell: str | None, default: Any) -> Any:
-        if cell is None:
-            return default
-        memo = self.memos[column]
-        value = memo.get(cell, _MISSING)
-        if value is _MISSING:
-            try:
-                value = self.parsers[column](cell)
-            except ValueError:
-                return _MISSING
-            if len(memo) >= _MEMO_SIZE:
-                memo.clear()
-            memo[cell] = value
-        return value
 
     def staged(self, raw: dict[str, str]) -> Staged | None:
         """The row's staged values, or None if SubscriberInput must judge it."""
@@ -1020,16 +1003,24 @@ class _RowParser:
             return None
         if self.address_problem(email) is not None:
             return None
-        get = raw.get
-        topics = self._cell("topics", get("topics"), ("[]", _describe_topics(())))
-        max_papers = self._cell("max_papers", get("max_papers"), DEFAULT_MAX_PAPERS)
-        frequency = self._cell("frequency", get("frequency"), DEFAULT_FREQUENCY)
-        weekday = self._cell("weekday", get("weekday"), None)
-        send_hour = self._cell("send_hour", get("send_hour"), DEFAULT_SEND_HOUR)
-        timezone = self._cell("timezone", get("timezone"), DEFAULT_TIMEZONE)
-        if _MISSING in (topics, max_papers, frequency, weekday, send_hour, timezone):
-            return None
-        if frequency == Frequency.WEEKLY.value:
+        values = []
+        for column, memo, parse, blank in self.fields:
+            cell = raw.get(column)
+            if cell is None:
+                values.append(blank)
+                continue
+            value = memo.get(cell, _MISSING)
+            if value is _MISSING:
+                try:
+                    value = parse(cell)
+                except ValueError:
+                    return None
+                if len(memo) >= _MEMO_SIZE:
+                    memo.clear()
+                memo[cell] = value
+            values.append(value)
+        topics, max_papers, frequency, weekday, send_hour, timezone = values
+        if frequency == _WEEKLY:
             if weekday is None:
                 weekday = DEFAULT_WEEKDAY
         else:
@@ -1044,6 +1035,9 @@ class _RowParser:
             email, topics[0], max_papers, frequency, weekday, send_hour, timezone,
             f"{schedule}; topics: {topics[1]}",
         )  # fmt: skip
+
+
+_WEEKLY = Frequency.WEEKLY.value
 
 
 class _Stage:
@@ -1290,13 +1284,22 @@ def _import_staged(
     ).where(~select(s.c.id).where(s.c.email == t.c.email).exists())
     # ON CONFLICT DO NOTHING: a row someone else inserts meanwhile is kept (and reported
     # existing below); ours are told apart by created_at == now and source 'import'.
-    stmt = (
-        _dialect_insert(session)(s)
-        .from_select(columns, rows.order_by(t.c.line))
-        .on_conflict_do_nothing(index_elements=["email"])
-    )
-    # The rows this statement inserted (not ones another writer added meanwhile).
-    report.created = session.execute(stmt.execution_options(preserve_rowcount=True)).rowcount  # type: ignore[attr-defined]
+    insert_rows = _dialect_insert(session)(s).from_select(columns, rows.order_by(t.c.line))
+    counted = {"preserve_rowcount": True}  # the rows this statement inserted
+    created: int | None = None
+    if stage.postgres:
+        # Without ON CONFLICT PostgreSQL inserts a quarter cheaper (no speculative
+        # insertion). Such an insert fails only when another writer adds one of these
+        # addresses while it runs; then it is undone and done again with ON CONFLICT.
+        try:
+            with session.begin_nested():
+                created = session.execute(insert_rows, execution_options=counted).rowcount  # type: ignore[attr-defined]
+        except IntegrityError:
+            created = None
+    if created is None:
+        stmt = insert_rows.on_conflict_do_nothing(index_elements=["email"])
+        created = session.execute(stmt, execution_options=counted).rowcount  # type: ignore[attr-defined]
+    report.created = created
     ours = (s.c.created_at == stamp) & (s.c.source == "import")
     _note_existing(session, stage, report, ours)
 
