@@ -456,6 +456,9 @@ def run(args: argparse.Namespace) -> Report:
             "PAPERMAIL_SENDING_TIMEOUT_SECONDS": "30",  # the smallest allowed
             "PAPERMAIL_SWEEP_INTERVAL_SECONDS": str(args.sweep_seconds),
             "PAPERMAIL_OUTBOX_DIR": str(workdir / "outbox"),
+            # The beat must not fetch papers from the internet: the edition is planned
+            # with enqueue_edition over the papers the run inserts.
+            "PAPERMAIL_SOURCES": "",
         }
     )
     os.environ.clear()

@@ -70,6 +70,9 @@ def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, s
         "PAPERMAIL_DATABASE_URL": f"sqlite:///{tmp_path / 'papermail.db'}",
         "PAPERMAIL_OUTBOX_DIR": str(tmp_path / "outbox"),
         "PAPERMAIL_BASE_URL": "http://papermail.test",
+        # No test fetches papers from the internet, and editions do not wait for a fetch,
+        # unless it says so (with a local server's URLs).
+        "PAPERMAIL_SOURCES": "",
     }
     for key, value in values.items():
         monkeypatch.setenv(key, value)

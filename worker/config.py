@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import math
 import re
+from datetime import time
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -121,14 +122,79 @@ class Settings(BaseSettings):
     complaint_rate_limit: float = Field(default=0.001, gt=0, le=1)
     reputation_min_sample: int = Field(default=200, ge=1)
     orphan_grace_seconds: int = Field(default=300, ge=0)
+    # Papers arrive by themselves (worker.papers.fetch): the beat fetches each source at
+    # FETCH_AT (UTC) and again every 15 minutes until it has succeeded for the day.
+    sources: Annotated[list[Literal["hf", "arxiv"]], NoDecode] = Field(
+        default_factory=lambda: ["hf"]
+    )
+    hf_api_url: str = "https://huggingface.co/api/daily_papers"
+    arxiv_api_url: str = "https://export.arxiv.org/api/query"
+    arxiv_categories: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    arxiv_max_results: int = Field(default=2000, ge=1, le=30000)
+    # arXiv asks for no more than one request every 3 seconds.
+    arxiv_delay_seconds: float = Field(default=3.0, ge=3.0, le=60.0)
+    fetch_at: str = "05:00"
+    fetch_timeout_seconds: float = Field(default=30.0, gt=0, le=600)
+    fetch_retries: int = Field(default=4, ge=0, le=10)  # after the first attempt
+    fetch_max_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
+    # An edition whose day's papers have not arrived by its send time waits this long,
+    # then goes ahead as FETCH_MISSED says: `skip` ("no papers fetched today") or `send`
+    # (with the papers that did arrive for the day, if any; never only older ones).
+    fetch_wait_minutes: int = Field(default=180, ge=0, le=1440)
+    fetch_missed: Literal["skip", "send"] = "skip"
     # Web
     subscribe_rate_per_hour: int = Field(default=5, ge=1)
     trusted_proxies: int = Field(default=0, ge=0, le=5)  # reverse proxies in front of web
 
-    @field_validator("secret_key", "sns_topic_arns", mode="before")
+    @field_validator("secret_key", "sns_topic_arns", "sources", "arxiv_categories", mode="before")
     @classmethod
     def _comma_list(cls, value: Any) -> Any:
         return _split_list(value)
+
+    @field_validator("sources")
+    @classmethod
+    def _unique_sources(cls, value: list[str]) -> list[str]:
+        return list(dict.fromkeys(value))
+
+    @field_validator("arxiv_categories")
+    @classmethod
+    def _arxiv_categories(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if not re.fullmatch(r"[a-z][a-z\-]*(?:\.[A-Za-z][A-Za-z\-]*)?", name):
+                raise ValueError(f"{name!r} is not an arXiv category (e.g. cs.LG,cs.CL)")
+        return list(dict.fromkeys(value))
+
+    @field_validator("hf_api_url", "arxiv_api_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL")
+        if parts.query or parts.fragment:
+            raise ValueError("must not have a query or fragment: papermail adds the query")
+        return value
+
+    @field_validator("fetch_at")
+    @classmethod
+    def _fetch_at(cls, value: str) -> str:
+        match = re.fullmatch(r"([01]?\d|2[0-3]):([0-5]\d)", value.strip())
+        if not match:
+            raise ValueError("must be a UTC time of day HH:MM, e.g. 05:00")
+        return f"{int(match.group(1)):02d}:{match.group(2)}"
+
+    @model_validator(mode="after")
+    def _arxiv_needs_categories(self) -> Settings:
+        if "arxiv" in self.sources and not self.arxiv_categories:
+            raise ValueError(
+                "PAPERMAIL_SOURCES includes arxiv but PAPERMAIL_ARXIV_CATEGORIES is empty; "
+                "name the categories to fetch, e.g. cs.LG,cs.CL"
+            )
+        return self
+
+    @property
+    def fetch_time(self) -> time:
+        hour, minute = self.fetch_at.split(":")
+        return time(int(hour), int(minute))
 
     @field_validator("secret_key")
     @classmethod

@@ -15,13 +15,15 @@ after recovery): at most one batch per process is ever ``unknown``.
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
 import random
 import threading
 import time as _time
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from zoneinfo import ZoneInfo
@@ -58,6 +60,7 @@ from worker.mailers.errors import (
     ThrottledError,
     TransientError,
 )
+from worker.message import OutgoingMessage
 from worker.models import (
     ControlFlag,
     Delivery,
@@ -112,9 +115,22 @@ def send_time(sub: Subscriber, edition_date: date) -> datetime:
     return local.astimezone(UTC)
 
 
-def window_end(sub: Subscriber, edition_date: date, now: datetime) -> datetime:
-    """Selection window end: the edition's send time, or now when that is still ahead."""
-    return min(send_time(sub, edition_date), now)
+def window_end(
+    sub: Subscriber,
+    edition_date: date,
+    now: datetime,
+    released_at: datetime | None = None,
+    max_wait: timedelta | None = None,
+) -> datetime:
+    """Selection window end: the edition's send time, or now when that is still ahead.
+
+    An edition that waited for the day's papers (``released_at``, its ``scheduled_at``,
+    within ``max_wait`` of the send time) takes the papers that arrived while it waited.
+    """
+    end = send_time(sub, edition_date)
+    if released_at is not None and max_wait is not None and end < released_at <= end + max_wait:
+        end = released_at
+    return min(end, now)
 
 
 # ---------------------------------------------------------------------------------------
@@ -207,7 +223,9 @@ def pending_delivery_ids(
     now: datetime | None = None,
 ) -> list[int]:
     query = select(Delivery.id).where(
-        Delivery.edition_date == edition_date, Delivery.state == DeliveryState.PENDING
+        Delivery.edition_date == edition_date,
+        Delivery.state == DeliveryState.PENDING,
+        Delivery.waiting_for.is_(None),  # held for the day's papers (worker.scheduling)
     )
     if now is not None:  # only rows whose (retry) time has come
         query = query.where(or_(Delivery.scheduled_at.is_(None), Delivery.scheduled_at <= now))
@@ -288,7 +306,53 @@ def backoff_delay(attempt: int, settings: Settings) -> float:
 @dataclass
 class _Prepared:
     delivery_id: int
-    message: object  # OutgoingMessage
+    # Builds the message; pure, so it runs just before its batch is claimed (while the
+    # batch before it is in flight) instead of for the whole chunk up front.
+    render: Callable[[], OutgoingMessage]
+
+
+@dataclass
+class _Ready:
+    """A rendered message of the batch about to be claimed; gone with its batch."""
+
+    delivery_id: int
+    message: OutgoingMessage
+
+
+class _InFlight:
+    """One claimed batch whose sends run in the pool threads."""
+
+    def __init__(
+        self,
+        items: list[_Ready],
+        attempt: _Attempt,
+        *,
+        futures: list[Future[object]] | None = None,
+        results: list[object] | None = None,
+    ) -> None:
+        self.items = items
+        self.attempt = attempt
+        self.futures = futures or []
+        self._results = results
+
+    def results(self) -> list[object]:
+        """Every answer, in the batch's order, once every send has finished (whatever
+        happens, none may be left running unrecorded); a BaseException of one (the process
+        is going down) is raised after all are in."""
+        if self._results is not None:
+            return self._results
+        results: list[object] = []
+        fatal: BaseException | None = None
+        for future in self.futures:
+            try:
+                results.append(future.result())
+            except BaseException as exc:  # re-raised below
+                fatal = fatal or exc
+                results.append(None)
+        self._results = results
+        if fatal is not None:
+            raise fatal
+        return results
 
 
 def process_deliveries(
@@ -346,14 +410,89 @@ def process_deliveries(
         on_progress(prep_outcome.handled)
 
     session = _new_session()
-    # The record of batch k is written in the transaction that claims batch k+1 (or
-    # before waiting for tokens), so at any instant at most one batch is in `sending`.
-    pending_record: Callable[[Session], None] | None = None
     size = _batch_size(settings)
+    # The batch in flight (k) and the record of the last batch the provider answered: it
+    # is written in the transaction that claims the next batch (or before waiting for
+    # tokens), so at any instant at most one batch of this chunk is in `sending`.
+    in_flight: _InFlight | None = None
+    pending_record: Callable[[Session], None] | None = None
     last_pause_check = _time.monotonic()
+
+    def settle(batch: _InFlight) -> MailerError | None:
+        """Take in the answers of a batch: failures recorded now, the sent ones left for
+        ``pending_record``. The error that must stop the chunk, if any."""
+        nonlocal pending_record
+        results = batch.results()
+        sent = [
+            (item.delivery_id, result.message_id)  # type: ignore[attr-defined]
+            for item, result in zip(batch.items, results, strict=True)
+            if not isinstance(result, MailerError)
+        ]
+        failures = [
+            (item.delivery_id, result)
+            for item, result in zip(batch.items, results, strict=True)
+            if isinstance(result, MailerError)
+        ]
+        stop: MailerError | None = None
+        if failures:
+            # Rare: record failures now, one by one, each with its own error kind.
+            throttled = False
+            for delivery_id, exc in failures:
+                if isinstance(exc, ThrottledError):
+                    # One slow-down per batch: sixteen throttled sends are one signal.
+                    exc_limiter = None if throttled else limiter
+                    throttled = True
+                else:
+                    exc_limiter = limiter
+                if _record_failure(
+                    session, delivery_id, exc, settings, outcome, exc_limiter, batch.attempt,
+                    clock,
+                ):  # fmt: skip
+                    stop = stop or exc
+            if pending_record:
+                pending_record(session)
+                pending_record = None
+            _record_sent_batch(session, sent, batch.attempt, clock)
+            sent = []
+            session.commit()
+            retried = {d for d, _ in outcome.retry}
+            settled = sum(1 for d, _ in failures if d not in retried)
+            if on_progress and settled:
+                on_progress(settled)
+        if sent:
+            earlier = pending_record
+
+            def record(
+                s: Session, sent: list[tuple[int, str]] = sent, attempt: _Attempt = batch.attempt
+            ) -> None:
+                if earlier:
+                    earlier(s)
+                _record_sent_batch(s, sent, attempt, clock)
+
+            pending_record = record
+        n_sent = len(batch.items) - len(failures)
+        outcome.sent += n_sent
+        if on_progress and n_sent:
+            on_progress(n_sent)
+        return stop
+
     try:
         for start in range(0, len(prepared), size):
-            batch = prepared[start : start + size]
+            batch = _render_batch(
+                session, prepared[start : start + size], outcome, clock, attempt_kind, reason,
+                actor,
+            )  # fmt: skip
+            # Batch k's answers (its sends ran while this batch rendered).
+            if in_flight is not None:
+                done, in_flight = in_flight, None
+                stop = settle(done)
+                if stop is not None:
+                    # Release nothing else: the rest of the chunk was never claimed.
+                    rest = len(prepared) - start
+                    log.error("stopping: %s; %d deliveries left pending", stop, rest)
+                    break
+            if not batch:
+                continue
             # A pause (operator, provider, reputation guard) stops in-flight chunks too: the
             # batch in flight finishes, nothing more is claimed.
             if _time.monotonic() - last_pause_check >= PAUSE_CHECK_SECONDS:
@@ -365,17 +504,17 @@ def process_deliveries(
                         "sending paused (%s): %d left pending", paused, len(prepared) - start
                     )
                     break
-            # Record batch k-1 before blocking on the limiter: a worker killed while it
+            # Record batch k before blocking on the limiter: a worker killed while it
             # waits must not leave emails the provider accepted looking unsent.
             if not limiter.try_acquire(len(batch)):  # type: ignore[attr-defined]
                 if pending_record:
                     pending_record(session)
                     pending_record = None
-                    session.commit()
+                session.commit()
                 # The tokens before the claim: a worker killed while it waits leaves the
                 # batch pending (claimable again after recovery), not claimed and unsent.
                 limiter.acquire(len(batch))  # type: ignore[attr-defined]
-            # Claim batch k (and record k-1) in one transaction.
+            # Claim batch k+1 (and record k) in one transaction.
             if pending_record:
                 pending_record(session)
                 pending_record = None
@@ -396,76 +535,71 @@ def process_deliveries(
             if on_progress and unclaimed:
                 on_progress(len(unclaimed))
             to_send = [item for item in batch if item.delivery_id in claimed]
-            if not to_send:
-                continue
-            attempt = _Attempt(attempt_kind, claimed_at, reason, actor)
-            results = _send_all(mailer, to_send, size)
-            sent = [
-                (item.delivery_id, result.message_id)
-                for item, result in zip(to_send, results, strict=True)
-                if not isinstance(result, MailerError)
-            ]
-            failures = [
-                (item.delivery_id, result)
-                for item, result in zip(to_send, results, strict=True)
-                if isinstance(result, MailerError)
-            ]
-            stop: MailerError | None = None
-            if failures:
-                # Rare: record failures now, one by one, each with its own error kind.
-                throttled = False
-                for delivery_id, exc in failures:
-                    if isinstance(exc, ThrottledError):
-                        # One slow-down per batch: sixteen throttled sends are one signal.
-                        exc_limiter = None if throttled else limiter
-                        throttled = True
-                    else:
-                        exc_limiter = limiter
-                    if _record_failure(
-                        session, delivery_id, exc, settings, outcome, exc_limiter, attempt, clock
-                    ):
-                        stop = stop or exc
-                if sent:
-                    _record_sent_batch(session, sent, attempt, clock)
-                    sent = []
-                session.commit()
-                retried = {d for d, _ in outcome.retry}
-                settled = sum(1 for d, _ in failures if d not in retried)
-                if on_progress and settled:
-                    on_progress(settled)
-            if sent:
-
-                def record(
-                    s: Session, sent: list[tuple[int, str]] = sent, attempt: _Attempt = attempt
-                ) -> None:
-                    _record_sent_batch(s, sent, attempt, clock)
-
-                pending_record = record
-            n_sent = len(to_send) - len(failures)
-            outcome.sent += n_sent
-            if on_progress and n_sent:
-                on_progress(n_sent)
+            if to_send:
+                attempt = _Attempt(attempt_kind, claimed_at, reason, actor)
+                in_flight = _start_sends(mailer, to_send, size, attempt)
+        if in_flight is not None:
+            done, in_flight = in_flight, None
+            stop = settle(done)
             if stop is not None:
-                # Release nothing else: the rest of the chunk was never claimed.
-                rest = len(prepared) - start - len(batch)
-                log.error("stopping: %s; %d deliveries left pending", stop, rest)
-                break
+                log.error("stopping: %s; nothing left to claim", stop)
         if pending_record:
             pending_record(session)
             pending_record = None
-            session.commit()
+        session.commit()
     finally:
-        if pending_record:
+        if in_flight is not None or pending_record:
             # Whatever went wrong after a send (limiter, database, an unexpected error),
-            # try once more to record the accepted emails before giving up.
+            # wait for the sends in flight and try once more to record the accepted
+            # emails before giving up.
             try:
                 session.rollback()
-                pending_record(session)
+                if in_flight is not None:
+                    outcome_sent = [
+                        (item.delivery_id, result.message_id)  # type: ignore[attr-defined]
+                        for item, result in zip(in_flight.items, in_flight.results(), strict=True)
+                        if result is not None and not isinstance(result, MailerError)
+                    ]
+                    if pending_record:
+                        pending_record(session)
+                    _record_sent_batch(session, outcome_sent, in_flight.attempt, clock)
+                elif pending_record:
+                    pending_record(session)
                 session.commit()
-            except Exception:
+            except BaseException:
                 log.exception("could not record sent emails; the reaper will mark them unknown")
         session.close()
     return outcome
+
+
+def _render_batch(
+    session: Session,
+    batch: Sequence[_Prepared],
+    outcome: ChunkOutcome,
+    clock: Clock,
+    attempt_kind: str,
+    reason: str | None,
+    actor: str | None,
+) -> list[_Ready]:
+    """Render a batch's messages; a delivery that cannot be rendered fails alone."""
+    from worker.db import is_infrastructure_error
+
+    ready: list[_Ready] = []
+    for item in batch:
+        try:
+            message = item.render()
+        except Exception as exc:
+            if is_infrastructure_error(exc):
+                raise
+            why = f"could not render the digest: {type(exc).__name__}: {exc}"[:2000]
+            log.warning("delivery %s failed: %s", item.delivery_id, why)
+            if _fail_unsent(session, item.delivery_id, why, clock, attempt_kind, reason, actor):
+                outcome.failed += 1
+            else:
+                outcome.not_claimed += 1
+            continue
+        ready.append(_Ready(item.delivery_id, message))
+    return ready
 
 
 def _batch_size(settings: Settings) -> int:
@@ -473,7 +607,7 @@ def _batch_size(settings: Settings) -> int:
     return max(1, settings.concurrency)
 
 
-def _send_one(mailer: object, item: _Prepared) -> object:
+def _send_one(mailer: object, item: _Ready) -> object:
     """The provider's answer (a SendResult) or the MailerError, never another exception."""
     try:
         return mailer.send(item.message)  # type: ignore[attr-defined]
@@ -490,29 +624,19 @@ def _send_one(mailer: object, item: _Prepared) -> object:
         )
 
 
-def _send_all(mailer: object, batch: Sequence[_Prepared], concurrency: int) -> list[object]:
-    """Send a claimed batch, up to ``concurrency`` at once; answers in the batch's order.
+def _start_sends(
+    mailer: object, batch: list[_Ready], concurrency: int, attempt: _Attempt
+) -> _InFlight:
+    """Start sending a claimed batch, up to ``concurrency`` at once.
 
-    Threads, not asyncio: the SES (boto3) and SMTP clients are blocking, thread-safe
-    clients that release the GIL while they wait on the socket (see docs/running.md).
+    Threads, not asyncio: the SES and SMTP clients are blocking, thread-safe clients that
+    release the GIL while they wait on the socket (see docs/running.md).
     """
     if len(batch) == 1 or concurrency <= 1:
-        return [_send_one(mailer, item) for item in batch]
+        return _InFlight(batch, attempt, results=[_send_one(mailer, item) for item in batch])
     pool = _send_pool(concurrency)
     futures = [pool.submit(_send_one, mailer, item) for item in batch]
-    # Every send of the batch is waited for, whatever happens: none may be left running
-    # unrecorded. A BaseException in one (the process is going down) is raised after.
-    results: list[object] = []
-    fatal: BaseException | None = None
-    for future in futures:
-        try:
-            results.append(future.result())
-        except BaseException as exc:  # re-raised below
-            fatal = fatal or exc
-            results.append(None)
-    if fatal is not None:
-        raise fatal
-    return results
+    return _InFlight(batch, attempt, futures=futures)
 
 
 _pool: ThreadPoolExecutor | None = None
@@ -623,6 +747,7 @@ def prepare_messages(
             Delivery.state == DeliveryState.PENDING,
             # A retry waits out its backoff even when its chunk is delivered early.
             or_(Delivery.scheduled_at.is_(None), Delivery.scheduled_at <= now),
+            Delivery.waiting_for.is_(None),  # held until the day's papers are fetched
         )
         .order_by(Delivery.id)
     ).all()
@@ -659,13 +784,15 @@ def prepare_messages(
     ):
         recorded.setdefault(dp.delivery_id, []).append(dp)
     editions: list[Edition] = []
+    # How late an edition held for the day's papers can be let go (worker.scheduling).
+    waited = timedelta(minutes=settings.fetch_wait_minutes + settings.plan_interval_minutes)
     for d, sub in sendable:
         if d.id in recorded:
             continue
         end = guarded(
             d.id,
             "bad subscriber data",
-            lambda d=d, sub=sub: window_end(sub, d.edition_date, now),  # type: ignore[misc]
+            lambda d=d, sub=sub: window_end(sub, d.edition_date, now, d.scheduled_at, waited),  # type: ignore[misc]
         )
         if end is not None:
             editions.append(Edition(d.id, sub, d.edition_date, end))  # type: ignore[arg-type]
@@ -699,7 +826,8 @@ def prepare_messages(
                     "paper_id": p.paper_id,
                     "position": pos,
                     "matched_topic": p.matched_topic,
-                    "score": float(p.score),
+                    # JSON on the way in (see _insert_delivery_papers) has no NaN.
+                    "score": float(p.score) if math.isfinite(p.score) else 0.0,
                 }
                 for pos, p in enumerate(result.picks)
             )
@@ -724,41 +852,46 @@ def prepare_messages(
                 outcome.skipped += 1
             continue
 
-        def render(delivery: Delivery = delivery, sub: Subscriber = sub, picks=picks):  # type: ignore[no-untyped-def]
-            views = [paper_view(papers[pid], topic) for pid, topic in picks if pid in papers]
-            return renderer.render_digest(
-                recipient_of(sub), delivery.edition_date, views, delivery_id=delivery.id
-            )
+        views = guarded(
+            delivery.id,
+            "could not render the digest",
+            lambda picks=picks: [  # type: ignore[misc]
+                paper_view(papers[pid], topic) for pid, topic in picks if pid in papers
+            ],
+        )
+        if views is None:
+            continue
+        recipient = recipient_of(sub)
 
-        message = guarded(delivery.id, "could not render the digest", render)
-        if message is not None:
-            prepared.append(_Prepared(delivery.id, message))
+        def render(
+            recipient=recipient,  # type: ignore[no-untyped-def]
+            edition=delivery.edition_date,
+            views=views,
+            delivery_id=delivery.id,
+        ) -> OutgoingMessage:
+            return renderer.render_digest(recipient, edition, views, delivery_id=delivery_id)
+
+        prepared.append(_Prepared(delivery.id, render))
     session.commit()
     return prepared, outcome
 
 
-# A chunk's papers (~7 per delivery) as five array parameters: one INSERT on PostgreSQL,
-# where an executemany runs one statement per row (about a third of a worker's SQL time).
+# A chunk's papers (~7 per delivery) in one INSERT on PostgreSQL, where an executemany runs
+# one statement per row. They travel as one JSON text: psycopg dumps list parameters
+# element by element in Python (five arrays of ~1,400 cost about 13% of a worker's CPU),
+# json.dumps is C and PostgreSQL's json_to_recordset expands it server-side.
 _INSERT_DELIVERY_PAPERS_PG = text(
     "INSERT INTO delivery_papers (delivery_id, paper_id, position, matched_topic, score)"
-    " SELECT * FROM unnest(CAST(:dids AS bigint[]), CAST(:pids AS text[]),"
-    " CAST(:positions AS integer[]), CAST(:topics AS text[]), CAST(:scores AS float8[]))"
+    " SELECT r.delivery_id, r.paper_id, r.position, r.matched_topic, r.score"
+    " FROM json_to_recordset(CAST(:rows AS json)) AS r(delivery_id bigint, paper_id text,"
+    " position integer, matched_topic text, score float8)"
     " ON CONFLICT (delivery_id, paper_id) DO NOTHING"
 )
 
 
 def _insert_delivery_papers(session: Session, rows: list[dict[str, object]]) -> None:
     if rows and session.get_bind().dialect.name == "postgresql":
-        session.execute(
-            _INSERT_DELIVERY_PAPERS_PG,
-            {
-                "dids": [r["delivery_id"] for r in rows],
-                "pids": [r["paper_id"] for r in rows],
-                "positions": [r["position"] for r in rows],
-                "topics": [r["matched_topic"] for r in rows],
-                "scores": [r["score"] for r in rows],
-            },
-        )
+        session.execute(_INSERT_DELIVERY_PAPERS_PG, {"rows": json.dumps(rows, allow_nan=False)})
         return
     insert_ignore_or_update(session, DeliveryPaper.__table__, rows, ["delivery_id", "paper_id"])
 

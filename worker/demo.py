@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import date
+from datetime import date, timedelta
 from pathlib import Path
 
 from sqlalchemy import select
@@ -57,13 +57,20 @@ def run_demo(settings: Settings | None = None) -> DemoResult:
     now = utcnow()
     edition = now.date()
     with session_scope() as session:
-        counts = load_sample_papers(session, now=now)
         added = 0
         for spec in SAMPLE_SUBSCRIBERS:
             exists = session.scalar(select(Subscriber.id).where(Subscriber.email == spec["email"]))
             if exists is None:
                 add_subscriber(session, SubscriberInput.parse(**spec), confirmed=True, actor="demo")
                 added += 1
+        # The sample papers are undated (nothing is made up): they count from their
+        # ingestion, which the demo puts just before the edition's first send time, so
+        # every edition's window holds them whatever the hour the demo runs.
+        subs = session.scalars(
+            select(Subscriber).where(Subscriber.email.in_([s["email"] for s in SAMPLE_SUBSCRIBERS]))
+        ).all()
+        first_send = min((delivery.send_time(sub, edition) for sub in subs), default=now)
+        counts = load_sample_papers(session, now=min(now, first_send - timedelta(minutes=1)))
     plan, outcome = delivery.run_in_process(edition, settings=settings)
 
     result = DemoResult(

@@ -139,6 +139,17 @@ class Paper(Base):
     url: Mapped[str | None] = mapped_column(Text)  # the paper's page
     pdf_url: Mapped[str | None] = mapped_column(Text)
     hf_url: Mapped[str | None] = mapped_column(Text)
+    # arXiv metadata (from an arXiv feed or JSON Lines); Hugging Face leaves them alone.
+    categories: Mapped[list[str]] = mapped_column(JSON, default=list)  # primary first
+    arxiv_version: Mapped[int | None] = mapped_column(Integer)
+    comment: Mapped[str | None] = mapped_column(Text)
+    doi: Mapped[str | None] = mapped_column(String(255))
+    # Every source that has given this paper (hf, arxiv, jsonl, sample); `source` is the last.
+    sources: Mapped[list[str]] = mapped_column(JSON, default=list)
+
+    @property
+    def primary_category(self) -> str | None:
+        return self.categories[0] if self.categories else None
 
     @property
     def effective_date(self) -> datetime:
@@ -229,6 +240,9 @@ class Delivery(Base):
     # The broker life (worker.tasks.broker_epoch) the row's send task was published into;
     # NULL: not published, or handed back because the task could not be re-published.
     queued_epoch: Mapped[str | None] = mapped_column(String(64))
+    # "papers": held back by the beat until the day's papers are fetched; `scheduled_at`
+    # is then the deadline (worker.scheduling.release_waiting). Never claimed meanwhile.
+    waiting_for: Mapped[str | None] = mapped_column(String(16))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
     claimed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
@@ -351,4 +365,57 @@ class ControlFlag(Base):
 
     key: Mapped[str] = mapped_column(String(64), primary_key=True)
     value: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+
+
+class FetchStatus(StrEnum):
+    OK = "ok"  # fetched, validated and stored
+    NOT_MODIFIED = "not_modified"  # the source answered 304: nothing new since the last one
+    FAILED = "failed"  # nothing stored; `error` says why
+
+
+# A fetch in these states means the source's papers for that date are in the table.
+FETCH_SUCCEEDED = frozenset({FetchStatus.OK, FetchStatus.NOT_MODIFIED})
+
+
+class PaperFetch(Base):
+    """One run of the scheduled fetch for one source and date (or `papers fetch`)."""
+
+    __tablename__ = "paper_fetches"
+    __table_args__ = (
+        CheckConstraint(_state_check("status", FetchStatus), name="fetch_status_valid"),
+        Index("ix_paper_fetches_date_source", "fetch_date", "source"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    source: Mapped[str] = mapped_column(String(16))  # hf | arxiv
+    fetch_date: Mapped[date] = mapped_column(Date)  # the day whose papers were fetched
+    status: Mapped[str] = mapped_column(String(16))
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    url: Mapped[str | None] = mapped_column(Text)  # the first request's URL
+    http_status: Mapped[int | None] = mapped_column(Integer)  # of the last response
+    requests: Mapped[int] = mapped_column(Integer, default=0)  # every attempt, retries too
+    pages: Mapped[int] = mapped_column(Integer, default=0)
+    bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    papers: Mapped[int] = mapped_column(Integer, default=0)  # distinct papers received
+    new: Mapped[int] = mapped_column(Integer, default=0)
+    updated: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str | None] = mapped_column(Text)
+    etag: Mapped[str | None] = mapped_column(String(255))  # of the first page
+    last_modified: Mapped[str | None] = mapped_column(String(64))
+
+
+class FetchValidator(Base):
+    """The validators (ETag, Last-Modified) a source last sent for a URL whose papers are
+    stored: the next request for it is conditional, and a 304 costs no parsing or writes."""
+
+    __tablename__ = "fetch_validators"
+    __table_args__ = (UniqueConstraint("source", "url", name="uq_fetch_validators_source_url"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    source: Mapped[str] = mapped_column(String(16))
+    url: Mapped[str] = mapped_column(Text)
+    etag: Mapped[str | None] = mapped_column(String(255))
+    last_modified: Mapped[str | None] = mapped_column(String(64))
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)

@@ -194,6 +194,12 @@ def edition_stats(
     oldest_pending = session.scalar(
         select(func.min(Delivery.created_at)).where(where, Delivery.state == DeliveryState.PENDING)
     )
+    # Pending rows held until the day's papers are fetched (worker.scheduling).
+    waiting = session.scalar(
+        select(func.count())
+        .select_from(Delivery)
+        .where(where, Delivery.state == DeliveryState.PENDING, Delivery.waiting_for.is_not(None))
+    )
     from worker.events import edition_rates
 
     rates = edition_rates(session, edition_date, settings)
@@ -229,6 +235,7 @@ def edition_stats(
         "oldest_pending_age_seconds": int((now - oldest_pending).total_seconds())
         if oldest_pending
         else None,
+        "waiting_for_papers": waiting or 0,
     }
 
 

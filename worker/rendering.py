@@ -53,6 +53,7 @@ from worker.config import Settings, get_settings
 from worker.errors import InvalidInput
 from worker.message import OutgoingMessage, bare_address
 from worker.models import WEEKDAYS, Paper
+from worker.papers.sources import looks_like_arxiv_id
 from worker.resources import email_templates_dir
 from worker.urls import safe_url
 
@@ -82,6 +83,10 @@ class PaperView:
     pdf_url: str | None
     hf_url: str | None
     matched_topic: str | None
+    # arXiv data of the merged record (issue 13), for the templates to show (issue 14).
+    arxiv_id: str | None = None
+    primary_category: str | None = None
+    abs_url: str | None = None
 
 
 @dataclass(frozen=True)
@@ -107,6 +112,9 @@ def paper_view(paper: Paper, matched_topic: str | None) -> PaperView:
         pdf_url=paper.pdf_url,
         hf_url=paper.hf_url,
         matched_topic=matched_topic,
+        arxiv_id=paper.id if looks_like_arxiv_id(paper.id) else None,
+        primary_category=paper.primary_category,
+        abs_url=f"https://arxiv.org/abs/{paper.id}" if looks_like_arxiv_id(paper.id) else None,
     )
 
 

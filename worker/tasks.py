@@ -64,6 +64,8 @@ assert MAX_COUNTDOWN_SECONDS < VISIBILITY_TIMEOUT_SECONDS, "countdown outlives t
 # Retries due within the same few seconds travel as one task.
 RETRY_GROUP_SECONDS = 5
 SQS_POLL_SECONDS = 60
+# How often the beat tries a paper fetch again after FETCH_AT until it has succeeded.
+FETCH_RETRY_MINUTES = 15
 # A row planned this recently without an epoch may still be on its way into the queue
 # (a big edition publishes thousands of chunks after its commit): leave it to the planner.
 UNPUBLISHED_GRACE_SECONDS = 60
@@ -102,6 +104,17 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
             "options": {"queue": PLAN_QUEUE, "expires": sweep_every},
         },
     }
+    if settings.sources:
+        # The day's papers at FETCH_AT (UTC), and every 15 minutes after it until each
+        # source has succeeded: editions waiting for them go as soon as they are in.
+        at = settings.fetch_time
+        schedule["fetch-papers"] = {
+            "task": "papermail.fetch_papers",
+            "schedule": crontab(
+                minute=f"{at.minute}-59/{FETCH_RETRY_MINUTES}", hour=f"{at.hour}-23"
+            ),
+            "options": {"queue": PLAN_QUEUE, "expires": FETCH_RETRY_MINUTES * 60},
+        }
     if settings.sqs_queue_url:
         schedule["poll-sqs"] = {
             "task": "papermail.poll_sqs",
@@ -163,6 +176,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             "papermail.plan_due": {"queue": PLAN_QUEUE},
             "papermail.reap": {"queue": PLAN_QUEUE},
             "papermail.poll_sqs": {"queue": PLAN_QUEUE},
+            "papermail.fetch_papers": {"queue": PLAN_QUEUE},
         },
         "beat_schedule": beat_schedule(settings),
         "timezone": "UTC",
@@ -182,6 +196,27 @@ def _ensure_configured(settings: Settings) -> None:
         # Drop the connection and producer pools built for the old URL.
         app._pool = None
         app.amqp._producer_pool = None
+
+
+@signals.worker_init.connect
+def _preload_before_fork(**_: Any) -> None:
+    """Import the sending path and compile the templates once, in the parent.
+
+    Celery's prefork children are forked from this process: what it has loaded they share
+    (copy-on-write) instead of each importing numpy, scipy, the renderer and the mailer on
+    its first chunk (about 2 s of CPU per child, repeated whenever a child is replaced),
+    while the first chunk's deliveries wait.
+    """
+    import worker.selection  # noqa: F401
+    from worker.mailers.base import mailer_class
+    from worker.rendering import get_renderer
+
+    settings = get_settings()
+    mailer_class(settings)
+    try:
+        get_renderer(settings)
+    except Exception:  # a broken template is reported by the chunk that needs it
+        log.exception("could not compile the email templates before starting the pool")
 
 
 @signals.worker_process_init.connect
@@ -450,13 +485,40 @@ def _unreachable(exc: BaseException) -> bool:
 
 @app.task(name="papermail.plan_due")
 def plan_due() -> int:
-    """Beat: plan everyone whose local send hour has come; enqueue after the commit."""
+    """Beat: plan everyone whose local send hour has come; enqueue after the commit.
+
+    Editions whose day's papers are not fetched yet wait (worker.scheduling); those let go
+    since the last tick are enqueued with the new ones.
+    """
     settings = get_settings()
     with session_scope() as session:
-        ids = scheduling.plan_due(session)
+        ids = scheduling.plan_due(session, settings=settings)
     chunks = enqueue_ids(ids, settings)
     log.info("plan_due: %d deliveries in %d chunks", len(ids), chunks)
     return len(ids)
+
+
+@app.task(name="papermail.fetch_papers")
+def fetch_papers() -> dict[str, Any]:
+    """Beat, at FETCH_AT and every 15 minutes after: fetch today's papers from the sources
+    that have not succeeded yet (``papermail papers fetch`` does the same by hand); then
+    let go, and enqueue, the editions that were waiting for them."""
+    from worker.papers.fetch import fetch_due
+
+    settings = get_settings()
+    reports = fetch_due(settings=settings)
+    released: list[int] = []
+    if any(r.succeeded for r in reports):
+        with session_scope() as session:
+            released = scheduling.release_waiting(session, utcnow(), settings)
+        enqueue_ids(released, settings)
+    summary = {
+        "fetched": {r.source: str(r.status) for r in reports},
+        "papers": sum(r.papers for r in reports),
+        "released": len(released),
+    }
+    log.info("fetch_papers: %s", summary)
+    return summary
 
 
 @dataclass
@@ -480,6 +542,8 @@ def _sweepable(now: datetime) -> list[Any]:
         Delivery.state == DeliveryState.PENDING,
         Delivery.edition_date >= now.date() - timedelta(days=SWEEP_EDITION_DAYS),
         or_(Delivery.scheduled_at.is_(None), Delivery.scheduled_at <= now),
+        # Held for the day's papers: the fetch or the beat releases it, never the sweep.
+        Delivery.waiting_for.is_(None),
     ]
 
 

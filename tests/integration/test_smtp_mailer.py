@@ -6,6 +6,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -295,11 +296,12 @@ def test_the_send_threads_reuse_their_connections_across_batches(
 
     mailer = smtp_for(smtp_server.host, smtp_server.port)
     for batch in range(5):
-        items = [
-            delivery._Prepared(batch * 4 + i, build_message(body=f"batch {batch} message {i}"))
-            for i in range(4)
-        ]
-        results = delivery._send_all(mailer, items, 4)
+        items = []
+        for i in range(4):
+            message = build_message(body=f"batch {batch} message {i}")
+            items.append(delivery._Ready(batch * 4 + i, message))
+        attempt = delivery._Attempt("send", datetime(2031, 3, 14, tzinfo=UTC))
+        results = delivery._start_sends(mailer, items, 4, attempt).results()
         assert not [r for r in results if isinstance(r, MailerError)]
 
     assert len(smtp_server.sink.messages) == 20

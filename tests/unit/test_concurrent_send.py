@@ -318,3 +318,38 @@ def test_bad_concurrency_is_refused_by_name(
     monkeypatch.setenv("PAPERMAIL_SEND_CONCURRENCY", bad)
     with pytest.raises(ConfigError, match="PAPERMAIL_SEND_CONCURRENCY"):
         load_settings()
+
+
+def test_the_chosen_papers_are_recorded_in_order_with_topic_and_score(
+    world: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One statement records a chunk's papers (JSON on PostgreSQL): every pick the
+    selection made arrives as it was, position, topic and score included."""
+    from worker.models import DeliveryPaper
+
+    chosen: list[dict[str, object]] = []
+    real = delivery._insert_delivery_papers
+
+    def spy(session, rows):  # type: ignore[no-untyped-def]
+        chosen.extend(dict(r) for r in rows)
+        real(session, rows)
+
+    monkeypatch.setattr(delivery, "_insert_delivery_papers", spy)
+    out = run(plan(), RecipientMailer(), world)
+
+    assert out.sent == N
+    with session_scope() as s:
+        recorded = {
+            (dp.delivery_id, dp.paper_id, dp.position, dp.matched_topic, round(dp.score, 9))
+            for dp in s.scalars(select(DeliveryPaper))
+        }
+    expected = {
+        (r["delivery_id"], r["paper_id"], r["position"], r["matched_topic"],
+         round(float(r["score"]), 9))  # type: ignore[arg-type]
+        for r in chosen
+    }  # fmt: skip
+    assert recorded == expected
+    assert len({r[0] for r in recorded}) == N and any(r[3] == "pruning" for r in recorded)
+    for did in {r[0] for r in recorded}:
+        positions = sorted(r[2] for r in recorded if r[0] == did)
+        assert positions == list(range(len(positions)))

@@ -76,18 +76,24 @@ def test_hf_fallbacks_and_extra_fields() -> None:
     items[0]["paper"]["upvotes"] = 12.0
     items[0]["paper"]["brandNewField"] = {"nested": [1, 2]}
     record = parse_hf(json.dumps(items))[0]
-    assert record.published_at == datetime.fromisoformat(items[0]["paper"]["publishedAt"])
+    # Without the item's date, the day it was featured (submittedOnDailyAt), not arXiv's.
+    featured = items[0]["paper"]["submittedOnDailyAt"]
+    assert record.published_at == datetime.fromisoformat(featured)
     assert record.title == items[0]["title"]
     assert record.upvotes == 12
+    del items[0]["paper"]["submittedOnDailyAt"]
+    record = parse_hf(json.dumps(items))[0]
+    assert record.published_at == datetime.fromisoformat(items[0]["paper"]["publishedAt"])
 
 
 def test_hf_minimal_item_gets_defaults() -> None:
     record = parse_hf('[{"paper": {"id": "2401.00001", "title": "T"}}]')[0]
     assert record == PaperRecord(id="2401.00001", title="T")
+    # No upvotes given is not zero upvotes: a merge keeps what another source stored.
     assert (record.abstract, record.authors, record.upvotes, record.published_at) == (
         "",
         [],
-        0,
+        None,
         None,
     )
 
@@ -154,7 +160,8 @@ def test_hf_collects_every_bad_record() -> None:
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ('{"paper": {}}', "expected a JSON list"),
+        ('{"paper": {}}', "record 1 (JSON index 0): field 'paper.id' is missing"),
+        ('"text"', "expected a JSON list of daily-papers items or paper objects"),
         ("[1]", "record 1 (JSON index 0): expected an object"),
     ],
 )
@@ -178,7 +185,7 @@ def test_arxiv_fixture() -> None:
     assert first.hf_url == "https://huggingface.co/papers/2002.08797"
     assert records[1].title == SEED_LINES[4]
     assert records[1].abstract == SEED_LINES[5]
-    assert all(r.upvotes == 0 for r in records)
+    assert all(r.upvotes is None for r in records)  # arXiv has no upvotes: it says nothing
 
 
 def _feed(*entries: str) -> str:
@@ -454,3 +461,122 @@ def test_url_source_connection_refused() -> None:
         port = sock.getsockname()[1]
     err = error_of(read_source, f"http://127.0.0.1:{port}/papers")
     assert str(err).startswith(f"http://127.0.0.1:{port}/papers: cannot fetch: ")
+
+
+# ------------------------------------------------------------------ what real services send
+
+
+def test_leading_newline_and_bom_before_xml_are_not_an_error() -> None:
+    feed = ARXIV_FILE.read_text(encoding="utf-8")
+    for text in ("\n" + feed, "\ufeff" + feed, "\ufeff\r\n  \n" + feed):
+        assert detect_format(text) == "arxiv"
+        parsed = parse(text, None, "feed.xml")
+        assert [r.id for r in parsed.records] == ["2002.08797", "2305.01542"]
+        assert parse(text, "arxiv").records == parsed.records
+
+
+def test_xml_error_lines_count_the_skipped_leading_lines() -> None:
+    broken = "\n\n" + ARXIV_FILE.read_text(encoding="utf-8").replace("</title>", "</titl>", 1)
+    message = str(error_of(parse_arxiv, broken))
+    plain = str(error_of(parse_arxiv, broken.lstrip("\n")))
+    line = int(message.split("invalid XML at line ")[1].split(",")[0])
+    assert line == int(plain.split("invalid XML at line ")[1].split(",")[0]) + 2
+
+
+def test_bom_and_whitespace_before_json() -> None:
+    text = "\ufeff\n  " + HF_FILE.read_text(encoding="utf-8")
+    assert detect_format(text) == "hf"
+    assert len(parse(text).records) == 3
+    assert len(parse(text, "hf").records) == 3
+    line = '{"id": "2401.00001", "title": "T"}\n'
+    assert parse("\ufeff" + line).records[0].id == "2401.00001"
+
+
+def test_hf_paper_object_and_lists_of_them() -> None:
+    item = hf_items()[0]
+    paper = dict(item["paper"])  # the /api/papers/{id} shape: the paper object itself
+    text = json.dumps(paper, indent=2)
+    assert detect_format(text) == "hf"
+    (record,) = parse(text).records
+    assert record.id == "2403.17006" and record.upvotes == paper["upvotes"]
+    assert len(record.authors) == len(paper["authors"])
+    # Featured on Daily Papers that day, not the arXiv date.
+    assert record.published_at == datetime.fromisoformat(paper["submittedOnDailyAt"])
+    # A list of paper objects, and a list mixing items and paper objects.
+    assert [r.id for r in parse(json.dumps([paper, paper | {"id": "2401.00002"}])).records] == [
+        "2403.17006",
+        "2401.00002",
+    ]
+    mixed = parse(json.dumps([hf_items()[1], paper])).records
+    assert [r.id for r in mixed] == ["2404.12754", "2403.17006"]
+    # One daily-papers item, pretty-printed.
+    assert parse(json.dumps(item, indent=4)).records[0].id == "2403.17006"
+
+
+def test_pretty_printed_papermail_record_is_one_record() -> None:
+    text = json.dumps(
+        {"id": "2401.00001v2", "title": "T", "categories": ["cs.LG", "stat.ML"]}, indent=2
+    )
+    assert detect_format(text) == "jsonl"
+    for parsed in (parse(text), parse(text, "jsonl")):
+        (record,) = parsed.records
+        assert (record.id, record.version) == ("2401.00001", 2)
+        assert record.categories == ["cs.LG", "stat.ML"]
+        assert record.primary_category == "cs.LG"
+
+
+def test_pretty_printed_json_of_the_wrong_shape_says_so_not_truncated() -> None:
+    text = json.dumps({"name": "my papers", "items": [{"title": "x"}] * 20}, indent=2)
+    assert text.count("\n") > 40
+    message = str(error_of(detect_format, text, "papers.json"))
+    assert "truncated" not in message and "bad records" not in message
+    assert "one JSON object, but neither a Hugging Face" in message
+    assert "'items', 'name'" in message
+    # Given as JSON Lines, the whole document is still read as one.
+    message = str(error_of(parse, text, "jsonl", "papers.json"))
+    assert "truncated" not in message
+    assert "record 1 (the whole document): unknown field 'items'" in message
+    # A pretty-printed list is not JSON Lines either.
+    message = str(error_of(parse, json.dumps([{"id": "a", "title": "b"}], indent=2), "jsonl"))
+    assert "one JSON list, not JSON Lines" in message
+
+
+def test_a_broken_pretty_printed_document_is_one_error_with_its_place() -> None:
+    text = json.dumps(hf_items()[0]["paper"], indent=2)
+    broken = text.replace('"upvotes": 17,', '"upvotes": 17', 1)  # a missing comma
+    err = error_of(parse, broken, None, "paper.json")
+    assert len(err.errors) == 1
+    assert "pretty-printed JSON document with invalid JSON at line" in str(err)
+    cut = error_of(parse, text[: len(text) // 2], None, "paper.json")
+    assert len(cut.errors) == 1 and "truncated?" in str(cut)
+
+
+def test_hf_list_of_papermail_records_says_what_they_are() -> None:
+    message = str(error_of(parse_hf, '[{"id": "2401.00001", "title": "T", "abstract": "A"}]'))
+    assert "this is a papermail JSON Lines record" in message
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ('"cs.LG"', "expected a list of arXiv categories for 'categories'"),
+        ("[1]", "expected a string for 'categories[0]', got the number 1"),
+        ('["I.2.6; I.2.7"]', "expected an arXiv category like cs.LG for 'categories[0]'"),
+    ],
+)
+def test_jsonl_bad_categories(value: str, expected: str) -> None:
+    line = '{"id": "2401.00001", "title": "T", "categories": ' + value + "}"
+    assert expected in str(error_of(parse_jsonl, line))
+
+
+def test_arxiv_categories_skip_class_codes_and_keep_primary_first() -> None:
+    feed = ARXIV_FILE.read_text(encoding="utf-8").replace(
+        '<category term="stat.ML" scheme="http://arxiv.org/schemas/atom"/>',
+        '<category term="cs.LG" scheme="http://arxiv.org/schemas/atom"/>'
+        '<category term="68T05" scheme="http://arxiv.org/schemas/atom"/>'
+        '<category term="I.2.6; I.2.7" scheme="http://arxiv.org/schemas/atom"/>',
+        1,
+    )
+    first = parse_arxiv(feed)[0]
+    assert first.categories == ["stat.ML", "cs.LG"]
+    assert (first.version, first.comment) == (5, "Published as a conference paper at ICLR 2021")

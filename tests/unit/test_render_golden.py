@@ -40,7 +40,9 @@ from worker.rendering import PaperView, Recipient, Renderer
 
 GOLDEN = Path(__file__).resolve().parent.parent / "data" / "render_golden.json"
 NOW = datetime(2026, 11, 27, 6, 0, 7, tzinfo=UTC)
-SAMPLES = Path(rendering.__file__).resolve().parent / "data" / "sample_papers.jsonl"
+# The titles and abstracts the golden file was made from: the seed page of the old sample
+# (the bundled sample now has real ids and authors, and one paper fewer).
+SEED = Path(__file__).resolve().parent.parent / "data" / "trending_page.txt"
 
 
 def _settings(variant: str) -> Settings:
@@ -80,8 +82,16 @@ def _paper(pid: str, title: str, **kw: Any) -> PaperView:
     return PaperView(**values)
 
 
+def _seed_pairs() -> list[tuple[str, str]]:
+    """(title, abstract) of the seed page: after the line glued to "Subscribe", pairs."""
+    lines = [x.strip() for x in SEED.read_text(encoding="utf-8").splitlines() if x.strip()]
+    start = next(i for i, x in enumerate(lines) if x.startswith("Subscribe") and x != "Subscribe")
+    body = [lines[start].removeprefix("Subscribe"), *lines[start + 1 :]]
+    return [(body[i], body[i + 1]) for i in range(0, len(body), 2)]
+
+
 def _sample_papers() -> list[PaperView]:
-    records = [json.loads(x) for x in SAMPLES.read_text().splitlines() if x.strip()]
+    records = [{"title": t, "abstract": a} for t, a in _seed_pairs()]
     topics = [None, "diffusion models", "pruning", "language models"]
     return [
         _paper(

@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import subprocess
+import sys
 from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -105,8 +109,14 @@ def test_beat_intervals(minutes: int, expected: object) -> None:
 
 
 def test_beat_schedule_follows_settings() -> None:
-    plain = tasks.beat_schedule(config.load_settings(plan_interval_minutes=30))
+    plain = tasks.beat_schedule(config.load_settings(plan_interval_minutes=30, sources=""))
     assert set(plain) == {"plan-due", "reap"}
+    # Papers arrive by themselves (the default source, hf): at FETCH_AT (UTC) and every
+    # 15 minutes after it until the day ends; a fetch that succeeded asks nothing more.
+    fetching = tasks.beat_schedule(config.load_settings(fetch_at="05:40"))
+    assert fetching["fetch-papers"]["task"] == "papermail.fetch_papers"
+    assert fetching["fetch-papers"]["schedule"] == crontab(minute="40-59/15", hour="5-23")
+    assert fetching["fetch-papers"]["options"] == {"queue": "plan", "expires": 900}
     assert plain["plan-due"]["schedule"] == crontab(minute="*/30")
     assert plain["plan-due"]["options"]["expires"] == 1800
     with_sqs = tasks.beat_schedule(config.load_settings(sqs_queue_url="https://sqs.example/q"))
@@ -324,3 +334,25 @@ def test_resend_goes_through_the_send_queue_with_its_options(broker: str) -> Non
     with session_scope() as s:
         attempts = s.query(DeliveryAttempt).filter(DeliveryAttempt.kind == "resend").all()
     assert {(a.reason, a.outcome) for a in attempts} == {("x1", "sent")}
+
+
+def test_the_worker_parent_loads_the_sending_path_before_forking(tmp_path: Path) -> None:
+    """What prefork children would each import on their first chunk is loaded once, in the
+    parent, when the worker starts (``worker_init``): they inherit it."""
+    probe = (
+        "import sys\n"
+        "from celery import signals\n"
+        "from worker import tasks\n"
+        "before = {m for m in ('numpy', 'scipy.sparse', 'worker.rendering') if m in sys.modules}\n"
+        "signals.worker_init.send(sender=None)\n"
+        "from worker import rendering\n"
+        "print(sorted(before), 'worker.rendering' in sys.modules, 'scipy.sparse' in sys.modules,"
+        " rendering._RENDERER is not None)\n"
+    )
+    env = {**os.environ, "PAPERMAIL_DATABASE_URL": f"sqlite:///{tmp_path}/x.db",
+           "PAPERMAIL_TEMPLATE_CACHE_DIR": str(tmp_path / "templates")}  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["[]", "True", "True", "True"]

@@ -6,6 +6,7 @@ import click
 
 from worker import operations
 from worker.cli.common import echo_json, parse_date, require_schema
+from worker.clock import utcnow
 from worker.db import session_scope
 from worker.delivery import sending_paused
 
@@ -26,15 +27,21 @@ def command(date_: str | None, as_json: bool) -> None:
       papermail stats
       papermail stats --date 2026-11-27 --json | jq .states
     """
+    from worker.papers.fetch import fetch_json, recent_fetches
+
     require_schema()
     with session_scope() as session:
         dates = [parse_date(date_)] if date_ else operations.recent_editions(session)
         editions = [operations.edition_stats(session, d) for d in dates]
         paused = sending_paused(session)
+        # The fetches of the dates shown (and today's): what the editions had to go on.
+        fetch_dates = sorted({*dates, utcnow().date()}) if not date_ else dates
+        fetches = [fetch_json(r) for r in recent_fetches(session, fetch_dates)]
     if as_json:
-        echo_json({"paused": paused, "editions": editions})
+        echo_json({"paused": paused, "editions": editions, "fetches": fetches})
     else:
         _table(editions, paused)
+        _fetch_table(fetches)
     newest = editions[0] if editions else None
     bad = bool(paused) or (
         newest is not None
@@ -87,6 +94,8 @@ def _table(editions: list[dict[str, object]], paused: str | None) -> None:
             extra.append(f"ended {e['ended_at']}")
         if e["oldest_pending_at"]:
             extra.append(f"oldest pending since {e['oldest_pending_at']}")
+        if e.get("waiting_for_papers"):
+            extra.append(f"{e['waiting_for_papers']} waiting for the day's papers")
         if extra:
             click.echo(f"{e['edition']}: " + ", ".join(extra))
     t = editions[0]
@@ -94,3 +103,21 @@ def _table(editions: list[dict[str, object]], paused: str | None) -> None:
         f"thresholds: bounce {100 * t['bounce_threshold']:.1f}%, "  # type: ignore[operator]
         f"complaint {100 * t['complaint_threshold']:.2f}% (SES review levels)"  # type: ignore[operator]
     )
+
+
+def _fetch_table(fetches: list[dict[str, object]]) -> None:
+    if not fetches:
+        click.echo("paper fetches: none yet (`papermail papers fetch`, or the beat at FETCH_AT)")
+        return
+    click.echo("paper fetches (the latest of each source and date):")
+    for f in fetches:
+        line = f"  {f['date']} {f['source']:<6} {f['status']:<13}"
+        if f["status"] == "failed":
+            click.echo(line, nl=False)
+            click.secho(f" {f['error']}", fg="red")
+            continue
+        click.echo(
+            f"{line} {f['papers']} papers ({f['new']} new, {f['updated']} updated), "
+            f"{f['requests']} request{'' if f['requests'] == 1 else 's'}, {f['bytes']:,} bytes, "
+            f"at {f['finished_at']}"
+        )

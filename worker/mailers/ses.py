@@ -1,5 +1,9 @@
 """Amazon SES (or any SES-compatible API) through boto3's ``sesv2`` ``SendEmail``, raw MIME.
 
+The request itself goes out through :mod:`worker.mailers.ses_http` (the same signed
+request without botocore's per-call CPU) whenever that reproduces botocore's behaviour;
+credentials, endpoint, error parsing and the error kinds are botocore's either way.
+
 One botocore client per mailer (so per process, see ``get_mailer``), shared by the threads
 of that process: botocore clients are thread-safe and pool their connections. SDK retries
 are OFF: if SendEmail timed out after the request left, a retry could send the email twice;
@@ -11,15 +15,18 @@ from __future__ import annotations
 import email.utils
 import logging
 import re
+import threading
 from collections.abc import Mapping
 from typing import Any
 
 import boto3
 import botocore.exceptions as bx
+import botocore.session
 from botocore.config import Config
 
 from worker.clock import utcnow
 from worker.config import ConfigError, Settings
+from worker.mailers import ses_http
 from worker.mailers.base import Mailer, SendResult
 from worker.mailers.errors import (
     AccountError,
@@ -29,6 +36,7 @@ from worker.mailers.errors import (
     ThrottledError,
     TransientError,
 )
+from worker.mailers.ses_http import SendEmailTransport
 from worker.message import OutgoingMessage
 
 log = logging.getLogger(__name__)
@@ -100,8 +108,41 @@ class SesMailer(Mailer):
 
     def __init__(self, settings: Settings, client: Any | None = None) -> None:
         super().__init__(settings)
+        self.settings = settings
         self.configuration_set = settings.ses_configuration_set
-        self.client = client if client is not None else make_client(settings)
+        self.transport: SendEmailTransport | None = None
+        self._client = client
+        self._client_lock = threading.Lock()
+        self._session: boto3.session.Session | None = None
+        if client is not None:  # the caller's own client: every call goes through it
+            return
+        botocore_session = botocore.session.Session()
+        self._session = _session(settings, botocore_session)
+        direct = ses_http.direct_endpoint(
+            botocore_session, settings.ses_region, settings.ses_endpoint_url
+        )
+        if direct is not None:
+            # The hot path: the same request, signed with the same credentials, without
+            # botocore's per-call machinery (see worker/mailers/ses_http.py).
+            endpoint_url, ca_bundle = direct
+            self.transport = SendEmailTransport(
+                endpoint_url,
+                ca_bundle,
+                settings.ses_region,
+                self._session.get_credentials(),
+                connect_timeout=_connect_timeout(settings),
+                read_timeout=settings.send_timeout_seconds,
+                pool_size=_pool_size(settings),
+            )
+
+    @property
+    def client(self) -> Any:
+        """The botocore client, built on first use (only where the direct path does not
+        apply, or when asked for)."""
+        with self._client_lock:
+            if self._client is None:
+                self._client = make_client(self.settings, self._session)
+            return self._client
 
     def request_for(self, message: OutgoingMessage) -> dict[str, Any]:
         """The SendEmail arguments for ``message`` (tags come from ``message.tags``)."""
@@ -117,8 +158,9 @@ class SesMailer(Mailer):
         return kwargs
 
     def _send(self, message: OutgoingMessage) -> SendResult:
+        sender = self.transport or self.client
         try:
-            response = self.client.send_email(**self.request_for(message))
+            response = sender.send_email(**self.request_for(message))
         except (bx.ClientError, bx.BotoCoreError) as exc:
             error = classify(exc)
             log.warning(
@@ -137,31 +179,47 @@ class SesMailer(Mailer):
         return SendResult(message_id)
 
     def close(self) -> None:
-        self.client.close()
+        if self.transport is not None:
+            self.transport.close()
+        if self._client is not None:
+            self._client.close()
 
 
-def make_client(settings: Settings) -> Any:
-    """A sesv2 client: retries off, short connect timeout, pool >= concurrency."""
+def _pool_size(settings: Settings) -> int:
+    return max(MIN_POOL_CONNECTIONS, settings.concurrency)
+
+
+def _connect_timeout(settings: Settings) -> float:
+    return min(CONNECT_TIMEOUT_SECONDS, settings.send_timeout_seconds)
+
+
+def _session(settings: Settings, botocore_session: Any = None) -> boto3.session.Session:
     key_id, secret = settings.aws_access_key_id, settings.aws_secret_access_key
     if bool(key_id) != bool(secret):
         raise ConfigError(
             "PAPERMAIL_AWS_ACCESS_KEY_ID and PAPERMAIL_AWS_SECRET_ACCESS_KEY must be set "
             "together (or neither, to use the standard AWS credential chain)"
         )
+    # A private Session: boto3's default session is not safe to share between threads.
+    return boto3.session.Session(
+        aws_access_key_id=key_id or None,
+        aws_secret_access_key=secret or None,
+        region_name=settings.ses_region,
+        botocore_session=botocore_session,
+    )
+
+
+def make_client(settings: Settings, session: boto3.session.Session | None = None) -> Any:
+    """A sesv2 client: retries off, short connect timeout, pool >= concurrency."""
+    session = session or _session(settings)
     config = Config(
         # total_max_attempts counts the first try; botocore's "max_attempts" counts RETRIES,
         # so {"max_attempts": 1} would still send a throttled or timed-out email twice.
         retries={"total_max_attempts": 1, "mode": "standard"},
-        connect_timeout=min(CONNECT_TIMEOUT_SECONDS, settings.send_timeout_seconds),
+        connect_timeout=_connect_timeout(settings),
         read_timeout=settings.send_timeout_seconds,
-        max_pool_connections=max(MIN_POOL_CONNECTIONS, settings.concurrency),
+        max_pool_connections=_pool_size(settings),
         tcp_keepalive=True,
-    )
-    # A private Session: boto3's default session is not safe to share between threads.
-    session = boto3.session.Session(
-        aws_access_key_id=key_id or None,
-        aws_secret_access_key=secret or None,
-        region_name=settings.ses_region,
     )
     return session.client("sesv2", endpoint_url=settings.ses_endpoint_url or None, config=config)
 

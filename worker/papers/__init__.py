@@ -1,4 +1,5 @@
-"""Papers: parse sources (Hugging Face daily papers, arXiv Atom, JSON Lines) and upsert them.
+"""Papers: parse sources (Hugging Face daily papers, arXiv Atom, JSON Lines) and upsert them,
+one row per paper whatever its sources. The scheduled fetch is worker.papers.fetch.
 
 Typical use::
 

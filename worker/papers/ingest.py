@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from sqlalchemy import and_, func, or_, select
 from sqlalchemy.orm import Session
@@ -28,7 +28,8 @@ from worker.urls import url_problem
 
 SAMPLE_FILE = "sample_papers.jsonl"
 
-# Everything but the key and the first-ingest timestamp takes the newest value.
+# The upsert writes every column but the key and the first-ingest timestamp; the values
+# are merged in Python first (see merge_paper), so a source never wipes another's fields.
 _UPDATE_COLS = [
     "title",
     "abstract",
@@ -38,10 +39,16 @@ _UPDATE_COLS = [
     "url",
     "pdf_url",
     "hf_url",
+    "categories",
+    "arxiv_version",
+    "comment",
+    "doi",
     "source",
+    "sources",
     "updated_at",
 ]
 _LOOKUP_CHUNK = 500  # ids per IN (...) query
+_SOURCE_ORDER = ("hf", "arxiv", "jsonl", "sample")
 
 
 @dataclass(frozen=True)
@@ -56,6 +63,74 @@ class IngestResult:
         return self.new + self.updated
 
 
+def _row(record: PaperRecord, source: str, now: datetime) -> dict[str, Any]:
+    """The row of a paper seen for the first time (what the source did not say: defaults)."""
+    return {
+        "id": record.id,
+        "title": record.title,
+        "abstract": record.abstract,
+        "authors": list(record.authors),
+        "upvotes": record.upvotes or 0,
+        "published_at": record.published_at,
+        "url": record.url,
+        "pdf_url": record.pdf_url,
+        "hf_url": record.hf_url,
+        "categories": list(record.categories),
+        "arxiv_version": record.version,
+        "comment": record.comment,
+        "doi": record.doi,
+        "source": source[:16],
+        "sources": [source[:16]],
+        "ingested_at": now,
+        "updated_at": now,
+    }
+
+
+def merge_paper(
+    old: Mapping[str, Any], record: PaperRecord, source: str, now: datetime
+) -> dict[str, Any]:
+    """The stored row ``old`` updated with what ``record`` (from ``source``) says.
+
+    One paper, one record, whatever the order of its sources: a field the source leaves
+    out (no upvotes in an arXiv feed, no categories from Hugging Face, an empty abstract
+    or author list) keeps its stored value; a link made up from the id never replaces a
+    link a source gave; ``published_at`` keeps the latest date any source gave (the day
+    Hugging Face featured it is what makes a paper news, and is later than the arXiv
+    submission); the arXiv version only goes up; the title, abstract and authors arXiv
+    gave are not replaced by Hugging Face's copy of them. Everything else takes the new
+    value.
+    """
+    merged = _row(record, source, now)
+    del merged["ingested_at"]
+    if source == "hf" and "arxiv" in (old["sources"] or []):
+        for name in ("title", "abstract", "authors"):
+            merged[name] = old[name]
+    if record.upvotes is None:
+        merged["upvotes"] = old["upvotes"] or 0
+    if not record.abstract:
+        merged["abstract"] = old["abstract"] or ""
+    if not record.authors:
+        merged["authors"] = list(old["authors"] or [])
+    if not record.categories:
+        merged["categories"] = list(old["categories"] or [])
+    for name in ("comment", "doi"):
+        if merged[name] is None:
+            merged[name] = old[name]
+    for name in URL_FIELDS:
+        if name in record.derived and old[name]:
+            merged[name] = old[name]
+    dates = [d for d in (old["published_at"], record.published_at) if d is not None]
+    merged["published_at"] = max(dates) if dates else None
+    versions = [v for v in (old["arxiv_version"], record.version) if v is not None]
+    merged["arxiv_version"] = max(versions) if versions else None
+    sources = set(old["sources"] or []) | {old["source"], source[:16]}
+    merged["sources"] = sorted(
+        (s for s in sources if s),
+        key=lambda s: (_SOURCE_ORDER.index(s) if s in _SOURCE_ORDER else len(_SOURCE_ORDER), s),
+    )
+    return merged
+
+
 def upsert_papers(
     session: Session,
     records: Sequence[PaperRecord],
@@ -63,42 +138,43 @@ def upsert_papers(
     *,
     now: datetime | None = None,
 ) -> IngestResult:
-    """Insert new papers and update known ones (by id) in the caller's transaction.
+    """Insert new papers and merge known ones (by id) in the caller's transaction.
 
-    A paper id repeated within ``records`` counts once; its last occurrence wins (as if the
-    source had been ingested in order). The caller commits or rolls back, so a failure
-    part-way leaves nothing behind when used inside ``session_scope``.
+    A paper id repeated within ``records`` counts once; its occurrences are merged in
+    order (as if the source had been ingested record by record). Known papers are merged
+    field by field (:func:`merge_paper`), their rows locked while that happens. The caller
+    commits or rolls back, so a failure part-way leaves nothing behind when used inside
+    ``session_scope``.
     """
     now = now or utcnow()
     _refuse_bad_links(records)
-    latest: dict[str, PaperRecord] = {}
+    by_id: dict[str, list[PaperRecord]] = {}
     for record in records:
-        latest.pop(record.id, None)  # keep the order of last occurrence
-        latest[record.id] = record
-    ids = list(latest)
-    existing: set[str] = set()
+        by_id.setdefault(record.id, []).append(record)
+    ids = list(by_id)
+    table = Paper.__table__
+    stored: dict[str, dict[str, Any]] = {}
     for start in range(0, len(ids), _LOOKUP_CHUNK):
         chunk = ids[start : start + _LOOKUP_CHUNK]
-        existing.update(session.scalars(select(Paper.id).where(Paper.id.in_(chunk))))
-    rows = [
-        {
-            "id": r.id,
-            "title": r.title,
-            "abstract": r.abstract,
-            "authors": list(r.authors),
-            "upvotes": r.upvotes,
-            "published_at": r.published_at,
-            "url": r.url,
-            "pdf_url": r.pdf_url,
-            "hf_url": r.hf_url,
-            "source": source[:16],
-            "ingested_at": now,
-            "updated_at": now,
-        }
-        for r in latest.values()
-    ]
-    insert_ignore_or_update(session, Paper.__table__, rows, ["id"], _UPDATE_COLS)
+        query = select(table).where(table.c.id.in_(chunk)).with_for_update()
+        stored.update({row.id: dict(row._mapping) for row in session.execute(query)})
+    existing = set(stored)
+    rows = []
+    for paper_id, seen in by_id.items():
+        current = stored.get(paper_id)
+        for record in seen:
+            if current is None:
+                current = _row(record, source, now)
+            else:
+                ingested = current.get("ingested_at")
+                current = merge_paper(current, record, source, now)
+                current["ingested_at"] = ingested or now
+        assert current is not None
+        rows.append(current)
+    insert_ignore_or_update(session, table, rows, ["id"], _UPDATE_COLS)
     session.flush()
+    # Paper objects already loaded in this session would show the values before the merge.
+    session.expire_all()
     return IngestResult(new=len(ids) - len(existing), updated=len(existing), format=source)
 
 

@@ -3,11 +3,15 @@
 Three formats are understood, detected from the content when not given:
 
 ``hf``
-    The Hugging Face daily-papers API (``https://huggingface.co/api/daily_papers``): a JSON
-    list of items, each with a ``paper`` object (``id``, ``title``, ``summary``,
-    ``authors[].name``, ``upvotes``, ``publishedAt``) and item-level fields such as
-    ``publishedAt`` (when the paper was featured), ``title``, ``numComments``,
-    ``thumbnail``. Unknown fields are ignored.
+    The Hugging Face papers API. Three shapes are read: the daily-papers list
+    (``https://huggingface.co/api/daily_papers``): a JSON list of items, each with a
+    ``paper`` object (``id``, ``title``, ``summary``, ``authors[].name``, ``upvotes``,
+    ``publishedAt``) and item-level fields such as ``publishedAt`` (when the paper was
+    featured), ``title``, ``numComments``; one paper object (``/api/papers/{id}``: the
+    ``paper`` object's fields at the top level, ``submittedOnDailyAt`` for the featured
+    day); and a list of paper objects (e.g. ``/api/papers/search``). Lists may mix items
+    and paper objects; a single item or paper object is read as a list of one. Unknown
+    fields are ignored.
 
 ``arxiv``
     An arXiv API Atom feed (``http://export.arxiv.org/api/query?...``).
@@ -25,9 +29,15 @@ Three formats are understood, detected from the content when not given:
     strings, default []), ``upvotes`` (non-negative integer, default 0), ``published_at``
     (ISO-8601 date or date-time; without an offset it is taken as UTC; null or absent:
     undated, the paper then counts from its ingestion), ``url``, ``pdf_url``, ``hf_url``
-    (strings or null) are optional. ``sample`` (boolean) marks generated sample data and is
-    otherwise ignored. Any other field is an error, so that a misspelt name such as
-    ``upvote`` does not silently drop data. The full description is docs/papers-jsonl.md.
+    (strings or null), ``categories`` (list of arXiv categories, the primary first),
+    ``comment`` and ``doi`` (strings or null) are optional. ``sample`` (boolean) marks
+    sample data and is otherwise ignored. Any other field is an error, so that a misspelt
+    name such as ``upvote`` does not silently drop data. A pretty-printed JSON object is
+    read as one record. The full description is docs/papers-jsonl.md.
+
+An id with an arXiv version (``2401.12345v2``) is stored without it, the version kept in
+``version``: the same paper from any source, in any version, is one record.
+Leading whitespace or a byte-order mark before the JSON or XML is ignored.
 
 Missing links default to ``https://huggingface.co/papers/<id>`` (``url`` and ``hf_url``)
 and, when the id looks like an arXiv id, ``https://arxiv.org/pdf/<id>``. Every link, given
@@ -73,7 +83,15 @@ NS = {"atom": ATOM_NS, "arxiv": "http://arxiv.org/schemas/atom"}
 
 # New-style (2401.12345, 0704.0001) and old-style (hep-th/9901001, math.GT/0309136) ids.
 ARXIV_ID_RE = re.compile(r"^(?:\d{4}\.\d{4,5}|[a-z][a-z\-]*(?:\.[A-Z]{2})?/\d{7})$")
-_ARXIV_ABS_RE = re.compile(r"arxiv\.org/abs/(?P<id>.+?)(?:v\d+)?$")
+_ARXIV_ABS_RE = re.compile(r"arxiv\.org/abs/(?P<id>.+?)(?:v(?P<version>\d+))?$")
+# An id as some sources and people write it: with the version (2401.12345v2).
+_VERSIONED_ID_RE = re.compile(
+    r"^(?P<id>\d{4}\.\d{4,5}|[a-z][a-z\-]*(?:\.[A-Z]{2})?/\d{7})v(?P<version>\d+)$"
+)
+# arXiv category names (cs.LG, hep-th, cond-mat.dis-nn, q-bio.NC); feeds also list ACM and
+# MSC class codes as <category>, which are not categories and are left out.
+ARXIV_CATEGORY_RE = re.compile(r"^[a-z][a-z\-]*(?:\.[A-Za-z][A-Za-z\-]*)?$")
+MAX_CATEGORIES = 32
 
 
 class PaperSourceError(PapermailError):
@@ -88,27 +106,49 @@ class PaperSourceError(PapermailError):
 
 @dataclass(frozen=True)
 class PaperRecord:
-    """One paper as read from a source, ready to upsert."""
+    """One paper as read from a source, ready to upsert.
+
+    ``None`` means "this source does not say": an upsert then keeps what another source
+    stored (Hugging Face's upvotes survive an arXiv record of the same paper).
+    """
 
     id: str
     title: str
     abstract: str = ""
     authors: list[str] = field(default_factory=list)
-    upvotes: int = 0
+    upvotes: int | None = None
     published_at: datetime | None = None  # UTC-aware
     url: str | None = None
     pdf_url: str | None = None
     hf_url: str | None = None
+    categories: list[str] = field(default_factory=list)  # arXiv categories, primary first
+    version: int | None = None  # arXiv version
+    comment: str | None = None  # arXiv author comment
+    doi: str | None = None
+    # Link fields filled from the id's defaults rather than given by the source; an
+    # upsert never lets them replace a link another source gave.
+    derived: frozenset[str] = field(default=frozenset(), compare=False)
 
     def __post_init__(self) -> None:
+        match = _VERSIONED_ID_RE.match(self.id)
+        if match:
+            object.__setattr__(self, "id", match.group("id"))
+            version = int(match.group("version"))
+            object.__setattr__(self, "version", max(version, self.version or 0))
         if self.published_at is not None:
             if self.published_at.tzinfo is None:
                 raise ValueError("PaperRecord.published_at must be timezone-aware")
             object.__setattr__(self, "published_at", self.published_at.astimezone(UTC))
-        defaults = default_urls(self.id)
-        for name, value in defaults.items():
+        derived = set(self.derived)
+        for name, value in default_urls(self.id).items():
             if not getattr(self, name):
                 object.__setattr__(self, name, value)
+                derived.add(name)
+        object.__setattr__(self, "derived", frozenset(derived))
+
+    @property
+    def primary_category(self) -> str | None:
+        return self.categories[0] if self.categories else None
 
 
 @dataclass(frozen=True)
@@ -275,6 +315,31 @@ def _str_list(value: Any, label: str) -> list[str]:
     return names
 
 
+def _categories(value: Any, label: str) -> list[str]:
+    """A list of arXiv category names, primary first (duplicates dropped)."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise _FieldError(
+            f"expected a list of arXiv categories for '{label}' (e.g. [\"cs.LG\", "
+            f'"stat.ML"]), got {_describe(value)}'
+        )
+    if len(value) > MAX_CATEGORIES:
+        raise _FieldError(f"'{label}' lists more than {MAX_CATEGORIES} categories")
+    names: list[str] = []
+    for i, item in enumerate(value):
+        if not isinstance(item, str):
+            raise _FieldError(f"expected a string for '{label}[{i}]', got {_describe(item)}")
+        name = item.strip()
+        if not ARXIV_CATEGORY_RE.match(name):
+            raise _FieldError(
+                f"expected an arXiv category like cs.LG for '{label}[{i}]', got {_describe(item)}"
+            )
+        if name not in names:
+            names.append(name)
+    return names
+
+
 # --------------------------------------------------------------------------- collecting errors
 
 
@@ -330,16 +395,19 @@ def _json_problem(text: str, exc: json.JSONDecodeError, with_line: bool = True) 
 
 
 def parse_hf(text: str, name: str = "<source>") -> list[PaperRecord]:
-    """Parse the Hugging Face daily-papers API JSON (a list of items)."""
+    """Parse Hugging Face papers JSON: daily-papers items, paper objects, or a list of them."""
     try:
         data = loads_json(text, what="the document", max_bytes=None)
     except UnsafeJSON as exc:
         raise PaperSourceError(f"{name} (hf): {exc}") from None
     except json.JSONDecodeError as exc:
         raise PaperSourceError(f"{name} (hf): {_json_problem(text, exc)}") from None
+    if isinstance(data, dict):
+        data = [data]  # one daily-papers item or one paper object (/api/papers/{id})
     if not isinstance(data, list):
         raise PaperSourceError(
-            f"{name} (hf): expected a JSON list of daily-papers items, got {_describe(data)}"
+            f"{name} (hf): expected a JSON list of daily-papers items or paper objects, "
+            f"got {_describe(data)}"
         )
     errors = _Errors(name, "hf")
     records: list[PaperRecord] = []
@@ -352,43 +420,86 @@ def parse_hf(text: str, name: str = "<source>") -> list[PaperRecord]:
     return records
 
 
+# Fields only a Hugging Face paper object has (a papermail record has none of them).
+HF_PAPER_FIELDS = frozenset(
+    {
+        "summary",
+        "publishedAt",
+        "submittedOnDailyAt",
+        "discussionId",
+        "mediaUrls",
+        "ai_summary",
+        "ai_keywords",
+        "githubRepo",
+        "submittedOnDailyBy",
+        "numComments",
+        "organization",
+        "projectPage",
+    }
+)
+
+
+def _is_hf_paper(obj: dict[str, Any]) -> bool:
+    authors = obj.get("authors")
+    return "id" in obj and (
+        bool(HF_PAPER_FIELDS & set(obj))
+        or (isinstance(authors, list) and any(isinstance(a, dict) for a in authors))
+    )
+
+
 def _hf_record(item: Any) -> PaperRecord:
     if not isinstance(item, dict):
         raise _FieldError(f"expected an object, got {_describe(item)}")
-    paper = item.get("paper")
-    if paper is None:
-        raise _FieldError("field 'paper' is missing")
-    if not isinstance(paper, dict):
-        raise _FieldError(f"expected an object for 'paper', got {_describe(paper)}")
-    paper_id = _check_id(_req_str(paper, "id", "paper.id"), "paper.id")
-    # The item repeats the title; use it when the paper object lacks one.
-    if "title" in paper or "title" not in item:
-        title = _req_str(paper, "title", "paper.title")
+    if "paper" in item:
+        paper = item["paper"]
+        if not isinstance(paper, dict):
+            raise _FieldError(f"expected an object for 'paper', got {_describe(paper)}")
+        prefix = "paper."
+    elif _is_hf_paper(item):
+        paper, prefix = item, ""  # a paper object: /api/papers/{id}, or a list of them
+    elif item and set(item) <= JSONL_FIELDS:
+        raise _FieldError(
+            "this is a papermail JSON Lines record, not a Hugging Face item: write one such "
+            "object per line and ingest with --format jsonl"
+        )
     else:
+        raise _FieldError(
+            "field 'paper' is missing (expected a daily-papers item with 'paper', or a "
+            "paper object with 'id', 'title' and 'summary')"
+        )
+    paper_id = _check_id(_req_str(paper, "id", f"{prefix}id"), f"{prefix}id")
+    # The item repeats the title; use it when the paper object lacks one.
+    if prefix and "title" not in paper and "title" in item:
         title = _req_str(item, "title", "title")
+    else:
+        title = _req_str(paper, "title", f"{prefix}title")
     raw_authors = paper.get("authors")
     if raw_authors is not None and not isinstance(raw_authors, list):
-        raise _FieldError(f"expected a list for 'paper.authors', got {_describe(raw_authors)}")
+        raise _FieldError(f"expected a list for '{prefix}authors', got {_describe(raw_authors)}")
     authors = []
     for i, author in enumerate(raw_authors or []):
         if not isinstance(author, dict):
             raise _FieldError(
-                f"expected an object for 'paper.authors[{i}]', got {_describe(author)}"
+                f"expected an object for '{prefix}authors[{i}]', got {_describe(author)}"
             )
-        author_name = _opt_str(author, "name", f"paper.authors[{i}].name")
+        author_name = _opt_str(author, "name", f"{prefix}authors[{i}].name")
         if author_name:
             authors.append(author_name)
-    # The item's publishedAt is when the paper was featured on Daily Papers, which is what
-    # makes it "trending today"; the arXiv date (paper.publishedAt) is often days older.
-    published = _opt_datetime(item, "publishedAt") or _opt_datetime(
-        paper, "publishedAt", "paper.publishedAt"
+    # When the paper was featured on Daily Papers is what makes it "trending today": the
+    # item's publishedAt, else the paper's submittedOnDailyAt; the arXiv date
+    # (paper.publishedAt) is often days older and only the last resort.
+    published = (
+        (_opt_datetime(item, "publishedAt") if prefix else None)
+        or _opt_datetime(paper, "submittedOnDailyAt", f"{prefix}submittedOnDailyAt")
+        or _opt_datetime(paper, "publishedAt", f"{prefix}publishedAt")
     )
+    upvotes = _upvotes(paper, "upvotes", f"{prefix}upvotes") if "upvotes" in paper else None
     return PaperRecord(
         id=paper_id,
         title=title,
-        abstract=_opt_str(paper, "summary", "paper.summary") or "",
+        abstract=_opt_str(paper, "summary", f"{prefix}summary") or "",
         authors=authors,
-        upvotes=_upvotes(paper, "upvotes", "paper.upvotes"),
+        upvotes=upvotes,
         published_at=published,
     )
 
@@ -404,14 +515,31 @@ JSONL_FIELDS = frozenset(
         "url",
         "pdf_url",
         "hf_url",
+        "categories",
+        "comment",
+        "doi",
         "sample",
     }
 )
 
 
 def parse_jsonl(text: str, name: str = "<source>") -> list[PaperRecord]:
-    """Parse papermail's JSON Lines format (see the module docstring)."""
+    """Parse papermail's JSON Lines format (see the module docstring).
+
+    A pretty-printed JSON document is read as what it is: one object is one record, and a
+    list is refused as such (not reported as a run of truncated lines).
+    """
     errors = _Errors(name, "jsonl")
+    document = _whole_document(text, name)
+    if document is not _NOT_A_DOCUMENT:
+        if isinstance(document, list):
+            raise PaperSourceError(
+                f"{name} (jsonl): this is one JSON list, not JSON Lines; write one object "
+                "per line (a Hugging Face list: --format hf)"
+            )
+        record = errors.run("record 1 (the whole document)", lambda: _jsonl_record(document))
+        errors.raise_if_any()
+        return [record] if record is not None else []
     records: list[PaperRecord] = []
     number = 0
     for lineno, line in enumerate(text.splitlines(), start=1):
@@ -434,6 +562,34 @@ def parse_jsonl(text: str, name: str = "<source>") -> list[PaperRecord]:
     return records
 
 
+_NOT_A_DOCUMENT = object()
+
+
+def _whole_document(text: str, name: str, fmt: str = "jsonl") -> Any:
+    """The parsed JSON value when ``text`` is one JSON document spread over several lines
+    (pretty-printed), else ``_NOT_A_DOCUMENT``. Raises PaperSourceError when it plainly
+    is one (its first line opens it and nothing else) but is not valid JSON."""
+    body = text.strip()
+    if "\n" not in body or body[0] not in "[{":
+        return _NOT_A_DOCUMENT
+    first = body.split("\n", 1)[0].strip()
+    try:
+        loads_json(first, what="the record", max_bytes=None)
+        return _NOT_A_DOCUMENT  # the first line is a record by itself: JSON Lines
+    except (json.JSONDecodeError, UnsafeJSON):
+        pass
+    try:
+        return loads_json(text, what="the document", max_bytes=None)
+    except UnsafeJSON as exc:
+        raise PaperSourceError(f"{name} ({fmt}): {exc}") from None
+    except json.JSONDecodeError as exc:
+        if first in ("{", "["):
+            raise PaperSourceError(
+                f"{name} ({fmt}): a pretty-printed JSON document with {_json_problem(text, exc)}"
+            ) from None
+        return _NOT_A_DOCUMENT
+
+
 def _jsonl_record(obj: Any) -> PaperRecord:
     if not isinstance(obj, dict):
         raise _FieldError(f"expected a JSON object, got {_describe(obj)}")
@@ -450,18 +606,41 @@ def _jsonl_record(obj: Any) -> PaperRecord:
         title=_req_str(obj, "title"),
         abstract=_opt_str(obj, "abstract") or "",
         authors=_str_list(obj.get("authors"), "authors"),
-        upvotes=_upvotes(obj, "upvotes"),
+        upvotes=_upvotes(obj, "upvotes") if obj.get("upvotes") is not None else None,
         published_at=_opt_datetime(obj, "published_at"),
         url=_opt_url(obj, "url"),
         pdf_url=_opt_url(obj, "pdf_url"),
         hf_url=_opt_url(obj, "hf_url"),
+        categories=_categories(obj.get("categories"), "categories"),
+        comment=_opt_str(obj, "comment"),
+        doi=_opt_str(obj, "doi"),
     )
 
 
 def parse_arxiv(text: str, name: str = "<source>") -> list[PaperRecord]:
     """Parse an arXiv API Atom feed."""
+    return parse_arxiv_feed(text, name).records
+
+
+@dataclass(frozen=True)
+class ArxivFeed:
+    records: list[PaperRecord]
+    total: int | None  # opensearch:totalResults, for paging
+    start: int | None  # opensearch:startIndex
+    entries: int  # <entry> elements on this page
+
+
+OPENSEARCH_NS = "http://a9.com/-/spec/opensearch/1.1/"
+
+
+def parse_arxiv_feed(text: str, name: str = "<source>") -> ArxivFeed:
+    """:func:`parse_arxiv` with the paging figures of the feed."""
+    # Leading whitespace (a newline before <?xml, as some servers and editors leave) is
+    # not XML's business; line numbers in errors still count from the real first line.
+    body = text.lstrip("\ufeff \t\r\n")
+    skipped_lines = text[: len(text) - len(body)].count("\n")
     try:
-        root = ET.fromstring(text)
+        root = ET.fromstring(body)
     except ET.ParseError as exc:
         line, column = exc.position
         problem = re.sub(r": line \d+, column \d+$", "", str(exc))
@@ -469,13 +648,15 @@ def parse_arxiv(text: str, name: str = "<source>") -> list[PaperRecord]:
         truncated = problem.startswith(("no element found", "unclosed token"))
         hint = " (the data ends early: truncated?)" if truncated else ""
         raise PaperSourceError(
-            f"{name} (arxiv): invalid XML at line {line}, column {column + 1}: {problem}{hint}"
+            f"{name} (arxiv): invalid XML at line {line + skipped_lines}, column {column + 1}: "
+            f"{problem}{hint}"
         ) from None
     if root.tag != f"{{{ATOM_NS}}}feed":
         raise PaperSourceError(f"{name} (arxiv): expected an Atom <feed>, got <{root.tag}>")
     errors = _Errors(name, "arxiv")
     records: list[PaperRecord] = []
-    for number, entry in enumerate(root.findall("atom:entry", NS), start=1):
+    entries = root.findall("atom:entry", NS)
+    for number, entry in enumerate(entries, start=1):
         entry_id = (entry.findtext("atom:id", "", NS) or "").strip()
         # The API reports bad queries as a feed whose only entry is the error.
         if entry_id.startswith(("http://arxiv.org/api/errors", "https://arxiv.org/api/errors")):
@@ -485,7 +666,17 @@ def parse_arxiv(text: str, name: str = "<source>") -> list[PaperRecord]:
         if record is not None:
             records.append(record)
     errors.raise_if_any()
-    return records
+    return ArxivFeed(
+        records=records,
+        total=_opensearch_int(root, "totalResults"),
+        start=_opensearch_int(root, "startIndex"),
+        entries=len(entries),
+    )
+
+
+def _opensearch_int(root: ET.Element, tag: str) -> int | None:
+    value = (root.findtext(f"{{{OPENSEARCH_NS}}}{tag}") or "").strip()
+    return int(value) if value.isdigit() else None
 
 
 def _arxiv_record(entry: ET.Element) -> PaperRecord:
@@ -502,6 +693,7 @@ def _arxiv_record(entry: ET.Element) -> PaperRecord:
             f"got {_describe(raw_id)}"
         )
     paper_id = _check_id(match.group("id"), "id")
+    version = int(match.group("version")) if match.group("version") else None
     authors = [
         _clean(author.findtext("atom:name", "", NS) or "")
         for author in entry.findall("atom:author", NS)
@@ -515,6 +707,16 @@ def _arxiv_record(entry: ET.Element) -> PaperRecord:
             pdf_url = _check_url(href.strip(), "pdf_url", " (the PDF <link> href)")
         elif link.get("rel", "alternate") == "alternate":
             url = _check_url(href.strip(), "url", ' (the <link rel="alternate"> href)')
+    # The primary category first, then the others in the feed's order; class codes
+    # (ACM, MSC) that feeds list as <category> are not arXiv categories.
+    categories: list[str] = []
+    primary = entry.find("arxiv:primary_category", NS)
+    terms = [primary.get("term")] if primary is not None else []
+    terms += [c.get("term") for c in entry.findall("atom:category", NS)]
+    for term in terms:
+        term = (term or "").strip()
+        if ARXIV_CATEGORY_RE.match(term) and term not in categories:
+            categories.append(term)
     return PaperRecord(
         id=paper_id,
         title=_req_str(fields, "title"),
@@ -524,6 +726,10 @@ def _arxiv_record(entry: ET.Element) -> PaperRecord:
         url=url,
         pdf_url=pdf_url,
         hf_url=None,
+        categories=categories[:MAX_CATEGORIES],
+        version=version,
+        comment=_clean(entry.findtext("arxiv:comment", "", NS) or "") or None,
+        doi=_clean(entry.findtext("arxiv:doi", "", NS) or "") or None,
     )
 
 
@@ -538,7 +744,7 @@ PARSERS: dict[Format, Callable[[str, str], list[PaperRecord]]] = {
 
 
 def detect_format(text: str, name: str = "<source>") -> Format:
-    """Guess the format from the first non-blank character(s)."""
+    """Guess the format from the content: XML, a JSON document, or JSON Lines."""
     head = text.lstrip("\ufeff \t\r\n")
     if not head:
         raise PaperSourceError(f"{name}: the source is empty")
@@ -552,11 +758,26 @@ def detect_format(text: str, name: str = "<source>") -> Format:
     if head.startswith("["):
         return "hf"
     if head.startswith("{"):
-        return "jsonl"
+        document = _whole_document(head, name, "json")
+        if document is _NOT_A_DOCUMENT:
+            return "jsonl"
+        # One pretty-printed object: a Hugging Face item or paper object, or one papermail
+        # record; anything else is said to be the wrong shape, not "truncated".
+        if "paper" in document or _is_hf_paper(document):
+            return "hf"
+        unknown = sorted(set(document) - JSONL_FIELDS)
+        if not unknown:
+            return "jsonl"
+        raise PaperSourceError(
+            f"{name}: this is one JSON object, but neither a Hugging Face daily-papers item "
+            "(with 'paper') or paper object (with 'id', 'title', 'summary') nor a papermail "
+            f"record (unknown field{'s' if len(unknown) > 1 else ''} "
+            f"{', '.join(repr(u) for u in unknown[:5])})"
+        )
     raise PaperSourceError(
         f"{name}: cannot detect the format (starts with {head[:20]!r}); expected a "
-        "Hugging Face daily-papers JSON list, an arXiv Atom feed or papermail JSON Lines; "
-        "pass --format hf|arxiv|jsonl"
+        "Hugging Face papers JSON list or object, an arXiv Atom feed or papermail JSON "
+        "Lines; pass --format hf|arxiv|jsonl"
     )
 
 
@@ -566,6 +787,8 @@ def parse(text: str, fmt: str | None = None, name: str = "<source>") -> ParsedSo
         fmt = detect_format(text, name)
     if fmt not in PARSERS:
         raise PaperSourceError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
+    # A byte-order mark is no part of the text; JSON allows leading whitespace and the
+    # arXiv parser skips it (JSON Lines keeps its lines, for the line numbers of errors).
     text = text.lstrip("\ufeff")
     return ParsedSource(name=name, format=fmt, records=PARSERS[fmt](text, name))  # type: ignore[index]
 
@@ -656,6 +879,9 @@ def dump_jsonl(records: Iterable[PaperRecord], extra: dict[str, Any] | None = No
             "url": record.url,
             "pdf_url": record.pdf_url,
             "hf_url": record.hf_url,
+            **({"categories": record.categories} if record.categories else {}),
+            **({"comment": record.comment} if record.comment else {}),
+            **({"doi": record.doi} if record.doi else {}),
             **(extra or {}),
         }
         lines.append(json.dumps(obj, ensure_ascii=False))
