@@ -301,6 +301,19 @@ def test_paper_view_from_model() -> None:
     view = rendering.paper_view(paper, "topic")
     assert view.url == "https://huggingface.co/papers/2611.1"  # falls back to the HF page
     assert (view.matched_topic, view.upvotes, view.authors) == ("topic", 3, ["X"])
+    assert view == PaperView(
+        "2611.1", "T", ["X"], 3, "A", "https://huggingface.co/papers/2611.1",
+        "https://arxiv.org/pdf/2611.1", "https://huggingface.co/papers/2611.1", "topic",
+    )  # fmt: skip
+    assert view.authors is not paper.authors  # a copy: the view cannot change the row
+    # Columns never set are not in the row's __dict__: read through the ORM (None).
+    sparse = rendering.paper_view(Paper(id="2611.2", title="S"), None)
+    assert (sparse.abstract, sparse.upvotes, sparse.authors, sparse.url) == ("", 0, [], "")
+    # Any object with the columns as attributes will do.
+    from types import SimpleNamespace
+
+    other = SimpleNamespace(**{c: getattr(paper, c) for c in rendering._VIEW_COLUMNS})
+    assert rendering.paper_view(other, "topic") == view  # type: ignore[arg-type]
 
 
 def test_compile_cache_memory_then_disk(
