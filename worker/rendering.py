@@ -496,13 +496,8 @@ def _store_disk(path: Path, key: str, compiled: Mapping[str, str], secret: str) 
         log.warning("cannot write the template cache %s: %s", path, exc)
 
 
-def _html_out(value: Any) -> str:
-    """``str(markupsafe.escape(value))``: the same checks in the same order (so an
-    undefined value fails the same way), and the same five entities."""
-    if type(value) is not str:
-        if hasattr(value, "__html__"):
-            return value.__html__()
-        value = str(value)
+def _escape_text(value: str) -> str:
+    """markupsafe's escape of a str, as a str: the five entities."""
     return (
         value.replace("&", "&amp;")
         .replace(">", "&gt;")
@@ -512,23 +507,53 @@ def _html_out(value: Any) -> str:
     )
 
 
+try:  # the C function markupsafe.escape runs on a str (MarkupSafe 3): one call, not five
+    from markupsafe._speedups import _escape_inner as _escape_str
+except ImportError:  # pragma: no cover - pure-Python MarkupSafe, or another version
+    _escape_str = _escape_text
+
+
+def _html_out(value: Any) -> str:
+    """``str(markupsafe.escape(value))``: the same checks in the same order (so an
+    undefined value fails the same way), and the same five entities."""
+    if type(value) is not str:
+        if hasattr(value, "__html__"):
+            return value.__html__()
+        value = str(value)
+    return _escape_str(value)
+
+
 class _FieldAccess(CodeGenerator):
     """Compiles ``p.title`` (an attribute named like a paper field) to a plain attribute
     read when ``p`` is exactly a paper view, else to the sandbox's checked getattr: a
     digest makes about 200 such reads, and a method call each was a tenth of a render.
-    Escaped output goes through _html_out (about 70 values per digest)."""
+    Escaped output (about 70 values per digest) is escaped inline (see _output_child_pre)."""
 
     def visit_Template(self, node: nodes.Template, frame: Frame | None = None) -> None:
-        self.writeline("from worker.rendering import _Item as _pm_Item, _html_out as _pm_out")
+        self.writeline(
+            "from worker.rendering import _Item as _pm_Item, _html_out as _pm_out,"
+            " _escape_str as _pm_esc"
+        )
         super().visit_Template(node, frame)
 
+    def _escaped(self, frame: Frame) -> bool:
+        return not frame.eval_ctx.volatile and bool(frame.eval_ctx.autoescape)
+
     def _output_child_pre(self, node: nodes.Expr, frame: Frame, finalize: Any) -> None:
-        # An autoescaped {{ value }}: _html_out, the same text as markupsafe.escape without
-        # a Markup object per value (the output is joined into one str anyway).
-        if not frame.eval_ctx.volatile and frame.eval_ctx.autoescape:
-            self.write("_pm_out(")
+        # An autoescaped {{ value }}: the same text as markupsafe.escape without a Markup
+        # object per value (the output is joined into one str anyway); a str, nearly every
+        # value, is escaped by one C call, anything else by _html_out. The value is
+        # evaluated once, into _pm_w (the getattr below uses _pm_v inside it).
+        if self._escaped(frame):
+            self.write("(_pm_esc(_pm_w) if type(_pm_w := (")
         else:
             super()._output_child_pre(node, frame, finalize)
+
+    def _output_child_post(self, node: nodes.Expr, frame: Frame, finalize: Any) -> None:
+        if self._escaped(frame):
+            self.write(")) is str else _pm_out(_pm_w))")
+        else:
+            super()._output_child_post(node, frame, finalize)
 
     def visit_Getattr(self, node: nodes.Getattr, frame: Frame) -> None:
         if node.attr not in _ITEM_FIELDS or self.environment.is_async:

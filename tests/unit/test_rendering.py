@@ -537,6 +537,27 @@ def test_wrap_is_textwrap_fill() -> None:
             assert rendering._wrap(text, indent) == want, (text, indent)
 
 
+def test_both_escapes_are_markupsafes() -> None:
+    # Templates escape a str with markupsafe's C function when it is there, else with
+    # the replace chain: both must give markupsafe.escape's text.
+    import random
+
+    from markupsafe import escape
+
+    rng = random.Random(3)
+    alphabet = ["&", "<", ">", "'", '"', "a", "é", "数", " ", "&amp;", "\x00"]
+    for _ in range(2000):
+        text = "".join(rng.choices(alphabet, k=rng.randrange(0, 40)))
+        assert rendering._escape_text(text) == str(escape(text)) == rendering._escape_str(text)
+
+
+def test_undefined_output_fails_as_in_jinja() -> None:
+    from jinja2.exceptions import UndefinedError
+
+    with pytest.raises(UndefinedError, match="'nothing' is undefined"):
+        rendering._html_env().from_string("<p>{{ nothing }}</p>").render()
+
+
 @pytest.mark.parametrize(
     "source",
     [
