@@ -39,7 +39,6 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import numpy as np
 from jinja2 import Environment, StrictUndefined, Template, nodes
 from jinja2.compiler import CodeGenerator, Frame
 from jinja2.runtime import LoopContext
@@ -100,22 +99,42 @@ class Recipient:
     timezone: str
 
 
+_VIEW_COLUMNS = ("id", "title", "authors", "upvotes", "abstract", "url", "pdf_url", "hf_url")
+_new_object = object.__new__
+
+
 def paper_view(paper: Paper, matched_topic: str | None) -> PaperView:
-    return PaperView(
-        id=paper.id,
-        title=paper.title,
-        authors=list(paper.authors or ()),
-        upvotes=int(paper.upvotes or 0),
-        abstract=paper.abstract or "",
+    # A loaded row's column values sit in its __dict__, which is where SQLAlchemy's
+    # attribute descriptor reads them from (after a few checks per read, ~1 us for the
+    # eight); an unloaded or expired column, or another kind of object, goes through
+    # getattr and loads as before.
+    row = paper.__dict__ if type(paper) is Paper else {}
+    try:
+        pid, title, authors, upvotes = row["id"], row["title"], row["authors"], row["upvotes"]
+        abstract, url, pdf_url, hf_url = row["abstract"], row["url"], row["pdf_url"], row["hf_url"]
+    except KeyError:
+        pid, title, authors, upvotes, abstract, url, pdf_url, hf_url = (
+            getattr(paper, name) for name in _VIEW_COLUMNS
+        )
+    # The frozen dataclass's __init__ sets each field through object.__setattr__; its
+    # __dict__ filled at once is the same object (fields, eq, repr, replace read it).
+    view = _new_object(PaperView)
+    view.__dict__.update(
+        id=pid,
+        title=title,
+        authors=list(authors or ()),
+        upvotes=int(upvotes or 0),
+        abstract=abstract or "",
         # The paper's page, else its Hugging Face page when the page link is unusable.
-        url=paper.url if safe_url(paper.url) else (paper.hf_url or ""),
-        pdf_url=paper.pdf_url,
-        hf_url=paper.hf_url,
+        url=url if safe_url(url) else (hf_url or ""),
+        pdf_url=pdf_url,
+        hf_url=hf_url,
         matched_topic=matched_topic,
         arxiv_id=paper.id if looks_like_arxiv_id(paper.id) else None,
         primary_category=paper.primary_category,
         abs_url=f"https://arxiv.org/abs/{paper.id}" if looks_like_arxiv_id(paper.id) else None,
     )
+    return view
 
 
 # --------------------------------------------------------------------------- text helpers
@@ -485,13 +504,8 @@ def _store_disk(path: Path, key: str, compiled: Mapping[str, str], secret: str) 
         log.warning("cannot write the template cache %s: %s", path, exc)
 
 
-def _html_out(value: Any) -> str:
-    """``str(markupsafe.escape(value))``: the same checks in the same order (so an
-    undefined value fails the same way), and the same five entities."""
-    if type(value) is not str:
-        if hasattr(value, "__html__"):
-            return value.__html__()
-        value = str(value)
+def _escape_text(value: str) -> str:
+    """markupsafe's escape of a str, as a str: the five entities."""
     return (
         value.replace("&", "&amp;")
         .replace(">", "&gt;")
@@ -501,23 +515,53 @@ def _html_out(value: Any) -> str:
     )
 
 
+try:  # the C function markupsafe.escape runs on a str (MarkupSafe 3): one call, not five
+    from markupsafe._speedups import _escape_inner as _escape_str
+except ImportError:  # pragma: no cover - pure-Python MarkupSafe, or another version
+    _escape_str = _escape_text
+
+
+def _html_out(value: Any) -> str:
+    """``str(markupsafe.escape(value))``: the same checks in the same order (so an
+    undefined value fails the same way), and the same five entities."""
+    if type(value) is not str:
+        if hasattr(value, "__html__"):
+            return value.__html__()
+        value = str(value)
+    return _escape_str(value)
+
+
 class _FieldAccess(CodeGenerator):
     """Compiles ``p.title`` (an attribute named like a paper field) to a plain attribute
     read when ``p`` is exactly a paper view, else to the sandbox's checked getattr: a
     digest makes about 200 such reads, and a method call each was a tenth of a render.
-    Escaped output goes through _html_out (about 70 values per digest)."""
+    Escaped output (about 70 values per digest) is escaped inline (see _output_child_pre)."""
 
     def visit_Template(self, node: nodes.Template, frame: Frame | None = None) -> None:
-        self.writeline("from worker.rendering import _Item as _pm_Item, _html_out as _pm_out")
+        self.writeline(
+            "from worker.rendering import _Item as _pm_Item, _html_out as _pm_out,"
+            " _escape_str as _pm_esc"
+        )
         super().visit_Template(node, frame)
 
+    def _escaped(self, frame: Frame) -> bool:
+        return not frame.eval_ctx.volatile and bool(frame.eval_ctx.autoescape)
+
     def _output_child_pre(self, node: nodes.Expr, frame: Frame, finalize: Any) -> None:
-        # An autoescaped {{ value }}: _html_out, the same text as markupsafe.escape without
-        # a Markup object per value (the output is joined into one str anyway).
-        if not frame.eval_ctx.volatile and frame.eval_ctx.autoescape:
-            self.write("_pm_out(")
+        # An autoescaped {{ value }}: the same text as markupsafe.escape without a Markup
+        # object per value (the output is joined into one str anyway); a str, nearly every
+        # value, is escaped by one C call, anything else by _html_out. The value is
+        # evaluated once, into _pm_w (the getattr below uses _pm_v inside it).
+        if self._escaped(frame):
+            self.write("(_pm_esc(_pm_w) if type(_pm_w := (")
         else:
             super()._output_child_pre(node, frame, finalize)
+
+    def _output_child_post(self, node: nodes.Expr, frame: Frame, finalize: Any) -> None:
+        if self._escaped(frame):
+            self.write(")) is str else _pm_out(_pm_w))")
+        else:
+            super()._output_child_post(node, frame, finalize)
 
     def visit_Getattr(self, node: nodes.Getattr, frame: Frame) -> None:
         if node.attr not in _ITEM_FIELDS or self.environment.is_async:
@@ -576,20 +620,26 @@ def _template_globals(template: Template) -> dict[str, Any]:
     return hit[1]
 
 
-def _render(template: Template, values: dict[str, Any]) -> str:
-    """``template.render(values)``, minus two dict copies and a ChainMap iterated in
-    Python per call (a tenth of a digest's render): what Template.render does in jinja2
-    3.1 (new_context, then concat of root_render_func), with the context's variables
-    merged once. Jinja never writes to a context's parent, only to its own ``vars``."""
+def _render_pieces(template: Template, values: dict[str, Any]) -> list[str]:
+    """The pieces ``template.render(values)`` joins, minus two dict copies and a ChainMap
+    iterated in Python per call (a tenth of a digest's render): what Template.render does
+    in jinja2 3.1 (new_context, then root_render_func), with the context's variables
+    merged once. Jinja never writes to a context's parent, only to its own ``vars``. The
+    pieces themselves feed the quoted-printable encoding (see _qp_bodies)."""
     env = template.environment
     names = _template_globals(template)
     parent = {**names, **values}
     ctx = env.context_class(env, parent, template.name, template.blocks, globals=names)
     try:
-        return env.concat(template.root_render_func(ctx))  # type: ignore[attr-defined]
+        return list(template.root_render_func(ctx))  # type: ignore[attr-defined]
     except Exception:
         env.handle_exception()
     raise AssertionError("unreachable: handle_exception always raises")
+
+
+def _render(template: Template, values: dict[str, Any]) -> str:
+    """``template.render(values)`` (see _render_pieces)."""
+    return template.environment.concat(_render_pieces(template, values))  # type: ignore[attr-defined]
 
 
 class _Templates(NamedTuple):
@@ -747,77 +797,165 @@ def list_id_header(value: str) -> str:
     return f"{phrase} <{ident}>" if phrase else f"<{ident}>"
 
 
-# A line quoted-printable leaves as it is: printable ASCII but "=", no blank at its end.
-_QP_PLAIN = re.compile(r"[!-<>-~ ]*[!-<>-~]")
+# --------------------------------------------------------------------------- MIME bodies
+
+# Both parts are quoted-printable: every line 7-bit and at most 76 octets, as SES asks of
+# raw messages and as any SMTP relay takes without 8BITMIME. The static text of the
+# templates is ASCII, so most of the HTML goes out as it is (only "=" becomes "=3D").
+#
+# The encoding is made from the pieces the template yields, not from the joined text
+# (encoding ~35 KB per email, base64 or quoted-printable, cost a third of a render): each
+# piece is encoded from column 0 and ends with a soft line break ("=" CRLF) unless it ends
+# with a line break of its own, so a piece's encoding does not depend on what came before
+# it and is looked up. The static pieces are the same str objects in every email (their
+# hashes cached) and most values recur across an edition (a paper's title, its links);
+# only each email's own links are encoded anew. The price is a soft break around each
+# value, a few hundred bytes per email; decoders join soft-broken lines (RFC 2045 6.7).
+_QP_WIDTH = 75  # characters on a line before a soft break, whose "=" is the 76th
+_SOFT = "=\r\n"
 
 
-def _qp_line(line: str) -> bytes:
-    """b2a_qp of one line followed by a newline (trailing blanks encoded), CRLF soft breaks."""
-    if _QP_PLAIN.fullmatch(line):
-        # What b2a_qp does to such a line (the link lines, unique to each email): 75
-        # characters and a soft break while more than 76 remain.
-        pieces = []
-        while len(line) > 76:
-            pieces.append(line[:75])
-            line = line[75:]
-        if line != ".":  # a lone "." on a line of its own is encoded
-            pieces.append(line)
-            return "=\r\n".join(pieces).encode("ascii")
-        line = "".join(pieces) + line
-    encoded = binascii.b2a_qp(line.encode() + b"\n", quotetabs=False, istext=True)[:-1]
-    return encoded.replace(b"=\n", b"=\r\n")
+class _QPMap(dict[int, str]):
+    """``str.translate`` table: "=", controls and each non-ASCII character become =XX
+    escapes of their UTF-8 bytes; printable ASCII, space and tab stay as they are."""
+
+    def __missing__(self, code: int) -> str:
+        char = chr(code)
+        if (32 <= code < 127 and char != "=") or char == "\t":
+            value = char
+        else:  # a lone surrogate raises here, as str.encode would
+            value = "".join(f"={byte:02X}" for byte in char.encode("utf-8"))
+        self[code] = value
+        return value
 
 
-_QP_LINES: dict[str, bytes] = {}
+_QP_MAP = _QPMap()
 
 
-def _qp(text: str) -> bytes:
-    """``b2a_qp`` of the text (soft-wrapped at 76 columns), with CRLF line endings.
-
-    Quoted-printable encodes each line on its own, and most lines of a digest (the
-    abstracts, titles, paper links, the footer) recur in every email of an edition, so a
-    line's encoding is looked up instead of recomputed: b2a_qp, char by char, cost about
-    a sixth of a whole render. tests/unit/test_render_golden.py and test_rendering.py
-    check the result against one b2a_qp of the whole text."""
-    if "\r" in text:  # one line-ending convention in, CRLF out
-        text = text.replace("\r\n", "\n").replace("\r", "\n")
-    lines = text.split("\n")
-    last = lines.pop()  # after the final newline: "" for a text that ends with one
-    cache = _QP_LINES
-    if len(cache) > 50_000:  # per-subscriber lines (links) would grow it without end
-        cache.clear()
+def _qp_wrap(enc: str) -> str:
+    """``enc`` (escaped: every "=" in it starts a three-character escape) with a soft
+    break wherever a line would pass column 75, none inside an escape."""
+    if len(enc) <= _QP_WIDTH:
+        return enc
     out = []
-    for line in lines:
-        encoded = cache.get(line)
+    i, n = 0, len(enc)
+    while n - i > _QP_WIDTH:
+        cut = i + _QP_WIDTH
+        if enc[cut - 1] == "=":
+            cut -= 1
+        elif enc[cut - 2] == "=":
+            cut -= 2
+        out.append(enc[i:cut])
+        i = cut
+    out.append(enc[i:])
+    return _SOFT.join(out)
+
+
+def _qp_piece(piece: str) -> bytes:
+    """Quoted-printable of ``piece`` (no CR in it) from column 0, ending with a soft break
+    unless the piece ends with a line break. Line breaks become CRLF, and a blank before
+    one is escaped (a blank before a soft break may stay, RFC 2045 6.7)."""
+    if "\n" not in piece and piece.isascii() and piece.isprintable():
+        # The usual piece (a link, a tag's attributes): one line of printable ASCII.
+        enc = piece.replace("=", "=3D") if "=" in piece else piece
+        return (_qp_wrap(enc) + _SOFT).encode("ascii")
+    lines = []
+    for line in piece.split("\n"):
+        if line == ".":  # a line of a lone dot ends an SMTP DATA left unstuffed
+            lines.append("=2E")
+        elif line.isascii() and line.isprintable():
+            lines.append(line.replace("=", "=3D") if "=" in line else line)
+        else:
+            lines.append(line.translate(_QP_MAP))
+    for n in range(len(lines) - 1):  # the blank before a line break
+        if lines[n][-1:] in (" ", "\t"):
+            lines[n] = lines[n][:-1] + ("=20" if lines[n][-1] == " " else "=09")
+    text = "\r\n".join(map(_qp_wrap, lines))
+    return (text if piece.endswith("\n") else text + _SOFT).encode("ascii")
+
+
+_ENTRY_BYTES = 200  # a cache entry's own objects: its key's hash slot, the bytes object
+
+
+class _PieceCache:
+    """Encoded pieces (see _qp_piece) by piece.
+
+    A piece is kept from its second sighting on (the first is remembered as a hash in
+    ``seen``), so the links unique to one email are encoded and dropped, and only what
+    recurs (the templates' own pieces, each paper's) is kept. The kept ones live in two
+    generations: looked up in the young one, then in the old one (and moved to the young
+    one); when the young one holds about ``limit`` bytes it becomes the old one, so memory
+    stays bounded without emptying the whole cache at once. Threads may race on a turn;
+    the worst outcome is a piece encoded twice."""
+
+    __slots__ = ("limit", "old", "seen", "size", "young")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.young: dict[str, bytes] = {}
+        self.old: dict[str, bytes] = {}
+        self.seen: set[int] = set()
+        self.size = 0
+
+    def miss(self, piece: str) -> bytes:
+        encoded = self.old.get(piece)
         if encoded is None:
-            encoded = cache[line] = _qp_line(line)
-        out.append(encoded)
-    # The end of the data has its own rule (a final blank or lone "." is encoded).
-    tail = binascii.b2a_qp(last.encode(), quotetabs=False, istext=True) if last else b""
-    out.append(tail.replace(b"=\n", b"=\r\n"))
-    return b"\r\n".join(out)
+            encoded = _qp_piece(str(piece))
+            seen, mark = self.seen, hash(piece)
+            if mark not in seen:
+                if len(seen) >= self.limit // 64:
+                    seen.clear()
+                seen.add(mark)
+                return encoded
+            if len(piece) > self.limit // 64:  # a one-off whole text: not kept
+                return encoded
+        self.young[piece] = encoded
+        self.size += len(piece) + len(encoded) + _ENTRY_BYTES
+        if self.size > self.limit:
+            self.old, self.young, self.size = self.young, {}, 0
+        return encoded
 
 
-def _base64_lines(data: bytes) -> bytes:
-    """``base64.encodebytes`` with CRLF, in one C call plus numpy copies: the HTML is
-    ~40 KB and b2a_qp or encodebytes' Python loop would cost more than the whole render."""
-    encoded = binascii.b2a_base64(data, newline=False)
-    full, rest = divmod(len(encoded), 76)
-    out = bytearray(full * 78 + (rest + 2 if rest else 0))
-    flat = np.frombuffer(out, np.uint8)
-    rows = flat[: full * 78].reshape(full, 78)
-    rows[:, :76] = np.frombuffer(encoded, np.uint8, count=full * 76).reshape(full, 76)
-    rows[:, 76] = 13
-    rows[:, 77] = 10
-    if rest:
-        flat[full * 78 :] = np.frombuffer(encoded[full * 76 :] + b"\r\n", np.uint8)
-    return bytes(out)
+_QP_PIECES = _PieceCache(2_000_000)
 
 
-def build_mime(headers: Sequence[str], text: str, html: str) -> bytes:
-    """multipart/alternative (text, then HTML), UTF-8, CRLF; the text part quoted-printable
-    (readable, small), the HTML part base64 (fast to encode, accepted everywhere)."""
-    # "=_" occurs in neither quoted-printable nor base64 output: the boundary cannot collide.
+class _CarriageReturn(Exception):
+    """A piece holds a CR: the body is encoded from its joined text instead."""
+
+
+def _qp_bodies(*bodies: Sequence[str]) -> list[bytes]:
+    """The quoted-printable body of ``"".join(pieces)`` for each list of pieces, with CRLF
+    line breaks (a CR or CRLF in the text is one line break, like LF). A piece that two
+    bodies share (a link in both the text and the HTML) is encoded once."""
+    cache = _QP_PIECES
+    mine: dict[str, bytes] = {}
+
+    def miss(piece: str) -> bytes:
+        encoded = mine.get(piece)
+        if encoded is None:
+            if "\r" in piece:  # a CRLF may straddle two pieces
+                raise _CarriageReturn
+            encoded = mine[piece] = cache.miss(piece)
+        return encoded
+
+    out = []
+    for pieces in bodies:
+        get = cache.young.get  # a turn of generations in a miss leaves it valid, if stale
+        try:
+            body = b"".join([get(piece) or miss(piece) for piece in pieces if piece])
+        except _CarriageReturn:
+            text = "".join(pieces).replace("\r\n", "\n").replace("\r", "\n")
+            body = _qp_piece(text) if text else b""
+        # No soft break at the very end, unless it keeps a final blank from being trailing.
+        if body.endswith(b"=\r\n") and body[-4:-3] not in (b" ", b"\t"):
+            body = body[:-3]
+        out.append(body)
+    return out
+
+
+def _mime(headers: Sequence[str], text_qp: bytes, html_qp: bytes) -> bytes:
+    """multipart/alternative (text, then HTML), UTF-8, CRLF, both parts quoted-printable."""
+    # "=_" occurs in no quoted-printable output: the boundary cannot collide.
     boundary = f"=_pm_{secrets.token_hex(12)}"
     head = "\r\n".join(
         (
@@ -830,19 +968,24 @@ def build_mime(headers: Sequence[str], text: str, html: str) -> bytes:
     ).encode("ascii")
     part = (
         '\r\n--{b}\r\nContent-Type: text/{k}; charset="utf-8"\r\n'
-        "Content-Transfer-Encoding: {cte}\r\n\r\n"
+        "Content-Transfer-Encoding: quoted-printable\r\n\r\n"
     )
     return b"".join(
         (
             head,
             b"This is a multipart message in MIME format.",
-            part.format(b=boundary, k="plain", cte="quoted-printable").encode(),
-            _qp(text),
-            part.format(b=boundary, k="html", cte="base64").encode(),
-            _base64_lines(html.encode()),
-            f"--{boundary}--\r\n".encode(),
+            part.format(b=boundary, k="plain").encode(),
+            text_qp,
+            part.format(b=boundary, k="html").encode(),
+            html_qp,
+            f"\r\n--{boundary}--\r\n".encode(),
         )
     )
+
+
+def build_mime(headers: Sequence[str], text: str, html: str) -> bytes:
+    """The complete message of these headers and bodies (see _mime)."""
+    return _mime(headers, *_qp_bodies((text,), (html,)))
 
 
 @lru_cache(maxsize=4)
@@ -1043,17 +1186,20 @@ class Renderer:
             "reason_text": _wrap(why),
         }
 
-    def _fill(self, ctx: dict[str, Any], html_t: Template, text_t: Template, subj_t: Template):
+    def _fill(
+        self, ctx: dict[str, Any], html_t: Template, text_t: Template, subj_t: Template
+    ) -> tuple[str, list[str], list[str]]:
+        """The subject, and the pieces of the text and of the HTML (see _render_pieces)."""
         subject = shorten(_render(subj_t, ctx), MAX_SUBJECT_CHARS)
         ctx["subject"] = subject
-        return subject, _render(text_t, ctx), _render(html_t, ctx)
+        return subject, _render_pieces(text_t, ctx), _render_pieces(html_t, ctx)
 
     def digest_html(
         self, recipient: Recipient, edition_date: date, papers: Sequence[PaperView]
     ) -> str:
         t = self.templates
         ctx = self.digest_context(recipient, edition_date, papers)
-        return self._fill(ctx, t.digest_html, t.digest_text, t.digest_subject)[2]
+        return "".join(self._fill(ctx, t.digest_html, t.digest_text, t.digest_subject)[2])
 
     def render_digest(
         self,
@@ -1086,9 +1232,9 @@ class Renderer:
             recipient=to,
             subject=subject,
             message_id=message_id,
-            raw=build_mime(headers, text, html),
-            html=html,
-            text=text,
+            raw=_mime(headers, *_qp_bodies(text, html)),
+            html="".join(html),
+            text="".join(text),
             tags=tags,
         )
 
@@ -1111,9 +1257,9 @@ class Renderer:
             recipient=to,
             subject=subject,
             message_id=message_id,
-            raw=build_mime(self._common_headers(to, subject, message_id), text, html),
-            html=html,
-            text=text,
+            raw=_mime(self._common_headers(to, subject, message_id), *_qp_bodies(text, html)),
+            html="".join(html),
+            text="".join(text),
             tags={"kind": "confirm"},
         )
 
