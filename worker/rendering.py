@@ -99,7 +99,9 @@ class Recipient:
     timezone: str
 
 
-_VIEW_COLUMNS = ("id", "title", "authors", "upvotes", "abstract", "url", "pdf_url", "hf_url")
+_VIEW_COLUMNS = (
+    "id", "title", "authors", "upvotes", "abstract", "url", "pdf_url", "hf_url", "categories",
+)  # fmt: skip
 _new_object = object.__new__
 
 
@@ -112,10 +114,12 @@ def paper_view(paper: Paper, matched_topic: str | None) -> PaperView:
     try:
         pid, title, authors, upvotes = row["id"], row["title"], row["authors"], row["upvotes"]
         abstract, url, pdf_url, hf_url = row["abstract"], row["url"], row["pdf_url"], row["hf_url"]
+        categories = row["categories"]
     except KeyError:
-        pid, title, authors, upvotes, abstract, url, pdf_url, hf_url = (
-            getattr(paper, name) for name in _VIEW_COLUMNS
+        pid, title, authors, upvotes, abstract, url, pdf_url, hf_url, categories = (
+            getattr(paper, name, None) for name in _VIEW_COLUMNS
         )
+    arxiv = bool(pid) and looks_like_arxiv_id(pid)
     # The frozen dataclass's __init__ sets each field through object.__setattr__; its
     # __dict__ filled at once is the same object (fields, eq, repr, replace read it).
     view = _new_object(PaperView)
@@ -130,9 +134,9 @@ def paper_view(paper: Paper, matched_topic: str | None) -> PaperView:
         pdf_url=pdf_url,
         hf_url=hf_url,
         matched_topic=matched_topic,
-        arxiv_id=paper.id if looks_like_arxiv_id(paper.id) else None,
-        primary_category=paper.primary_category,
-        abs_url=f"https://arxiv.org/abs/{paper.id}" if looks_like_arxiv_id(paper.id) else None,
+        arxiv_id=pid if arxiv else None,
+        primary_category=categories[0] if categories else None,
+        abs_url=f"https://arxiv.org/abs/{pid}" if arxiv else None,
     )
     return view
 
