@@ -1009,6 +1009,9 @@ class _Parts(NamedTuple):
     pdf_url: str | None
     hf_url: str | None
     id_json: bytes  # the paper id as a JSON string, for the feedback tokens
+    arxiv_id: str | None
+    category: str | None  # the primary arXiv category
+    abs_url: str | None  # the arXiv abstract page, when the title links elsewhere
 
 
 class _Item(NamedTuple):
@@ -1026,6 +1029,9 @@ class _Item(NamedTuple):
     hf_url: str | None
     more_url: str
     less_url: str
+    arxiv_id: str | None
+    category: str | None
+    abs_url: str | None
 
 
 # Attributes the sandbox may hand out unchecked: data fields, no callables or internals.
@@ -1095,11 +1101,14 @@ class Renderer:
             paper.url,
             paper.pdf_url,
             paper.hf_url,
+            paper.arxiv_id,
+            paper.primary_category,
         )
         parts = self._parts.get(key)
         if parts is not None:
             return parts
         abstract = shorten(paper.abstract, ABSTRACT_CHARS)
+        abs_url = safe_url(paper.abs_url)
         parts = _Parts(
             title=clean_line(paper.title) or paper.id,
             authors=short_authors(paper.authors),
@@ -1111,6 +1120,11 @@ class Renderer:
             pdf_url=safe_url(paper.pdf_url),
             hf_url=safe_url(paper.hf_url),
             id_json=json.dumps(paper.id).encode(),
+            arxiv_id=clean_line(paper.arxiv_id) if paper.arxiv_id else None,
+            category=clean_line(paper.primary_category) if paper.primary_category else None,
+            abs_url=abs_url
+            if (abs_url := safe_url(paper.abs_url)) != safe_url(paper.url)
+            else None,
         )
         if len(self._parts) > 20_000:
             self._parts.clear()
@@ -1149,6 +1163,9 @@ class Renderer:
                 parts.hf_url,
                 fb + next(votes),
                 fb + next(votes),
+                parts.arxiv_id,
+                parts.category,
+                parts.abs_url,
             )
             for paper, parts in zip(papers, all_parts, strict=True)
         ]

@@ -588,3 +588,27 @@ def test_compiled_templates_render_what_jinjas_sandbox_renders(source: str) -> N
     }
     want = plain.from_string(source).render(values)
     assert rendering._html_env().from_string(source).render(values) == want
+
+
+def test_arxiv_id_category_and_abstract_link(renderer: Renderer) -> None:
+    """A merged record (issue 13) shows its arXiv id and primary category, and links its
+    abstract page when the title links elsewhere (the Hugging Face page)."""
+    merged = _paper(
+        "2401.12345", "Merged paper", arxiv_id="2401.12345", primary_category="cs.LG",
+        abs_url="https://arxiv.org/abs/2401.12345",
+    )  # fmt: skip
+    arxiv_only = _paper(
+        "2401.54321", "arXiv only", url="https://arxiv.org/abs/2401.54321",
+        arxiv_id="2401.54321", primary_category=None, abs_url="https://arxiv.org/abs/2401.54321",
+    )  # fmt: skip
+    out = renderer.render_digest(RECIPIENT, EDITION, [merged, arxiv_only, PAPERS[0]])
+    text, html = _parts(_parse(out.raw))
+    for part in (text, html):
+        assert "arXiv:2401.12345 [cs.LG]" in part
+        assert "arXiv:2401.54321" in part and "arXiv:2401.54321 [" not in part
+        assert "arXiv:2611.00001" not in part  # no arXiv id known: nothing claimed
+    hrefs = _hrefs(html)
+    assert hrefs.count("https://arxiv.org/abs/2401.12345") == 1  # the Abstract link
+    assert hrefs.count("https://arxiv.org/abs/2401.54321") == 1  # the title only, once
+    assert "Abstract:       https://arxiv.org/abs/2401.12345" in text
+    assert "Abstract:       https://arxiv.org/abs/2401.54321" not in text
