@@ -43,8 +43,6 @@ from jinja2 import Environment, StrictUndefined, Template, nodes
 from jinja2.compiler import CodeGenerator, Frame
 from jinja2.runtime import LoopContext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from mjml import mjml2html
-from premailer import Premailer
 
 from worker import links
 from worker.clock import utcnow
@@ -310,6 +308,20 @@ def _restore(html: str, found: Mapping[str, tuple[str, str]], name: str) -> str:
     return html
 
 
+def mjml2html(source: str, **options: Any) -> str:
+    """mjml-python's compiler, imported on first use: a worker whose compiled templates
+    are cached never loads it, nor premailer, cssutils and lxml (~10 MB per process)."""
+    from mjml import mjml2html as compile_
+
+    return str(compile_(source, **options))
+
+
+def _inline_css(html: str, **options: Any) -> str:
+    from premailer import Premailer
+
+    return str(Premailer(html, **options).transform())
+
+
 def compile_mjml(mjml_source: str, name: str = "template") -> str:
     """MJML with Jinja tags -> standalone HTML (inlined CSS) with the same Jinja tags."""
     protected, found = _protect(mjml_source)
@@ -322,7 +334,7 @@ def compile_mjml(mjml_source: str, name: str = "template") -> str:
     html = _IMPORT.sub("", html)
     html = _EMPTY_IFNOTMSO.sub("", html)
     html = _MJML_RESET.sub(r'<style type="text/css" data-premailer="ignore">\1', html, count=1)
-    inliner = Premailer(
+    html = _inline_css(
         html,
         allow_network=False,
         allow_loading_external_files=False,
@@ -334,7 +346,6 @@ def compile_mjml(mjml_source: str, name: str = "template") -> str:
         cssutils_logging_level=logging.CRITICAL,
         method="html",
     )
-    html = inliner.transform()
     if not html.lstrip().lower().startswith("<!doctype"):
         html = _DOCTYPE + html
     # Static text as character references: an all-ASCII page stays a 1-byte-per-char
