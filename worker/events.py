@@ -570,6 +570,7 @@ def apply_batch(
     problems = [
         f"item {i}: {p}" if len(items) > 1 else p
         for i, (notification, _) in enumerate(items)
+        if not isinstance(notification, Parsed)  # validated when it was parsed
         for p in validate_notification(notification)
     ]
     if problems:

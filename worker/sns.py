@@ -18,6 +18,7 @@ certificate host cannot be reached from everywhere).
 from __future__ import annotations
 
 import base64
+import functools
 import logging
 import re
 import threading
@@ -182,6 +183,11 @@ def cert_url_problem(url: object) -> str | None:
     """Why ``url`` is not an acceptable SigningCertURL (None when it is)."""
     if not isinstance(url, str) or not url:
         return "SigningCertURL is missing"
+    return _cert_url_problem(url)
+
+
+@functools.lru_cache(maxsize=256)  # every message of a topic names the same certificate
+def _cert_url_problem(url: str) -> str | None:
     if _CERT_URL.fullmatch(url) is None:
         return f"SigningCertURL {url[:200]!r} is not https://sns.<region>.amazonaws.com[.cn]/...pem"
     # Belt and braces: the parser used to fetch must see the very same host.
