@@ -1037,6 +1037,8 @@ class _Item(NamedTuple):
     less_url: str
 
 
+_new_tuple = tuple.__new__
+
 # Attributes the sandbox may hand out unchecked: data fields, no callables or internals.
 _ITEM_FIELDS = frozenset(_Item._fields)
 _LOOP_FIELDS = frozenset(
@@ -1145,19 +1147,22 @@ class Renderer:
             )
         )
         items = [
-            _Item(
-                paper.id,
-                parts.title,
-                parts.authors,
-                parts.abstract,
-                parts.abstract_text,
-                int(paper.upvotes),
-                _clean_topic(paper.matched_topic) if paper.matched_topic else None,
-                parts.url,
-                parts.pdf_url,
-                parts.hf_url,
-                fb + next(votes),
-                fb + next(votes),
+            _new_tuple(  # _Item(...) without the named tuple's Python-level __new__
+                _Item,
+                (
+                    paper.id,
+                    parts.title,
+                    parts.authors,
+                    parts.abstract,
+                    parts.abstract_text,
+                    int(paper.upvotes),
+                    _clean_topic(paper.matched_topic) if paper.matched_topic else None,
+                    parts.url,
+                    parts.pdf_url,
+                    parts.hf_url,
+                    fb + next(votes),
+                    fb + next(votes),
+                ),
             )
             for paper, parts in zip(papers, all_parts, strict=True)
         ]
