@@ -834,6 +834,8 @@ def _qp_wrap(enc: bytes) -> bytes:
     if n <= _QP_WIDTH:
         return enc
     if b"=" not in enc:  # no escape to keep whole (a link): a break every 75 characters
+        if n <= 2 * _QP_WIDTH:  # most links: two slices cost a quarter of the loop below
+            return enc[:_QP_WIDTH] + _SOFT + enc[_QP_WIDTH:]
         return _SOFT.join([enc[i : i + _QP_WIDTH] for i in range(0, n, _QP_WIDTH)])
     out = []
     i = 0
@@ -882,20 +884,6 @@ class _CarriageReturn(Exception):
     """A piece holds a CR: its body is encoded from the joined text instead."""
 
 
-class _Generation(dict[str, bytes]):
-    """The young generation of a _PieceCache: a miss asks the cache (so a body's pieces
-    are all looked up by one C loop, ``map(young.__getitem__, pieces)``)."""
-
-    __slots__ = ("cache",)
-
-    def __init__(self, cache: _PieceCache) -> None:
-        super().__init__({"": b""})
-        self.cache = cache
-
-    def __missing__(self, piece: str) -> bytes:
-        return self.cache.miss(piece)
-
-
 class _PieceCache:
     """Encoded pieces (see _qp_piece) by piece.
 
@@ -919,30 +907,43 @@ class _PieceCache:
         self.recent: dict[str, bytes] = {}
         self.size = 0
 
-    def miss(self, piece: str) -> bytes:
-        encoded = self.recent.get(piece)
+
+class _Generation(dict[str, bytes]):
+    """The young generation of a _PieceCache. A body's pieces are all looked up by one C
+    loop (``map(young.__getitem__, pieces)``); a miss is served here."""
+
+    __slots__ = ("cache",)
+
+    def __init__(self, cache: _PieceCache) -> None:
+        super().__init__({"": b""})
+        self.cache = cache
+
+    def __missing__(self, piece: str) -> bytes:
+        cache = self.cache
+        encoded = cache.recent.get(piece)
         if encoded is not None:
             return encoded
         if "\r" in piece:  # a CRLF may straddle two pieces
             raise _CarriageReturn
-        encoded = self.old.get(piece)
+        encoded = cache.old.get(piece)
         if encoded is None:
             encoded = _qp_piece(str(piece))
-            seen, mark = self.seen, hash(piece)
+            seen, mark = cache.seen, hash(piece)
             if mark not in seen:
-                if len(seen) >= self.limit // 64:
+                if len(seen) >= cache.limit // 64:
                     seen.clear()
                 seen.add(mark)
-                if len(self.recent) >= 256:
-                    self.recent.clear()
-                self.recent[piece] = encoded
+                if len(cache.recent) >= 256:
+                    cache.recent.clear()
+                cache.recent[piece] = encoded
                 return encoded
-            if len(piece) > self.limit // 64:  # a one-off whole text: not kept
+            if len(piece) > cache.limit // 64:  # a one-off whole text: not kept
                 return encoded
-        self.young[piece] = encoded
-        self.size += len(piece) + len(encoded) + _ENTRY_BYTES
-        if self.size > self.limit:
-            self.old, self.young, self.size = self.young, _Generation(self), 0
+        # Into the current young generation (self may have turned old during the map).
+        cache.young[piece] = encoded
+        cache.size += len(piece) + len(encoded) + _ENTRY_BYTES
+        if cache.size > cache.limit:
+            cache.old, cache.young, cache.size = cache.young, _Generation(cache), 0
         return encoded
 
 
