@@ -827,7 +827,7 @@ def list_id_header(value: str) -> str:
 # only each email's own links are encoded anew. The price is a soft break around each
 # value, a few hundred bytes per email; decoders join soft-broken lines (RFC 2045 6.7).
 _QP_WIDTH = 75  # characters on a line before a soft break, whose "=" is the 76th
-_SOFT = "=\r\n"
+_SOFT = b"=\r\n"
 
 
 class _QPMap(dict[int, str]):
@@ -847,18 +847,26 @@ class _QPMap(dict[int, str]):
 _QP_MAP = _QPMap()
 
 
-def _qp_wrap(enc: str) -> str:
+_PRINTABLE = bytes(range(32, 127))
+
+
+def _qp_wrap(enc: bytes) -> bytes:
     """``enc`` (escaped: every "=" in it starts a three-character escape) with a soft
     break wherever a line would pass column 75, none inside an escape."""
-    if len(enc) <= _QP_WIDTH:
+    n = len(enc)
+    if n <= _QP_WIDTH:
         return enc
+    if b"=" not in enc:  # no escape to keep whole (a link): a break every 75 characters
+        if n <= 2 * _QP_WIDTH:  # most links: two slices cost a quarter of the loop below
+            return enc[:_QP_WIDTH] + _SOFT + enc[_QP_WIDTH:]
+        return _SOFT.join([enc[i : i + _QP_WIDTH] for i in range(0, n, _QP_WIDTH)])
     out = []
-    i, n = 0, len(enc)
+    i = 0
     while n - i > _QP_WIDTH:
         cut = i + _QP_WIDTH
-        if enc[cut - 1] == "=":
+        if enc[cut - 1] == 61:  # "="
             cut -= 1
-        elif enc[cut - 2] == "=":
+        elif enc[cut - 2] == 61:
             cut -= 2
         out.append(enc[i:cut])
         i = cut
@@ -870,10 +878,13 @@ def _qp_piece(piece: str) -> bytes:
     """Quoted-printable of ``piece`` (no CR in it) from column 0, ending with a soft break
     unless the piece ends with a line break. Line breaks become CRLF, and a blank before
     one is escaped (a blank before a soft break may stay, RFC 2045 6.7)."""
-    if "\n" not in piece and piece.isascii() and piece.isprintable():
-        # The usual piece (a link, a tag's attributes): one line of printable ASCII.
-        enc = piece.replace("=", "=3D") if "=" in piece else piece
-        return (_qp_wrap(enc) + _SOFT).encode("ascii")
+    if not piece:
+        return b""
+    if piece.isascii():
+        data = piece.encode("ascii")
+        if not data.translate(None, _PRINTABLE):
+            # The usual piece (a link, a tag's attributes): one line of printable ASCII.
+            return _qp_wrap(data.replace(b"=", b"=3D") if b"=" in data else data) + _SOFT
     lines = []
     for line in piece.split("\n"):
         if line == ".":  # a line of a lone dot ends an SMTP DATA left unstuffed
@@ -885,79 +896,90 @@ def _qp_piece(piece: str) -> bytes:
     for n in range(len(lines) - 1):  # the blank before a line break
         if lines[n][-1:] in (" ", "\t"):
             lines[n] = lines[n][:-1] + ("=20" if lines[n][-1] == " " else "=09")
-    text = "\r\n".join(map(_qp_wrap, lines))
-    return (text if piece.endswith("\n") else text + _SOFT).encode("ascii")
+    text = b"\r\n".join([_qp_wrap(line.encode("ascii")) for line in lines])
+    return text if piece.endswith("\n") else text + _SOFT
 
 
 _ENTRY_BYTES = 200  # a cache entry's own objects: its key's hash slot, the bytes object
+
+
+class _CarriageReturn(Exception):
+    """A piece holds a CR: its body is encoded from the joined text instead."""
 
 
 class _PieceCache:
     """Encoded pieces (see _qp_piece) by piece.
 
     A piece is kept from its second sighting on (the first is remembered as a hash in
-    ``seen``), so the links unique to one email are encoded and dropped, and only what
-    recurs (the templates' own pieces, each paper's) is kept. The kept ones live in two
-    generations: looked up in the young one, then in the old one (and moved to the young
-    one); when the young one holds about ``limit`` bytes it becomes the old one, so memory
-    stays bounded without emptying the whole cache at once. Threads may race on a turn;
-    the worst outcome is a piece encoded twice."""
+    ``seen``, and the piece itself among the last few in ``recent``: the same link is in
+    the text, then in the HTML), so the pieces unique to one email are encoded once and
+    dropped, and what recurs (the templates' own pieces, each paper's) is kept. The kept
+    ones live in two generations: looked up in the young one, then in the old one (and
+    moved to the young one); when the young one holds about ``limit`` bytes it becomes
+    the old one, so memory stays bounded without emptying the whole cache at once.
+    Threads may race on a turn; the worst outcome is a piece encoded twice."""
 
-    __slots__ = ("limit", "old", "seen", "size", "young")
+    __slots__ = ("limit", "old", "recent", "seen", "size", "young")
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
-        self.young: dict[str, bytes] = {}
+        self.young = _Generation(self)
         self.old: dict[str, bytes] = {}
         self.seen: set[int] = set()
+        # The last pieces seen once: a link is in the text and then in the HTML.
+        self.recent: dict[str, bytes] = {}
         self.size = 0
 
-    def miss(self, piece: str) -> bytes:
-        encoded = self.old.get(piece)
+
+class _Generation(dict[str, bytes]):
+    """The young generation of a _PieceCache. A body's pieces are all looked up by one C
+    loop (``map(young.__getitem__, pieces)``); a miss is served here."""
+
+    __slots__ = ("cache",)
+
+    def __init__(self, cache: _PieceCache) -> None:
+        super().__init__({"": b""})
+        self.cache = cache
+
+    def __missing__(self, piece: str) -> bytes:
+        cache = self.cache
+        encoded = cache.recent.get(piece)
+        if encoded is not None:
+            return encoded
+        if "\r" in piece:  # a CRLF may straddle two pieces
+            raise _CarriageReturn
+        encoded = cache.old.get(piece)
         if encoded is None:
             encoded = _qp_piece(str(piece))
-            seen, mark = self.seen, hash(piece)
+            seen, mark = cache.seen, hash(piece)
             if mark not in seen:
-                if len(seen) >= self.limit // 64:
+                if len(seen) >= cache.limit // 64:
                     seen.clear()
                 seen.add(mark)
+                if len(cache.recent) >= 256:
+                    cache.recent.clear()
+                cache.recent[piece] = encoded
                 return encoded
-            if len(piece) > self.limit // 64:  # a one-off whole text: not kept
+            if len(piece) > cache.limit // 64:  # a one-off whole text: not kept
                 return encoded
-        self.young[piece] = encoded
-        self.size += len(piece) + len(encoded) + _ENTRY_BYTES
-        if self.size > self.limit:
-            self.old, self.young, self.size = self.young, {}, 0
+        # Into the current young generation (self may have turned old during the map).
+        cache.young[piece] = encoded
+        cache.size += len(piece) + len(encoded) + _ENTRY_BYTES
+        if cache.size > cache.limit:
+            cache.old, cache.young, cache.size = cache.young, _Generation(cache), 0
         return encoded
 
 
 _QP_PIECES = _PieceCache(2_000_000)
 
 
-class _CarriageReturn(Exception):
-    """A piece holds a CR: the body is encoded from its joined text instead."""
-
-
 def _qp_bodies(*bodies: Sequence[str]) -> list[bytes]:
     """The quoted-printable body of ``"".join(pieces)`` for each list of pieces, with CRLF
-    line breaks (a CR or CRLF in the text is one line break, like LF). A piece that two
-    bodies share (a link in both the text and the HTML) is encoded once."""
-    cache = _QP_PIECES
-    mine: dict[str, bytes] = {}
-
-    def miss(piece: str) -> bytes:
-        encoded = mine.get(piece)
-        if encoded is None:
-            if "\r" in piece:  # a CRLF may straddle two pieces
-                raise _CarriageReturn
-            encoded = mine[piece] = cache.miss(piece)
-        return encoded
-
+    line breaks (a CR or CRLF in the text is one line break, like LF)."""
     out = []
     for pieces in bodies:
-        get = cache.young.get  # a turn of generations in a miss leaves it valid, if stale
-        try:
-            body = b"".join([get(piece) or miss(piece) for piece in pieces if piece])
+        try:  # a turn of generations during the map leaves the lookups valid, if stale
+            body = b"".join(map(_QP_PIECES.young.__getitem__, pieces))
         except _CarriageReturn:
             text = "".join(pieces).replace("\r\n", "\n").replace("\r", "\n")
             body = _qp_piece(text) if text else b""
@@ -1044,6 +1066,8 @@ class _Item(NamedTuple):
     category: str | None
     abs_url: str | None
 
+
+_new_tuple = tuple.__new__
 
 # Attributes the sandbox may hand out unchecked: data fields, no callables or internals.
 _ITEM_FIELDS = frozenset(_Item._fields)
@@ -1161,22 +1185,25 @@ class Renderer:
             )
         )
         items = [
-            _Item(
-                paper.id,
-                parts.title,
-                parts.authors,
-                parts.abstract,
-                parts.abstract_text,
-                int(paper.upvotes),
-                _clean_topic(paper.matched_topic) if paper.matched_topic else None,
-                parts.url,
-                parts.pdf_url,
-                parts.hf_url,
-                fb + next(votes),
-                fb + next(votes),
-                parts.arxiv_id,
-                parts.category,
-                parts.abs_url,
+            _new_tuple(  # _Item(...) without the named tuple's Python-level __new__
+                _Item,
+                (
+                    paper.id,
+                    parts.title,
+                    parts.authors,
+                    parts.abstract,
+                    parts.abstract_text,
+                    int(paper.upvotes),
+                    _clean_topic(paper.matched_topic) if paper.matched_topic else None,
+                    parts.url,
+                    parts.pdf_url,
+                    parts.hf_url,
+                    fb + next(votes),
+                    fb + next(votes),
+                    parts.arxiv_id,
+                    parts.category,
+                    parts.abs_url,
+                ),
             )
             for paper, parts in zip(papers, all_parts, strict=True)
         ]

@@ -114,8 +114,14 @@ class SelectionInputError(InvalidInput, ValueError):
 # --------------------------------------------------------------------------- data types
 
 
+def _aware(value: object) -> bool:
+    return (
+        isinstance(value, datetime) and value.tzinfo is not None and value.utcoffset() is not None
+    )
+
+
 def _require_aware(value: datetime, what: str) -> None:
-    if not isinstance(value, datetime) or value.tzinfo is None or value.utcoffset() is None:
+    if not _aware(value):
         raise SelectionInputError(f"{what} must be a timezone-aware datetime, got {value!r}")
 
 
@@ -130,9 +136,11 @@ class Candidate:
     published: datetime  # effective date (published_at, or ingested_at), UTC-aware
 
     def __post_init__(self) -> None:
+        # The messages are formatted only on failure: a chunk builds hundreds of these.
         if not self.id:
             raise SelectionInputError("a candidate paper needs a non-empty id")
-        _require_aware(self.published, f"published date of paper {self.id!r}")
+        if not _aware(self.published):
+            _require_aware(self.published, f"published date of paper {self.id!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,8 +161,9 @@ class Profile:
             raise SelectionInputError(f"{who}: topics must be a sequence of strings, not a str")
         if not isinstance(self.max_papers, int) or self.max_papers < 1:
             raise SelectionInputError(f"{who}: max_papers must be >= 1, got {self.max_papers!r}")
-        _require_aware(self.window_start, f"{who}: window_start")
-        _require_aware(self.window_end, f"{who}: window_end")
+        if not (_aware(self.window_start) and _aware(self.window_end)):
+            _require_aware(self.window_start, f"{who}: window_start")
+            _require_aware(self.window_end, f"{who}: window_end")
         if self.window_start > self.window_end:
             raise SelectionInputError(
                 f"{who}: window_start {self.window_start.isoformat()} is after "
