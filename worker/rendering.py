@@ -10,9 +10,11 @@ Compile (once per template version, cached in memory and, sealed, in a private d
 Fill (per email): the Jinja render, a dozen signed links and a hand-built MIME message
 (the stdlib ``EmailMessage`` costs more than the whole render; tests parse ours back).
 The fill is the hot loop of a send (bench/render.py): templates compile through a code
-generator that reads paper-view fields without a sandbox call and escapes without a
-Markup per value, quoted-printable lines recur across an edition and are looked up, and
-tests/unit/test_render_golden.py holds every byte of the output to a golden file.
+generator that reads paper-view fields without a sandbox call and escapes a str with one
+C call (no Markup per value); both MIME parts are quoted-printable, encoded from the
+pieces the templates yield, which recur across an edition and are looked up (see "MIME
+bodies"); tests/unit/test_render_golden.py holds every byte of the output to a golden
+file, and the parts decode back to the html and text.
 """
 
 from __future__ import annotations
