@@ -10,9 +10,11 @@ Compile (once per template version, cached in memory and, sealed, in a private d
 Fill (per email): the Jinja render, a dozen signed links and a hand-built MIME message
 (the stdlib ``EmailMessage`` costs more than the whole render; tests parse ours back).
 The fill is the hot loop of a send (bench/render.py): templates compile through a code
-generator that reads paper-view fields without a sandbox call and escapes without a
-Markup per value, quoted-printable lines recur across an edition and are looked up, and
-tests/unit/test_render_golden.py holds every byte of the output to a golden file.
+generator that reads paper-view fields without a sandbox call and escapes a str with one
+C call (no Markup per value); both MIME parts are quoted-printable, encoded from the
+pieces the templates yield, which recur across an edition and are looked up (see "MIME
+bodies"); tests/unit/test_render_golden.py holds every byte of the output to a golden
+file, and the parts decode back to the html and text.
 """
 
 from __future__ import annotations
@@ -973,21 +975,32 @@ class _Generation(dict[str, bytes]):
 _QP_PIECES = _PieceCache(2_000_000)
 
 
-def _qp_bodies(*bodies: Sequence[str]) -> list[bytes]:
+def _qp_bodies(*bodies: Sequence[str], own: Sequence[str] = ()) -> list[bytes]:
     """The quoted-printable body of ``"".join(pieces)`` for each list of pieces, with CRLF
-    line breaks (a CR or CRLF in the text is one line break, like LF)."""
-    out = []
-    for pieces in bodies:
-        try:  # a turn of generations during the map leaves the lookups valid, if stale
-            body = b"".join(map(_QP_PIECES.young.__getitem__, pieces))
-        except _CarriageReturn:
-            text = "".join(pieces).replace("\r\n", "\n").replace("\r", "\n")
-            body = _qp_piece(text) if text else b""
-        # No soft break at the very end, unless it keeps a final blank from being trailing.
-        if body.endswith(b"=\r\n") and body[-4:-3] not in (b" ", b"\t"):
-            body = body[:-3]
-        out.append(body)
-    return out
+    line breaks (a CR or CRLF in the text is one line break, like LF).
+
+    ``own`` are pieces known to be this email's alone (its signed links): they are encoded
+    up front and put in the young generation for the time of the lookups, instead of each
+    taking the miss path twice (text, HTML) and the doorkeeper's bookkeeping."""
+    young = _QP_PIECES.young
+    mine = {piece: _qp_piece(piece) for piece in own if "\r" not in piece}
+    young.update(mine)
+    try:
+        out = []
+        for pieces in bodies:
+            try:  # a turn of generations during the map leaves the lookups valid, if stale
+                body = b"".join(map(young.__getitem__, pieces))
+            except _CarriageReturn:
+                text = "".join(pieces).replace("\r\n", "\n").replace("\r", "\n")
+                body = _qp_piece(text) if text else b""
+            # No soft break at the very end, unless it keeps a final blank from being trailing.
+            if body.endswith(b"=\r\n") and body[-4:-3] not in (b" ", b"\t"):
+                body = body[:-3]
+            out.append(body)
+        return out
+    finally:
+        for piece in mine:
+            young.pop(piece, None)
 
 
 def _mime(headers: Sequence[str], text_qp: bytes, html_qp: bytes) -> bytes:
@@ -1074,6 +1087,14 @@ _ITEM_FIELDS = frozenset(_Item._fields)
 _LOOP_FIELDS = frozenset(
     ("index", "index0", "revindex", "revindex0", "first", "last", "length", "depth")
 )
+
+
+def _own_links(ctx: Mapping[str, Any]) -> list[str]:
+    """The links of a digest that no other email has (see _qp_bodies)."""
+    own = [ctx["preferences_url"], ctx["unsubscribe_url"], ctx["view_url"]]
+    for item in ctx["papers"]:
+        own += (item.more_url, item.less_url)
+    return own
 
 
 class Renderer:
@@ -1291,7 +1312,7 @@ class Renderer:
             recipient=to,
             subject=subject,
             message_id=message_id,
-            raw=_mime(headers, *_qp_bodies(text, html)),
+            raw=_mime(headers, *_qp_bodies(text, html, own=_own_links(ctx))),
             html="".join(html),
             text="".join(text),
             tags=tags,

@@ -447,7 +447,9 @@ def _unit_rows(matrix: sp.csr_matrix) -> sp.csr_matrix:
     return (sp.diags(1.0 / norms) @ matrix).tocsr()
 
 
-_TOPIC_ROWS = 20_000  # relevance rows a corpus keeps (300 candidates: 2.4 KB each)
+# Bytes of relevance rows a corpus keeps (8 per candidate per topic): 3,300 topics of
+# 300 candidates; the corpus cache holds two corpora.
+_TOPIC_ROW_BYTES = 8_000_000
 
 
 def _topic_scores(corpus: _Corpus, topics: Sequence[str]) -> np.ndarray:
@@ -460,7 +462,7 @@ def _topic_scores(corpus: _Corpus, topics: Sequence[str]) -> np.ndarray:
     rows = {topic: kept.get(topic) for topic in topics}
     new = [topic for topic, row in rows.items() if row is None]
     if new:
-        if len(kept) + len(new) > _TOPIC_ROWS:
+        if (len(kept) + len(new)) * 8 * corpus.n_docs > _TOPIC_ROW_BYTES:
             kept.clear()
         for topic, row in zip(new, _score_topics(corpus, new), strict=True):
             rows[topic] = kept[topic] = row

@@ -483,6 +483,15 @@ def test_quoted_printable_cache_stays_bounded(monkeypatch: pytest.MonkeyPatch) -
     assert static in cache.young or static in cache.old
 
 
+def test_own_pieces_encode_the_same_and_are_not_kept() -> None:
+    link = "https://papermail.example.org/feedback/" + "eyJzIjo0Mn0.x-_" * 9
+    pieces = ['<a href="', link, '">more</a>\n', "text ", link, "\n"]
+    plain = rendering._qp_bodies(pieces, pieces[::-1])
+    assert rendering._qp_bodies(pieces, pieces[::-1], own=[link]) == plain
+    cache = rendering._QP_PIECES
+    assert link not in cache.young and link not in cache.old
+
+
 def test_html_part_is_quoted_printable(renderer: Renderer) -> None:
     out = renderer.render_digest(RECIPIENT, EDITION, PAPERS, delivery_id=3)
     html_part = list(_parse(out.raw).iter_parts())[1]

@@ -500,7 +500,7 @@ def test_topic_rows_are_kept_per_corpus_and_equal_fresh_ones(
     assert again.tobytes() == together[::-1].tobytes()
     assert first.tobytes() == together[:2].tobytes()
     # Bounded: past the limit the kept rows are dropped, and the answer is still right.
-    monkeypatch.setattr(selection, "_TOPIC_ROWS", 3)
+    monkeypatch.setattr(selection, "_TOPIC_ROW_BYTES", 3 * 8 * corpus.n_docs)  # 3 rows
     corpus.topic_rows.clear()
     selection._topic_scores(corpus, topics[:2])
     assert selection._topic_scores(corpus, topics[2:]).tobytes() == together[2:].tobytes()
