@@ -812,8 +812,8 @@ def _open_lines(
             yield _lines(_decoded(fh, path, on_read)), str(path), size
         return
     name = getattr(source, "name", "<stream>")
-    blocks = _counted(_text_blocks(source, name), on_read)
-    yield _lines(_at_line_breaks(blocks, "")), name, None
+    chunks = _counted(_text_blocks(source, name), on_read)
+    yield _lines(_at_line_breaks(chunks, "")), name, None
 
 
 def _lines(blocks: Iterable[str]) -> Iterator[str]:
@@ -1155,17 +1155,17 @@ def _merge_duplicates(session: Session, stage: _Stage, report: ImportReport) -> 
     if not rows:
         return
     groups: dict[str, list[tuple[int, Sequence[str]]]] = {}
-    for email, line, *written in sorted(rows, key=lambda row: row[1]):  # only duplicates
-        groups.setdefault(email, []).append((line, written))
+    for email, line, *cells_of_row in sorted(rows, key=lambda row: row[1]):  # only duplicates
+        groups.setdefault(email, []).append((line, cells_of_row))
     for email, items in groups.items():  # in order of first appearance
         merged: dict[str, str] = {}
         for _, written in items:
             merged.update((k, v) for k, v in zip(CSV_COLUMNS, written, strict=True) if v)
         lines = [line for line, _ in items]
         report.merged.append({"email": email, "lines": lines})
-        written = [merged.get(name, "") for name in CSV_COLUMNS]
         values = _staged(SubscriberInput(**merged))
-        stage.add(lines[0], written, values, ", ".join(map(str, lines)))
+        cells_merged = [merged.get(name, "") for name in CSV_COLUMNS]
+        stage.add(lines[0], cells_merged, values, ", ".join(map(str, lines)))
     stage.flush()
 
 
