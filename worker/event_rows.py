@@ -26,6 +26,7 @@ from datetime import UTC, date, datetime
 from typing import Any
 
 from sqlalchemy import bindparam, insert, select, update
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session
 
 from worker.db import dialect_insert
@@ -65,6 +66,22 @@ def _driver(session: Session) -> Any:
     driver = session.connection().connection.driver_connection
     session.info["papermail_driver"] = (session.get_transaction(), driver)
     return driver
+
+
+def _run(session: Session, sql: str, params: Any) -> list[Any]:
+    """One statement on the session's psycopg connection; its rows (none for a write). A
+    driver error comes out as SQLAlchemy's own class (OperationalError, IntegrityError...),
+    as from any other statement: callers tell a database outage by those."""
+    import psycopg
+
+    try:
+        cursor = _driver(session).execute(sql, params)
+        return cursor.fetchall() if cursor.description is not None else []
+    except psycopg.Error as exc:
+        # Parameters left out of the message: a batch's JSON document is long, and personal.
+        raise sa_exc.DBAPIError.instance(
+            sql, params, exc, psycopg.Error, hide_parameters=True
+        ) from exc
 
 
 def _utc(value: datetime | None) -> datetime | None:
@@ -218,12 +235,11 @@ def read_batch(
 def _pg_read(
     session: Session, keys: list[str], variants: list[str]
 ) -> tuple[dict[str, tuple[int, int | None]], dict[str, DeliveryRow], dict[int, SubscriberRow]]:
-    conn = _driver(session)
     # Three statements, not one pipeline: on a busy machine psycopg's pipeline costs more
     # CPU than the two round trips it saves.
-    stored = conn.execute(_PG_STORED, (keys,)).fetchall() if keys else ()
-    deliveries = conn.execute(_PG_DELIVERIES, (variants,)).fetchall() if variants else ()
-    subscribers = conn.execute(_PG_SUBSCRIBERS_OF, (variants,)).fetchall() if variants else ()
+    stored = _run(session, _PG_STORED, (keys,)) if keys else []
+    deliveries = _run(session, _PG_DELIVERIES, (variants,)) if variants else []
+    subscribers = _run(session, _PG_SUBSCRIBERS_OF, (variants,)) if variants else []
     found = {k: (event_id, delivery_id) for k, event_id, delivery_id in stored}
     by_variant: dict[str, DeliveryRow] = {}
     for values in deliveries:
@@ -241,7 +257,7 @@ def _add_earlier_sends(
     via_attempt: dict[str, int] = {}
     pg = is_postgres(session)
     if pg:
-        pairs: Iterable[Any] = _driver(session).execute(_PG_ATTEMPTS, (missing,)).fetchall()
+        pairs: Iterable[Any] = _run(session, _PG_ATTEMPTS, (missing,))
     else:
         pairs = [
             pair
@@ -257,7 +273,7 @@ def _add_earlier_sends(
     by_id = {row.id: row for row in by_variant.values()}
     needed = sorted(set(via_attempt.values()) - set(by_id))
     if needed and pg:
-        found = _driver(session).execute(_PG_DELIVERIES_BY_ID, (needed,)).fetchall()
+        found = _run(session, _PG_DELIVERIES_BY_ID, (needed,))
         by_id.update((row.id, row) for row in (DeliveryRow(v, raw=True) for v in found))
     elif needed:
         for chunk in _chunks(needed):
@@ -286,7 +302,7 @@ def stored_keys(session: Session, keys: list[str]) -> dict[str, tuple[int, int |
     if not unique:
         return {}
     if is_postgres(session):
-        found = _driver(session).execute(_PG_STORED, (unique,)).fetchall()
+        found = _run(session, _PG_STORED, (unique,))
         return {key: (event_id, delivery_id) for key, event_id, delivery_id in found}
     return _stored_keys(session, unique)
 
@@ -302,7 +318,7 @@ def load_subscribers(session: Session, ids: Iterable[int]) -> dict[int, Subscrib
     if not wanted:
         return {}
     if is_postgres(session):
-        found = _driver(session).execute(_PG_SUBSCRIBERS, (wanted,)).fetchall()
+        found = _run(session, _PG_SUBSCRIBERS, (wanted,))
         return {row.id: row for row in (SubscriberRow(v, raw=True) for v in found)}
     out: dict[int, SubscriberRow] = {}
     for chunk in _chunks(wanted):
@@ -330,7 +346,7 @@ def subscriber_ids_by_email(session: Session, emails: list[str]) -> dict[str, in
     wanted = sorted(set(emails))
     if is_postgres(session):
         sql = "SELECT email, id FROM subscribers WHERE email = ANY(%s)"
-        return dict(_driver(session).execute(sql, (wanted,)).fetchall())
+        return dict(_run(session, sql, (wanted,)))
     out: dict[str, int] = {}
     for chunk in _chunks(wanted):
         stmt = select(_SUBSCRIBERS.c.email, _SUBSCRIBERS.c.id).where(
@@ -374,7 +390,7 @@ def guard_counts(
         "flags": [flag_prefix + e.isoformat() for e in editions],
     }
     session.flush()  # a flag added through the ORM (the guard tripping) counts
-    rows = _driver(session).execute(_PG_GUARD, params).fetchall()
+    rows = _run(session, _PG_GUARD, params)
     return {d: (accepted, hard, complained, tripped) for d, accepted, hard, complained, tripped
             in rows}  # fmt: skip
 
@@ -449,7 +465,7 @@ def insert_events(session: Session, rows: list[dict[str, Any]]) -> dict[str, int
             # The stored JSON text spliced in as it is: {"raw":<text>,<the other fields>}.
             parts.append('{"raw":' + raw + "," + _document([fields])[2:-1])
         document = "[" + ",".join(parts) + "]"
-        found = _driver(session).execute(_PG_INSERT_EVENTS, (document,)).fetchall()
+        found = _run(session, _PG_INSERT_EVENTS, (document,))
         return {key: event_id for event_id, key in found}
     stmt = (
         dialect_insert(session, _EVENTS)
@@ -496,17 +512,16 @@ class Changes:
         subscribers = [self.subscribers[k] for k in sorted(self.subscribers)]
         lines = [dict(zip(_LOG_COLUMNS, line, strict=True)) for line in self.logs]
         if is_postgres(session):
-            conn = _driver(session)
             if subscribers:
                 document = _rows(subscribers, _SUB_WRITES)
                 ids = [row.id for row in subscribers]
-                conn.execute(_PG_UPDATE_SUBSCRIBERS, (document, ids))
+                _run(session, _PG_UPDATE_SUBSCRIBERS, (document, ids))
             if deliveries:
                 document = _rows(deliveries, _DELIVERY_WRITES)
                 ids = [row.id for row in deliveries]
-                conn.execute(_PG_UPDATE_DELIVERIES, (document, ids))
+                _run(session, _PG_UPDATE_DELIVERIES, (document, ids))
             if lines:
-                conn.execute(_PG_INSERT_LOG, (_document(lines),))
+                _run(session, _PG_INSERT_LOG, (_document(lines),))
         else:
             if subscribers:
                 session.execute(_SQLITE_UPDATE_SUBSCRIBERS, _params(subscribers, _SUB_WRITES))

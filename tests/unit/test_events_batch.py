@@ -421,3 +421,21 @@ def test_stored_json_is_the_text_received(pg_env: dict[str, str]) -> None:
         bare, sort_keys=True, separators=(",", ":"), ensure_ascii=False
     )
     assert json.loads(stored["plain"]) == delivered(ids["bob"], ["bob@example.org"])
+
+
+@pytest.mark.postgres
+def test_driver_errors_come_out_as_sqlalchemy_errors(pg_env: dict[str, str]) -> None:
+    """The PostgreSQL statements run through psycopg directly; their errors still come out
+    as SQLAlchemy's classes, so a database outage reads as one (OperationalError), and the
+    batch's parameters stay out of the message."""
+    from sqlalchemy import exc as sa_exc
+
+    from worker import event_rows
+
+    with pytest.raises(sa_exc.DataError) as info, session_scope() as session:
+        event_rows._run(session, "SELECT 1 / %s", (0,))
+    assert "division by zero" in str(info.value) and "[parameters" not in str(info.value)
+    with pytest.raises(sa_exc.OperationalError), session_scope() as session:
+        event_rows._run(session, "SELECT pg_terminate_backend(pg_backend_pid())", ())
+    with session_scope() as session:  # the pool hands out a working connection again
+        assert event_rows._run(session, "SELECT 1", ()) == [(1,)]
