@@ -69,22 +69,20 @@ from urllib.parse import urlsplit
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
-from sqlalchemy.orm.attributes import set_committed_value
 
+from worker import event_rows as rows
 from worker import sns
 from worker.config import Settings, get_settings
-from worker.db import dialect_insert, session_scope
+from worker.db import session_scope
 from worker.delivery import pause_sending, sending_paused
 from worker.errors import InvalidInput
+from worker.event_rows import DeliveryRow, SubscriberRow
 from worker.models import (
     ACCEPTED_DELIVERY_STATES,
     ControlFlag,
     Delivery,
-    DeliveryAttempt,
     DeliveryState,
     ProviderEvent,
-    Subscriber,
-    SubscriberLog,
     SubscriberStatus,
     utcnow,
 )
@@ -163,15 +161,42 @@ def notification_type(notification: Mapping[str, Any]) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def _canonical(notification: Mapping[str, Any]) -> str:
+    return json.dumps(notification, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def _key_of(canonical: str) -> str:
+    return "sha256:" + hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
 def content_key(notification: Mapping[str, Any]) -> str:
     """Dedupe key of a notification without an SNS MessageId: hash of canonical JSON."""
-    canonical = json.dumps(notification, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return "sha256:" + hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+    return _key_of(_canonical(notification))
+
+
+class Parsed(dict[str, Any]):
+    """A notification read from JSON, carrying that JSON text (``json_text``: what SNS
+    signed, or the canonical text its content key hashes), so storing it costs no second
+    serialisation. Never changed after parsing; a plain dict works everywhere too."""
+
+    __slots__ = ("json_text",)
+
+    def __init__(self, values: Mapping[str, Any], json_text: str) -> None:
+        super().__init__(values)
+        self.json_text = json_text
+
+
+# A bare dot-atom address, which parseaddr returns as it is (tests/unit/test_events_batch.py
+# checks that on generated addresses): most of what SES lists, read without parseaddr.
+_ATOM = "A-Za-z0-9!#$%&'*+/=?^_`{|}~-"
+_BARE_ADDRESS = re.compile(rf"[{_ATOM}]+(?:\.[{_ATOM}]+)*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*")
 
 
 @functools.lru_cache(maxsize=65_536)  # parseaddr is slow, and a batch asks per address
 def normalise_address(value: str) -> str:
     """Bare, lower-cased address (subscribers are stored lower-cased)."""
+    if _BARE_ADDRESS.fullmatch(value):
+        return value.lower()
     _, addr = parseaddr(value)
     return (addr or value).strip().lower()
 
@@ -297,11 +322,12 @@ def _from_object(obj: object, where: str) -> tuple[list[tuple[dict[str, Any], st
         problems = validate_notification(inner)
         if problems:
             return [], [f"{where}: in 'Message': {p}" for p in problems]
-        return [(inner, message_id)], []
+        return [(Parsed(inner, obj["Message"]), message_id)], []
     problems = validate_notification(obj)
     if problems:
         return [], [f"{where}: {p}" for p in problems]
-    return [(obj, content_key(obj))], []
+    canonical = _canonical(obj)
+    return [(Parsed(obj, canonical), _key_of(canonical))], []
 
 
 def parse_envelope(obj: object) -> list[tuple[dict[str, Any], str]]:
@@ -467,12 +493,6 @@ def _recipients(kind: str, notification: Mapping[str, Any], detail: Mapping[str,
 
 
 BATCH_SIZE = 500  # notifications per transaction (events apply, the SQS consumer)
-_IN_CHUNK = 500  # values per IN (...) list
-
-
-def _chunked(values: list[Any], size: int = _IN_CHUNK) -> Iterator[list[Any]]:
-    for start in range(0, len(values), size):
-        yield values[start : start + size]
 
 
 def apply_notification(
@@ -511,12 +531,13 @@ class _Item:
     message_id: str | None = None
     sent_at: datetime | None = None
     detail: Mapping[str, Any] = field(default_factory=dict)
-    delivery: Delivery | None = None
+    delivery: DeliveryRow | None = None
     scope: _Scope | None = None
     ignored: bool = False
     orphan: bool = False
     row: dict[str, Any] | None = None
     outcome: ApplyResult | RetryLater | None = None
+    json_text: str | None = None  # the notification's JSON as it will be stored, if known
 
 
 def apply_batch(
@@ -540,29 +561,38 @@ def apply_batch(
     The work is a constant number of statements per batch instead of per event: one
     SELECT of the stored keys, one of the deliveries (locked in id order), one of their
     subscribers (locked in id order), one INSERT ... ON CONFLICT DO NOTHING RETURNING of
-    the events, the policy on the loaded rows, one flush. The reputation guard is read
-    once per edition; only when this batch could push an edition over a threshold are the
-    events of the batch stored and checked one at a time, as one by one would.
+    the events, the policy on the loaded rows (plain rows, not ORM objects), one UPDATE of
+    the deliveries, one of the subscribers and one INSERT of their log lines
+    (worker/event_rows.py). The reputation guard is read once per edition; only when this
+    batch could push an edition over a threshold are the events of the batch stored and
+    checked one at a time, as one by one would.
     """
     problems = [
         f"item {i}: {p}" if len(items) > 1 else p
         for i, (notification, _) in enumerate(items)
+        if not isinstance(notification, Parsed)  # validated when it was parsed
         for p in validate_notification(notification)
     ]
     if problems:
         raise InvalidNotification(problems)
     settings = settings or get_settings()
     now = now or utcnow()
-    batch = [
-        _Item(
-            index=i,
-            notification=notification,
-            key=(key or content_key(notification))[:255],
-            kind=notification_type(notification) or "?",
-            group=groups[i] if groups is not None else i,
+    batch = []
+    for i, (notification, key) in enumerate(items):
+        text = notification.json_text if isinstance(notification, Parsed) else None
+        if not key:
+            text = _canonical(notification)
+            key = _key_of(text)
+        batch.append(
+            _Item(
+                index=i,
+                notification=notification,
+                key=key[:255],
+                kind=notification_type(notification) or "?",
+                group=groups[i] if groups is not None else i,
+                json_text=text,
+            )
         )
-        for i, (notification, key) in enumerate(items)
-    ]
     live = _read_batch(session, batch, via, now, settings)
     if groups is not None:
         waiting = {
@@ -579,16 +609,19 @@ def apply_batch(
     todo = [item for item in live if item.row is not None]
     one_at_a_time = _guard_may_trip(session, todo, settings)
     stored: dict[str, tuple[int | None, int | None]] = {}
+    changes = rows.Changes()
     segments = [[item] for item in todo] if one_at_a_time else [todo]
     for segment in segments:
-        inserted = _insert_events(session, [item.row for item in segment if item.row])
+        inserted = rows.insert_events(session, [item.row for item in segment if item.row])
         for item in segment:
-            _apply_item(session, item, inserted, stored, now, settings, one_at_a_time)
+            _apply_item(session, item, inserted, stored, changes, todo, now, settings,
+                        one_at_a_time)  # fmt: skip
+    changes.write(session)
     for item in live:  # repeats within the batch (and of concurrent inserts)
         if item.outcome is None and item.row is None:
             first = stored.get(item.key)
             if first is None:
-                first = _stored_keys(session, [item.key]).get(item.key, (None, None))
+                first = rows.stored_keys(session, [item.key]).get(item.key, (None, None))
             item.outcome = ApplyResult("duplicate", item.kind, item.key, delivery_id=first[1],
                                        event_id=first[0])  # fmt: skip
     session.flush()
@@ -627,6 +660,7 @@ def apply_in_batches(
 @dataclass
 class _Job:
     items: list[tuple[dict[str, Any], str | None]]
+    groups: list[int] | None = None  # within the job; None: the job is one group
     wake: threading.Event = field(default_factory=threading.Event)
     outcomes: list[ApplyResult | RetryLater] | None = None
     error: BaseException | None = None
@@ -634,11 +668,12 @@ class _Job:
 
 
 class Coalescer:
-    """Applies the notifications of concurrent callers (the webhook's request threads) as
-    one batch: a caller that finds no batch running applies everything waiting, its own
-    included, in one transaction, and hands the lead to a waiting caller when its own is
-    answered. Each caller's notifications are one group (all-or-nothing, as its own
-    transaction would be) and each gets its own outcomes, so the answer of every request is
+    """Applies the notifications of concurrent callers (the webhook's request threads, the
+    SQS consumer's receive loops) as one batch: a caller that finds no batch running
+    applies everything waiting, its own included, in one transaction, and hands the lead
+    to a waiting caller when its own is answered. Each caller's notifications are one
+    group (all-or-nothing, as its own transaction would be), or the groups it gives (one
+    per SQS message), and each gets its own outcomes, so the answer of every request is
     the one it would get alone; a batch that fails is retried caller by caller, so one
     request's failure stays its own."""
 
@@ -649,9 +684,12 @@ class Coalescer:
         self._running = False
 
     def apply(
-        self, items: list[tuple[dict[str, Any], str | None]]
+        self, items: list[tuple[dict[str, Any], str | None]], groups: list[int] | None = None
     ) -> list[ApplyResult | RetryLater]:
-        job = _Job(list(items))
+        """Apply ``items`` in the next batch; ``groups`` (one label per item) splits them
+        into groups that are all-or-nothing on their own (as apply_batch's), otherwise
+        they are one group. Raises what the batch raised when it fails for these items."""
+        job = _Job(list(items), list(groups) if groups is not None else None)
         with self._lock:
             self._waiting.append(job)
             job.lead = not self._running
@@ -697,7 +735,12 @@ class Coalescer:
 
     def _apply(self, jobs: list[_Job]) -> None:
         items = [item for job in jobs for item in job.items]
-        groups = [g for g, job in enumerate(jobs) for _ in job.items]
+        groups: list[int] = []
+        base = 0
+        for job in jobs:  # labels unique across the jobs
+            labels = [base + g for g in job.groups] if job.groups else [base] * len(job.items)
+            groups += labels
+            base = max(labels, default=base) + 1
         with session_scope(self.settings.database_url) as session:
             outcomes = apply_batch(
                 session, items, via=self.via, settings=self.settings, groups=groups
@@ -708,40 +751,26 @@ class Coalescer:
             start += len(job.items)
 
 
-def _stored_keys(session: Session, keys: list[str]) -> dict[str, tuple[int, int | None]]:
-    found: dict[str, tuple[int, int | None]] = {}
-    for chunk in _chunked(sorted(set(keys))):
-        rows = session.execute(
-            select(ProviderEvent.dedupe_key, ProviderEvent.id, ProviderEvent.delivery_id).where(
-                ProviderEvent.dedupe_key.in_(chunk)
-            )
-        )
-        found.update({key: (event_id, delivery_id) for key, event_id, delivery_id in rows})
-    return found
-
-
 def _read_batch(
     session: Session, batch: list[_Item], via: str, now: datetime, settings: Settings
 ) -> list[_Item]:
     """Phase 1 (reads and row locks only): for each item in order, whether it is a repeat,
     must wait, or will be stored — and the event row it will store."""
-    stored = _stored_keys(session, [item.key for item in batch])
     for item in batch:
-        if item.key in stored:
-            event_id, delivery_id = stored[item.key]
-            item.outcome = ApplyResult("duplicate", item.kind, item.key, delivery_id=delivery_id,
-                                       event_id=event_id)  # fmt: skip
-            continue
         mail = item.notification.get("mail")
         if not isinstance(mail, dict):
             mail = {}  # types without policy may come without one
         message_id = mail.get("messageId")
         item.message_id = message_id if isinstance(message_id, str) else None
         item.sent_at = _parse_time(mail.get("timestamp"))
-    deliveries = _deliveries_for(
-        session,
-        [item.message_id for item in batch if item.outcome is None and item.message_id],
-    )
+    # One read for both (a repeat's delivery is locked too: harmless, and one round trip).
+    message_ids = [item.message_id for item in batch if item.message_id]
+    stored, deliveries = rows.read_batch(session, [item.key for item in batch], message_ids)
+    for item in batch:
+        if item.key in stored:
+            event_id, delivery_id = stored[item.key]
+            item.outcome = ApplyResult("duplicate", item.kind, item.key, delivery_id=delivery_id,
+                                       event_id=event_id)  # fmt: skip
     first: dict[str, _Item] = {}
     for item in batch:
         if item.outcome is not None:
@@ -785,98 +814,9 @@ def _read_batch(
             "via": via[:16],
             "orphan": item.orphan,
             "raw": item.notification,
+            "raw_json": item.json_text,
         }
     return batch
-
-
-def _deliveries_for(session: Session, message_ids: list[str]) -> dict[str, Delivery]:
-    """The delivery each provider message id belongs to (its latest send, or an earlier
-    attempt of it: the events of a re-sent edition's first copy still count), locked, with
-    its subscriber loaded and locked too (the only subscriber its events may touch)."""
-    wanted = {}
-    for message_id in set(message_ids):
-        bare = message_id.strip("<>")
-        wanted[message_id] = sorted({message_id, bare, f"<{bare}>"})
-    if not wanted:
-        return {}
-    variants = sorted({v for forms in wanted.values() for v in forms})
-    by_variant: dict[str, Delivery] = {}
-    for chunk in _chunked(variants, 10_000):
-        # In id order, so two batches lock shared rows in the same order (no deadlock).
-        for row in session.scalars(
-            select(Delivery)
-            .where(Delivery.message_id.in_(chunk))
-            .order_by(Delivery.id)
-            .with_for_update()
-        ):
-            if row.message_id is not None:
-                by_variant.setdefault(row.message_id, row)
-    missing = sorted(
-        {v for m, forms in wanted.items() if not any(f in by_variant for f in forms) for v in forms}
-    )
-    if missing:
-        via_attempt: dict[str, int] = {}
-        for chunk in _chunked(missing, 10_000):
-            for delivery_id, message_id in session.execute(
-                select(DeliveryAttempt.delivery_id, DeliveryAttempt.message_id)
-                .where(DeliveryAttempt.message_id.in_(chunk))
-                .order_by(DeliveryAttempt.id)
-            ):
-                via_attempt.setdefault(message_id, delivery_id)
-        rows = (
-            {
-                row.id: row
-                for row in session.scalars(
-                    select(Delivery)
-                    .where(Delivery.id.in_(sorted(set(via_attempt.values()))))
-                    .order_by(Delivery.id)
-                    .with_for_update()
-                )
-            }
-            if via_attempt
-            else {}
-        )
-        for variant, delivery_id in via_attempt.items():
-            if delivery_id in rows:
-                by_variant.setdefault(variant, rows[delivery_id])
-    found: dict[str, Delivery] = {}
-    for message_id, forms in wanted.items():
-        for form in forms:
-            if form in by_variant:
-                found[message_id] = by_variant[form]
-                break
-    subscribers: dict[int, Subscriber] = {}
-    for chunk in _chunked(sorted({d.subscriber_id for d in found.values()}), 10_000):
-        # populate_existing: a row read before the lock was held is read again under it.
-        subscribers.update(
-            (sub.id, sub)
-            for sub in session.scalars(
-                select(Subscriber)
-                .where(Subscriber.id.in_(chunk))
-                .order_by(Subscriber.id)
-                .with_for_update()
-                .execution_options(populate_existing=True)
-            )
-        )
-    for row in found.values():
-        # Attached without a change (and held: the identity map only keeps weak references).
-        set_committed_value(row, "subscriber", subscribers[row.subscriber_id])
-    return found
-
-
-def _insert_events(session: Session, rows: list[dict[str, Any]]) -> dict[str, int]:
-    """INSERT ... ON CONFLICT (dedupe_key) DO NOTHING RETURNING, for many rows in one
-    statement; the new id of each key stored now (a key missing was stored by a concurrent
-    apply, which ours waited for: two deliveries of one SNS message apply once)."""
-    if not rows:
-        return {}
-    table = ProviderEvent.__table__
-    stmt = (
-        dialect_insert(session, table)
-        .on_conflict_do_nothing(index_elements=["dedupe_key"])
-        .returning(table.c.id, table.c.dedupe_key, sort_by_parameter_order=True)
-    )
-    return {key: event_id for event_id, key in session.execute(stmt, rows)}
 
 
 def _guard_may_trip(session: Session, todo: list[_Item], settings: Settings) -> bool:
@@ -899,17 +839,26 @@ def _guard_may_trip(session: Session, todo: list[_Item], settings: Settings) -> 
             c[2] += 1
         elif item.kind == "Reject":
             c[3] += 1
-    for edition, (either, hard, complaints, rejects) in counts.items():
-        if not either:
-            continue  # the guard is consulted after bounces and complaints only
-        rates = edition_rates(session, edition, settings)
-        if rates["guard_tripped"]:
+    consulted = sorted(e for e, c in counts.items() if c[0])  # after bounces, complaints
+    if not consulted:
+        return False
+    # One statement for every edition on PostgreSQL; edition_rates' own queries otherwise.
+    known = rows.guard_counts(session, consulted, GUARD_FLAG_PREFIX)
+    for edition in consulted:
+        either, hard, complaints, rejects = counts[edition]
+        if known is not None:
+            accepted, hard_bounced, complained, tripped = known[edition]
+        else:
+            rates = edition_rates(session, edition, settings)
+            accepted, hard_bounced = rates["accepted"], rates["hard_bounced"]
+            complained, tripped = rates["complained"], rates["guard_tripped"]
+        if tripped:
             continue  # trips once per edition
-        if rates["accepted"] + either < settings.reputation_min_sample:
+        if accepted + either < settings.reputation_min_sample:
             continue
-        fewest = rates["accepted"] - rejects
-        hard_most = rates["hard_bounced"] + hard
-        complained_most = rates["complained"] + complaints
+        fewest = accepted - rejects
+        hard_most = hard_bounced + hard
+        complained_most = complained + complaints
         if fewest <= 0:
             if hard_most or complained_most:
                 return True
@@ -928,11 +877,14 @@ def _apply_item(
     item: _Item,
     inserted: dict[str, int],
     stored: dict[str, tuple[int | None, int | None]],
+    changes: rows.Changes,
+    todo: list[_Item],
     now: datetime,
     settings: Settings,
     check_guard: bool,
 ) -> None:
-    """Phase 2 for one stored item: its policy, in batch order."""
+    """Phase 2 for one stored item: its policy, in batch order, on the batch's rows
+    (``changes`` collects what it changed)."""
     assert item.row is not None
     kind, key, delivery = item.kind, item.key, item.delivery
     event_id = inserted.get(key)
@@ -952,10 +904,16 @@ def _apply_item(
     item.outcome = result
     message_id, detail, scope = item.message_id, item.detail, item.scope
     if kind == "Received":
+        # The unsubscribe reads and writes the subscriber through the ORM: it sees what the
+        # batch changed so far, and the batch's rows then see what it changed.
+        changes.write(session)
         result.changes.extend(_mailto_unsubscribe(session, item.notification, settings))
+        session.flush()
+        rows.refresh_subscribers(session, [i.delivery.subscriber for i in todo if i.delivery])
         return
     if scope is not None and kind in STATEFUL_TYPES:
-        _note_not_recipients(session, scope, kind, _subtype(kind, detail), message_id, now, result)
+        _note_not_recipients(session, scope, kind, _subtype(kind, detail), message_id, now,
+                             result, changes)  # fmt: skip
     if item.ignored:
         if scope is None or scope.matched:
             log.info("stored %s event (no policy) for message %s", kind, message_id)
@@ -964,7 +922,7 @@ def _apply_item(
         log.warning("orphan %s for unknown message %s: stored, nothing changed", kind, message_id)
         return
     when = item.row["occurred_at"] or now
-    policy = _Policy(session, settings, delivery, message_id or "?", when, now, result.changes)
+    policy = _Policy(changes, settings, delivery, message_id or "?", when, now, result.changes)
     if kind == "Bounce":
         policy.bounce(detail)
     elif kind == "Complaint":
@@ -974,7 +932,7 @@ def _apply_item(
     elif kind == "Reject":
         policy.rejected(detail)
     if check_guard and kind in ("Bounce", "Complaint"):
-        session.flush()
+        changes.write(session)  # the guard counts what is in the tables
         reason = check_reputation(session, delivery.edition_date, settings)
         if reason:
             result.changes.append(f"sending paused: {reason}")
@@ -995,7 +953,7 @@ class _Scope:
     others: tuple[str, ...]
 
     @classmethod
-    def of(cls, delivery: Delivery, listed: list[str]) -> _Scope:
+    def of(cls, delivery: DeliveryRow, listed: list[str]) -> _Scope:
         own = address_key(delivery.subscriber.email)
         others = tuple(a for a in listed if address_key(a) != own)
         return cls(
@@ -1015,6 +973,7 @@ def _note_not_recipients(
     message_id: str | None,
     now: datetime,
     result: ApplyResult,
+    changes: rows.Changes,
 ) -> None:
     """Record, never act on, the addresses an event lists that its message did not go to:
     in the result (and the log) and, for our subscribers among them, in their own log."""
@@ -1029,22 +988,15 @@ def _note_not_recipients(
     note = f"ignored: not a recipient of message {message_id}"
     variants = {v: a for a in scope.others for v in _address_variants(a)}
     found = {
-        variants[s.email]: s
-        for s in session.scalars(select(Subscriber).where(Subscriber.email.in_(list(variants))))
+        variants[email]: sub_id
+        for email, sub_id in rows.subscriber_ids_by_email(session, list(variants)).items()
     }
     for address in scope.others:
         result.changes.append(f"recipient {address}: {note}")
-        sub = found.get(address)
-        if sub is not None and sub.id != scope.subscriber_id:
-            session.add(
-                SubscriberLog(
-                    subscriber_id=sub.id,
-                    at=now,
-                    action="event_ignored",
-                    detail=f"{what} {note} (it went to subscriber {scope.subscriber_id})",
-                    actor=ACTOR,
-                )
-            )
+        sub_id = found.get(address)
+        if sub_id is not None and sub_id != scope.subscriber_id:
+            went = f"(it went to subscriber {scope.subscriber_id})"
+            changes.log(sub_id, now, "event_ignored", f"{what} {note} {went}", ACTOR)
     log.warning(
         "%s for message %s (delivery %s, sent to %s) also lists %s: %s, nothing changed for them",
         kind,
@@ -1091,9 +1043,9 @@ def _mailto_unsubscribe(
 
 @dataclass
 class _Policy:
-    session: Session
+    rows: rows.Changes
     settings: Settings
-    delivery: Delivery
+    delivery: DeliveryRow
     message_id: str
     when: datetime
     now: datetime
@@ -1103,32 +1055,30 @@ class _Policy:
         old = self.delivery.state
         if old == new or old not in _DELIVERY_FROM[new]:
             return False
-        self.delivery.state = new
+        self.delivery.state = new._value_  # the plain string (Enum.value is slow in 3.11)
         self.delivery.updated_at = self.now
         for name, value in values.items():
             setattr(self.delivery, name, value)
-        self.changes.append(f"delivery {self.delivery.id}: {old} -> {new.value}")
+        self.rows.deliveries[self.delivery.id] = self.delivery
+        self.changes.append(f"delivery {self.delivery.id}: {old} -> {new._value_}")
         return True
 
-    def recipient(self) -> Subscriber:
-        """The one subscriber this delivery went to, locked: the only one events touch."""
-        # Locked (and read again under the lock) with the batch's deliveries, so this is
-        # the identity map's copy, carrying the earlier events of the batch.
-        sub = self.session.get(Subscriber, self.delivery.subscriber_id)
-        assert sub is not None, "the delivery's subscriber is loaded with the delivery"
-        return sub
+    def recipient(self) -> SubscriberRow:
+        """The one subscriber this delivery went to, locked: the only one events touch.
+        One row per subscriber in a batch, so it carries the batch's earlier events."""
+        return self.delivery.subscriber
 
-    def log(self, sub: Subscriber, action: str, detail: str) -> None:
-        self.session.add(
-            SubscriberLog(
-                subscriber_id=sub.id, at=self.now, action=action, detail=detail, actor=ACTOR
-            )
-        )
+    def changed(self, sub: SubscriberRow) -> None:
+        self.rows.subscribers[sub.id] = sub  # written back whole with the batch
 
-    def set_status(self, sub: Subscriber, status: SubscriberStatus, reason: str) -> None:
+    def log(self, sub: SubscriberRow, action: str, detail: str) -> None:
+        self.rows.log(sub.id, self.now, action, detail, ACTOR)
+
+    def set_status(self, sub: SubscriberRow, status: SubscriberStatus, reason: str) -> None:
         old = sub.status
         sub.status = status.value
         sub.updated_at = self.now
+        self.changed(sub)
         if sub.suppressed_at is None:  # an operator's own reason stays as written
             sub.suppression_reason = reason
         self.log(
@@ -1161,6 +1111,7 @@ class _Policy:
         # Transient or Undetermined: count; suppress after N in a row.
         sub.soft_bounce_count = (sub.soft_bounce_count or 0) + 1
         sub.updated_at = self.now
+        self.changed(sub)
         limit = self.settings.soft_bounce_limit
         note = f"soft bounce {sub.soft_bounce_count}/{limit} ({btype}/{subtype})"
         self.log(sub, "soft_bounce", f"{note} (message {self.message_id})")
@@ -1198,6 +1149,7 @@ class _Policy:
             )
             sub.soft_bounce_count = 0
             sub.updated_at = self.now
+            self.changed(sub)
 
     def rejected(self, detail: Mapping[str, Any]) -> None:
         reason = str(detail.get("reason") or "no reason given")
@@ -1446,9 +1398,10 @@ def poll_sqs(
 ) -> PollCounts:
     """Consume SES notifications from SQS; delete each message only once it is applied.
 
-    Each receive's messages (up to ``max_messages``) are applied as one batch and deleted
+    Each receive's messages (up to ``max_messages``) are applied in one batch and deleted
     in one call; ``receivers`` loops receive side by side (the CLI and the periodic task
-    run ``sqs_receivers``).
+    run ``sqs_receivers``), and the messages they bring meanwhile share one batch
+    (:class:`Coalescer`).
 
     ``once``: receive until the queue answers empty (what is waiting now), then return —
     the shape for a periodic task (at most ``max_batches``, default 1000, receives).
@@ -1485,6 +1438,9 @@ def poll_sqs(
         raise InvalidInput(f"receivers must be at least 1, got {receivers}")
     limit = max_batches if max_batches is not None else (1000 if once else None)
     shares = [PollCounts() for _ in range(receivers)]
+    # Receive loops side by side share their database batches: up to 10 messages a
+    # receive (SQS's limit) is a small batch, several receives' worth is not.
+    shared = Coalescer(settings, via="sqs") if receivers > 1 else None
     lock = threading.Lock()
     taken = [0]  # receives started, all loops together (for ``limit``)
 
@@ -1521,7 +1477,7 @@ def poll_sqs(
             counts.received += len(messages)
             if messages:
                 _handle_sqs_messages(
-                    client, url, messages, settings, counts, cert_fetcher, cert_cache
+                    client, url, messages, settings, counts, cert_fetcher, cert_cache, shared
                 )
             if on_batch:
                 with lock:
@@ -1552,9 +1508,11 @@ def _handle_sqs_messages(
     counts: PollCounts,
     fetcher: sns.CertFetcher | None = None,
     cache: sns.CertCache | None = None,
+    coalescer: Coalescer | None = None,
 ) -> None:
     """One receive's messages: each verified and parsed alone, the good ones applied as
-    one batch (each message all-or-nothing: a group), the applied ones deleted in one
+    one batch (each message all-or-nothing: a group; with ``coalescer``, together with
+    what the other receive loops brought meanwhile), the applied ones deleted in one
     call. If the batch fails as a whole, each message is tried alone, so one that cannot
     be applied stays in the queue by itself."""
     good: list[tuple[Mapping[str, Any], list[tuple[dict[str, Any], str]]]] = []
@@ -1583,7 +1541,7 @@ def _handle_sqs_messages(
     if not good:
         return
     try:
-        applied = _apply_sqs_group(good, settings, counts)
+        applied = _apply_sqs_group(good, settings, counts, coalescer)
     except Exception:
         if len(good) == 1:
             counts.failed += 1
@@ -1606,12 +1564,17 @@ def _apply_sqs_group(
     good: list[tuple[Mapping[str, Any], list[tuple[dict[str, Any], str]]]],
     settings: Settings,
     counts: PollCounts,
+    coalescer: Coalescer | None = None,
 ) -> list[Mapping[str, Any]]:
-    """Apply the messages' notifications in one transaction; the messages to delete."""
+    """Apply the messages' notifications in one transaction (with ``coalescer``, the one
+    it shares with the other receive loops' messages); the messages to delete."""
     items = [item for _, found in good for item in found]
     groups = [g for g, (_, found) in enumerate(good) for _ in found]
-    with session_scope(settings.database_url) as session:
-        outcomes = apply_batch(session, items, via="sqs", settings=settings, groups=groups)
+    if coalescer is not None:
+        outcomes = coalescer.apply(items, groups)
+    else:
+        with session_scope(settings.database_url) as session:
+            outcomes = apply_batch(session, items, via="sqs", settings=settings, groups=groups)
     waiting: set[int] = set()
     for group, outcome in zip(groups, outcomes, strict=True):
         if isinstance(outcome, RetryLater):

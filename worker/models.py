@@ -25,6 +25,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     or_,
+    text,
 )
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
@@ -114,6 +115,12 @@ ACCEPTED_DELIVERY_STATES = frozenset(
         DeliveryState.BOUNCED,
         DeliveryState.COMPLAINED,
     }
+)
+
+# A hard bounce as SES counts it for reputation (worker.events.edition_rates).
+HARD_BOUNCE_PREDICATE = (
+    "event_type = 'Bounce' AND subtype LIKE 'Permanent/%' "
+    "AND subtype <> 'Permanent/OnAccountSuppressionList'"
 )
 
 WEEKDAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
@@ -305,7 +312,17 @@ class ProviderEvent(Base):
     """A provider notification (bounce, complaint, delivery...), stored raw."""
 
     __tablename__ = "provider_events"
-    __table_args__ = (Index("ix_provider_events_message", "provider_message_id"),)
+    __table_args__ = (
+        Index("ix_provider_events_message", "provider_message_id"),
+        # The reputation guard counts an edition's hard bounces after every batch of events
+        # holding a bounce or complaint: from these rows only, not a scan of every event.
+        Index(
+            "ix_provider_events_hard_bounces",
+            "delivery_id",
+            postgresql_where=text(HARD_BOUNCE_PREDICATE),
+            sqlite_where=text(HARD_BOUNCE_PREDICATE),
+        ),
+    )
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
     # SNS MessageId (or a content hash when there is none): the deduplication key.

@@ -37,8 +37,15 @@ def _token_route() -> re.Pattern[str]:
     return re.compile(rf"(?i)(?P<head>/+(?:{names})/+)[^/?#\s\"']+")
 
 
+# Every text the four patterns above can match holds a "/" (a route, a URL), an "=" (a
+# query) or a run of 16 token characters (a signature): the rest is returned as it is.
+_MAYBE_SECRET = re.compile(r"[/=]|[A-Za-z0-9_-]{16}")
+
+
 def redact_tokens(text: str) -> str:
     """``text`` with every link token, secret query value and URL password replaced."""
+    if _MAYBE_SECRET.search(text) is None:
+        return text
     text = _token_route().sub(rf"\g<head>{TOKEN}", text)
     text = _SECRET_QUERY.sub(rf"\g<head>{TOKEN}", text)
     text = _TOKEN_SHAPE.sub(TOKEN, text)

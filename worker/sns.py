@@ -18,6 +18,7 @@ certificate host cannot be reached from everywhere).
 from __future__ import annotations
 
 import base64
+import functools
 import logging
 import re
 import threading
@@ -128,11 +129,14 @@ def default_cert_fetcher(url: str, timeout: float = CERT_FETCH_TIMEOUT) -> bytes
 
 
 class CertCache:
-    """Loaded certificates by URL; least recently used dropped beyond ``max_size``."""
+    """Loaded certificates by URL; least recently used dropped beyond ``max_size``. The
+    public key of each is kept beside it (:meth:`public_key`), so a message costs only its
+    signature check, not parsing the key out of the certificate again."""
 
     def __init__(self, max_size: int = 32) -> None:
         self.max_size = max_size
         self._items: OrderedDict[str, x509.Certificate] = OrderedDict()
+        self._keys: dict[str, tuple[x509.Certificate, rsa.RSAPublicKey]] = {}
         self._lock = threading.Lock()
 
     def get(self, url: str) -> x509.Certificate | None:
@@ -147,11 +151,26 @@ class CertCache:
             self._items[url] = cert
             self._items.move_to_end(url)
             while len(self._items) > self.max_size:
-                self._items.popitem(last=False)
+                dropped, _ = self._items.popitem(last=False)
+                self._keys.pop(dropped, None)
+
+    def public_key(self, url: str, cert: x509.Certificate) -> rsa.RSAPublicKey:
+        """The RSA public key of ``cert`` (the certificate cached for ``url``)."""
+        found = self._keys.get(url)
+        if found is not None and found[0] is cert:
+            return found[1]
+        key = cert.public_key()
+        if not isinstance(key, rsa.RSAPublicKey):
+            raise SnsVerificationError(f"{url} does not hold an RSA key")
+        with self._lock:
+            if self._items.get(url) is cert:
+                self._keys[url] = (cert, key)
+        return key
 
     def clear(self) -> None:
         with self._lock:
             self._items.clear()
+            self._keys.clear()
 
     def __len__(self) -> int:
         return len(self._items)
@@ -164,6 +183,11 @@ def cert_url_problem(url: object) -> str | None:
     """Why ``url`` is not an acceptable SigningCertURL (None when it is)."""
     if not isinstance(url, str) or not url:
         return "SigningCertURL is missing"
+    return _cert_url_problem(url)
+
+
+@functools.lru_cache(maxsize=256)  # every message of a topic names the same certificate
+def _cert_url_problem(url: str) -> str | None:
     if _CERT_URL.fullmatch(url) is None:
         return f"SigningCertURL {url[:200]!r} is not https://sns.<region>.amazonaws.com[.cn]/...pem"
     # Belt and braces: the parser used to fetch must see the very same host.
@@ -317,14 +341,11 @@ def verify_message(
     except ValueError:
         raise SnsVerificationError("Signature is not base64", "malformed") from None
 
+    cache = cache if cache is not None else default_cache  # an empty cache is falsy
     cert = _load_certificate(
-        url,
-        fetcher if fetcher is not None else default_cert_fetcher,
-        cache if cache is not None else default_cache,  # an empty cache is falsy
-        now,
+        url, fetcher if fetcher is not None else default_cert_fetcher, cache, now
     )
-    key = cert.public_key()
-    assert isinstance(key, rsa.RSAPublicKey)
+    key = cache.public_key(url, cert)
     try:
         key.verify(signature, canonical, padding.PKCS1v15(), _HASHES[version]())
     except InvalidSignature:

@@ -108,6 +108,37 @@ def test_apply_file_then_again(seeded: dict[str, str], tmp_path: Path) -> None:
     assert state() == after
 
 
+@pytest.mark.parametrize("keep", [16 * 1024 * 1024, 1], ids=["kept as read", "read again"])
+def test_apply_keeps_a_small_file_as_read_and_reads_a_big_one_again(
+    seeded: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, keep: int
+) -> None:
+    """The check reads the file whole; a small one is applied from what it read, a big one
+    is read again (flat memory): either way the same outcome, one per notification."""
+    from worker import events
+    from worker.cli import events as cli_events
+
+    monkeypatch.setattr(cli_events, "KEEP_READ_BYTES", keep)
+    reads: list[str] = []
+    real = events.read_file_items
+
+    def counting(stream: Any, name: str = "FILE") -> Any:
+        reads.append(name)
+        return real(stream, name)
+
+    monkeypatch.setattr(events, "read_file_items", counting)
+    ann, bob = seeded["ann@example.org"], seeded["bob@example.org"]
+    soft = ev.bounce(bob, ["bob@example.org"], "Transient", sent_at=SENT)
+    data = [ev.envelope(ev.delivered(ann, ["ann@example.org"], sent_at=SENT), "sns-1"),
+            soft, soft]  # the same keyless notification twice  # fmt: skip
+    result = run("events", "apply", write(tmp_path, data), "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert [r["status"] for r in report["results"]] == ["applied", "applied", "duplicate"]
+    assert len(reads) == (1 if keep > 1 else 2)
+    assert state()["subscribers"] == [("ann@example.org", "active", 0),
+                                      ("bob@example.org", "active", 1)]  # fmt: skip
+
+
 def test_apply_from_stdin(seeded: dict[str, str]) -> None:
     note = ev.delivered(seeded["ann@example.org"], ["ann@example.org"], sent_at=SENT)
     result = run("events", "apply", "-", input=json.dumps(note))

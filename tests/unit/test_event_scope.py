@@ -258,3 +258,35 @@ def test_mailto_unsubscribe_touches_the_token_holder_only(
     plain["mail"]["commonHeaders"]["from"] = [carol.email]
     assert "no unsubscribe token" in apply(db, plain).changes[0]
     assert status(db, carol) == ("active",)
+
+
+def test_bare_addresses_are_read_as_parseaddr_reads_them() -> None:
+    """normalise_address skips parseaddr for a bare dot-atom address: on generated ones
+    (every atom character, dots, hyphens, mixed case) parseaddr gives the same address, and
+    anything else still goes through parseaddr."""
+    import random
+    import string
+    from email.utils import parseaddr
+
+    rng = random.Random(3)
+    atom = "!#$%&'*+/=?^_`{|}~-" + string.ascii_letters + string.digits
+    label = string.ascii_letters + string.digits + "-"
+
+    def word(chars: str) -> str:
+        return "".join(rng.choice(chars) for _ in range(rng.randint(1, 8)))
+
+    taken = 0
+    for _ in range(20_000):
+        local = ".".join(word(atom) for _ in range(rng.randint(1, 3)))
+        domain = ".".join(word(label) for _ in range(rng.randint(1, 3)))
+        address = f"{local}@{domain}"
+        taken += events._BARE_ADDRESS.fullmatch(address) is not None
+        assert events.normalise_address(address) == (parseaddr(address)[1] or address).lower()
+    assert taken == 20_000
+    for other in ["Ann <ANN@Example.org>", "ann..lee@example.org", ".ann@example.org",
+                  "ann@example.org.", '"a b"@example.org', " ann@example.org ", "ann",
+                  "ann@[192.0.2.1]", "Zoë <zoë@bücher.example>"]:  # fmt: skip
+        assert events._BARE_ADDRESS.fullmatch(other) is None, other
+        assert events.normalise_address(other) == (
+            (parseaddr(other)[1] or other).strip().lower()
+        ), other

@@ -814,3 +814,41 @@ def test_poll_sqs_several_receivers_apply_every_message_once(settings: Settings)
         assert count(session, ProviderEvent) == 30
         states = session.scalars(select(Delivery.state)).all()
         assert states == ["delivered"] * 30
+
+
+def test_poll_sqs_receivers_share_database_batches(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What several receive loops bring while a batch runs is applied as one batch (not one
+    batch per receive of at most 10), each message still all-or-nothing and deleted once."""
+    import threading
+
+    an_hour_ago = utcnow() - timedelta(hours=1)
+    with session_for() as session:
+        subs = [add_subscriber(session, f"s{i}@example.org") for i in range(40)]
+        mids = [add_delivery(session, sub).message_id for sub in subs]
+    bodies = [
+        {"MessageId": f"q{i}", "ReceiptHandle": f"rh-{i}",
+         "Body": json.dumps(envelope(delivered(mid, [sub.email], sent_at=an_hour_ago)))}
+        for i, (mid, sub) in enumerate(zip(mids, subs, strict=True))
+    ]  # fmt: skip
+    client = ScriptedSqs([bodies[i : i + 10] for i in range(0, 40, 10)])
+    sizes: list[int] = []
+    first = threading.Event()
+    real = events.apply_batch
+
+    def slow_first(session: Any, items: Any, **kw: Any) -> Any:
+        sizes.append(len(items))
+        if not first.is_set():  # the other loops' messages queue up meanwhile
+            first.set()
+            threading.Event().wait(0.5)
+        return real(session, items, **kw)
+
+    monkeypatch.setattr(events, "apply_batch", slow_first)
+    unsigned = settings.model_copy(update={"sqs_verify_signatures": False})
+    counts = events.poll_sqs(unsigned, once=True, client=client, queue_url="http://q", receivers=4)
+    assert (counts.received, counts.applied, counts.deleted) == (40, 40, 40)
+    assert sum(sizes) == 40 and max(sizes) > 10, sizes  # receives shared a batch
+    assert sorted(client.deleted) == sorted(b["ReceiptHandle"] for b in bodies)
+    with session_for() as session:
+        assert session.scalars(select(Delivery.state)).all() == ["delivered"] * 40

@@ -5,12 +5,13 @@ and log rows, and gives identical outcomes. On SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from datetime import date, timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
 from tests.unit.test_events import (
@@ -272,3 +273,169 @@ def test_coalescer_keeps_a_failure_to_its_caller(
     assert good.outcomes is not None and good.outcomes[0].status == "applied"  # type: ignore[union-attr]
     assert isinstance(bad.error, RuntimeError) and bad.outcomes is None
     assert [r["dedupe_key"] for r in snapshot()["provider_events"]] == ["ok"]
+
+
+@pytest.mark.parametrize("order", ["bounce first", "complaint first"])
+def test_bounce_and_complaint_of_one_message_in_one_batch(backend: str, order: str) -> None:
+    """One message bounced and complained about in the same batch: the delivery and its
+    subscriber end as one by one leaves them, with both log lines in order."""
+    reset(backend)
+    with session_scope() as session:
+        ids = world(session)
+    pair = [(bounce(ids["bob"], ["bob@example.org"]), "b"),
+            (complaint(ids["bob"], ["bob@example.org"]), "c")]  # fmt: skip
+    if order == "complaint first":
+        pair.reverse()
+    given = [*pair, (delivered(ids["bob"], ["bob@example.org"]), "d")]
+    want_outcomes, want_rows = run(backend, given, "one")
+    got_outcomes, got_rows = run(backend, given, "batch", len(given))
+    assert got_outcomes == want_outcomes and got_rows == want_rows
+    bob = next(r for r in got_rows["subscribers"] if r["email"] == "bob@example.org")
+    delivery = next(r for r in got_rows["deliveries"] if r["message_id"] == ids["bob"])
+    if order == "bounce first":
+        assert (bob["status"], delivery["state"]) == ("complained", "complained")
+    else:  # a complaint is never downgraded by the bounce that follows
+        assert (bob["status"], delivery["state"]) == ("complained", "complained")
+        assert "already complained" in " ".join(want_outcomes[1]["changes"])
+    actions = [r["action"] for r in got_rows["subscriber_log"] if r["subscriber_id"] == bob["id"]]
+    assert actions == (["bounced", "complained"] if order == "bounce first" else ["complained"])
+
+
+def test_repeats_inside_one_batch_are_applied_once(backend: str) -> None:
+    """The same key three times, the same keyless content twice, one SNS message twice:
+    each stored once, the repeats answered as duplicates of the first, in one batch."""
+    reset(backend)
+    with session_scope() as session:
+        ids = world(session)
+    soft = bounce(ids["carol"], ["carol@example.org"], "Transient")
+    keyless = complaint(ids["dave"], ["dave@example.org"])
+    sns = envelope(delivered(ids["ann"], ["ann@example.org"]), "sns-ann")
+    given = [(soft, "k"), (soft, "k"), (keyless, None), (soft, "k"), (keyless, None),
+             (sns, None), (sns, None)]  # fmt: skip
+    want_outcomes, want_rows = run(backend, given, "one")
+    got_outcomes, got_rows = run(backend, given, "batch", len(given))
+    assert got_outcomes == want_outcomes and got_rows == want_rows
+    statuses = [o["status"] for o in got_outcomes]
+    assert statuses == ["applied", "duplicate", "applied", "duplicate", "duplicate",
+                        "applied", "duplicate"]  # fmt: skip
+    assert [o["event_id"] for o in got_outcomes] == [1, 1, 2, 1, 2, 3, 3]
+    assert len(got_rows["provider_events"]) == 3
+    carol = next(r for r in got_rows["subscribers"] if r["email"] == "carol@example.org")
+    assert carol["soft_bounce_count"] == 2  # counted once, not three times
+
+
+def test_the_callers_own_orm_objects_see_what_the_batch_wrote(backend: str) -> None:
+    """apply_batch writes with Core statements; the ORM objects the caller's session holds
+    are expired, so they read the new state (no stale subscriber or delivery)."""
+    from worker.models import Delivery, Subscriber
+
+    reset(backend)
+    with session_scope() as session:
+        ids = world(session)
+    with session_scope() as session:
+        bob = session.scalars(select(Subscriber).where(Subscriber.email == "bob@example.org")).one()
+        row = session.scalars(select(Delivery).where(Delivery.message_id == ids["bob"])).one()
+        assert (bob.status, row.state) == ("active", "sent")
+        events.apply_batch(session, [(bounce(ids["bob"], ["bob@example.org"]), "x")], via="x")
+        assert (bob.status, row.state) == ("bounced", "bounced")
+        assert bob.suppression_reason == "hard bounce (Permanent/General)"
+    with session_scope() as session:
+        assert session.get_one(Subscriber, bob.id).status == "bounced"
+
+
+def test_coalescer_groups_are_all_or_nothing_within_a_caller(backend: str) -> None:
+    """A caller's own groups (one per SQS message): the group that must wait is returned
+    as RetryLater and writes nothing, the caller's other groups apply."""
+    reset(backend)
+    with session_scope() as session:
+        ids = world(session)
+    young = bounce("m-not-yet", ["zoe@example.org"], sent_at=NOW - timedelta(seconds=5))
+    coalescer = events.Coalescer(config.get_settings(), via="sqs")
+    found = coalescer.apply(
+        [(delivered(ids["ann"], ["ann@example.org"]), "a"),
+         (bounce(ids["bob"], ["bob@example.org"]), "b"), (young, "c"),
+         (delivered(ids["erin"], ["erin@example.org"]), "d")],
+        groups=[0, 1, 1, 2],
+    )  # fmt: skip
+    assert [type(o).__name__ for o in found] == [
+        "ApplyResult", "RetryLater", "RetryLater", "ApplyResult"]  # fmt: skip
+    assert sorted(r["dedupe_key"] for r in snapshot()["provider_events"]) == ["a", "d"]
+
+
+@pytest.mark.postgres
+def test_guard_counts_are_edition_rates(pg_env: dict[str, str]) -> None:
+    """The guard's one-statement counts (PostgreSQL) equal edition_rates', edition by
+    edition: hard bounces without the suppression-list ones, complaints, a tripped guard."""
+    from worker import event_rows
+    from worker.models import ControlFlag
+
+    with clock.installed(lambda: NOW), session_scope() as session:
+        ids = world(session)
+        items = [
+            (bounce(ids["bob"], ["bob@example.org"]), "1"),
+            (bounce(ids["carol"], ["carol@example.org"], "Permanent", "OnAccountSuppressionList"),
+             "2"),
+            (bounce(ids["g0"], ["g0@example.org"]), "3"),
+            (bounce(ids["g1"], ["g1@example.org"], "Transient"), "4"),
+            (complaint(ids["dave"], ["dave@example.org"]), "5"),
+            (complaint(ids["g2"], ["g2@example.org"]), "6"),
+            (simple("Reject", ids["fay"], ["fay@example.org"], {"reason": "x"}), "7"),
+        ]  # fmt: skip
+        events.apply_batch(session, items, via="x")
+        session.add(ControlFlag(key=events.GUARD_FLAG_PREFIX + GUARDED.isoformat(), value={}))
+        editions = sorted({date(2026, 11, 27), GUARDED, GUARDED + timedelta(days=7),
+                           date(2020, 1, 1)})  # fmt: skip
+        known = event_rows.guard_counts(session, editions, events.GUARD_FLAG_PREFIX)
+        assert known is not None
+        for edition in editions:
+            rates = events.edition_rates(session, edition)
+            want = (rates["accepted"], rates["hard_bounced"], rates["complained"],
+                    rates["guard_tripped"])  # fmt: skip
+            assert known[edition] == want, edition
+        assert known[date(2026, 11, 27)][1] == 1  # bob; carol's is on the suppression list
+        assert known[GUARDED][3] and not known[date(2026, 11, 27)][3]
+
+
+@pytest.mark.postgres
+def test_stored_json_is_the_text_received(pg_env: dict[str, str]) -> None:
+    """On PostgreSQL the raw event is stored as the JSON text it came in (SNS's Message,
+    or the canonical text a content key hashes), not serialised again: the same value."""
+    with clock.installed(lambda: NOW), session_scope() as session:
+        ids = world(session)
+        note = delivered(ids["ann"], ["ann@example.org"])
+        sns_text = (
+            '{"eventType": "Delivery",  "mail": '
+            + json.dumps(note["mail"])
+            + (', "delivery": ' + json.dumps(note["delivery"]) + "}")
+        )
+        wrapped = {**envelope(note, "sns-1"), "Message": sns_text}
+        bare = complaint(ids["dave"], ["dave@example.org"])
+        items = events.parse_envelope([wrapped, bare])
+        events.apply_batch(session, items, via="x")
+        events.apply_batch(session, [(delivered(ids["bob"], ["bob@example.org"]), "plain")],
+                           via="x")  # fmt: skip
+        stored = dict(session.execute(text(
+            "SELECT dedupe_key, raw::text FROM provider_events")).all())  # fmt: skip
+    assert stored["sns-1"] == sns_text
+    assert stored[events.content_key(bare)] == json.dumps(
+        bare, sort_keys=True, separators=(",", ":"), ensure_ascii=False
+    )
+    assert json.loads(stored["plain"]) == delivered(ids["bob"], ["bob@example.org"])
+
+
+@pytest.mark.postgres
+def test_driver_errors_come_out_as_sqlalchemy_errors(pg_env: dict[str, str]) -> None:
+    """The PostgreSQL statements run through psycopg directly; their errors still come out
+    as SQLAlchemy's classes, so a database outage reads as one (OperationalError), and the
+    batch's parameters stay out of the message."""
+    from sqlalchemy import exc as sa_exc
+
+    from worker import event_rows
+
+    with pytest.raises(sa_exc.DataError) as info, session_scope() as session:
+        event_rows._run(session, "SELECT 1 / %s", (0,))
+    assert "division by zero" in str(info.value) and "[parameters" not in str(info.value)
+    with pytest.raises(sa_exc.OperationalError), session_scope() as session:
+        event_rows._run(session, "SELECT pg_terminate_backend(pg_backend_pid())", ())
+    with session_scope() as session:  # the pool hands out a working connection again
+        assert event_rows._run(session, "SELECT 1", ()) == [(1,)]

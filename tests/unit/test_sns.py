@@ -288,6 +288,35 @@ def test_certificate_is_cached(keys: SigningKeys, fetcher: Fetcher) -> None:
     assert fetcher.calls == [CERT_URL]
 
 
+def test_cached_public_key_still_checks_every_message(keys: SigningKeys, fetcher: Fetcher) -> None:
+    """The key is parsed out of the certificate once per URL; each message's signature is
+    checked all the same: a forged one after good ones is refused."""
+    cache = sns.CertCache()
+    settings = make_settings()
+    good = sign(notification("good"), keys.key)
+    sns.verify_message(good, settings, fetcher=fetcher, cache=cache, now=NOW)
+    cert = cache.get(CERT_URL)
+    assert cert is not None
+    key = cache.public_key(CERT_URL, cert)
+    assert cache.public_key(CERT_URL, cert) is key  # kept beside its certificate
+    forged = sign(notification("forged"), keys.other)
+    with pytest.raises(sns.SnsVerificationError, match="does not verify"):
+        sns.verify_message(forged, settings, fetcher=fetcher, cache=cache, now=NOW)
+    tampered = {**good, "Message": "tampered"}
+    with pytest.raises(sns.SnsVerificationError, match="does not verify"):
+        sns.verify_message(tampered, settings, fetcher=fetcher, cache=cache, now=NOW)
+    sns.verify_message(good, settings, fetcher=fetcher, cache=cache, now=NOW)
+    # A certificate put again for the URL (another one) gets its own key, not the old one.
+    other = x509.load_pem_x509_certificate(make_certificate(keys.other))
+    cache.put(CERT_URL, other)
+    assert cache.public_key(CERT_URL, other).public_numbers() == (
+        keys.other.public_key().public_numbers()
+    )
+    sns.verify_message(forged, settings, fetcher=fetcher, cache=cache, now=NOW)
+    with pytest.raises(sns.SnsVerificationError, match="does not verify"):
+        sns.verify_message(good, settings, fetcher=fetcher, cache=cache, now=NOW)
+
+
 def test_cache_is_bounded(keys: SigningKeys) -> None:
     cache = sns.CertCache(max_size=2)
     cert = x509.load_pem_x509_certificate(keys.pem)

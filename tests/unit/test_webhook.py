@@ -418,3 +418,130 @@ def test_unsubscribe_confirmation_is_noted(web: Web, caplog: pytest.LogCaptureFi
     assert response.status_code == 200 and response.get_json()["status"] == "noted"
     assert web.sns.calls == [] and snapshot() == before
     assert "unsubscribed this endpoint" in caplog.text
+
+
+# --- the fast path (worker.web.webhooks.SnsFastPath) ---------------------------------------
+
+
+def _answer(response: Any) -> tuple[int, str, Any]:
+    assert response.status.startswith(f"{response.status_code} ")
+    if response.status_code != 200:  # the reason phrase too, as werkzeug writes it
+        assert response.status == f"{response.status_code} {response.status[4:].upper()}"
+    return response.status_code, response.mimetype, response.get_json(silent=True)
+
+
+def _both(web: Web, body: Any, again: Any = None) -> list[Any]:
+    """The answers of the fast path to ``body`` and of the Flask view (a query string sends
+    the request through Flask) to ``again`` (a fresh copy, when the first changes state)
+    or the same body."""
+    headers = {"x-amz-sns-message-type": "Notification"}
+    out = []
+    for url, one in ((URL, body), (URL + "?via=flask", body if again is None else again)):
+        data = one if isinstance(one, str | bytes) else json.dumps(one)
+        out.append(_answer(web.client.post(url, data=data, content_type="text/plain",
+                                           headers=headers)))  # fmt: skip
+    return out
+
+
+def test_fast_path_answers_as_the_flask_view(web: Web, seeded: dict[str, Any]) -> None:
+    """Every kind of answer, from both paths: the same status, type and JSON body."""
+    with session_scope() as session:
+        other = add_delivery(session, add_subscriber(session, "bob@example.org"))
+        others = {"message_id": other.message_id, "email": "bob@example.org"}
+    young = bounce("not-yet", [seeded["email"]], sent_at=NOW - timedelta(seconds=5))
+    fixed: list[tuple[str, Any]] = [
+        ("deep", "[" * 100_000),
+        ("not JSON", "{nope"),
+        ("not UTF-8", b"\xff\xfe{}"),
+        ("empty", ""),
+        ("forged", _tampered(web, web.signed(bounce(seeded["message_id"], [seeded["email"]])))),
+        ("young unknown", web.signed(young)),
+        ("not SES", web.signed({"eventType": "Bounce", "mail": {}})),
+        ("unsubscribe confirmation", sign(confirmation("UnsubscribeConfirmation"), web.keys.key)),
+    ]
+    for name, body in fixed:
+        fast, flask = _both(web, body)
+        assert fast == flask, name
+        assert fast[0] in (200, 400, 403, 503) and fast[1] == "application/json", name
+    # State changes: a fresh notification for each path, the same outcome.
+    orphan = [web.signed(bounce(f"long-gone-{i}", [seeded["email"]])) for i in range(2)]
+    fast, flask = _both(web, orphan[0], orphan[1])
+    assert (
+        fast
+        == flask
+        == (
+            200,
+            "application/json",
+            {"status": "orphan", "event_type": "Bounce", "delivery_id": None},
+        )
+    )
+    ann = web.signed(delivered(seeded["message_id"], [seeded["email"]]))
+    bob = web.signed(delivered(others["message_id"], [others["email"]]))
+    fast, flask = _both(web, ann, bob)
+    assert fast[2] == {"status": "applied", "event_type": "Delivery",
+                       "delivery_id": seeded["delivery_id"]}  # fmt: skip
+    assert flask[:2] == fast[:2] and flask[2]["status"] == "applied"
+    # Repeats: a duplicate on either path.
+    assert _both(web, ann, bob) == [
+        (200, "application/json", {**fast[2], "status": "duplicate"}),
+        (200, "application/json", {**flask[2], "status": "duplicate"}),
+    ]
+
+
+def test_fast_path_refuses_a_large_body_either_way(web: Web) -> None:
+    from worker.web.webhooks import MAX_JSON_BYTES, SnsFastPath
+
+    big = b" " * (MAX_JSON_BYTES + 1)
+    fast, flask = _both(web, big)
+    assert fast == flask and fast[0] == 400 and "too large" in fast[2]["error"]
+    # A chunked body (no Content-Length) is read up to the limit and refused above it.
+    import io
+
+    fast = SnsFastPath(web.app, web.app.wsgi_app)
+    seen: list[str] = []
+    environ = {"REQUEST_METHOD": "POST", "PATH_INFO": URL, "QUERY_STRING": "",
+               "CONTENT_TYPE": "text/plain", "wsgi.input": io.BytesIO(big + b"xyz"),
+               "wsgi.input_terminated": True, "REMOTE_ADDR": "203.0.113.7"}  # fmt: skip
+    body = b"".join(fast(environ, lambda status, headers: seen.append(status)))
+    assert seen == ["400 BAD REQUEST"] and b"too large" in body
+    environ["wsgi.input"] = io.BytesIO(b"{nope")
+    body = b"".join(fast(environ, lambda status, headers: seen.append(status)))
+    assert seen[-1] == "400 BAD REQUEST" and json.loads(body) == {"error": "body is not JSON"}
+
+
+def test_form_bodies_and_other_methods_still_go_through_flask(web: Web) -> None:
+    # The input guard sees a form body: a control character in a field is its 400.
+    response = web.client.post(URL, data={"field": "a\x00b"})
+    assert response.status_code == 400 and "U+0000" in response.get_json()["error"]
+    assert web.client.get(URL).status_code == 405
+    assert web.client.post(URL + "?x=%00", data="{}").status_code == 400  # the query guard
+
+
+def test_fast_path_failure_answers_500_and_logs(
+    web: Web, seeded: dict[str, Any], monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    from worker.web import webhooks
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("database on fire")
+
+    monkeypatch.setattr(webhooks, "handle_body", broken)
+    before = snapshot()
+    response = web.post(web.signed(delivered(seeded["message_id"], [seeded["email"]])))
+    assert response.status_code == 500
+    assert "Exception on /webhooks/ses [POST]" in caplog.text and "database on fire" in caplog.text
+    assert snapshot() == before
+
+
+def test_fast_path_logs_the_client_behind_trusted_proxies(
+    keys: SigningKeys, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+    env: dict[str, str],
+) -> None:  # fmt: skip
+    app, _, _ = _build(keys, monkeypatch, PAPERMAIL_TRUSTED_PROXIES="1")
+    client = app.test_client()
+    caplog.set_level(logging.WARNING)
+    response = client.post(URL, data="{nope", headers={"X-Forwarded-For": "198.51.100.23"},
+                           environ_base={"REMOTE_ADDR": "10.0.0.1"})  # fmt: skip
+    assert response.status_code == 400
+    assert "refused body from 198.51.100.23" in caplog.text

@@ -7,7 +7,7 @@ import shutil
 import sys
 import tempfile
 from collections import Counter
-from typing import IO
+from typing import IO, Any
 
 import click
 
@@ -45,9 +45,9 @@ def apply(file: click.utils.LazyFile, as_json: bool, batch_size: int) -> None:
 
     FILE holds one SES notification, one SNS envelope, or a JSON list of either, e.g.
     messages saved from a dead-letter queue. The whole file is checked before anything is
-    applied (signatures are not: you vouch for the file); then it is read again and
-    applied in batches, one transaction each. Repeats of notifications already applied
-    change nothing, so a file can always be applied again.
+    applied (signatures are not: you vouch for the file); then it is applied in batches,
+    one transaction each (a file over 16 MB is read a second time for that). Repeats of
+    notifications already applied change nothing, so a file can always be applied again.
 
     \b
     Example:
@@ -62,19 +62,35 @@ def apply(file: click.utils.LazyFile, as_json: bool, batch_size: int) -> None:
         _apply_file(stream, getattr(file, "name", "FILE"), as_json, batch_size)
 
 
+# A file whose notifications hold up to this much JSON is kept as read by the check and
+# applied from memory (tens of MB at most); a bigger one is read a second time, so memory
+# stays flat whatever the size of a dead-letter dump.
+KEEP_READ_BYTES = 16 * 1024 * 1024
+
+
 def _apply_file(stream: IO[str], name: str, as_json: bool, batch_size: int) -> None:
     stream.seek(0)
-    for _ in events.read_file_items(stream, name):  # check everything first
-        pass
+    kept: list[tuple[dict[str, Any], str]] | None = []
+    size = 0
+    for item in events.read_file_items(stream, name):  # check everything first
+        if kept is not None:
+            size += len(getattr(item[0], "json_text", "")) or KEEP_READ_BYTES
+            kept.append(item)
+            if size > KEEP_READ_BYTES:
+                kept = None
     require_schema()
     settings = get_settings()
-    stream.seek(0)
+    if kept is None:
+        stream.seek(0)
     counts: Counter[str] = Counter()
     results: list[dict[str, object]] = []
     changes: list[str] = []
     retry: list[str] = []
     outcomes = events.apply_in_batches(
-        events.read_file_items(stream, name), via="file", batch_size=batch_size, settings=settings
+        kept if kept is not None else events.read_file_items(stream, name),
+        via="file",
+        batch_size=batch_size,
+        settings=settings,
     )
     for index, outcome in enumerate(outcomes):
         if isinstance(outcome, events.RetryLater):

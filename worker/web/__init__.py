@@ -45,6 +45,9 @@ def create_app(settings: Settings | None = None, *, dev: bool = False) -> Flask:
     guards.install(app)
     app.register_blueprint(webhooks.bp)
     app.register_blueprint(pages.bp)
+    # SNS's POSTs skip Flask's per-request machinery (same answers); inside ProxyFix, so
+    # the client address it logs is the one Flask would see.
+    app.wsgi_app = webhooks.SnsFastPath(app, app.wsgi_app)  # type: ignore[method-assign]
     if settings.trusted_proxies:
         # Behind N reverse proxies: take the client address (per-client rate limits) and
         # scheme from their X-Forwarded-* headers, never more hops than configured.
