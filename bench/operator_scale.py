@@ -10,8 +10,11 @@ a fresh PostgreSQL database, runs `papermail db upgrade`, then times
 > /dev/null` (and `papers list --json --limit 0`) as separate processes under
 `/usr/bin/time -v`, and prints the wall time and peak RSS of each against the targets
 (import: 60 s and 300 MB at 1M rows; list: 200 MB). The database is dropped at the end.
-Run by hand, not in CI. PAPERMAIL_BENCH_POSTGRES_URL (default: postgres on 127.0.0.1)
-names the server; the benchmark database gets its own name.
+It also prints the CPU time of the PostgreSQL backends serving each command (sampled
+from /proc every 0.1 s, so when the server runs on this machine) and the load average,
+since on a shared machine the wall time depends on what else runs. Run by hand, not in
+CI. PAPERMAIL_BENCH_POSTGRES_URL (default: postgres on 127.0.0.1) names the server; the
+benchmark database gets its own name.
 """
 
 from __future__ import annotations
@@ -23,8 +26,10 @@ import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 PAPERMAIL = Path(sys.executable).with_name("papermail")
@@ -40,13 +45,17 @@ def admin_url() -> str:
     )
 
 
-def write_csv(path: Path, rows: int, duplicates: int, rng: random.Random) -> None:
-    """``rows`` data rows; ``duplicates`` of them repeat an earlier address (other case)."""
+def write_csv(path: Path, rows: int, duplicates: int, rng: random.Random) -> int:
+    """``rows`` data rows; ``duplicates`` of them repeat an earlier address (other case).
+    Returns the number of distinct addresses (a repeat may name an address that never
+    appeared, or one repeated already)."""
     repeat = set(rng.sample(range(rows // 2, rows), min(duplicates, rows // 2)))
+    distinct: set[int] = set()
     with path.open("w", encoding="utf-8") as fh:
         fh.write("email,topics,max_papers,frequency,weekday,send_hour,timezone\n")
         for n in range(rows):
             who = rng.randrange(n) if n in repeat else n
+            distinct.add(who)
             email = (
                 f"Reader.{who}@Lab{who % 2000}.Example.org"
                 if n in repeat
@@ -58,20 +67,82 @@ def write_csv(path: Path, rows: int, duplicates: int, rng: random.Random) -> Non
                 f'{email},"{topics}",{rng.randint(1, 20)},{"weekly" if weekly else "daily"},'
                 f"{'fri' if weekly else ''},{rng.randint(0, 23)},{ZONES[n % len(ZONES)]}\n"
             )
+    return len(distinct)
 
 
-def measured(args: list[str], env: dict[str, str], stdout: int | None = None) -> dict[str, float]:
-    """Run one papermail process under /usr/bin/time -v: wall seconds and peak RSS in MB."""
+def _cpu_seconds(pid: int) -> float | None:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class BackendCPU:
+    """CPU seconds of the PostgreSQL backends connected to one database, sampled from
+    /proc while a command runs (None when the server's processes are not visible)."""
+
+    def __init__(self, admin: str, database: str) -> None:
+        self.admin, self.database = admin, database
+        self.seen: dict[int, float] = {}
+        self.visible = True
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        import psycopg
+
+        with psycopg.connect(self.admin, autocommit=True) as conn:
+            while not self.done.wait(0.1):
+                pids = conn.execute(
+                    "SELECT pid FROM pg_stat_activity WHERE datname = %s", (self.database,)
+                ).fetchall()
+                for (pid,) in pids:
+                    cpu = _cpu_seconds(pid)
+                    if cpu is None:
+                        self.visible = False
+                    else:
+                        self.seen[pid] = max(cpu, self.seen.get(pid, 0.0))
+
+    def __enter__(self) -> BackendCPU:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.done.set()
+        self.thread.join()
+
+    @property
+    def seconds(self) -> float | None:
+        return sum(self.seen.values()) if self.visible and self.seen else None
+
+
+def measured(
+    args: list[str],
+    env: dict[str, str],
+    stdout: int | None = None,
+    db: tuple[str, str] | None = None,
+) -> dict[str, Any]:
+    """Run one papermail process under /usr/bin/time -v: wall seconds, peak RSS in MB, CPU
+    seconds of the process and of the PostgreSQL backends serving it (``db``: the admin
+    URL and the database), and the load average at the end."""
+    backends = BackendCPU(*db) if db else None
     with tempfile.NamedTemporaryFile("r", suffix=".time") as report:
+        if backends:
+            backends.__enter__()
         started = time.perf_counter()
-        proc = subprocess.run(
-            ["/usr/bin/time", "-v", "-o", report.name, str(PAPERMAIL), *args],
-            env=env,
-            stdout=stdout if stdout is not None else subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        wall = time.perf_counter() - started
+        try:
+            proc = subprocess.run(
+                ["/usr/bin/time", "-v", "-o", report.name, str(PAPERMAIL), *args],
+                env=env,
+                stdout=stdout if stdout is not None else subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        finally:
+            wall = time.perf_counter() - started
+            if backends:
+                backends.__exit__()
         text = Path(report.name).read_text()
     if proc.returncode != 0:
         sys.exit(f"papermail {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
@@ -80,7 +151,14 @@ def measured(args: list[str], env: dict[str, str], stdout: int | None = None) ->
         float(re.search(rf"{what} time \(seconds\): ([\d.]+)", text).group(1))  # type: ignore[union-attr]
         for what in ("User", "System")
     )
-    return {"wall": wall, "rss": rss / 1024, "cpu": cpu, "out": proc.stdout or ""}  # type: ignore[dict-item]
+    return {
+        "wall": wall,
+        "rss": rss / 1024,
+        "cpu": cpu,
+        "pg": backends.seconds if backends else None,
+        "load": os.getloadavg()[0],
+        "out": proc.stdout or "",
+    }
 
 
 def verdict(name: str, figures: dict[str, float], rows: int) -> str:
@@ -112,7 +190,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "subscribers.csv"
         started = time.perf_counter()
-        write_csv(path, args.rows, args.duplicates, random.Random(args.seed))
+        expected = write_csv(path, args.rows, args.duplicates, random.Random(args.seed))
         size = path.stat().st_size / 1e6
         print(
             f"generated {args.rows:,} rows ({size:.0f} MB) in {time.perf_counter() - started:.1f} s"
@@ -127,20 +205,26 @@ def main() -> None:
         try:
             measured(["db", "upgrade"], env)
             results = {}
-            results["import"] = measured(["subscribers", "import", str(path), "--confirmed"], env)
+            db = (admin, name)
+            results["import"] = measured(
+                ["subscribers", "import", str(path), "--confirmed"], env, db=db
+            )
             print(f"  {results['import']['out'].strip().splitlines()[-1]}")
             with open(os.devnull, "w") as null:
-                results["list"] = measured(["subscribers", "list", "--json"], env, null.fileno())
+                results["list"] = measured(
+                    ["subscribers", "list", "--json"], env, null.fileno(), db=db
+                )
             listed = measured(["subscribers", "list", "--json", "--status", "active"], env)
             count = listed["out"].count('\n    "email": ')
-            expected = args.rows - min(args.duplicates, args.rows // 2)
             print(f"  list --json --status active: {count:,} subscribers (expected {expected:,})")
             for key in ("import", "list"):
                 f = results[key]
                 per = f["wall"] / args.rows * 1e6
+                pg = f"{f['pg']:6.1f} s" if f["pg"] is not None else "   n/a"
                 print(
                     f"{key:<7} wall {f['wall']:7.1f} s ({per:5.1f} µs/row)  cpu {f['cpu']:6.1f} s"
-                    f"  peak RSS {f['rss']:6.0f} MB   {verdict(key, f, args.rows)}"
+                    f"  PostgreSQL cpu {pg}  peak RSS {f['rss']:6.0f} MB  load {f['load']:4.1f}"
+                    f"   {verdict(key, f, args.rows)}"
                 )
             if count != expected:
                 sys.exit("the JSON listing is incomplete")

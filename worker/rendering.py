@@ -10,9 +10,11 @@ Compile (once per template version, cached in memory and, sealed, in a private d
 Fill (per email): the Jinja render, a dozen signed links and a hand-built MIME message
 (the stdlib ``EmailMessage`` costs more than the whole render; tests parse ours back).
 The fill is the hot loop of a send (bench/render.py): templates compile through a code
-generator that reads paper-view fields without a sandbox call and escapes without a
-Markup per value, quoted-printable lines recur across an edition and are looked up, and
-tests/unit/test_render_golden.py holds every byte of the output to a golden file.
+generator that reads paper-view fields without a sandbox call and escapes a str with one
+C call (no Markup per value); both MIME parts are quoted-printable, encoded from the
+pieces the templates yield, which recur across an edition and are looked up (see "MIME
+bodies"); tests/unit/test_render_golden.py holds every byte of the output to a golden
+file, and the parts decode back to the html and text.
 """
 
 from __future__ import annotations
@@ -39,13 +41,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import numpy as np
 from jinja2 import Environment, StrictUndefined, Template, nodes
 from jinja2.compiler import CodeGenerator, Frame
 from jinja2.runtime import LoopContext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from mjml import mjml2html
-from premailer import Premailer
 
 from worker import links
 from worker.clock import utcnow
@@ -100,22 +99,46 @@ class Recipient:
     timezone: str
 
 
+_VIEW_COLUMNS = (
+    "id", "title", "authors", "upvotes", "abstract", "url", "pdf_url", "hf_url", "categories",
+)  # fmt: skip
+_new_object = object.__new__
+
+
 def paper_view(paper: Paper, matched_topic: str | None) -> PaperView:
-    return PaperView(
-        id=paper.id,
-        title=paper.title,
-        authors=list(paper.authors or ()),
-        upvotes=int(paper.upvotes or 0),
-        abstract=paper.abstract or "",
+    # A loaded row's column values sit in its __dict__, which is where SQLAlchemy's
+    # attribute descriptor reads them from (after a few checks per read, ~1 us for the
+    # eight); an unloaded or expired column, or another kind of object, goes through
+    # getattr and loads as before.
+    row = paper.__dict__ if type(paper) is Paper else {}
+    try:
+        pid, title, authors, upvotes = row["id"], row["title"], row["authors"], row["upvotes"]
+        abstract, url, pdf_url, hf_url = row["abstract"], row["url"], row["pdf_url"], row["hf_url"]
+        categories = row["categories"]
+    except KeyError:
+        pid, title, authors, upvotes, abstract, url, pdf_url, hf_url, categories = (
+            getattr(paper, name, None) for name in _VIEW_COLUMNS
+        )
+    arxiv = bool(pid) and looks_like_arxiv_id(pid)
+    # The frozen dataclass's __init__ sets each field through object.__setattr__; its
+    # __dict__ filled at once is the same object (fields, eq, repr, replace read it).
+    view = _new_object(PaperView)
+    view.__dict__.update(
+        id=pid,
+        title=title,
+        authors=list(authors or ()),
+        upvotes=int(upvotes or 0),
+        abstract=abstract or "",
         # The paper's page, else its Hugging Face page when the page link is unusable.
-        url=paper.url if safe_url(paper.url) else (paper.hf_url or ""),
-        pdf_url=paper.pdf_url,
-        hf_url=paper.hf_url,
+        url=url if safe_url(url) else (hf_url or ""),
+        pdf_url=pdf_url,
+        hf_url=hf_url,
         matched_topic=matched_topic,
-        arxiv_id=paper.id if looks_like_arxiv_id(paper.id) else None,
-        primary_category=paper.primary_category,
-        abs_url=f"https://arxiv.org/abs/{paper.id}" if looks_like_arxiv_id(paper.id) else None,
+        arxiv_id=pid if arxiv else None,
+        primary_category=categories[0] if categories else None,
+        abs_url=f"https://arxiv.org/abs/{pid}" if arxiv else None,
     )
+    return view
 
 
 # --------------------------------------------------------------------------- text helpers
@@ -287,6 +310,20 @@ def _restore(html: str, found: Mapping[str, tuple[str, str]], name: str) -> str:
     return html
 
 
+def mjml2html(source: str, **options: Any) -> str:
+    """mjml-python's compiler, imported on first use: a worker whose compiled templates
+    are cached never loads it, nor premailer, cssutils and lxml (~10 MB per process)."""
+    from mjml import mjml2html as compile_
+
+    return str(compile_(source, **options))
+
+
+def _inline_css(html: str, **options: Any) -> str:
+    from premailer import Premailer
+
+    return str(Premailer(html, **options).transform())
+
+
 def compile_mjml(mjml_source: str, name: str = "template") -> str:
     """MJML with Jinja tags -> standalone HTML (inlined CSS) with the same Jinja tags."""
     protected, found = _protect(mjml_source)
@@ -299,7 +336,7 @@ def compile_mjml(mjml_source: str, name: str = "template") -> str:
     html = _IMPORT.sub("", html)
     html = _EMPTY_IFNOTMSO.sub("", html)
     html = _MJML_RESET.sub(r'<style type="text/css" data-premailer="ignore">\1', html, count=1)
-    inliner = Premailer(
+    html = _inline_css(
         html,
         allow_network=False,
         allow_loading_external_files=False,
@@ -311,7 +348,6 @@ def compile_mjml(mjml_source: str, name: str = "template") -> str:
         cssutils_logging_level=logging.CRITICAL,
         method="html",
     )
-    html = inliner.transform()
     if not html.lstrip().lower().startswith("<!doctype"):
         html = _DOCTYPE + html
     # Static text as character references: an all-ASCII page stays a 1-byte-per-char
@@ -485,13 +521,8 @@ def _store_disk(path: Path, key: str, compiled: Mapping[str, str], secret: str) 
         log.warning("cannot write the template cache %s: %s", path, exc)
 
 
-def _html_out(value: Any) -> str:
-    """``str(markupsafe.escape(value))``: the same checks in the same order (so an
-    undefined value fails the same way), and the same five entities."""
-    if type(value) is not str:
-        if hasattr(value, "__html__"):
-            return value.__html__()
-        value = str(value)
+def _escape_text(value: str) -> str:
+    """markupsafe's escape of a str, as a str: the five entities."""
     return (
         value.replace("&", "&amp;")
         .replace(">", "&gt;")
@@ -501,23 +532,53 @@ def _html_out(value: Any) -> str:
     )
 
 
+try:  # the C function markupsafe.escape runs on a str (MarkupSafe 3): one call, not five
+    from markupsafe._speedups import _escape_inner as _escape_str
+except ImportError:  # pragma: no cover - pure-Python MarkupSafe, or another version
+    _escape_str = _escape_text
+
+
+def _html_out(value: Any) -> str:
+    """``str(markupsafe.escape(value))``: the same checks in the same order (so an
+    undefined value fails the same way), and the same five entities."""
+    if type(value) is not str:
+        if hasattr(value, "__html__"):
+            return value.__html__()
+        value = str(value)
+    return _escape_str(value)
+
+
 class _FieldAccess(CodeGenerator):
     """Compiles ``p.title`` (an attribute named like a paper field) to a plain attribute
     read when ``p`` is exactly a paper view, else to the sandbox's checked getattr: a
     digest makes about 200 such reads, and a method call each was a tenth of a render.
-    Escaped output goes through _html_out (about 70 values per digest)."""
+    Escaped output (about 70 values per digest) is escaped inline (see _output_child_pre)."""
 
     def visit_Template(self, node: nodes.Template, frame: Frame | None = None) -> None:
-        self.writeline("from worker.rendering import _Item as _pm_Item, _html_out as _pm_out")
+        self.writeline(
+            "from worker.rendering import _Item as _pm_Item, _html_out as _pm_out,"
+            " _escape_str as _pm_esc"
+        )
         super().visit_Template(node, frame)
 
+    def _escaped(self, frame: Frame) -> bool:
+        return not frame.eval_ctx.volatile and bool(frame.eval_ctx.autoescape)
+
     def _output_child_pre(self, node: nodes.Expr, frame: Frame, finalize: Any) -> None:
-        # An autoescaped {{ value }}: _html_out, the same text as markupsafe.escape without
-        # a Markup object per value (the output is joined into one str anyway).
-        if not frame.eval_ctx.volatile and frame.eval_ctx.autoescape:
-            self.write("_pm_out(")
+        # An autoescaped {{ value }}: the same text as markupsafe.escape without a Markup
+        # object per value (the output is joined into one str anyway); a str, nearly every
+        # value, is escaped by one C call, anything else by _html_out. The value is
+        # evaluated once, into _pm_w (the getattr below uses _pm_v inside it).
+        if self._escaped(frame):
+            self.write("(_pm_esc(_pm_w) if type(_pm_w := (")
         else:
             super()._output_child_pre(node, frame, finalize)
+
+    def _output_child_post(self, node: nodes.Expr, frame: Frame, finalize: Any) -> None:
+        if self._escaped(frame):
+            self.write(")) is str else _pm_out(_pm_w))")
+        else:
+            super()._output_child_post(node, frame, finalize)
 
     def visit_Getattr(self, node: nodes.Getattr, frame: Frame) -> None:
         if node.attr not in _ITEM_FIELDS or self.environment.is_async:
@@ -576,20 +637,26 @@ def _template_globals(template: Template) -> dict[str, Any]:
     return hit[1]
 
 
-def _render(template: Template, values: dict[str, Any]) -> str:
-    """``template.render(values)``, minus two dict copies and a ChainMap iterated in
-    Python per call (a tenth of a digest's render): what Template.render does in jinja2
-    3.1 (new_context, then concat of root_render_func), with the context's variables
-    merged once. Jinja never writes to a context's parent, only to its own ``vars``."""
+def _render_pieces(template: Template, values: dict[str, Any]) -> list[str]:
+    """The pieces ``template.render(values)`` joins, minus two dict copies and a ChainMap
+    iterated in Python per call (a tenth of a digest's render): what Template.render does
+    in jinja2 3.1 (new_context, then root_render_func), with the context's variables
+    merged once. Jinja never writes to a context's parent, only to its own ``vars``. The
+    pieces themselves feed the quoted-printable encoding (see _qp_bodies)."""
     env = template.environment
     names = _template_globals(template)
     parent = {**names, **values}
     ctx = env.context_class(env, parent, template.name, template.blocks, globals=names)
     try:
-        return env.concat(template.root_render_func(ctx))  # type: ignore[attr-defined]
+        return list(template.root_render_func(ctx))  # type: ignore[attr-defined]
     except Exception:
         env.handle_exception()
     raise AssertionError("unreachable: handle_exception always raises")
+
+
+def _render(template: Template, values: dict[str, Any]) -> str:
+    """``template.render(values)`` (see _render_pieces)."""
+    return template.environment.concat(_render_pieces(template, values))  # type: ignore[attr-defined]
 
 
 class _Templates(NamedTuple):
@@ -747,77 +814,198 @@ def list_id_header(value: str) -> str:
     return f"{phrase} <{ident}>" if phrase else f"<{ident}>"
 
 
-# A line quoted-printable leaves as it is: printable ASCII but "=", no blank at its end.
-_QP_PLAIN = re.compile(r"[!-<>-~ ]*[!-<>-~]")
+# --------------------------------------------------------------------------- MIME bodies
+
+# Both parts are quoted-printable: every line 7-bit and at most 76 octets, as SES asks of
+# raw messages and as any SMTP relay takes without 8BITMIME. The static text of the
+# templates is ASCII, so most of the HTML goes out as it is (only "=" becomes "=3D").
+#
+# The encoding is made from the pieces the template yields, not from the joined text
+# (encoding ~35 KB per email, base64 or quoted-printable, cost a third of a render): each
+# piece is encoded from column 0 and ends with a soft line break ("=" CRLF) unless it ends
+# with a line break of its own, so a piece's encoding does not depend on what came before
+# it and is looked up. The static pieces are the same str objects in every email (their
+# hashes cached) and most values recur across an edition (a paper's title, its links);
+# only each email's own links are encoded anew. The price is a soft break around each
+# value, a few hundred bytes per email; decoders join soft-broken lines (RFC 2045 6.7).
+_QP_WIDTH = 75  # characters on a line before a soft break, whose "=" is the 76th
+_SOFT = b"=\r\n"
 
 
-def _qp_line(line: str) -> bytes:
-    """b2a_qp of one line followed by a newline (trailing blanks encoded), CRLF soft breaks."""
-    if _QP_PLAIN.fullmatch(line):
-        # What b2a_qp does to such a line (the link lines, unique to each email): 75
-        # characters and a soft break while more than 76 remain.
-        pieces = []
-        while len(line) > 76:
-            pieces.append(line[:75])
-            line = line[75:]
-        if line != ".":  # a lone "." on a line of its own is encoded
-            pieces.append(line)
-            return "=\r\n".join(pieces).encode("ascii")
-        line = "".join(pieces) + line
-    encoded = binascii.b2a_qp(line.encode() + b"\n", quotetabs=False, istext=True)[:-1]
-    return encoded.replace(b"=\n", b"=\r\n")
+class _QPMap(dict[int, str]):
+    """``str.translate`` table: "=", controls and each non-ASCII character become =XX
+    escapes of their UTF-8 bytes; printable ASCII, space and tab stay as they are."""
+
+    def __missing__(self, code: int) -> str:
+        char = chr(code)
+        if (32 <= code < 127 and char != "=") or char == "\t":
+            value = char
+        else:  # a lone surrogate raises here, as str.encode would
+            value = "".join(f"={byte:02X}" for byte in char.encode("utf-8"))
+        self[code] = value
+        return value
 
 
-_QP_LINES: dict[str, bytes] = {}
+_QP_MAP = _QPMap()
 
 
-def _qp(text: str) -> bytes:
-    """``b2a_qp`` of the text (soft-wrapped at 76 columns), with CRLF line endings.
+_PRINTABLE = bytes(range(32, 127))
 
-    Quoted-printable encodes each line on its own, and most lines of a digest (the
-    abstracts, titles, paper links, the footer) recur in every email of an edition, so a
-    line's encoding is looked up instead of recomputed: b2a_qp, char by char, cost about
-    a sixth of a whole render. tests/unit/test_render_golden.py and test_rendering.py
-    check the result against one b2a_qp of the whole text."""
-    if "\r" in text:  # one line-ending convention in, CRLF out
-        text = text.replace("\r\n", "\n").replace("\r", "\n")
-    lines = text.split("\n")
-    last = lines.pop()  # after the final newline: "" for a text that ends with one
-    cache = _QP_LINES
-    if len(cache) > 50_000:  # per-subscriber lines (links) would grow it without end
-        cache.clear()
+
+def _qp_wrap(enc: bytes) -> bytes:
+    """``enc`` (escaped: every "=" in it starts a three-character escape) with a soft
+    break wherever a line would pass column 75, none inside an escape."""
+    n = len(enc)
+    if n <= _QP_WIDTH:
+        return enc
+    if b"=" not in enc:  # no escape to keep whole (a link): a break every 75 characters
+        if n <= 2 * _QP_WIDTH:  # most links: two slices cost a quarter of the loop below
+            return enc[:_QP_WIDTH] + _SOFT + enc[_QP_WIDTH:]
+        return _SOFT.join([enc[i : i + _QP_WIDTH] for i in range(0, n, _QP_WIDTH)])
     out = []
-    for line in lines:
-        encoded = cache.get(line)
+    i = 0
+    while n - i > _QP_WIDTH:
+        cut = i + _QP_WIDTH
+        if enc[cut - 1] == 61:  # "="
+            cut -= 1
+        elif enc[cut - 2] == 61:
+            cut -= 2
+        out.append(enc[i:cut])
+        i = cut
+    out.append(enc[i:])
+    return _SOFT.join(out)
+
+
+def _qp_piece(piece: str) -> bytes:
+    """Quoted-printable of ``piece`` (no CR in it) from column 0, ending with a soft break
+    unless the piece ends with a line break. Line breaks become CRLF, and a blank before
+    one is escaped (a blank before a soft break may stay, RFC 2045 6.7)."""
+    if not piece:
+        return b""
+    if piece.isascii():
+        data = piece.encode("ascii")
+        if not data.translate(None, _PRINTABLE):
+            # The usual piece (a link, a tag's attributes): one line of printable ASCII.
+            return _qp_wrap(data.replace(b"=", b"=3D") if b"=" in data else data) + _SOFT
+    lines = []
+    for line in piece.split("\n"):
+        if line == ".":  # a line of a lone dot ends an SMTP DATA left unstuffed
+            lines.append("=2E")
+        elif line.isascii() and line.isprintable():
+            lines.append(line.replace("=", "=3D") if "=" in line else line)
+        else:
+            lines.append(line.translate(_QP_MAP))
+    for n in range(len(lines) - 1):  # the blank before a line break
+        if lines[n][-1:] in (" ", "\t"):
+            lines[n] = lines[n][:-1] + ("=20" if lines[n][-1] == " " else "=09")
+    text = b"\r\n".join([_qp_wrap(line.encode("ascii")) for line in lines])
+    return text if piece.endswith("\n") else text + _SOFT
+
+
+_ENTRY_BYTES = 200  # a cache entry's own objects: its key's hash slot, the bytes object
+
+
+class _CarriageReturn(Exception):
+    """A piece holds a CR: its body is encoded from the joined text instead."""
+
+
+class _PieceCache:
+    """Encoded pieces (see _qp_piece) by piece.
+
+    A piece is kept from its second sighting on (the first is remembered as a hash in
+    ``seen``, and the piece itself among the last few in ``recent``: the same link is in
+    the text, then in the HTML), so the pieces unique to one email are encoded once and
+    dropped, and what recurs (the templates' own pieces, each paper's) is kept. The kept
+    ones live in two generations: looked up in the young one, then in the old one (and
+    moved to the young one); when the young one holds about ``limit`` bytes it becomes
+    the old one, so memory stays bounded without emptying the whole cache at once.
+    Threads may race on a turn; the worst outcome is a piece encoded twice."""
+
+    __slots__ = ("limit", "old", "recent", "seen", "size", "young")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.young = _Generation(self)
+        self.old: dict[str, bytes] = {}
+        self.seen: set[int] = set()
+        # The last pieces seen once: a link is in the text and then in the HTML.
+        self.recent: dict[str, bytes] = {}
+        self.size = 0
+
+
+class _Generation(dict[str, bytes]):
+    """The young generation of a _PieceCache. A body's pieces are all looked up by one C
+    loop (``map(young.__getitem__, pieces)``); a miss is served here."""
+
+    __slots__ = ("cache",)
+
+    def __init__(self, cache: _PieceCache) -> None:
+        super().__init__({"": b""})
+        self.cache = cache
+
+    def __missing__(self, piece: str) -> bytes:
+        cache = self.cache
+        encoded = cache.recent.get(piece)
+        if encoded is not None:
+            return encoded
+        if "\r" in piece:  # a CRLF may straddle two pieces
+            raise _CarriageReturn
+        encoded = cache.old.get(piece)
         if encoded is None:
-            encoded = cache[line] = _qp_line(line)
-        out.append(encoded)
-    # The end of the data has its own rule (a final blank or lone "." is encoded).
-    tail = binascii.b2a_qp(last.encode(), quotetabs=False, istext=True) if last else b""
-    out.append(tail.replace(b"=\n", b"=\r\n"))
-    return b"\r\n".join(out)
+            encoded = _qp_piece(str(piece))
+            seen, mark = cache.seen, hash(piece)
+            if mark not in seen:
+                if len(seen) >= cache.limit // 64:
+                    seen.clear()
+                seen.add(mark)
+                if len(cache.recent) >= 256:
+                    cache.recent.clear()
+                cache.recent[piece] = encoded
+                return encoded
+            if len(piece) > cache.limit // 64:  # a one-off whole text: not kept
+                return encoded
+        # Into the current young generation (self may have turned old during the map).
+        cache.young[piece] = encoded
+        cache.size += len(piece) + len(encoded) + _ENTRY_BYTES
+        if cache.size > cache.limit:
+            cache.old, cache.young, cache.size = cache.young, _Generation(cache), 0
+        return encoded
 
 
-def _base64_lines(data: bytes) -> bytes:
-    """``base64.encodebytes`` with CRLF, in one C call plus numpy copies: the HTML is
-    ~40 KB and b2a_qp or encodebytes' Python loop would cost more than the whole render."""
-    encoded = binascii.b2a_base64(data, newline=False)
-    full, rest = divmod(len(encoded), 76)
-    out = bytearray(full * 78 + (rest + 2 if rest else 0))
-    flat = np.frombuffer(out, np.uint8)
-    rows = flat[: full * 78].reshape(full, 78)
-    rows[:, :76] = np.frombuffer(encoded, np.uint8, count=full * 76).reshape(full, 76)
-    rows[:, 76] = 13
-    rows[:, 77] = 10
-    if rest:
-        flat[full * 78 :] = np.frombuffer(encoded[full * 76 :] + b"\r\n", np.uint8)
-    return bytes(out)
+_QP_PIECES = _PieceCache(2_000_000)
 
 
-def build_mime(headers: Sequence[str], text: str, html: str) -> bytes:
-    """multipart/alternative (text, then HTML), UTF-8, CRLF; the text part quoted-printable
-    (readable, small), the HTML part base64 (fast to encode, accepted everywhere)."""
-    # "=_" occurs in neither quoted-printable nor base64 output: the boundary cannot collide.
+def _qp_bodies(*bodies: Sequence[str], own: Sequence[str] = ()) -> list[bytes]:
+    """The quoted-printable body of ``"".join(pieces)`` for each list of pieces, with CRLF
+    line breaks (a CR or CRLF in the text is one line break, like LF).
+
+    ``own`` are pieces known to be this email's alone (its signed links): they are encoded
+    up front and put in the young generation for the time of the lookups, instead of each
+    taking the miss path twice (text, HTML) and the doorkeeper's bookkeeping."""
+    young = _QP_PIECES.young
+    mine = {piece: _qp_piece(piece) for piece in own if "\r" not in piece}
+    young.update(mine)
+    try:
+        out = []
+        for pieces in bodies:
+            try:  # a turn of generations during the map leaves the lookups valid, if stale
+                body = b"".join(map(young.__getitem__, pieces))
+            except _CarriageReturn:
+                text = "".join(pieces).replace("\r\n", "\n").replace("\r", "\n")
+                body = _qp_piece(text) if text else b""
+            # No soft break at the very end, unless it keeps a final blank from being trailing.
+            if body.endswith(b"=\r\n") and body[-4:-3] not in (b" ", b"\t"):
+                body = body[:-3]
+            out.append(body)
+        return out
+    finally:
+        for piece in mine:
+            young.pop(piece, None)
+
+
+def _mime(headers: Sequence[str], text_qp: bytes, html_qp: bytes) -> bytes:
+    """multipart/alternative (text, then HTML), UTF-8, CRLF, both parts quoted-printable."""
+    # "=_" occurs in no quoted-printable output: the boundary cannot collide.
     boundary = f"=_pm_{secrets.token_hex(12)}"
     head = "\r\n".join(
         (
@@ -830,19 +1018,24 @@ def build_mime(headers: Sequence[str], text: str, html: str) -> bytes:
     ).encode("ascii")
     part = (
         '\r\n--{b}\r\nContent-Type: text/{k}; charset="utf-8"\r\n'
-        "Content-Transfer-Encoding: {cte}\r\n\r\n"
+        "Content-Transfer-Encoding: quoted-printable\r\n\r\n"
     )
     return b"".join(
         (
             head,
             b"This is a multipart message in MIME format.",
-            part.format(b=boundary, k="plain", cte="quoted-printable").encode(),
-            _qp(text),
-            part.format(b=boundary, k="html", cte="base64").encode(),
-            _base64_lines(html.encode()),
-            f"--{boundary}--\r\n".encode(),
+            part.format(b=boundary, k="plain").encode(),
+            text_qp,
+            part.format(b=boundary, k="html").encode(),
+            html_qp,
+            f"\r\n--{boundary}--\r\n".encode(),
         )
     )
+
+
+def build_mime(headers: Sequence[str], text: str, html: str) -> bytes:
+    """The complete message of these headers and bodies (see _mime)."""
+    return _mime(headers, *_qp_bodies((text,), (html,)))
 
 
 @lru_cache(maxsize=4)
@@ -862,6 +1055,9 @@ class _Parts(NamedTuple):
     pdf_url: str | None
     hf_url: str | None
     id_json: bytes  # the paper id as a JSON string, for the feedback tokens
+    arxiv_id: str | None
+    category: str | None  # the primary arXiv category
+    abs_url: str | None  # the arXiv abstract page, when the title links elsewhere
 
 
 class _Item(NamedTuple):
@@ -879,13 +1075,26 @@ class _Item(NamedTuple):
     hf_url: str | None
     more_url: str
     less_url: str
+    arxiv_id: str | None
+    category: str | None
+    abs_url: str | None
 
+
+_new_tuple = tuple.__new__
 
 # Attributes the sandbox may hand out unchecked: data fields, no callables or internals.
 _ITEM_FIELDS = frozenset(_Item._fields)
 _LOOP_FIELDS = frozenset(
     ("index", "index0", "revindex", "revindex0", "first", "last", "length", "depth")
 )
+
+
+def _own_links(ctx: Mapping[str, Any]) -> list[str]:
+    """The links of a digest that no other email has (see _qp_bodies)."""
+    own = [ctx["preferences_url"], ctx["unsubscribe_url"], ctx["view_url"]]
+    for item in ctx["papers"]:
+        own += (item.more_url, item.less_url)
+    return own
 
 
 class Renderer:
@@ -948,11 +1157,14 @@ class Renderer:
             paper.url,
             paper.pdf_url,
             paper.hf_url,
+            paper.arxiv_id,
+            paper.primary_category,
         )
         parts = self._parts.get(key)
         if parts is not None:
             return parts
         abstract = shorten(paper.abstract, ABSTRACT_CHARS)
+        abs_url = safe_url(paper.abs_url)
         parts = _Parts(
             title=clean_line(paper.title) or paper.id,
             authors=short_authors(paper.authors),
@@ -964,6 +1176,11 @@ class Renderer:
             pdf_url=safe_url(paper.pdf_url),
             hf_url=safe_url(paper.hf_url),
             id_json=json.dumps(paper.id).encode(),
+            arxiv_id=clean_line(paper.arxiv_id) if paper.arxiv_id else None,
+            category=clean_line(paper.primary_category) if paper.primary_category else None,
+            abs_url=abs_url
+            if (abs_url := safe_url(paper.abs_url)) != safe_url(paper.url)
+            else None,
         )
         if len(self._parts) > 20_000:
             self._parts.clear()
@@ -989,19 +1206,25 @@ class Renderer:
             )
         )
         items = [
-            _Item(
-                paper.id,
-                parts.title,
-                parts.authors,
-                parts.abstract,
-                parts.abstract_text,
-                int(paper.upvotes),
-                _clean_topic(paper.matched_topic) if paper.matched_topic else None,
-                parts.url,
-                parts.pdf_url,
-                parts.hf_url,
-                fb + next(votes),
-                fb + next(votes),
+            _new_tuple(  # _Item(...) without the named tuple's Python-level __new__
+                _Item,
+                (
+                    paper.id,
+                    parts.title,
+                    parts.authors,
+                    parts.abstract,
+                    parts.abstract_text,
+                    int(paper.upvotes),
+                    _clean_topic(paper.matched_topic) if paper.matched_topic else None,
+                    parts.url,
+                    parts.pdf_url,
+                    parts.hf_url,
+                    fb + next(votes),
+                    fb + next(votes),
+                    parts.arxiv_id,
+                    parts.category,
+                    parts.abs_url,
+                ),
             )
             for paper, parts in zip(papers, all_parts, strict=True)
         ]
@@ -1043,17 +1266,20 @@ class Renderer:
             "reason_text": _wrap(why),
         }
 
-    def _fill(self, ctx: dict[str, Any], html_t: Template, text_t: Template, subj_t: Template):
+    def _fill(
+        self, ctx: dict[str, Any], html_t: Template, text_t: Template, subj_t: Template
+    ) -> tuple[str, list[str], list[str]]:
+        """The subject, and the pieces of the text and of the HTML (see _render_pieces)."""
         subject = shorten(_render(subj_t, ctx), MAX_SUBJECT_CHARS)
         ctx["subject"] = subject
-        return subject, _render(text_t, ctx), _render(html_t, ctx)
+        return subject, _render_pieces(text_t, ctx), _render_pieces(html_t, ctx)
 
     def digest_html(
         self, recipient: Recipient, edition_date: date, papers: Sequence[PaperView]
     ) -> str:
         t = self.templates
         ctx = self.digest_context(recipient, edition_date, papers)
-        return self._fill(ctx, t.digest_html, t.digest_text, t.digest_subject)[2]
+        return "".join(self._fill(ctx, t.digest_html, t.digest_text, t.digest_subject)[2])
 
     def render_digest(
         self,
@@ -1086,9 +1312,9 @@ class Renderer:
             recipient=to,
             subject=subject,
             message_id=message_id,
-            raw=build_mime(headers, text, html),
-            html=html,
-            text=text,
+            raw=_mime(headers, *_qp_bodies(text, html, own=_own_links(ctx))),
+            html="".join(html),
+            text="".join(text),
             tags=tags,
         )
 
@@ -1111,9 +1337,9 @@ class Renderer:
             recipient=to,
             subject=subject,
             message_id=message_id,
-            raw=build_mime(self._common_headers(to, subject, message_id), text, html),
-            html=html,
-            text=text,
+            raw=_mime(self._common_headers(to, subject, message_id), *_qp_bodies(text, html)),
+            html="".join(html),
+            text="".join(text),
             tags={"kind": "confirm"},
         )
 

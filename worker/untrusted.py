@@ -41,6 +41,8 @@ class ControlCharacter(ValueError):
 
 def find_control(text: str, allow: str = "") -> str | None:
     """The first disallowed control character in ``text``, or None."""
+    if _CONTROL.search(text) is None:  # the usual case, without an iterator
+        return None
     for match in _CONTROL.finditer(text):
         if match.group() not in allow:
             return match.group()

@@ -176,3 +176,183 @@ def test_every_line_ending_imports(session: Any, tmp_path: Path, ending: str) ->
     assert report.created == 2 and report.rows == 2 and not report.rejected, report
     topics = dict(session.execute(select(Subscriber.email, Subscriber.topics)).all())
     assert topics == {"ada@example.org": ["pruning"], "bob@example.org": ["a", "b"]}
+
+
+# A file with every reading hazard: a BOM, CRLF, a bare CR, a quoted cell spanning lines,
+# multi-byte characters, blank lines, and rows with problems (so line numbers show).
+TRICKY = (
+    "\ufeffemail,topics,max_papers\r\n"
+    "ada@example.org,réseaux,3\r\n"  # line 2
+    '"bob@example.org","llm,\r\nrobots",4\r'  # lines 3-4, the second ended by a bare CR
+    "\r\n"  # line 5: blank
+    "zoë@example.org,,2\n"  # line 6: a non-ASCII local part, refused
+    "cat@exämple.org,ünïcode,0\n"  # line 7: max papers 0
+    'dan@example.org,"a\nb\nc",5\r\n'  # lines 8-10
+    "eve@example.org,,6"  # line 11, no final line break
+)
+
+
+def import_outcome(session: Any, source: Any) -> tuple[Any, ...]:
+    try:
+        report = subs.import_csv(session, source, skip_invalid=True)
+    except subs.InvalidInput as exc:
+        session.rollback()
+        return ("refused", str(exc))
+    topics = dict(session.execute(select(Subscriber.email, Subscriber.topics)).all())
+    session.rollback()  # every block size starts from the same empty database
+    return (report.rows, [(r.line, r.reason) for r in report.rejected], report.created, topics)
+
+
+@pytest.mark.parametrize("block", [1, 2, 3, 5, 7, 16, 64])
+def test_any_block_size_reads_the_same_rows_and_lines(
+    session: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, block: int
+) -> None:
+    """Blocks are cut at line breaks: a CRLF, a quoted line break or a multi-byte
+    character split across blocks reads the same as in one piece, from a file, text or a
+    stream, and a bad byte is named at the same byte and line."""
+    path = tmp_path / "tricky.csv"
+    path.write_bytes(TRICKY.encode())
+    bad = tmp_path / "bad.csv"
+    bad.write_bytes(TRICKY.encode()[:-4] + b"\xff" + TRICKY.encode()[-4:])
+    expected = [import_outcome(session, path), import_outcome(session, bad)]
+    assert expected[0][0] == 6 and expected[0][2] == 4
+    assert [line for line, _ in expected[0][1]] == [6, 7]
+    assert f"at byte {len(TRICKY.encode()) - 4}, line 11" in expected[1][1]
+    assert expected[0][3]["bob@example.org"] == ["llm", "robots"]
+    assert expected[0][3]["dan@example.org"] == ["a b c"]
+    monkeypatch.setattr(subs, "_READ_BLOCK", block)
+    assert import_outcome(session, path) == expected[0]
+    assert import_outcome(session, bad) == expected[1]
+    assert import_outcome(session, TRICKY) == expected[0]
+    with path.open(encoding="utf-8", newline="") as fh:
+        assert import_outcome(session, fh) == expected[0]
+
+
+def test_a_line_longer_than_a_block_is_read_whole(session: Any, tmp_path: Path) -> None:
+    path = tmp_path / "long.csv"
+    long_topics = "; ".join(f"{i:04d}" + "x" * 86 for i in range(1000))  # 92 KB: > a block
+    assert len(long_topics) > subs._READ_BLOCK
+    path.write_text(f'email,topics\nada@example.org,"{long_topics}"\nbob@example.org,llm\n')
+    with pytest.raises(subs.ImportRejected) as info:
+        subs.import_csv(session, path)
+    (row,) = info.value.report.rejected
+    assert (row.line, row.email) == (2, "ada@example.org")
+    assert row.reason == "at most 20 topics are allowed, got 1000"
+    assert info.value.report.rows == 2
+
+
+def test_a_bad_byte_after_the_first_block_is_named(settings: Any, tmp_path: Path) -> None:
+    path = tmp_path / "mixed.csv"
+    good = "".join(f"reader{i}@example.org\n" for i in range(20000)).encode()
+    assert len(good) > 3 * subs._READ_BLOCK
+    path.write_bytes(b"email\r\n" + good + b"bad\xc3(@example.org\n")
+    with db.session_scope() as session, pytest.raises(subs.InvalidInput) as info:
+        subs.import_csv(session, path)
+    assert f"at byte {7 + len(good) + 3}, line {20002}" in str(info.value)
+    assert counts() == (0, 0)
+
+
+def row_cells(rng: Any) -> dict[str, str]:
+    """A CSV row's non-blank cells as import_csv passes them on: good and bad values of
+    every column (a bad one in about one row of three), repeated often as in real lists,
+    and sometimes unique."""
+    good = {
+        "email": [
+            "ada@example.org",
+            "Bob.Smith@Example.ORG",
+            "x+tag@sub.lab.example.co.uk",
+            "a@xn--bcher-kva.example",
+            "postmaster@Example.org",
+            "o'neil@example.org",
+        ],
+        "topics": [
+            "llm",
+            "llm; robots",
+            "LLM, llm, Robots",
+            "a;;b,,c",
+            "  spaced   out  ; x",
+            "tab\there",
+            "réseaux, ünïcode",
+            ",",
+            "vision, audio",
+            "x" * 100,
+        ],
+        "max_papers": ["1", "5", "50", "+7", "007"],
+        "frequency": ["daily", "weekly", "WEEKLY", "Daily"],
+        "weekday": ["mon", "Friday", "0", "6", "thu", "sun", "sat", "tue"],
+        "send_hour": ["0", "7", "23", "08"],
+        "timezone": ["UTC", "Europe/Paris", "Asia/Tokyo", "utc", "Etc/GMT+5"],
+    }
+    bad = {
+        "email": [
+            "zoë@example.org", "a@bücher.example", "foo@", "a@localhost", "a@x.test",
+            "not an address", "a..b@example.org", '"q"@example.org', "a@[1.2.3.4]",
+        ],
+        "topics": ["x" * 101, "; ".join(f"t{i}" for i in range(21)), "ctl\x01x"],
+        "max_papers": ["0", "51", "-3", "seven", "²", "3.5"],
+        "frequency": ["monthly", "week"],
+        "weekday": ["7", "t", "tu", "x", "-1"],
+        "send_hour": ["24", "-1", "noon"],
+        "timezone": ["Mars/Olympus", "Europe/Nowhere"],
+    }  # fmt: skip
+    raw: dict[str, str] = {}
+    for column in good:
+        roll = rng.random()
+        if roll < 0.25 and column != "email":
+            continue  # blank: the default
+        if roll > 0.99:
+            raw[column] = f"{rng.randrange(10**6)}{rng.choice(['', '@example.org'])}"
+        else:
+            raw[column] = rng.choice(bad[column] if rng.random() < 0.05 else good[column])
+    return raw
+
+
+def test_the_row_fast_path_stages_what_subscriber_input_does() -> None:
+    """_RowParser.staged is SubscriberInput + _staged, faster: on rows of valid and invalid
+    cells of every column it gives the same values, or leaves the row to SubscriberInput
+    (which must then reject it, or accept an unusual address)."""
+    import random
+
+    rng = random.Random(5)
+    parser = subs._RowParser()
+    fast = accepted = 0
+    for _ in range(20000):
+        raw = row_cells(rng)
+        try:
+            expected: Any = subs._staged(subs.SubscriberInput(**raw))
+            accepted += 1
+        except subs.InvalidSubscriber:
+            expected = None
+        got = parser.staged([raw.get(name, "") for name in subs.CSV_COLUMNS])
+        if got is not None:
+            fast += 1
+            assert got == expected, raw
+        else:
+            assert expected is None, raw  # every good address here is a plain one
+    assert fast == accepted and accepted > 10000 and 20000 - accepted > 4000
+
+
+@pytest.mark.parametrize("bits", [8, 1 << 27])
+def test_rows_that_only_share_a_filter_bit_are_not_merged(
+    backend: str, monkeypatch: pytest.MonkeyPatch, bits: int
+) -> None:
+    """The filter that picks the addresses to look at for duplicates may mark an address
+    that never came before (with 8 bits, nearly all do): only real duplicates merge."""
+    monkeypatch.setattr(subs, "_SEEN_BITS", bits)
+    text = "email,max_papers,topics\n" + "".join(
+        f"u{i}@example.org,{i % 50 + 1},\n" for i in range(300)
+    )
+    text += "U7@example.org,,vision\nu250@EXAMPLE.org,9,\n"  # lines 302 and 303
+    with db.session_scope() as session:
+        report = subs.import_csv(session, text, confirmed=True)
+    assert report.merged == [
+        {"email": "u7@example.org", "lines": [9, 302]},
+        {"email": "u250@example.org", "lines": [252, 303]},
+    ]
+    assert (report.rows, report.created) == (302, 300)
+    with db.session_scope() as session:
+        u7, u250 = (subs.get_subscriber(session, f"u{i}@example.org") for i in (7, 250))
+        assert (u7.max_papers, u7.topics, u250.max_papers) == (8, ["vision"], 9)
+        rows = session.execute(select(Subscriber.email).order_by(Subscriber.id)).scalars()
+        assert list(rows) == [f"u{i}@example.org" for i in range(300)]  # in file order
+    assert counts() == (300, 300)

@@ -301,6 +301,19 @@ def test_paper_view_from_model() -> None:
     view = rendering.paper_view(paper, "topic")
     assert view.url == "https://huggingface.co/papers/2611.1"  # falls back to the HF page
     assert (view.matched_topic, view.upvotes, view.authors) == ("topic", 3, ["X"])
+    assert view == PaperView(
+        "2611.1", "T", ["X"], 3, "A", "https://huggingface.co/papers/2611.1",
+        "https://arxiv.org/pdf/2611.1", "https://huggingface.co/papers/2611.1", "topic",
+    )  # fmt: skip
+    assert view.authors is not paper.authors  # a copy: the view cannot change the row
+    # Columns never set are not in the row's __dict__: read through the ORM (None).
+    sparse = rendering.paper_view(Paper(id="2611.2", title="S"), None)
+    assert (sparse.abstract, sparse.upvotes, sparse.authors, sparse.url) == ("", 0, [], "")
+    # Any object with the columns as attributes will do.
+    from types import SimpleNamespace
+
+    other = SimpleNamespace(**{c: getattr(paper, c) for c in rendering._VIEW_COLUMNS})
+    assert rendering.paper_view(other, "topic") == view  # type: ignore[arg-type]
 
 
 def test_compile_cache_memory_then_disk(
@@ -376,20 +389,33 @@ def test_get_renderer_is_cached(settings: Settings) -> None:
     assert rendering.get_renderer(other) is not rendering.get_renderer(settings)
 
 
-@pytest.mark.parametrize("size", [0, 1, 56, 57, 58, 76, 114, 1000, 40_000])
-def test_base64_body_matches_the_stdlib(size: int) -> None:
-    import base64
-
-    data = (bytes(range(256)) * (size // 256 + 1))[:size]
-    assert rendering._base64_lines(data) == base64.encodebytes(data).replace(b"\n", b"\r\n")
+# A quoted-printable line: literal printable ASCII (no "="), blanks and =XX escapes, then
+# at most one "=" for a soft break; a blank only before a printable (RFC 2045 6.7).
+_QP_LINE = re.compile(r"(?:[!-<>-~ \t]|=[0-9A-F]{2})*(?:=|(?<![ \t]))")
 
 
-def _qp_reference(text: str) -> bytes:
-    # The encoding before the per-line cache: one b2a_qp over the whole text.
+def _check_qp(pieces: list[str] | tuple[str, ...]) -> None:
     import binascii
 
-    body = text.replace("\r\n", "\n").replace("\r", "\n").encode()
-    return binascii.b2a_qp(body, quotetabs=False, istext=True, header=False).replace(b"\n", b"\r\n")
+    text = "".join(pieces)
+    encoded = rendering._qp_bodies(pieces)[0]
+    assert encoded.isascii()
+    lines = encoded.split(b"\r\n")
+    assert all(b"\r" not in line and b"\n" not in line for line in lines)
+    for line in lines:
+        assert len(line) <= 76, line
+        assert _QP_LINE.fullmatch(line.decode()), line
+    # It decodes to the text, with CRLF for every line break (CR, LF or CRLF).
+    canonical = text.replace("\r\n", "\n").replace("\r", "\n").replace("\n", "\r\n")
+    assert binascii.a2b_qp(encoded) == canonical.encode()
+    assert rendering._qp_bodies(pieces)[0] == encoded  # again, from the cache
+    # The same through the stdlib's parser, as a mail client's would see it.
+    message = email.message_from_bytes(
+        b'Content-Type: text/plain; charset="utf-8"\r\n'
+        b"Content-Transfer-Encoding: quoted-printable\r\n\r\n" + encoded,
+        policy=email.policy.default,
+    )
+    assert message.get_payload(decode=True) == canonical.encode()
 
 
 QP_EDGES = [
@@ -407,31 +433,71 @@ QP_EDGES = [
     "crlf\r\nlines\rmixed\n\n\n",
     "Zoë · 数据 = 1\n" * 3 + "\x00.\n\x7f\n",
     " " * 100 + "\n" + "\t" * 30,
+    "x" * 74 + " \n" + "x" * 73 + " \n" + "x" * 72 + "\t\n" + "x" * 75 + " ",
+    "x" * 73 + "é" + "x" * 72 + "=" + "数" * 30,
 ]
 
 
 @pytest.mark.parametrize("text", QP_EDGES)
-def test_quoted_printable_matches_one_b2a_qp(text: str) -> None:
-    assert rendering._qp(text) == _qp_reference(text)
-    assert rendering._qp(text) == _qp_reference(text)  # again, from the line cache
+def test_quoted_printable_decodes_to_the_text(text: str) -> None:
+    _check_qp((text,))
+    _check_qp(list(text))  # one character per piece
+    for cut in range(0, len(text), 7):
+        _check_qp((text[:cut], text[cut:]))
 
 
-def test_quoted_printable_matches_one_b2a_qp_on_random_text() -> None:
+def test_quoted_printable_of_random_pieces() -> None:
     import random
 
     rng = random.Random(12)
-    alphabet = ["a", "b", " ", "\t", "=", ".", "\n", "\r", "é", "数", "\x00", "~", "_"]
-    plain = ["x", "/", ":", "-", " ", "."]  # long printable lines: the soft-break rule
-    for n in range(4000):
-        if n % 2:
-            line = "".join(rng.choices(plain, k=rng.randrange(60, 320)))
-            assert rendering._qp(line + "\n") == _qp_reference(line + "\n"), repr(line)
-            continue
-        pieces = rng.choices(alphabet, k=rng.randrange(0, 200))
-        if rng.random() < 0.3:
-            pieces.insert(rng.randrange(len(pieces) + 1), "w" * rng.randrange(60, 200))
-        text = "".join(pieces)
-        assert rendering._qp(text) == _qp_reference(text), repr(text)
+    # HTML-like lines (long, many "="), blanks before line breaks, non-ASCII, controls.
+    alphabet = ["a", "b", " ", "\t", "=", ".", "\n", "é", "数", "\x00", "~", "_", '"', "<a "]
+    for _ in range(3000):
+        weights = [rng.random() for _ in alphabet]
+        text = "".join(rng.choices(alphabet, weights, k=rng.randrange(0, 400)))
+        if rng.random() < 0.1:
+            text = text.replace("\n", rng.choice(["\r\n", "\r"]))
+        cuts = sorted(rng.sample(range(len(text) + 1), min(len(text) + 1, rng.randrange(1, 30))))
+        _check_qp([text[i:j] for i, j in zip([0, *cuts], [*cuts, len(text)], strict=True)])
+
+
+def test_quoted_printable_cache_stays_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A small cache turns its generations often: outputs stay right, memory bounded,
+    # pieces that recur are kept and survive a turn, pieces seen once are not kept.
+    import binascii
+
+    cache = rendering._PieceCache(20_000)
+    monkeypatch.setattr(rendering, "_QP_PIECES", cache)
+    static = '<td style="padding:0">static</td>\n'
+    for n in range(2000):
+        once = f"link {n} = {'x' * (n % 90)}"
+        body = rendering._qp_bodies([static, once, "\n", static])[0]
+        text = static + once + "\n" + static
+        assert binascii.a2b_qp(body) == text.replace("\n", "\r\n").encode()
+        assert once not in cache.young and once not in cache.old
+        if n % 100 == 0:
+            _check_qp([static, once, "\n", static])
+        assert cache.size <= 20_000 + 400
+        assert len(cache.young) + len(cache.old) <= 2 * 20_000 // rendering._ENTRY_BYTES
+        assert len(cache.seen) <= 20_000 // 64
+    assert static in cache.young or static in cache.old
+
+
+def test_own_pieces_encode_the_same_and_are_not_kept() -> None:
+    link = "https://papermail.example.org/feedback/" + "eyJzIjo0Mn0.x-_" * 9
+    pieces = ['<a href="', link, '">more</a>\n', "text ", link, "\n"]
+    plain = rendering._qp_bodies(pieces, pieces[::-1])
+    assert rendering._qp_bodies(pieces, pieces[::-1], own=[link]) == plain
+    cache = rendering._QP_PIECES
+    assert link not in cache.young and link not in cache.old
+
+
+def test_html_part_is_quoted_printable(renderer: Renderer) -> None:
+    out = renderer.render_digest(RECIPIENT, EDITION, PAPERS, delivery_id=3)
+    html_part = list(_parse(out.raw).iter_parts())[1]
+    assert html_part["Content-Transfer-Encoding"] == "quoted-printable"
+    # Canonical text: CRLF line breaks on the wire and after decoding (RFC 2046 4.1.1).
+    assert html_part.get_payload(decode=True) == out.html.replace("\n", "\r\n").encode()
 
 
 def test_field_reads_skip_the_sandbox_only_for_paper_views() -> None:
@@ -480,6 +546,27 @@ def test_wrap_is_textwrap_fill() -> None:
             assert rendering._wrap(text, indent) == want, (text, indent)
 
 
+def test_both_escapes_are_markupsafes() -> None:
+    # Templates escape a str with markupsafe's C function when it is there, else with
+    # the replace chain: both must give markupsafe.escape's text.
+    import random
+
+    from markupsafe import escape
+
+    rng = random.Random(3)
+    alphabet = ["&", "<", ">", "'", '"', "a", "é", "数", " ", "&amp;", "\x00"]
+    for _ in range(2000):
+        text = "".join(rng.choices(alphabet, k=rng.randrange(0, 40)))
+        assert rendering._escape_text(text) == str(escape(text)) == rendering._escape_str(text)
+
+
+def test_undefined_output_fails_as_in_jinja() -> None:
+    from jinja2.exceptions import UndefinedError
+
+    with pytest.raises(UndefinedError, match="'nothing' is undefined"):
+        rendering._html_env().from_string("<p>{{ nothing }}</p>").render()
+
+
 @pytest.mark.parametrize(
     "source",
     [
@@ -510,3 +597,27 @@ def test_compiled_templates_render_what_jinjas_sandbox_renders(source: str) -> N
     }
     want = plain.from_string(source).render(values)
     assert rendering._html_env().from_string(source).render(values) == want
+
+
+def test_arxiv_id_category_and_abstract_link(renderer: Renderer) -> None:
+    """A merged record (issue 13) shows its arXiv id and primary category, and links its
+    abstract page when the title links elsewhere (the Hugging Face page)."""
+    merged = _paper(
+        "2401.12345", "Merged paper", arxiv_id="2401.12345", primary_category="cs.LG",
+        abs_url="https://arxiv.org/abs/2401.12345",
+    )  # fmt: skip
+    arxiv_only = _paper(
+        "2401.54321", "arXiv only", url="https://arxiv.org/abs/2401.54321",
+        arxiv_id="2401.54321", primary_category=None, abs_url="https://arxiv.org/abs/2401.54321",
+    )  # fmt: skip
+    out = renderer.render_digest(RECIPIENT, EDITION, [merged, arxiv_only, PAPERS[0]])
+    text, html = _parts(_parse(out.raw))
+    for part in (text, html):
+        assert "arXiv:2401.12345 [cs.LG]" in part
+        assert "arXiv:2401.54321" in part and "arXiv:2401.54321 [" not in part
+        assert "arXiv:2611.00001" not in part  # no arXiv id known: nothing claimed
+    hrefs = _hrefs(html)
+    assert hrefs.count("https://arxiv.org/abs/2401.12345") == 1  # the Abstract link
+    assert hrefs.count("https://arxiv.org/abs/2401.54321") == 1  # the title only, once
+    assert "Abstract:       https://arxiv.org/abs/2401.12345" in text
+    assert "Abstract:       https://arxiv.org/abs/2401.54321" not in text

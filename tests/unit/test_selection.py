@@ -481,6 +481,32 @@ def test_batch_equals_one_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
         assert alone[prof.subscriber_id] == batch[prof.subscriber_id], prof.subscriber_id
 
 
+def test_topic_rows_are_kept_per_corpus_and_equal_fresh_ones(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A topic's relevance row is computed once per corpus and reused by later chunks; it
+    # must equal the row computed with any other set of topics, bit for bit.
+    cands = sorted(seed_candidates(), key=lambda c: (-c.upvotes, c.id))
+    corpus = selection._corpus_for(cands, SelectionParams())
+    topics = ["pruning", "gaussian processes", "diffusion models", "no such topic"]
+    together = selection._score_topics(corpus, topics)
+    for n, topic in enumerate(topics):
+        alone = selection._score_topics(corpus, [topic])
+        assert alone.tobytes() == together[n].tobytes()
+    corpus.topic_rows.clear()
+    first = selection._topic_scores(corpus, topics[:2])
+    assert set(corpus.topic_rows) == set(topics[:2])
+    again = selection._topic_scores(corpus, topics[::-1])  # two kept rows, two new ones
+    assert again.tobytes() == together[::-1].tobytes()
+    assert first.tobytes() == together[:2].tobytes()
+    # Bounded: past the limit the kept rows are dropped, and the answer is still right.
+    monkeypatch.setattr(selection, "_TOPIC_ROW_BYTES", 3 * 8 * corpus.n_docs)  # 3 rows
+    corpus.topic_rows.clear()
+    selection._topic_scores(corpus, topics[:2])
+    assert selection._topic_scores(corpus, topics[2:]).tobytes() == together[2:].tobytes()
+    assert set(corpus.topic_rows) == set(topics[2:])
+
+
 def test_every_result_obeys_the_rules() -> None:
     cands = seed_candidates()
     by_id = {c.id: c for c in cands}

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -507,6 +510,59 @@ def test_an_address_added_during_the_import_is_reported_existing(
         assert (ada.max_papers, ada.status) == (2, "active")
         assert [e.action for e in logs(session, ada)] == ["created"]
         assert subs.get_subscriber(session, "new@x.org").max_papers == 3
+
+
+@pytest.mark.postgres
+def test_an_address_committed_while_the_insert_runs_is_reported_existing(
+    pg_env: dict[str, str], pg_url: str
+) -> None:
+    """Another writer has inserted one of the file's addresses, not yet committed, when
+    the import's insert reaches it: the import waits; once the other commits, their row is
+    kept, reported existing and gets no import log entry, and the rest is imported."""
+    other = db.session_factory()()
+    subs.add_subscriber(other, subs.SubscriberInput("ada@example.org", max_papers=2), True)
+    other.flush()  # holds ada's entry in the unique index until it commits
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            with db.session_scope() as session:
+                outcome["report"] = subs.import_csv(
+                    session, "email,max_papers\nnew@x.org,3\nada@example.org,9\nlast@x.org,\n"
+                )
+        except Exception as exc:  # reported below, in the test's thread
+            outcome["error"] = exc
+
+    importer = threading.Thread(target=run)
+    importer.start()
+    admin = pg_url.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(admin, autocommit=True) as watcher:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # until the import waits for the other's lock
+            waiting = watcher.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND wait_event_type = 'Lock'"
+            ).fetchone()
+            if waiting and waiting[0]:
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail("the import never waited for the other writer")
+    other.commit()
+    other.close()
+    importer.join(60)
+    assert "error" not in outcome, outcome.get("error")
+    report = outcome["report"]
+    assert report.created == 2
+    assert report.existing == [{"email": "ada@example.org", "line": 3, "status": "active"}]
+    with db.session_scope() as session:
+        ada = subs.get_subscriber(session, "ada@example.org")
+        assert (ada.max_papers, ada.status) == (2, "active")
+        assert [e.action for e in logs(session, ada)] == ["created"]
+        assert [e.action for e in logs(session, subs.get_subscriber(session, "last@x.org"))] == [
+            "imported"
+        ]
+        assert count(session, Subscriber) == 3
 
 
 def test_import_of_many_rows_with_many_existing(session: Session) -> None:
