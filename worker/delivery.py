@@ -981,25 +981,6 @@ def _skip(session: Session, delivery_id: int, why: str, clock: Clock = utcnow) -
 # cost ~4 ms of CPU per email, two thirds of a worker's time (bench/pipeline.py).
 _D = Delivery.__table__
 _A = DeliveryAttempt.__table__
-_CLAIM = (
-    update(_D)
-    .where(_D.c.id == bindparam("did"), _D.c.state == DeliveryState.PENDING.value)
-    .values(
-        state=DeliveryState.SENDING.value,
-        claimed_at=bindparam("claimed_at"),
-        attempts=_D.c.attempts + 1,
-        updated_at=bindparam("updated_at"),
-    )
-)
-# The subscriber is checked again in the claim itself: an unsubscribe, complaint or bounce
-# that lands while the chunk waits for tokens is honoured.
-_CLAIM_IF_SENDABLE = _CLAIM.where(
-    exists(
-        select(Subscriber.id).where(
-            Subscriber.id == _D.c.subscriber_id, *sendable_filter(_D.c.edition_date)
-        )
-    )
-)
 _INSERT_ATTEMPT = insert(_A)
 
 
@@ -1014,55 +995,43 @@ class _Attempt:
     actor: str | None = None
 
 
-# A batch's claim: one statement, RETURNING the ids it took (PostgreSQL; SQLite >= 3.35).
-_CLAIM_MANY = (
-    update(_D)
-    .where(
-        _D.c.id.in_(bindparam("dids", expanding=True)),
-        _D.c.state == DeliveryState.PENDING.value,
-    )
-    .values(
-        state=DeliveryState.SENDING.value,
-        claimed_at=bindparam("claimed_at"),
-        attempts=_D.c.attempts + 1,
-        updated_at=bindparam("updated_at"),
+# The subscriber is checked again in the claim itself: an unsubscribe, complaint or bounce
+# that lands while the chunk waits for tokens is honoured.
+_SENDABLE = exists(
+    select(Subscriber.id).where(
+        Subscriber.id == _D.c.subscriber_id, *sendable_filter(_D.c.edition_date)
     )
 )
-_CLAIM_MANY_IF_SENDABLE = _CLAIM_MANY.where(
-    exists(
-        select(Subscriber.id).where(
-            Subscriber.id == _D.c.subscriber_id, *sendable_filter(_D.c.edition_date)
-        )
-    )
-)
-
-
 # On PostgreSQL the batch travels as one array parameter: the statement text is the same
 # for every batch size, so neither SQLAlchemy nor psycopg compile or parse it again.
 _IDS = bindparam("dids", type_=ARRAY(BigInteger))
-_CLAIM_PG = (
-    update(_D)
-    .where(_D.c.id == any_(_IDS), _D.c.state == DeliveryState.PENDING.value)
-    .values(
-        state=DeliveryState.SENDING.value,
-        claimed_at=bindparam("claimed_at"),
-        attempts=_D.c.attempts + 1,
-        updated_at=bindparam("updated_at"),
-    )
-)
-_CLAIM_PG_IF_SENDABLE = _CLAIM_PG.where(
-    exists(
-        select(Subscriber.id).where(
-            Subscriber.id == _D.c.subscriber_id, *sendable_filter(_D.c.edition_date)
+_ID_MATCH = {
+    "one": _D.c.id == bindparam("did"),  # SQLite < 3.35: no RETURNING, one row at a time
+    "many": _D.c.id.in_(bindparam("dids", expanding=True)),
+    "postgresql": _D.c.id == any_(_IDS),
+}
+
+
+def _claim_update(rows: str, check_subscriber: bool):  # type: ignore[no-untyped-def]
+    """pending -> sending for the rows ``_ID_MATCH[rows]`` names, still pending (and, with
+    ``check_subscriber``, whose subscriber may still receive this edition)."""
+    stmt = (
+        update(_D)
+        .where(_ID_MATCH[rows], _D.c.state == DeliveryState.PENDING.value)
+        .values(
+            state=DeliveryState.SENDING.value,
+            claimed_at=bindparam("claimed_at"),
+            attempts=_D.c.attempts + 1,
+            updated_at=bindparam("updated_at"),
         )
     )
-)
+    return stmt.where(_SENDABLE) if check_subscriber else stmt
 
 
-def _claim_statement(dialect: str, check_subscriber: bool):  # type: ignore[no-untyped-def]
-    if dialect != "postgresql":
-        return _CLAIM_MANY_IF_SENDABLE if check_subscriber else _CLAIM_MANY
-    return _CLAIM_PG_IF_SENDABLE if check_subscriber else _CLAIM_PG
+# Built once: a statement object SQLAlchemy has compiled before is found in its cache.
+_CLAIMS = {
+    (rows, check): _claim_update(rows, check) for rows in _ID_MATCH for check in (True, False)
+}
 
 
 def _claim_batch(
@@ -1076,13 +1045,14 @@ def _claim_batch(
     the claim time and the ids claimed (the subscriber is re-checked in the statement)."""
     now = clock()
     conn = session.connection()
-    stmt = _claim_statement(conn.dialect.name, check_subscriber)
+    rows = "postgresql" if conn.dialect.name == "postgresql" else "many"
+    stmt = _CLAIMS[rows, check_subscriber]
     params = {"dids": list(delivery_ids), "claimed_at": now, "updated_at": now}
     if conn.dialect.update_returning:
         return now, set(conn.execute(stmt.returning(_D.c.id), params).scalars())
     # No RETURNING (SQLite < 3.35): one claim per row, still conditional.
     claimed = set()
-    single = _CLAIM_IF_SENDABLE if check_subscriber else _CLAIM
+    single = _CLAIMS["one", check_subscriber]
     for did in delivery_ids:
         res = conn.execute(single, {"did": did, "claimed_at": now, "updated_at": now})
         if res.rowcount == 1:
