@@ -27,8 +27,8 @@ import hmac
 import json
 import logging
 import os
+import random
 import re
-import secrets
 import stat
 import tempfile
 import textwrap
@@ -1003,10 +1003,17 @@ def _qp_bodies(*bodies: Sequence[str], own: Sequence[str] = ()) -> list[bytes]:
             young.pop(piece, None)
 
 
+def _unique_hex(bits: int) -> str:
+    """Random hex for Message-ID and MIME boundary: unique, not secret, so ``random``
+    (reseeded in every forked child) rather than ``secrets``, whose system call per email
+    showed as 6% of the render's samples."""
+    return f"{random.getrandbits(bits):0{bits // 4}x}"
+
+
 def _mime(headers: Sequence[str], text_qp: bytes, html_qp: bytes) -> bytes:
     """multipart/alternative (text, then HTML), UTF-8, CRLF, both parts quoted-printable."""
     # "=_" occurs in no quoted-printable output: the boundary cannot collide.
-    boundary = f"=_pm_{secrets.token_hex(12)}"
+    boundary = f"=_pm_{_unique_hex(96)}"
     head = "\r\n".join(
         (
             *headers,
@@ -1295,7 +1302,7 @@ class Renderer:
         subject, text, html = self._fill(ctx, t.digest_html, t.digest_text, t.digest_subject)
         iso = edition_date.isoformat()
         ref = str(delivery_id) if delivery_id is not None else f"s{recipient.subscriber_id}"
-        message_id = f"<{iso}.{ref}.{secrets.token_hex(6)}@{self.domain}>"
+        message_id = f"<{iso}.{ref}.{_unique_hex(48)}@{self.domain}>"
         token = ctx["unsubscribe_url"].rpartition("/")[2]
         headers = [
             *self._common_headers(to, subject, message_id),
@@ -1331,7 +1338,7 @@ class Renderer:
             "valid_days": links.MAX_AGES["confirm"] // links.DAY,
         }
         subject, text, html = self._fill(ctx, t.confirm_html, t.confirm_text, t.confirm_subject)
-        message_id = f"<confirm.{subscriber_id}.{secrets.token_hex(6)}@{self.domain}>"
+        message_id = f"<confirm.{subscriber_id}.{_unique_hex(48)}@{self.domain}>"
         return OutgoingMessage(
             sender=self.sender,
             recipient=to,
