@@ -25,6 +25,7 @@ _COMMAND_MODULES = [
     "subscribers",
     "digest",
     "resend",
+    "deliveries",
     "stats",
     "sending",
     "demo",
