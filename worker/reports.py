@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session
 
 from worker.errors import InvalidInput
@@ -115,29 +115,7 @@ def iter_deliveries(
     left = limit
     needle = reason.strip() if reason else None
     for state in [s for s in LIST_ORDER if s in chosen]:
-        # One state per query: equality on the index's second column keeps PostgreSQL's
-        # index order (an IN list would need a sort of every match before the first row).
-        query = (
-            select(
-                Delivery.id,
-                Delivery.subscriber_id,
-                Subscriber.email,
-                Delivery.edition_date,
-                Delivery.state,
-                Delivery.skip_reason,
-                Delivery.last_error,
-                Delivery.waiting_for,
-                Delivery.attempts,
-                Delivery.claimed_at,
-                Delivery.finished_at,
-                Delivery.message_id,
-            )
-            .join(Subscriber, Subscriber.id == Delivery.subscriber_id)
-            .where(Delivery.edition_date == edition_date, Delivery.state == state)
-            .order_by(Delivery.id)
-        )
-        if needle:
-            query = query.where(_reason_column().icontains(needle, autoescape=True))
+        query = state_query(edition_date, state, needle)
         if left is not None:
             query = query.limit(left)
         result = session.execute(query.execution_options(yield_per=batch))
@@ -148,6 +126,34 @@ def iter_deliveries(
                 if left == 0:
                     result.close()
                     return
+
+
+def state_query(edition_date: date, state: str, reason: str | None = None) -> Select[Any]:
+    """The rows of one state of an edition, in id order (``reason``: a case-insensitive
+    substring of the reason). One state per query: equality on the index's second column
+    keeps PostgreSQL's index order, where an IN list would sort every match first."""
+    query = (
+        select(
+            Delivery.id,
+            Delivery.subscriber_id,
+            Subscriber.email,
+            Delivery.edition_date,
+            Delivery.state,
+            Delivery.skip_reason,
+            Delivery.last_error,
+            Delivery.waiting_for,
+            Delivery.attempts,
+            Delivery.claimed_at,
+            Delivery.finished_at,
+            Delivery.message_id,
+        )
+        .join(Subscriber, Subscriber.id == Delivery.subscriber_id)
+        .where(Delivery.edition_date == edition_date, Delivery.state == state)
+        .order_by(Delivery.id)
+    )
+    if reason:
+        query = query.where(_reason_column().icontains(reason, autoescape=True))
+    return query
 
 
 def _row(row: Any) -> DeliveryRow:
