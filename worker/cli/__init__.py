@@ -102,8 +102,14 @@ def main(verbose: int) -> None:
       papermail demo              # schema, sample papers and subscribers, one edition
       papermail digest run        # send today's edition to everyone due
     """
+    from worker.logs import configure_logging
+
     level = logging.WARNING - 10 * min(verbose, 2)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = get_settings()
+    except ConfigError:
+        settings = None  # the command reports the bad setting itself
+    configure_logging(settings, level)
 
 
 main.lazy = {name: name for name in _COMMAND_MODULES}
