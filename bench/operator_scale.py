@@ -130,6 +130,7 @@ def measured(
     env: dict[str, str],
     stdout: int | None = None,
     db: tuple[str, str] | None = None,
+    check: bool = True,
 ) -> dict[str, Any]:
     """Run one papermail process under /usr/bin/time -v: wall seconds, peak RSS in MB, CPU
     seconds of the process and of the PostgreSQL backends serving it (``db``: the admin
@@ -152,7 +153,7 @@ def measured(
             if backends:
                 backends.__exit__()
         text = Path(report.name).read_text()
-    if proc.returncode != 0:
+    if check and proc.returncode != 0:
         sys.exit(f"papermail {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
     rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", text).group(1))  # type: ignore[union-attr]
     cpu = sum(
@@ -193,7 +194,33 @@ def measured_stream(args: list[str], env: dict[str, str]) -> dict[str, Any]:
     if code != 0:
         sys.exit(f"papermail {' '.join(args)} failed ({code}):\n{stderr[-2000:]}")
     rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", text).group(1))  # type: ignore[union-attr]
-    return {"first": first, "wall": wall, "lines": lines, "rss": rss / 1024}
+    cpu = sum(
+        float(re.search(rf"{what} time \(seconds\): ([\d.]+)", text).group(1))  # type: ignore[union-attr]
+        for what in ("User", "System")
+    )
+    return {"first": first, "wall": wall, "lines": lines, "rss": rss / 1024, "cpu": cpu}
+
+
+def query_only(url: str, state: str, reason: str | None = None) -> tuple[float, float, int]:
+    """The listing's query for one state through a server-side cursor, in this process (no
+    start-up of a `papermail` process): seconds to the first row, to the last, rows."""
+    from datetime import date
+
+    import psycopg
+    from sqlalchemy.dialects import postgresql
+
+    from worker.reports import state_query
+
+    query = state_query(date.fromisoformat(EDITION), state, reason)
+    sql = str(query.compile(dialect=postgresql.dialect(), compile_kwargs={"literal_binds": True}))
+    with psycopg.connect(_pg(url)) as conn, conn.cursor(name="listing") as cur:
+        cur.itersize = 1000
+        started = time.perf_counter()
+        cur.execute(sql.replace("%", "%%"))
+        rows = 1 if cur.fetchone() is not None else 0
+        first = time.perf_counter() - started
+        rows += sum(1 for _ in cur)
+        return first, time.perf_counter() - started, rows
 
 
 def _pg(url: str) -> str:
@@ -272,13 +299,26 @@ def bench_deliveries(env: dict[str, str], url: str) -> None:
         ok = f["first"] is not None and f["first"] <= FIRST_ROW_TARGET
         print(
             f"  deliveries list {label:<40} first row {f['first'] or 0:5.2f} s  total"
-            f" {f['wall']:6.2f} s  {f['lines']:>9,} lines  peak RSS {f['rss']:4.0f} MB"
+            f" {f['wall']:6.2f} s  cpu {f['cpu']:5.2f} s  {f['lines']:>9,} lines"
+            f"  peak RSS {f['rss']:4.0f} MB"
             f"  load {os.getloadavg()[0]:4.1f}  first row ≤ {FIRST_ROW_TARGET:.0f} s:"
             f" {'ok' if ok else 'MISSED'}"
         )
         if f["lines"] != expected:
             sys.exit(f"deliveries list {label}: {f['lines']:,} lines, expected {expected:,}")
-    f = measured(["stats", "--date", EDITION], env, stdout=None)
+    start = measured_stream(["--version"], env)
+    print(
+        f"  papermail --version (start-up alone)  wall {start['wall']:5.2f} s"
+        f"  cpu {start['cpu']:5.2f} s"
+    )
+    for state, reason in (("failed", None), ("failed", "not verified"), ("sent", None)):
+        first, last, rows = query_only(url, state, reason)
+        print(
+            f"  query alone, state {state:<7} reason {reason or '-':<13} first row"
+            f" {first * 1000:7.1f} ms  all {rows:>8,} rows {last:6.2f} s"
+        )
+    # Exits 1: the edition has failed and unknown deliveries.
+    f = measured(["stats", "--date", EDITION], env, stdout=None, check=False)
     why = f["out"].split("why, ", 1)[-1].splitlines()[1:5]
     print(
         f"  stats --date {EDITION} (with why)  wall {f['wall']:5.2f} s  peak RSS {f['rss']:4.0f} MB"

@@ -42,7 +42,7 @@ _FIRST = ("timestamp", "level", "logger", "message")
 # redact_url hides the password, the host's name stays).
 _ADDRESS_RE = re.compile(
     r"(?P<url>\b[A-Za-z][A-Za-z0-9+.-]*://[^\s/?#@]*@)"
-    r"|(?<![\w.+/%-])[A-Za-z0-9._%+'!#$&=?^`{|}~-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+"
+    r"|(?<![\w.+/%-])[A-Za-z0-9._%+'!#$&^`{|}~-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+"
 )
 
 
