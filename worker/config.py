@@ -142,6 +142,10 @@ class Settings(BaseSettings):
     # (with the papers that did arrive for the day, if any; never only older ones).
     fetch_wait_minutes: int = Field(default=180, ge=0, le=1440)
     fetch_missed: Literal["skip", "send"] = "skip"
+    # Logs (worker.logs): `text` lines or `json` (one object per line); email addresses in
+    # them are replaced by [address] unless LOG_ADDRESSES is on.
+    log_format: Literal["text", "json"] = "text"
+    log_addresses: bool = False
     # Web
     subscribe_rate_per_hour: int = Field(default=5, ge=1)
     trusted_proxies: int = Field(default=0, ge=0, le=5)  # reverse proxies in front of web

@@ -592,7 +592,12 @@ def _render_batch(
             if is_infrastructure_error(exc):
                 raise
             why = f"could not render the digest: {type(exc).__name__}: {exc}"[:2000]
-            log.warning("delivery %s failed: %s", item.delivery_id, why)
+            log.warning(
+                "delivery %s failed: %s",
+                item.delivery_id,
+                why,
+                extra={"delivery_id": item.delivery_id, "error_kind": "render"},
+            )
             if _fail_unsent(session, item.delivery_id, why, clock, attempt_kind, reason, actor):
                 outcome.failed += 1
             else:
@@ -617,7 +622,11 @@ def _send_one(mailer: object, item: _Ready) -> object:
         # Not one of the mailer's kinds: nobody can tell whether the request left, so it
         # is `unknown` (never re-sent by itself) and the chunk goes on, instead of the
         # chunk dying with this row in `sending`.
-        log.exception("mailer raised unexpectedly for delivery %s", item.delivery_id)
+        log.exception(
+            "mailer raised unexpectedly for delivery %s",
+            item.delivery_id,
+            extra={"delivery_id": item.delivery_id, "error_kind": "ambiguous"},
+        )
         return AmbiguousError(
             f"unexpected {type(unexpected).__name__} while sending: {unexpected}",
             code=type(unexpected).__name__,
@@ -735,7 +744,12 @@ def prepare_messages(
             if is_infrastructure_error(exc):
                 raise
             why = f"{what}: {type(exc).__name__}: {exc}"[:2000]
-            log.warning("delivery %s failed: %s", delivery_id, why)
+            log.warning(
+                "delivery %s failed: %s",
+                delivery_id,
+                why,
+                extra={"delivery_id": delivery_id, "error_kind": "prepare"},
+            )
             fail(delivery_id, why)
             return None
 
@@ -1090,6 +1104,14 @@ def _record_sent_batch(
         return
     now = clock()
     ids = [did for did, _ in sent]
+    if log.isEnabledFor(logging.DEBUG):
+        for did, mid in sent:
+            log.debug(
+                "delivery %s sent as %s",
+                did,
+                mid,
+                extra={"delivery_id": did, "provider_message_id": mid},
+            )
     conn = session.connection()
     if conn.dialect.name == "postgresql":
         params = {
@@ -1192,6 +1214,14 @@ def _record_failure(
     """Record a mailer error; True when the whole run must stop (account-level)."""
     now = clock()
     reason = str(exc)[:2000]
+    log.log(
+        logging.INFO if isinstance(exc, TransientError) else logging.WARNING,
+        "delivery %s: %s error: %s",
+        delivery_id,
+        exc.kind,
+        reason,
+        extra={"delivery_id": delivery_id, "error_kind": exc.kind},
+    )
 
     def settle(state: DeliveryState, label: str, error: str = reason, **values: object) -> None:
         """Move the row on from `sending` and write its finished attempt."""

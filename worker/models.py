@@ -229,7 +229,9 @@ class Delivery(Base):
     __table_args__ = (
         UniqueConstraint("subscriber_id", "edition_date", name="uq_deliveries_subscriber_edition"),
         CheckConstraint(_state_check("state", DeliveryState), name="state_valid"),
-        Index("ix_deliveries_edition_state", "edition_date", "state"),
+        # An edition's rows by state, in id order: counts (index-only), the sweep, and
+        # `deliveries list` streaming one state at a time without a sort (worker.reports).
+        Index("ix_deliveries_edition_state_id", "edition_date", "state", "id"),
         Index("ix_deliveries_state_claimed", "state", "claimed_at"),
     )
 

@@ -6,7 +6,7 @@ and the tags, for digests that cover the branches of the templates (matched
 topic or not, missing and unsafe links, non-ASCII and long titles, weekly and daily, no
 topics, one paper and ten, a Reply-To or none) and a confirmation email. The clock is
 fixed (worker.clock.installed), so every signed link and the Date header are fixed, and the
-only random parts, Message-ID suffix and MIME boundary (``secrets.token_hex`` in
+only random parts, Message-ID suffix and MIME boundary (``_unique_hex`` in
 worker.rendering), come from a counter.
 
 To regenerate after an *intended* change of the output (a template, a header):
@@ -200,13 +200,13 @@ def _record(out: Any) -> dict[str, Any]:
 
 
 class _Counter:
-    """Stands in for ``secrets`` in worker.rendering: token_hex from a counter."""
+    """Stands in for ``_unique_hex`` in worker.rendering: hex from a counter."""
 
     def __init__(self) -> None:
         self._n = itertools.count(1)
 
-    def token_hex(self, nbytes: int) -> str:
-        return f"{next(self._n):0{nbytes * 2}x}"
+    def __call__(self, bits: int) -> str:
+        return f"{next(self._n):0{bits // 4}x}"
 
 
 def _strip(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -223,8 +223,8 @@ def _strip(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def render_all(cache: Path) -> list[dict[str, Any]]:
     """Every golden email, rendered with the current code (fresh renderers, fixed clock)."""
     out: list[dict[str, Any]] = []
-    saved = rendering.secrets
-    rendering.secrets = _Counter()  # type: ignore[assignment]
+    saved = rendering._unique_hex
+    rendering._unique_hex = _Counter()  # type: ignore[assignment]
     try:
         with installed(lambda: NOW):
             renderers = {v: Renderer(_settings(v), cache_dir=cache) for v in ("a", "b")}
@@ -238,7 +238,7 @@ def render_all(cache: Path) -> list[dict[str, Any]]:
             out.append(_record(renderers["a"].render_confirm("new@example.org", 77)))
             out.append(_record(renderers["b"].render_confirm("n2@example.org", 78)))
     finally:
-        rendering.secrets = saved  # type: ignore[assignment]
+        rendering._unique_hex = saved  # type: ignore[assignment]
     return out
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from worker import operations
+from worker import operations, reports
 from worker.cli.common import echo_json, parse_date, require_schema
 from worker.clock import utcnow
 from worker.db import session_scope
@@ -16,7 +16,9 @@ from worker.delivery import sending_paused
 @click.option("--json", "as_json", is_flag=True, help="Stable JSON for scripts.")
 def command(date_: str | None, as_json: bool) -> None:
     """Per edition: counts by state, bounce and complaint rates against SES's review
-    thresholds, when sending started and ended, achieved rate, oldest pending.
+    thresholds, when sending started and ended, achieved rate, oldest pending, and why:
+    the top reasons of the failed, skipped and unknown deliveries, with counts (addresses
+    in reasons counted as one; `papermail deliveries list --state S` names them).
 
     Exits 1 when the newest edition shown (or --date D) has failed or unknown deliveries or
     a rate over its threshold, or when sending is paused. Rates are SES's: hard bounces and
@@ -32,7 +34,10 @@ def command(date_: str | None, as_json: bool) -> None:
     require_schema()
     with session_scope() as session:
         dates = [parse_date(date_)] if date_ else operations.recent_editions(session)
-        editions = [operations.edition_stats(session, d) for d in dates]
+        editions = [
+            {**operations.edition_stats(session, d), "why": reports.why_breakdown(session, d)}
+            for d in dates
+        ]
         paused = sending_paused(session)
         # The fetches of the dates shown (and today's): what the editions had to go on.
         fetch_dates = sorted({*dates, utcnow().date()}) if not date_ else dates
@@ -41,6 +46,7 @@ def command(date_: str | None, as_json: bool) -> None:
         echo_json({"paused": paused, "editions": editions, "fetches": fetches})
     else:
         _table(editions, paused)
+        _why(editions)
         _fetch_table(fetches)
     newest = editions[0] if editions else None
     bad = bool(paused) or (
@@ -103,6 +109,27 @@ def _table(editions: list[dict[str, object]], paused: str | None) -> None:
         f"thresholds: bounce {100 * t['bounce_threshold']:.1f}%, "  # type: ignore[operator]
         f"complaint {100 * t['complaint_threshold']:.2f}% (SES review levels)"  # type: ignore[operator]
     )
+
+
+def _why(editions: list[dict[str, object]]) -> None:
+    """The top reasons of each edition that has failed, skipped or unknown deliveries."""
+    for e in editions:
+        why: dict[str, list[dict[str, object]]] = e["why"]  # type: ignore[assignment]
+        if not any(why.values()):
+            continue
+        click.echo(
+            f"why, {e['edition']} (papermail deliveries list --date {e['edition']} --state S):"
+        )
+        for state, entries in why.items():
+            for n, entry in enumerate(entries):
+                label = state if n == 0 else ""
+                reason = str(entry["reason"])
+                if len(reason) > 76:
+                    reason = reason[:75] + "…"
+                click.secho(
+                    f"  {label:<8} {entry['count']:>10,}  {reason}",
+                    fg="red" if state != "skipped" and n == 0 else None,
+                )
 
 
 def _fetch_table(fetches: list[dict[str, object]]) -> None:
