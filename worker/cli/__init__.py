@@ -14,6 +14,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from sqlalchemy.exc import OperationalError
 
 from worker import __version__
+from worker.cli.common import FullHelpGroup
 from worker.config import ConfigError, get_settings
 from worker.errors import PapermailError
 from worker.redact import redact_url
@@ -33,7 +34,7 @@ _COMMAND_MODULES = [
 ]
 
 
-class PapermailGroup(click.Group):
+class PapermailGroup(FullHelpGroup):
     """Turns expected errors into one clear line and a non-zero exit, not a traceback."""
 
     def invoke(self, ctx: click.Context) -> Any:
@@ -49,6 +50,13 @@ class PapermailGroup(click.Group):
             # One line, not a traceback; a driver message never shows the URL's password.
             reason = redact_url(str(getattr(exc, "orig", None) or exc)).strip()
             click.secho(f"error: cannot use the database: {reason}", fg="red", err=True)
+            sys.exit(1)
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as exc:
+            # A bad path given on the command line (-o /nonexistent-dir/x.html, FILE):
+            # say which path and why, not a traceback.
+            where = f" {exc.filename}" if exc.filename else ""
+            why = (exc.strerror or str(exc)).lower()
+            click.secho(f"error: cannot use{where}: {why}; check the path", fg="red", err=True)
             sys.exit(1)
         except (KombuOperationalError, RedisConnectionError, RedisTimeoutError) as exc:
             # Kombu's publish, or papermail's own read of the broker (its epoch) first.
