@@ -111,6 +111,9 @@ def _pages(site: Site) -> dict[str, Callable[[Any], None]]:
 
     def unsubscribed(page: Any) -> None:
         page.goto(site.link(mail, "/unsubscribe/"))
+        if page.is_visible("button:has-text('Re-subscribe')"):  # the previous size's doing
+            page.click("button:has-text('Re-subscribe')")
+            page.wait_for_selector("text=Welcome back")
         page.click("button:has-text('Unsubscribe')")
         page.wait_for_selector("text=You're unsubscribed")
 
