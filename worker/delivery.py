@@ -821,6 +821,7 @@ def prepare_messages(
     for key, why in selection.failures.items():
         fail(key, why)
     new_rows: list[dict[str, object]] = []
+    snapshots: list[dict[str, object]] = []
     chosen: list[tuple[Delivery, Subscriber, list[tuple[str, str | None]]]] = []
     for delivery, sub in sendable:
         if delivery.id in recorded:
@@ -834,6 +835,7 @@ def prepare_messages(
                     outcome.not_claimed += 1
                 continue
             picks = [(p.paper_id, p.matched_topic) for p in result.picks]
+            snapshots.append({"id": delivery.id, "recipient": recipient_snapshot(sub)})
             new_rows.extend(
                 {
                     "delivery_id": delivery.id,
@@ -849,6 +851,7 @@ def prepare_messages(
             continue
         chosen.append((delivery, sub, picks))
     _insert_delivery_papers(session, new_rows)
+    _record_recipients(session, snapshots)
     session.commit()
 
     paper_ids = {pid for _, _, picks in chosen for pid, _ in picks}
@@ -908,6 +911,62 @@ def _insert_delivery_papers(session: Session, rows: list[dict[str, object]]) -> 
         session.execute(_INSERT_DELIVERY_PAPERS_PG, {"rows": json.dumps(rows, allow_nan=False)})
         return
     insert_ignore_or_update(session, DeliveryPaper.__table__, rows, ["delivery_id", "paper_id"])
+
+
+_RECORD_RECIPIENTS_PG = text(
+    "UPDATE deliveries SET recipient = CAST(r.recipient AS json)"
+    " FROM json_to_recordset(CAST(:rows AS json)) AS r(id bigint, recipient text)"
+    " WHERE deliveries.id = r.id"
+)
+
+
+def _record_recipients(session: Session, rows: list[dict[str, object]]) -> None:
+    """The settings each newly selected edition was made for, with its papers: one
+    statement per chunk on PostgreSQL (as the papers), an executemany elsewhere."""
+    if not rows:
+        return
+    if session.get_bind().dialect.name == "postgresql":
+        payload = [{"id": r["id"], "recipient": json.dumps(r["recipient"])} for r in rows]
+        session.execute(_RECORD_RECIPIENTS_PG, {"rows": json.dumps(payload)})
+        return
+    session.execute(
+        update(Delivery.__table__)
+        .where(Delivery.__table__.c.id == bindparam("did"))
+        .values(recipient=bindparam("snap")),
+        [{"did": r["id"], "snap": r["recipient"]} for r in rows],
+    )
+
+
+def recipient_snapshot(sub: Subscriber) -> dict[str, object]:
+    """What ``deliveries.recipient`` keeps: the fields of rendering.Recipient."""
+    return {
+        "subscriber_id": sub.id,
+        "email": sub.email,
+        "topics": list(sub.topics or ()),
+        "frequency": sub.frequency,
+        "weekday": sub.weekday,
+        "send_hour": sub.send_hour,
+        "timezone": sub.timezone,
+    }
+
+
+def recipient_as_sent(delivery: Delivery, sub: Subscriber):  # type: ignore[no-untyped-def]
+    """The Recipient an edition was made for: its snapshot, else (an edition recorded
+    before deliveries.recipient existed) the subscriber as they are now."""
+    from worker.rendering import Recipient
+
+    snap = delivery.recipient
+    if not isinstance(snap, dict):
+        return recipient_of(sub)
+    return Recipient(
+        subscriber_id=sub.id,
+        email=str(snap.get("email") or sub.email),
+        topics=tuple(str(t) for t in snap.get("topics") or ()),
+        frequency=str(snap.get("frequency") or sub.frequency),
+        weekday=snap.get("weekday") if isinstance(snap.get("weekday"), int) else None,
+        send_hour=int(snap.get("send_hour", sub.send_hour)),
+        timezone=str(snap.get("timezone") or sub.timezone),
+    )
 
 
 def _papers_due_elsewhere(session: Session, subscriber_ids: set[int]) -> dict[int, set[str]]:

@@ -252,6 +252,9 @@ class Delivery(Base):
     # "papers": held back by the beat until the day's papers are fetched; `scheduled_at`
     # is then the deadline (worker.scheduling.release_waiting). Never claimed meanwhile.
     waiting_for: Mapped[str | None] = mapped_column(String(16))
+    # The subscriber's settings the edition was made for (rendering.Recipient's fields),
+    # written with its papers: "view in browser" shows the footer as it was sent.
+    recipient: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
     claimed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

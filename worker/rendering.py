@@ -1195,8 +1195,15 @@ class Renderer:
         return parts
 
     def digest_context(
-        self, recipient: Recipient, edition_date: date, papers: Sequence[PaperView]
+        self,
+        recipient: Recipient,
+        edition_date: date,
+        papers: Sequence[PaperView],
+        *,
+        as_sent: bool = False,
     ) -> dict[str, Any]:
+        """The template context; ``as_sent``: an archived edition ("view in browser"),
+        whose footer tells what was true when it went out."""
         if not papers:
             raise InvalidInput("a digest needs at least one paper (skip the delivery instead)")
         sid = int(recipient.subscriber_id)
@@ -1248,8 +1255,12 @@ class Renderer:
         )
         email_addr = clean_line(recipient.email)
         why = (
-            f"You get this because you subscribed to papermail with {email_addr}, "
-            f"{schedule_text(recipient)}, topics: "
+            (
+                f"You got this because you were subscribed to papermail with {email_addr}, "
+                if as_sent
+                else f"You get this because you subscribed to papermail with {email_addr}, "
+            )
+            + f"{schedule_text(recipient)}, topics: "
             + (", ".join(topics) if topics else "none (the overall trending top)")
             + "."
         )
@@ -1282,10 +1293,15 @@ class Renderer:
         return subject, _render_pieces(text_t, ctx), _render_pieces(html_t, ctx)
 
     def digest_html(
-        self, recipient: Recipient, edition_date: date, papers: Sequence[PaperView]
+        self,
+        recipient: Recipient,
+        edition_date: date,
+        papers: Sequence[PaperView],
+        *,
+        as_sent: bool = False,
     ) -> str:
         t = self.templates
-        ctx = self.digest_context(recipient, edition_date, papers)
+        ctx = self.digest_context(recipient, edition_date, papers, as_sent=as_sent)
         return "".join(self._fill(ctx, t.digest_html, t.digest_text, t.digest_subject)[2])
 
     def render_digest(

@@ -11,6 +11,7 @@ import click
 from sqlalchemy.exc import OperationalError
 
 from worker import __version__
+from worker.cli.common import FullHelpGroup
 from worker.config import ConfigError, get_settings
 from worker.errors import PapermailError
 from worker.redact import redact_url
@@ -49,7 +50,7 @@ def _broker_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
-class PapermailGroup(click.Group):
+class PapermailGroup(FullHelpGroup):
     """Turns expected errors into one clear line and a non-zero exit, not a traceback;
     loads each command's module when the command is used (``lazy``: name -> module)."""
 
@@ -77,6 +78,13 @@ class PapermailGroup(click.Group):
             # One line, not a traceback; a driver message never shows the URL's password.
             reason = redact_url(str(getattr(exc, "orig", None) or exc)).strip()
             click.secho(f"error: cannot use the database: {reason}", fg="red", err=True)
+            sys.exit(1)
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as exc:
+            # A bad path given on the command line (-o /nonexistent-dir/x.html, FILE):
+            # say which path and why, not a traceback.
+            where = f" {exc.filename}" if exc.filename else ""
+            why = (exc.strerror or str(exc)).lower()
+            click.secho(f"error: cannot use{where}: {why}; check the path", fg="red", err=True)
             sys.exit(1)
         except Exception as exc:
             if not isinstance(exc, _broker_errors()):
