@@ -24,7 +24,9 @@ from worker.redact import HIDDEN, redact_url
 # Refused whenever mail can leave the machine (MAILER != outbox).
 DEV_SECRET_KEY = "dev-insecure-papermail-secret-change-me"
 # The outbox's stand-in for PAPERMAIL_POSTAL_ADDRESS (a real mailer refuses to start without one).
-SAMPLE_POSTAL_ADDRESS = "papermail demo, 1 Sample Street, Example City (set PAPERMAIL_POSTAL_ADDRESS)"
+SAMPLE_POSTAL_ADDRESS = (
+    "papermail demo, 1 Sample Street, Example City (set PAPERMAIL_POSTAL_ADDRESS)"
+)
 
 ENV_PREFIX = "PAPERMAIL_"
 

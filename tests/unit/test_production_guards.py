@@ -83,9 +83,14 @@ def test_real_mailers_need_a_postal_address(
         monkeypatch.setenv("PAPERMAIL_POSTAL_ADDRESS", missing)
         with pytest.raises(config.ConfigError) as raised:
             config.load_settings()
-        assert str(raised.value).splitlines()[1].strip().startswith(
-            f"PAPERMAIL_POSTAL_ADDRESS: the sender's postal address is required when "
-            f"PAPERMAIL_MAILER is {mailer!r}"
+        assert (
+            str(raised.value)
+            .splitlines()[1]
+            .strip()
+            .startswith(
+                f"PAPERMAIL_POSTAL_ADDRESS: the sender's postal address is required when "
+                f"PAPERMAIL_MAILER is {mailer!r}"
+            )
         )
     # Nothing is sent without it: the CLI refuses to start, in one line, no traceback.
     result = CliRunner().invoke(main, ["digest", "run", "--dry-run"])
