@@ -238,7 +238,8 @@ def _date_labels(day: date) -> tuple[str, str]:
 
 
 _STOPWORDS = frozenset(
-    "a an and are as at be by for from in into is of on or the to via with using".split()
+    {"a", "an", "and", "are", "as", "at", "be", "by", "for", "from", "in", "into", "is"}
+    | {"of", "on", "or", "the", "to", "via", "with", "using"}
 )
 _WORD = re.compile(r"\w+")
 _SUFFIXES = ("ations", "ation", "ings", "ing", "ies", "es", "ed", "s")
