@@ -362,8 +362,8 @@ class TemplateError(Exception):
 
 
 def _read_sources(directory: Path) -> dict[str, str]:
-    """The email templates of ``directory``, plus the partials shared with the pages as
-    ``shared/NAME``: from its sibling ``shared/`` when there is one, else the bundled ones."""
+    """The email templates of ``directory``, plus the partials shared with the pages
+    (templates/shared, bundled with papermail) as ``shared/NAME``."""
     if not directory.is_dir():
         raise TemplateError(f"email templates directory {directory} is missing")
     sources = {
@@ -371,9 +371,7 @@ def _read_sources(directory: Path) -> dict[str, str]:
         for path in sorted(directory.iterdir())
         if path.is_file() and not path.name.startswith(".")
     }
-    shared = directory.parent / "shared"
-    if not shared.is_dir():
-        shared = shared_templates_dir()
+    shared = shared_templates_dir()
     if shared.is_dir():
         for path in sorted(shared.iterdir()):
             if path.is_file() and not path.name.startswith("."):
