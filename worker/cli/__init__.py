@@ -30,6 +30,8 @@ _COMMAND_MODULES = [
     "demo",
     "events",
     "web",
+    "metrics",
+    "alerts",
 ]
 
 
