@@ -89,6 +89,7 @@ class HttpWebhook:
             respect_retry_after_header=True,
             raise_on_status=False,
         )
+        _hide_in_urllib3_logs(urlsplit(url).path)
         adapter = HTTPAdapter(max_retries=retry)
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
@@ -104,10 +105,45 @@ class HttpWebhook:
         try:
             response = self.session.post(self.url, json={"text": text}, timeout=self.timeout)
         except requests.RequestException as exc:
+            from urllib3.exceptions import TimeoutError as Urllib3Timeout
+
+            # urllib3's retries wrap a timeout in a MaxRetryError (requests: ConnectionError).
+            from urllib3.exceptions import NewConnectionError
+
+            cause = getattr(exc.args[0], "reason", None) if exc.args else None
+            if isinstance(cause, NewConnectionError):  # (a subclass of urllib3's timeout)
+                raise AlertError(f"cannot connect to {self.shown}") from None
+            if isinstance(exc, requests.Timeout) or isinstance(cause, Urllib3Timeout):
+                raise AlertError(f"no answer from {self.shown} within {self.timeout:g} s") from None
             # The exception text may carry the URL: name its kind and the host only.
             raise AlertError(f"{type(exc).__name__} posting to {self.shown}") from None
         if response.status_code >= 300:
             raise AlertError(f"{self.shown} answered HTTP {response.status_code}")
+
+
+class _HidePaths(logging.Filter):
+    """urllib3 logs each retry with the request path: a webhook's path is its secret."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.paths: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if any(path in message for path in self.paths):
+            for path in self.paths:
+                message = message.replace(path, "/[webhook path]")
+            record.msg, record.args = message, None
+        return True
+
+
+_hide_paths = _HidePaths()
+logging.getLogger("urllib3.connectionpool").addFilter(_hide_paths)
+
+
+def _hide_in_urllib3_logs(path: str) -> None:
+    if len(path) > 1:
+        _hide_paths.paths.add(path)
 
 
 def get_webhook(settings: Settings) -> Webhook | None:
