@@ -105,11 +105,10 @@ class HttpWebhook:
         try:
             response = self.session.post(self.url, json={"text": text}, timeout=self.timeout)
         except requests.RequestException as exc:
+            from urllib3.exceptions import NewConnectionError
             from urllib3.exceptions import TimeoutError as Urllib3Timeout
 
             # urllib3's retries wrap a timeout in a MaxRetryError (requests: ConnectionError).
-            from urllib3.exceptions import NewConnectionError
-
             cause = getattr(exc.args[0], "reason", None) if exc.args else None
             if isinstance(cause, NewConnectionError):  # (a subclass of urllib3's timeout)
                 raise AlertError(f"cannot connect to {self.shown}") from None
