@@ -21,8 +21,11 @@ from __future__ import annotations
 
 import hmac
 import logging
+import math
 import os
 import threading
+import time
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -113,6 +116,27 @@ class WorkerMetrics:
         )
         # Child lookups cached: .labels() costs a lock and a dict walk each time.
         self._children: dict[tuple[int, str], Any] = {}
+        # The send path's figures are gathered in plain numbers and written to the metric
+        # values (each update a lock, and a file write in multiprocess mode) at most once
+        # a second and at the end of each chunk: per email that leaves two clock reads, a
+        # bisect and an addition (bench/metrics.py).
+        self._buffer_lock = threading.Lock()
+        self._latency = _HistogramBuffer(self.latency)
+        self._wait = _HistogramBuffer(self.wait)
+        self._sent = 0
+        self._flushed_at = time.monotonic()
+
+    def add_batch(self, sent: int, latencies: Sequence[float]) -> None:
+        with self._buffer_lock:
+            self._sent += sent
+            self._latency.add_many(latencies)
+            due = time.monotonic() - self._flushed_at >= FLUSH_SECONDS
+        if due:
+            self.flush()
+
+    def add_wait(self, seconds: float) -> None:
+        with self._buffer_lock:
+            self._wait.add(seconds)
 
     def child(self, metric: Any, kind: str) -> Any:
         key = (id(metric), kind)
@@ -120,6 +144,74 @@ class WorkerMetrics:
         if found is None:
             found = self._children[key] = metric.labels(kind=kind)
         return found
+
+    def flush(self) -> None:
+        """Write what was gathered since the last flush into the metric values."""
+        with self._buffer_lock:
+            sent, self._sent = self._sent, 0
+            latency = self._latency.take()
+            wait = self._wait.take()
+            self._flushed_at = time.monotonic()
+        if sent:
+            self.sent.inc(sent)
+        self._latency.write(latency)
+        self._wait.write(wait)
+
+
+# How stale a scrape's send-path figures may be while a chunk runs (it flushes at its end).
+FLUSH_SECONDS = 1.0
+
+
+class _HistogramBuffer:
+    """Observations of one histogram, counted per bucket until written.
+
+    Written through the histogram's own values (``_sum``, ``_buckets``: the same figures
+    as one ``observe()`` each, checked by the tests); a prometheus_client without those
+    internals gets plain ``observe()`` calls instead.
+    """
+
+    def __init__(self, histogram: Histogram) -> None:
+        self.histogram = histogram
+        bounds = tuple(getattr(histogram, "_upper_bounds", ()))
+        direct = not (bounds and hasattr(histogram, "_buckets") and hasattr(histogram, "_sum"))
+        self.bounds = bounds
+        self.direct = direct
+        self.values: list[float] = []  # only when direct
+        self.counts = [0] * len(bounds)
+        self.total = 0.0
+
+    def add(self, value: float) -> None:
+        if self.direct:
+            self.values.append(value)
+            return
+        self.counts[bisect_left(self.bounds, value)] += 1  # first bucket with value <= bound
+        self.total += value
+
+    def add_many(self, values: Sequence[float]) -> None:
+        if self.direct:
+            self.values.extend(values)
+            return
+        counts, bounds = self.counts, self.bounds
+        for value in values:
+            counts[bisect_left(bounds, value)] += 1
+        self.total += math.fsum(values)
+
+    def take(self) -> tuple[list[int], float, list[float]]:
+        taken = (self.counts, self.total, self.values)
+        self.counts, self.total, self.values = [0] * len(self.bounds), 0.0, []
+        return taken
+
+    def write(self, taken: tuple[list[int], float, list[float]]) -> None:
+        counts, total, values = taken
+        h: Any = self.histogram
+        for value in values:
+            h.observe(value)
+        if not any(counts):
+            return
+        h._sum.inc(total)
+        for i, n in enumerate(counts):
+            if n:
+                h._buckets[i].inc(n)
 
 
 _lock = threading.Lock()
@@ -207,11 +299,7 @@ def record_batch(
     """A batch's outcomes: ``sent`` accepted, each provider call's seconds, and for each
     failure (what became of it: failed | retried | unknown | paused, the error kind)."""
     m = worker_metrics()
-    if sent:
-        m.sent.inc(sent)
-    observe = m.latency.observe
-    for seconds in latencies:
-        observe(seconds)
+    m.add_batch(sent, latencies)
     for what, kind in failures:
         if what == "failed":
             m.child(m.failed, kind).inc()
@@ -235,11 +323,20 @@ def record_unsent(failed: int = 0, skipped: int = 0, kind: str = "prepare") -> N
 
 
 def observe_wait(seconds: float) -> None:
-    worker_metrics().wait.observe(seconds)
+    worker_metrics().add_wait(seconds)
 
 
 def observe_chunk(seconds: float) -> None:
-    worker_metrics().chunk.observe(seconds)
+    """A chunk ended: its duration, and everything gathered for it written out."""
+    m = worker_metrics()
+    m.chunk.observe(seconds)
+    m.flush()
+
+
+def flush() -> None:
+    """Write the gathered send-path figures now (before a scrape of this process)."""
+    if _metrics is not None:
+        _metrics.flush()
 
 
 def record_alert(kind: str, result: str) -> None:
@@ -387,7 +484,21 @@ class _ProcessMetrics:
     """This process's own WorkerMetrics, for a registry (without multiprocess files)."""
 
     def collect(self) -> Iterator[Metric]:
-        yield from worker_metrics().registry.collect()
+        m = worker_metrics()
+        m.flush()
+        yield from m.registry.collect()
+
+    def describe(self) -> list[Metric]:
+        return []
+
+
+class _FlushFirst:
+    """Registered before the multiprocess files are read: this process's gathered
+    figures go into its file first."""
+
+    def collect(self) -> Iterator[Metric]:
+        flush()
+        return iter(())
 
     def describe(self) -> list[Metric]:
         return []
@@ -402,6 +513,7 @@ def registry(
     configure(settings)
     reg = CollectorRegistry(auto_describe=False)
     if settings.metrics_dir is not None:
+        reg.register(_FlushFirst())  # type: ignore[arg-type]
         MultiProcessCollector(reg, path=str(settings.metrics_dir))
     else:
         reg.register(_ProcessMetrics())  # type: ignore[arg-type]

@@ -120,6 +120,30 @@ def test_deliveries_settled_before_sending_are_counted(world: Settings) -> None:
     assert value(found, "papermail_emails_sent_total") == 4
 
 
+def test_batched_latencies_are_the_figures_of_one_observe_each(env: dict[str, str]) -> None:
+    from prometheus_client import CollectorRegistry, Histogram
+
+    values = [0.001, 0.005, 0.0051, 0.3, 2.5, 19.0, 25.0, 0.05, 0.05]
+    metrics.record_batch(len(values), values[:4])
+    metrics.record_batch(0, values[4:])
+    metrics.flush()
+    reference = Histogram("ref", "", buckets=metrics.LATENCY_BUCKETS, registry=CollectorRegistry())
+    for v in values:
+        reference.observe(v)
+    mine = {
+        s.labels.get("le", s.name.rsplit("_", 1)[1]): s.value
+        for s in next(iter(metrics.worker_metrics().latency.collect())).samples
+        if not s.name.endswith("_created")
+    }
+    theirs = {
+        s.labels.get("le", s.name.rsplit("_", 1)[1]): s.value
+        for s in next(iter(reference.collect())).samples
+        if not s.name.endswith("_created")
+    }
+    assert mine == pytest.approx(theirs) and mine["count"] == 9
+    assert not metrics.worker_metrics()._latency.direct  # the batched path was taken
+
+
 # ---------------------------------------------------------------------------------------
 # Prefork: every process writes its own file, one scrape adds them up
 
