@@ -32,7 +32,15 @@ ENV_PREFIX = "PAPERMAIL_"
 
 # Never echoed in an error message, whatever their value.
 SECRET_FIELDS = frozenset(
-    {"secret_key", "aws_secret_access_key", "aws_access_key_id", "smtp_password"}
+    {
+        "secret_key",
+        "aws_secret_access_key",
+        "aws_access_key_id",
+        "smtp_password",
+        "metrics_token",
+        # A Slack or Mattermost incoming-webhook URL is itself the credential.
+        "alert_webhook_url",
+    }
 )
 
 MAX_SEND_CONCURRENCY = 256
@@ -157,6 +165,24 @@ class Settings(BaseSettings):
     # them are replaced by [address] unless LOG_ADDRESSES is on.
     log_format: Literal["text", "json"] = "text"
     log_addresses: bool = False
+    # Monitoring (worker.metrics, worker.alerts)
+    # Celery prefork: each process writes its counters here (prometheus_client's
+    # multiprocess mode); whoever serves /metrics on the host reads them all. One
+    # directory per host, emptied before the workers start.
+    metrics_dir: Path | None = None
+    metrics_token: str | None = None  # bearer token /metrics asks for; unset: open
+    # The Celery worker's parent serves its processes' metrics on this port (unset: none).
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    alert_webhook_url: str | None = None  # Slack/Mattermost incoming webhook
+    alert_timeout_seconds: float = Field(default=10.0, gt=0, le=120)
+    alert_retries: int = Field(default=3, ge=0, le=10)
+    alert_check_minutes: int = Field(default=5, ge=1, le=60)
+    # An edition is late when a delivery is still pending or sending this long after it
+    # was planned (or let go after waiting for the day's papers).
+    edition_deadline_minutes: int = Field(default=240, ge=5, le=2880)
+    # Warn well before SES's review levels (BOUNCE_RATE_LIMIT / COMPLAINT_RATE_LIMIT).
+    bounce_rate_warning: float = Field(default=0.025, gt=0, le=1)
+    complaint_rate_warning: float = Field(default=0.0005, gt=0, le=1)
     # Web
     subscribe_rate_per_hour: int = Field(default=5, ge=1)
     trusted_proxies: int = Field(default=0, ge=0, le=5)  # reverse proxies in front of web
@@ -204,6 +230,39 @@ class Settings(BaseSettings):
                 "PAPERMAIL_SOURCES includes arxiv but PAPERMAIL_ARXIV_CATEGORIES is empty; "
                 "name the categories to fetch, e.g. cs.LG,cs.CL"
             )
+        return self
+
+    @field_validator("alert_webhook_url")
+    @classmethod
+    def _webhook_url(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL (a Slack or Mattermost webhook)")
+        return value
+
+    @field_validator("metrics_token")
+    @classmethod
+    def _metrics_token(cls, value: str | None) -> str | None:
+        if value is not None and value.strip() != value:
+            raise ValueError("must not start or end with spaces")
+        if value is not None and len(value) < 16:
+            raise ValueError("must be at least 16 characters (or unset for an open /metrics)")
+        return value or None
+
+    @model_validator(mode="after")
+    def _warnings_below_limits(self) -> Settings:
+        for warn, limit in (
+            ("bounce_rate_warning", "bounce_rate_limit"),
+            ("complaint_rate_warning", "complaint_rate_limit"),
+        ):
+            if getattr(self, warn) >= getattr(self, limit):
+                raise ValueError(
+                    f"{ENV_PREFIX}{warn.upper()} ({getattr(self, warn)}) must be below "
+                    f"{ENV_PREFIX}{limit.upper()} ({getattr(self, limit)}): it warns before "
+                    "the reputation guard pauses sending"
+                )
         return self
 
     @property

@@ -389,6 +389,25 @@ class ControlFlag(Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
 
 
+class Alert(Base):
+    """An alert posted to PAPERMAIL_ALERT_WEBHOOK_URL (worker.alerts): its unique key is
+    what keeps several workers and processes from sending it twice."""
+
+    __tablename__ = "alerts"
+    __table_args__ = (UniqueConstraint("key", name="uq_alerts_key"),)
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    key: Mapped[str] = mapped_column(String(200))  # kind:what, e.g. unknown:2031-03-14
+    kind: Mapped[str] = mapped_column(String(32))
+    edition_date: Mapped[date | None] = mapped_column(Date)
+    message: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    claimed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # a process posting it
+    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    last_error: Mapped[str | None] = mapped_column(Text)
+
+
 class FetchStatus(StrEnum):
     OK = "ok"  # fetched, validated and stored
     NOT_MODIFIED = "not_modified"  # the source answered 304: nothing new since the last one

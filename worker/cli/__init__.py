@@ -31,6 +31,8 @@ _COMMAND_MODULES = [
     "demo",
     "events",
     "web",
+    "metrics",
+    "alerts",
 ]
 
 

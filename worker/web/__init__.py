@@ -40,11 +40,12 @@ def create_app(settings: Settings | None = None, *, dev: bool = False) -> Flask:
     app.config["PAPERMAIL_SETTINGS"] = settings
     app.config["SECRET_KEY"] = settings.signing_keys[0]
     app.config["MAX_CONTENT_LENGTH"] = 1024 * 1024  # SNS messages are far smaller
-    from worker.web import guards, pages, webhooks
+    from worker.web import guards, metrics, pages, webhooks
 
     guards.install(app)
     app.register_blueprint(webhooks.bp)
     app.register_blueprint(pages.bp)
+    app.register_blueprint(metrics.bp)
     # SNS's POSTs skip Flask's per-request machinery (same answers); inside ProxyFix, so
     # the client address it logs is the one Flask would see.
     app.wsgi_app = webhooks.SnsFastPath(app, app.wsgi_app)  # type: ignore[method-assign]
