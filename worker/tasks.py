@@ -49,11 +49,9 @@ from worker.config import Settings, get_settings
 from worker.db import session_scope
 from worker.errors import PapermailError
 from worker.models import Delivery, DeliveryState, utcnow
+from worker.queues import PLAN_QUEUE, SEND_QUEUE
 
 log = logging.getLogger(__name__)
-
-PLAN_QUEUE = "plan"
-SEND_QUEUE = "send"
 
 # The longest countdown any task here is given (transient retries are clamped to it;
 # delivery.backoff_delay caps at an hour). A countdown longer than the visibility timeout
