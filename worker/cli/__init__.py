@@ -26,6 +26,7 @@ _COMMAND_MODULES = [
     "digest",
     "resend",
     "stats",
+    "health",
     "sending",
     "demo",
     "events",
