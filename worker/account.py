@@ -176,13 +176,13 @@ def check_quota(
 ) -> QuotaShortfall | None:
     """Warn when ``planned`` emails would pass what the 24-hour quota still allows.
 
-    One GetAccount call (only when something is planned and the mailer reports a quota);
-    never raises: a provider that cannot be asked is logged, and sending goes on.
+    One GetAccount call, only when something is planned and the mailer reports a quota
+    (SES); never raises: a provider that cannot be asked is logged, and sending goes on.
     """
-    if planned <= 0:
-        return None
-    from worker.mailers.base import get_mailer
+    from worker.mailers.base import get_mailer, mailer_class
 
+    if planned <= 0 or not (mailer or mailer_class(settings)).reports_quota:
+        return None
     try:
         info = (mailer or get_mailer(settings)).account()
     except Exception as exc:

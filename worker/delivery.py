@@ -1344,6 +1344,9 @@ def run_in_process(
     with session_scope() as session:
         reap_stale_sending(session, settings)
         plan = plan_edition(session, edition_date, now=now)
+    from worker.account import check_quota
+
+    check_quota(edition_date, len(plan.pending_ids), settings)
     if on_planned:
         on_planned(len(plan.pending_ids))
     total = send_in_process(

@@ -45,6 +45,7 @@ from kombu import Exchange, Queue
 from sqlalchemy import and_, or_, select, update
 
 from worker import delivery, scheduling
+from worker.account import check_quota
 from worker.config import Settings, get_settings
 from worker.db import session_scope
 from worker.errors import PapermailError
@@ -390,6 +391,7 @@ def enqueue_edition(
         plan = delivery.plan_edition(session, edition, now=now)
         ready = set(delivery.pending_delivery_ids(session, edition, now=now))
     plan.pending_ids = [i for i in plan.pending_ids if i in ready]
+    check_quota(edition, len(plan.pending_ids), settings)
     enqueue_ids(plan.pending_ids, settings)
     return plan
 
@@ -491,6 +493,7 @@ def plan_due() -> int:
     settings = get_settings()
     with session_scope() as session:
         ids = scheduling.plan_due(session, settings=settings)
+    check_quota(utcnow().date(), len(ids), settings)
     chunks = enqueue_ids(ids, settings)
     log.info("plan_due: %d deliveries in %d chunks", len(ids), chunks)
     return len(ids)

@@ -16,7 +16,8 @@ from worker.delivery import sending_paused
 @click.option("--json", "as_json", is_flag=True, help="Stable JSON for scripts.")
 def command(date_: str | None, as_json: bool) -> None:
     """Per edition: counts by state, bounce and complaint rates against SES's review
-    thresholds, when sending started and ended, achieved rate, oldest pending.
+    thresholds, when sending started and ended, achieved rate, oldest pending; with SES,
+    the account's 24-hour quota used and left (GetAccount).
 
     Exits 1 when the newest edition shown (or --date D) has failed or unknown deliveries or
     a rate over its threshold, or when sending is paused. Rates are SES's: hard bounces and
@@ -37,11 +38,13 @@ def command(date_: str | None, as_json: bool) -> None:
         # The fetches of the dates shown (and today's): what the editions had to go on.
         fetch_dates = sorted({*dates, utcnow().date()}) if not date_ else dates
         fetches = [fetch_json(r) for r in recent_fetches(session, fetch_dates)]
+    account = operations.account_quota()
     if as_json:
-        echo_json({"paused": paused, "editions": editions, "fetches": fetches})
+        echo_json({"paused": paused, "editions": editions, "fetches": fetches, "account": account})
     else:
         _table(editions, paused)
         _fetch_table(fetches)
+        _account_line(account)
     newest = editions[0] if editions else None
     bad = bool(paused) or (
         newest is not None
@@ -121,3 +124,23 @@ def _fetch_table(fetches: list[dict[str, object]]) -> None:
             f"{f['requests']} request{'' if f['requests'] == 1 else 's'}, {f['bytes']:,} bytes, "
             f"at {f['finished_at']}"
         )
+
+
+def _account_line(account: dict[str, object] | None) -> None:
+    if account is None:
+        return
+    if "error" in account:
+        click.secho(
+            f"{account['mailer']} quota: cannot ask the provider: {account['error']}", fg="yellow"
+        )
+        return
+    limit, sent, left = account["max_24h_send"], account["sent_last_24h"], account["remaining_24h"]
+    rate = account["max_send_rate"]
+    rate_text = f", max {rate:g}/s" if isinstance(rate, int | float) else ""
+    if not isinstance(limit, int | float) or limit < 0:
+        click.echo(f"{account['mailer']} 24 h quota: unlimited{rate_text}")
+        return
+    click.echo(
+        f"{account['mailer']} 24 h quota: {sent or 0:,.0f} of {limit:,.0f} used, "  # type: ignore[str-format]
+        f"{left or 0:,.0f} left{rate_text}"  # type: ignore[str-format]
+    )

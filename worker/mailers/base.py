@@ -83,6 +83,8 @@ class Mailer(ABC):
     """Send one message; thread-safe; raise a :class:`MailerError` kind on failure."""
 
     name: ClassVar[str]
+    # Whether ``account()`` reports a 24-hour quota (asked before each edition if so).
+    reports_quota: ClassVar[bool] = False
     # Why this mailer cannot deliver to an address with a non-ASCII local part
     # (``tést@example.com``, which needs SMTPUTF8 and RFC 6532 UTF-8 headers).
     non_ascii_local_part: ClassVar[str] = (

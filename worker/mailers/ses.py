@@ -102,6 +102,7 @@ def email_tags(tags: Mapping[str, str]) -> list[dict[str, str]]:
 
 class SesMailer(Mailer):
     name = "ses"
+    reports_quota = True
     non_ascii_local_part = (
         "Amazon SES accepts only ASCII before the @ (it does not support SMTPUTF8)"
     )
