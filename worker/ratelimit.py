@@ -77,6 +77,9 @@ class LocalBucket(_Bucket):
     def __init__(self, rate: float, burst: int, rate_source: RateSource | None = None) -> None:
         if rate <= 0 or burst < 1:
             raise ValueError("rate must be > 0 and burst >= 1")
+        if rate_source is not None:  # starts full at the rate it follows
+            rate = rate_source.rate()
+            burst = rate_source.burst(rate)
         self._base_rate = rate
         self._burst = burst
         self._tokens = float(burst)
@@ -85,8 +88,6 @@ class LocalBucket(_Bucket):
         self._factor = 1.0
         self._lock = threading.Lock()
         self._source = rate_source
-        if rate_source is not None:
-            self._follow(rate_source.rate())
 
     @property
     def base_rate(self) -> float:
