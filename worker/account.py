@@ -9,18 +9,23 @@ the process keeps the value itself for the interval. When SES cannot be asked th
 value known stays in force (or ``SEND_RATE``'s default before any answer), and it is
 asked again a minute later.
 
-Before an edition goes out, :func:`check_quota` compares the emails planned with what the
+Once an edition is queued, :func:`check_quota` compares the emails planned with what the
 24-hour quota still allows and warns (log line and :func:`on_quota_shortfall`) when the
-edition would pass it.
+edition would pass it. It reads :class:`AccountCache`: the provider's answer shared in
+Redis for ``CACHE_SECONDS``, and a failure to answer for ``FAILURE_SECONDS`` too, so a
+provider that is away (or an endpoint without the call) is asked once a minute for the
+whole deployment, each time with one short attempt, never once per planning tick.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import date
 from typing import Any
 
@@ -34,6 +39,12 @@ RATE_KEY = "papermail:account:max-send-rate"
 LOCAL_SECONDS = 30.0
 # After a failed GetAccount: ask again this soon, whatever the refresh interval.
 RETRY_SECONDS = 60.0
+INFO_KEY = "papermail:account:info"
+# How long an answer of the provider (the quota, the rate) is shared; the 24-hour quota's
+# "sent" moves with every edition, so not for longer.
+CACHE_SECONDS = 60.0
+# How long a failure to answer is shared: nobody asks again before it expires.
+FAILURE_SECONDS = 60.0
 
 
 class AccountRate:
@@ -123,12 +134,149 @@ class AccountRate:
             log.warning("send rate: cannot share the account rate (%s)", exc)
 
 
+class AccountUnavailable(Exception):
+    """The provider could not be asked (now, or within ``FAILURE_SECONDS`` before)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class AccountCache:
+    """The provider's :class:`AccountInfo`, shared by every process through Redis.
+
+    ``fetch`` asks the provider (``Mailer.account()``) and may raise; its answer is kept for
+    ``ttl`` seconds, a failure for ``failure_ttl`` (the negative cache: raised again as
+    :class:`AccountUnavailable` without asking). Each process also keeps its copy until it
+    expires, at most ``LOCAL_SECONDS`` when shared. Redis away: the process's own copy only.
+    """
+
+    def __init__(
+        self,
+        fetch: Callable[[], Any],
+        *,
+        ttl: float = CACHE_SECONDS,
+        failure_ttl: float = FAILURE_SECONDS,
+        redis: Any | None = None,
+        key: str = INFO_KEY,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._fetch = fetch
+        self._key = key
+        self._ttl, self._failure_ttl = ttl, failure_ttl
+        self._redis = redis
+        self._clock = clock
+        self._entry: dict[str, Any] | None = None  # {"info": {...}} or {"error": reason}
+        self._until = 0.0
+        self._lock = threading.Lock()
+        self.fetches = 0  # provider calls made by this process (tests)
+
+    def get(self) -> Any:
+        """The AccountInfo; raises AccountUnavailable when the provider cannot be asked."""
+        with self._lock:
+            now = self._clock()
+            if self._entry is None or now >= self._until:
+                self._entry, life = self._shared() or self._ask()
+                self._until = now + (min(life, LOCAL_SECONDS) if self._redis else life)
+            entry = self._entry
+        if "error" in entry:
+            raise AccountUnavailable(str(entry["error"]))
+        return _info_from(entry["info"])
+
+    def _ask(self) -> tuple[dict[str, Any], float]:
+        self.fetches += 1
+        try:
+            entry: dict[str, Any] = {"info": asdict(self._fetch())}
+            life = self._ttl
+        except Exception as exc:  # remembered, so nobody asks again for a while
+            reason = redact_url(str(getattr(exc, "reason", None) or exc))
+            entry, life = {"error": reason}, self._failure_ttl
+            log.warning(
+                "could not ask the mail provider about the account (%s); not asked again for %g s",
+                reason,
+                life,
+            )
+        if self._redis is not None:
+            try:
+                self._redis.set(self._key, json.dumps(entry), px=max(1, int(life * 1000)))
+            except Exception as exc:
+                log.warning("account: cannot share the provider's answer (%s)", exc)
+        return entry, life
+
+    def _shared(self) -> tuple[dict[str, Any], float] | None:
+        if self._redis is None:
+            return None
+        try:
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.get(self._key)
+            pipe.pttl(self._key)
+            raw, pttl = pipe.execute()
+            if not raw or not isinstance(pttl, int) or pttl <= 0:
+                return None
+            entry = json.loads(raw)
+            if not isinstance(entry, dict) or not ({"info", "error"} & entry.keys()):
+                return None
+            return entry, pttl / 1000
+        except Exception as exc:  # Redis away or a bad value: ask the provider instead
+            log.warning("account: cannot read the shared answer (%s)", exc)
+            return None
+
+
+def _info_from(fields: dict[str, Any]) -> Any:
+    from worker.mailers.base import AccountInfo
+
+    return AccountInfo(
+        **{
+            **fields,
+            "details": dict(fields.get("details") or {}),
+            "problems": tuple(fields.get("problems") or ()),
+            "warnings": tuple(fields.get("warnings") or ()),
+        }
+    )
+
+
+_cache: AccountCache | None = None
+_cache_key: tuple[object, ...] | None = None
+_cache_lock = threading.Lock()
+
+
+def account_cache(settings: Settings) -> AccountCache:
+    """This process's AccountCache of the configured mailer (shared in Redis when the
+    broker is Redis); rebuilt when the settings it depends on change (tests)."""
+    global _cache, _cache_key
+    key = (settings.mailer, settings.ses_endpoint_url, settings.ses_region, settings.broker_url)
+    with _cache_lock:
+        if _cache is None or key != _cache_key:
+            from worker.mailers.base import get_mailer
+
+            redis = None
+            url = settings.broker_url or ""
+            if url.startswith(("redis://", "rediss://", "unix://")):
+                import redis as redis_lib
+
+                # Short timeouts: a Redis that is away must not hold up planning either.
+                redis = redis_lib.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1)
+            # One answer per account: another region or endpoint is another account.
+            where = hashlib.sha256(repr(key[:3]).encode()).hexdigest()[:16]
+            _cache = AccountCache(
+                lambda: get_mailer(settings).account(), redis=redis, key=f"{INFO_KEY}:{where}"
+            )
+            _cache_key = key
+        return _cache
+
+
+def reset_account_cache() -> None:
+    """Forget this process's copy (tests; the shared one expires by itself)."""
+    global _cache, _cache_key
+    with _cache_lock:
+        _cache, _cache_key = None, None
+
+
 def account_rate(settings: Settings, redis: Any | None = None) -> AccountRate:
     """The AccountRate of the configured mailer (its ``account()``)."""
-    from worker.mailers.base import get_mailer
 
-    def fetch() -> float | None:
-        return get_mailer(settings).account().max_send_rate
+    def fetch() -> float | None:  # the answer the quota check shares, at most a minute old
+        return account_cache(settings).get().max_send_rate
 
     return AccountRate(
         fetch,
@@ -176,15 +324,20 @@ def check_quota(
 ) -> QuotaShortfall | None:
     """Warn when ``planned`` emails would pass what the 24-hour quota still allows.
 
-    One GetAccount call, only when something is planned and the mailer reports a quota
-    (SES); never raises: a provider that cannot be asked is logged, and sending goes on.
+    Reads the shared :class:`AccountCache` (``mailer`` given: asks it directly), only when
+    something is planned and the mailer reports a quota (SES); never raises: a provider
+    that cannot be asked is logged when it is asked, and sending goes on. Callers queue
+    the edition first, so even the one short attempt a minute never delays it.
     """
-    from worker.mailers.base import get_mailer, mailer_class
+    from worker.mailers.base import mailer_class
 
     if planned <= 0 or not (mailer or mailer_class(settings)).reports_quota:
         return None
     try:
-        info = (mailer or get_mailer(settings)).account()
+        info = mailer.account() if mailer is not None else account_cache(settings).get()
+    except AccountUnavailable as exc:  # the failure itself is logged once, when it happens
+        log.info("edition %s: 24-hour quota unknown (%s)", edition_date, exc.reason)
+        return None
     except Exception as exc:
         log.warning(
             "edition %s: could not ask the mail provider for its 24-hour quota (%s)",

@@ -254,17 +254,18 @@ def account_quota(settings: Settings | None = None) -> dict[str, object] | None:
     """The mail provider's 24-hour quota and rate, when its mailer reports one (SES).
 
     None for mailers without a quota (outbox, SMTP); ``{"error": ...}`` when the provider
-    cannot be asked (stats go on without it).
+    cannot be asked (stats go on without it). From the shared account cache: at most a
+    minute old, and a provider that just failed is not asked again for a minute.
     """
-    from worker.mailers.base import get_mailer, mailer_class
-    from worker.mailers.errors import MailerError
+    from worker.account import AccountUnavailable, account_cache
+    from worker.mailers.base import mailer_class
 
     settings = settings or get_settings()
     if not mailer_class(settings).reports_quota:
         return None
     try:
-        info = get_mailer(settings).account()
-    except MailerError as exc:
+        info = account_cache(settings).get()
+    except AccountUnavailable as exc:
         return {"mailer": settings.mailer, "error": exc.reason}
     return {
         "mailer": info.mailer,

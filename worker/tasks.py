@@ -432,8 +432,9 @@ def enqueue_edition(
         plan = delivery.plan_edition(session, edition, now=now)
         ready = set(delivery.pending_delivery_ids(session, edition, now=now))
     plan.pending_ids = [i for i in plan.pending_ids if i in ready]
-    check_quota(edition, len(plan.pending_ids), settings)
     enqueue_ids(plan.pending_ids, settings)
+    # After queueing: a slow or absent provider answer never holds the edition back.
+    check_quota(edition, len(plan.pending_ids), settings)
     return plan
 
 
@@ -534,8 +535,8 @@ def plan_due() -> int:
     settings = get_settings()
     with session_scope() as session:
         ids = scheduling.plan_due(session, settings=settings)
-    check_quota(utcnow().date(), len(ids), settings)
     chunks = enqueue_ids(ids, settings)
+    check_quota(utcnow().date(), len(ids), settings)  # after queueing, as above
     log.info("plan_due: %d deliveries in %d chunks", len(ids), chunks)
     return len(ids)
 

@@ -112,6 +112,7 @@ def test_make_limiter_follows_the_account_only_when_send_rate_is_unset(
         "mailer": "ses",
         "secret_key": "k" * 40,
         "base_url": "https://papermail.example.org",
+        "postal_address": "Example Lab, 1 Main St, Springfield, USA",
         "ses_endpoint_url": "http://127.0.0.1:9",
         "aws_access_key_id": "AKIATEST",
         "aws_secret_access_key": "secret",
@@ -135,7 +136,10 @@ def test_batch_size_follows_the_account_rate() -> None:
     from worker.delivery import _batch_size
 
     ses = config.load_settings(
-        mailer="ses", secret_key="k" * 40, base_url="https://papermail.example.org"
+        mailer="ses",
+        secret_key="k" * 40,
+        base_url="https://papermail.example.org",
+        postal_address="Example Lab, 1 Main St, Springfield, USA",
     )
     fast = LocalBucket(14.0, 14, rate_source=RateSource(lambda: 1280.0, ses))
     assert _batch_size(ses, fast) == 32  # as SEND_RATE=1280 would have it

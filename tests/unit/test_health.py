@@ -174,6 +174,7 @@ def test_ses_without_events_warns(settings: config.Settings) -> None:
         mailer="ses",
         secret_key="k" * 40,
         base_url="https://papermail.example.org",
+        postal_address="Example Lab, 1 Main St, Springfield, USA",
     )
     [check] = health.check_events(ses)
     assert check.status == "warn"

@@ -42,6 +42,10 @@ from worker.message import OutgoingMessage
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_SECONDS = 5.0
+# GetAccount / GetSendQuota: a question, never a message; asked before editions and by
+# health. Short and never retried, so a provider that is away costs seconds, not minutes.
+ACCOUNT_CONNECT_TIMEOUT_SECONDS = 2.0
+ACCOUNT_READ_TIMEOUT_SECONDS = 3.0
 # At least the sends in flight of one worker process (the threads sharing the client).
 MIN_POOL_CONNECTIONS = 50
 
@@ -115,6 +119,11 @@ class SesMailer(Mailer):
         self._client = client
         self._client_lock = threading.Lock()
         self._session: boto3.session.Session | None = None
+        # The account questions' own clients (sesv2, and ses v1 for endpoints without
+        # GetAccount), built on first use; once an endpoint answered 404 to GetAccount,
+        # it is asked GetSendQuota directly.
+        self._account_clients: dict[str, Any] = {}
+        self._no_get_account = False
         if client is not None:  # the caller's own client: every call goes through it
             return
         botocore_session = botocore.session.Session()
@@ -180,34 +189,46 @@ class SesMailer(Mailer):
         return SendResult(message_id)
 
     def account(self) -> AccountInfo:
-        """sesv2 ``GetAccount`` through the botocore client (built here if not yet).
+        """sesv2 ``GetAccount``, one attempt with short timeouts (2 s to connect, 3 s to
+        answer), through a client of its own: never the sending client's retries or its
+        SEND_TIMEOUT_SECONDS.
 
         An SES-compatible API without it (answering 404, as moto's server does) is asked
         SES v1's ``GetSendQuota`` instead: the same rate and quota, nothing about the sandbox.
         """
-        try:
-            answer = self.client.get_account()
-        except bx.ClientError as exc:
-            if not _unsupported(exc) or self._session is None:
+        if not self._no_get_account:
+            try:
+                answer = self._account_client("sesv2").get_account()
+            except bx.ClientError as exc:
+                if not _unsupported(exc) or self._session is None:
+                    raise classify(exc) from exc
+                self._no_get_account = True
+            except bx.BotoCoreError as exc:
                 raise classify(exc) from exc
-            return self._account_v1()
-        except bx.BotoCoreError as exc:
-            raise classify(exc) from exc
-        return account_from_get_account(answer, self.settings.ses_region)
+            else:
+                return account_from_get_account(answer, self.settings.ses_region)
+        return self._account_v1()
+
+    def _account_client(self, service: str) -> Any:
+        with self._client_lock:
+            client = self._account_clients.get(service)
+            if client is None:
+                if self._session is None:  # the caller's own client answers everything
+                    assert self._client is not None
+                    return self._client
+                client = self._session.client(
+                    service,
+                    endpoint_url=self.settings.ses_endpoint_url or None,
+                    config=_account_config(),
+                )
+                self._account_clients[service] = client
+            return client
 
     def _account_v1(self) -> AccountInfo:
-        assert self._session is not None
-        client = self._session.client(
-            "ses",
-            endpoint_url=self.settings.ses_endpoint_url or None,
-            config=_config(self.settings),
-        )
         try:
-            quota = client.get_send_quota()
+            quota = self._account_client("ses").get_send_quota()
         except (bx.ClientError, bx.BotoCoreError) as exc:
             raise classify(exc) from exc
-        finally:
-            client.close()
         return account_info(
             self.settings.ses_region,
             source="SES v1 GetSendQuota (this endpoint has no sesv2 GetAccount)",
@@ -220,6 +241,8 @@ class SesMailer(Mailer):
             self.transport.close()
         if self._client is not None:
             self._client.close()
+        for client in self._account_clients.values():
+            client.close()
 
 
 def _pool_size(settings: Settings) -> int:
@@ -263,6 +286,16 @@ def _config(settings: Settings) -> Config:
         read_timeout=settings.send_timeout_seconds,
         max_pool_connections=_pool_size(settings),
         tcp_keepalive=True,
+    )
+
+
+def _account_config() -> Config:
+    # One attempt (botocore's total_max_attempts counts the first try), short timeouts.
+    return Config(
+        retries={"total_max_attempts": 1, "mode": "standard"},
+        connect_timeout=ACCOUNT_CONNECT_TIMEOUT_SECONDS,
+        read_timeout=ACCOUNT_READ_TIMEOUT_SECONDS,
+        max_pool_connections=1,
     )
 
 
