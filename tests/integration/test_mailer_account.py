@@ -283,3 +283,111 @@ def test_sns_subscriptions_and_sqs_queue(moto_server: str, mailer_env: MailerEnv
     report = health.run_checks(settings)
     assert {c.name: c.status for c in report.checks}[f"sns lonely-{name}"] == "fail"
     assert not report.ok
+
+
+class _AccountEndpoint:
+    """An SES-like endpoint without sesv2 GetAccount (404) that answers v1 GetSendQuota,
+    or, ``silent``, takes every request and never answers; it counts what it was asked."""
+
+    def __init__(self, silent: bool = False) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.seen: list[str] = []
+        self.release = threading.Event()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def _reply(self, status: int, body: bytes, kind: str) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", kind)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self) -> None:
+                outer.seen.append(f"GET {self.path}")
+                if silent:
+                    outer.release.wait(10)
+                    return
+                self._reply(404, b'{"message": "no route"}', "application/json")
+
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                outer.seen.append(f"POST {self.path}")
+                xml = (
+                    '<GetSendQuotaResponse xmlns="http://ses.amazonaws.com/doc/2010-12-01/">'
+                    "<GetSendQuotaResult><SentLast24Hours>3.0</SentLast24Hours>"
+                    "<Max24HourSend>200.0</Max24HourSend><MaxSendRate>1.0</MaxSendRate>"
+                    "</GetSendQuotaResult><ResponseMetadata><RequestId>r</RequestId>"
+                    "</ResponseMetadata></GetSendQuotaResponse>"
+                )
+                self._reply(200, xml.encode(), "text/xml")
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_account_is_one_short_attempt_against_a_silent_endpoint(mailer_env: MailerEnv) -> None:
+    import time
+
+    from worker.mailers import ses as ses_module
+
+    endpoint = _AccountEndpoint(silent=True)
+    # SEND_TIMEOUT_SECONDS is the sending client's: the account question has its own.
+    settings = mailer_env("ses", SES_ENDPOINT_URL=endpoint.url, SEND_TIMEOUT_SECONDS="30")
+    mailer = create_mailer(settings)
+    try:
+        started = time.monotonic()
+        with pytest.raises(MailerError):
+            mailer.account()
+        took = time.monotonic() - started
+    finally:
+        mailer.close()
+        endpoint.stop()
+    assert endpoint.seen == ["GET /v2/email/account"]  # no botocore retry
+    assert took < ses_module.ACCOUNT_READ_TIMEOUT_SECONDS + 2
+
+
+def test_an_endpoint_without_get_account_is_asked_get_send_quota_directly(
+    mailer_env: MailerEnv,
+) -> None:
+    endpoint = _AccountEndpoint()
+    mailer = create_mailer(mailer_env("ses", SES_ENDPOINT_URL=endpoint.url))
+    try:
+        first, second = mailer.account(), mailer.account()
+    finally:
+        mailer.close()
+        endpoint.stop()
+    assert first == second and first.max_send_rate == 1.0 and first.remaining_24h == 197.0
+    assert endpoint.seen == ["GET /v2/email/account", "POST /", "POST /"]
+
+
+def test_stats_quota_comes_from_the_shared_cache(
+    mailer_env: MailerEnv, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from worker import operations
+    from worker.mailers.base import reset_mailer
+
+    endpoint = _AccountEndpoint()
+    monkeypatch.setenv("PAPERMAIL_BROKER_URL", redis_url)
+    settings = mailer_env("ses", SES_ENDPOINT_URL=endpoint.url)
+    try:
+        quota = operations.account_quota(settings)
+        account.reset_account_cache()  # another process: reads Redis, asks nobody
+        assert operations.account_quota(settings) == quota
+    finally:
+        reset_mailer()
+        endpoint.stop()
+    assert quota is not None and quota["remaining_24h"] == 197.0
+    assert endpoint.seen == ["GET /v2/email/account", "POST /"]

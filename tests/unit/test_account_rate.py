@@ -4,6 +4,7 @@ a local fallback, and no provider call on the per-batch path."""
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import pytest
 
@@ -158,3 +159,107 @@ def test_quota_is_not_asked_of_mailers_without_one(settings: config.Settings) ->
 
     assert not OutboxMailer.reports_quota
     assert account.check_quota(date(2026, 11, 27), 10**9, settings) is None
+
+
+# ---------------------------------------------------------------------------------------
+# AccountCache: the provider's answer, and its failures, shared for a while
+
+
+def _info(sent: float = 0.0) -> Any:
+    from worker.mailers.base import AccountInfo
+
+    return AccountInfo(
+        mailer="ses",
+        max_send_rate=14.0,
+        max_24h_send=200.0,
+        sent_last_24h=sent,
+        details={"region": "us-east-1"},
+        warnings=("in the sandbox",),
+    )
+
+
+class Answers:
+    """AccountInfo or an exception, call by call."""
+
+    def __init__(self, *answers: Any) -> None:
+        self.answers = list(answers)
+        self.calls = 0
+
+    def __call__(self) -> Any:
+        self.calls += 1
+        answer = self.answers[min(self.calls, len(self.answers)) - 1]
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+
+def test_cache_keeps_answers_and_failures_locally(caplog: pytest.LogCaptureFixture) -> None:
+    from worker.mailers.errors import TransientError
+
+    clock = Clock()
+    fetch = Answers(TransientError("no answer from SES"), _info(5.0), _info(9.0))
+    cache = account.AccountCache(fetch, ttl=60, failure_ttl=60, clock=clock)
+    with caplog.at_level(logging.WARNING, logger="worker.account"):
+        for _ in range(50):  # a failure is asked once, then remembered
+            with pytest.raises(account.AccountUnavailable, match="no answer from SES"):
+                cache.get()
+    assert fetch.calls == 1
+    assert caplog.text.count("could not ask the mail provider") == 1
+    clock.now += 61
+    assert cache.get() == _info(5.0) and fetch.calls == 2
+    clock.now += 59
+    assert cache.get().sent_last_24h == 5.0 and fetch.calls == 2
+    clock.now += 2
+    assert cache.get().sent_last_24h == 9.0 and fetch.calls == 3
+
+
+def test_cache_shares_answers_and_failures_through_redis(redis_url: str) -> None:
+    import redis
+
+    from worker.mailers.errors import AccountError
+
+    client = redis.Redis.from_url(redis_url)
+    down = Answers(AccountError("credentials refused"))
+    a = account.AccountCache(down, failure_ttl=30, redis=client, key="t:account")
+    with pytest.raises(account.AccountUnavailable, match="credentials refused"):
+        a.get()
+    # Another process: the failure is read from Redis, the provider is not asked.
+    never = Answers(_info())
+    b = account.AccountCache(never, failure_ttl=30, redis=client, key="t:account")
+    with pytest.raises(account.AccountUnavailable, match="credentials refused"):
+        b.get()
+    assert (down.calls, never.calls) == (1, 0)
+    assert 0 < client.pttl("t:account") <= 30_000
+    # Once it expires the next one asks, and shares the answer (info round-trips whole).
+    client.delete("t:account")
+    c = account.AccountCache(Answers(_info(7.0)), ttl=60, redis=client, key="t:account")
+    assert c.get() == _info(7.0)
+    d = account.AccountCache(Answers(_info(99.0)), ttl=60, redis=client, key="t:account")
+    assert d.get() == _info(7.0) and d.fetches == 0
+    assert 50_000 < client.pttl("t:account") <= 60_000
+
+
+def test_cache_without_a_reachable_redis_asks_itself() -> None:
+    import redis
+
+    client = redis.Redis.from_url("redis://127.0.0.1:9/0", socket_connect_timeout=0.5)
+    fetch = Answers(_info(3.0))
+    cache = account.AccountCache(fetch, redis=client, key="t:account")
+    assert cache.get().sent_last_24h == 3.0
+    assert cache.get().sent_last_24h == 3.0 and fetch.calls == 1
+
+
+def test_quota_check_asks_a_failing_provider_once_per_interval(
+    settings: config.Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from datetime import date
+
+    from worker.mailers.errors import TransientError
+
+    fetch = Answers(TransientError("read timeout"))
+    cache = account.AccountCache(fetch)
+    monkeypatch.setattr(account, "account_cache", lambda _settings: cache)
+    ses = settings.model_copy(update={"mailer": "ses"})
+    for _ in range(20):  # every plan_due tick of a minute
+        assert account.check_quota(date(2026, 11, 27), 100, ses) is None
+    assert fetch.calls == 1
