@@ -105,7 +105,11 @@ class Settings(BaseSettings):
     smtp_password: str | None = None
     smtp_starttls: bool = True
     # Sending
+    # Emails per second, all workers together. Unset with MAILER=ses: the account's own
+    # maximum send rate (GetAccount), asked again every ACCOUNT_REFRESH_SECONDS; 14 until
+    # the first answer and whenever SES cannot be asked.
     send_rate: float = Field(default=14.0, gt=0)
+    account_refresh_seconds: int = Field(default=600, ge=30, le=86400)
     send_burst: int = Field(default=0, ge=0)  # 0: about one second's worth
     # Sends in flight per worker process (threads sharing the one mailer); 0: sized from
     # SEND_RATE (see `concurrency`).
@@ -396,11 +400,23 @@ class Settings(BaseSettings):
         return not self.broker_url
 
     @property
+    def rate_from_account(self) -> bool:
+        """The limiter follows the SES account's max send rate: MAILER=ses, SEND_RATE unset."""
+        return self.mailer == "ses" and "send_rate" not in self.model_fields_set
+
+    @property
     def burst(self) -> int:
-        return self.send_burst or max(1, round(self.send_rate))
+        return self.burst_at(self.send_rate)
+
+    def burst_at(self, rate: float) -> int:
+        """SEND_BURST, or about one second's worth of ``rate``."""
+        return self.send_burst or max(1, round(rate))
 
     @property
     def concurrency(self) -> int:
+        return self.concurrency_at(self.send_rate)
+
+    def concurrency_at(self, rate: float) -> int:
         """Sends in flight per worker process: SEND_CONCURRENCY, or enough for SEND_RATE.
 
         Automatic: rate x latency in flight (Little's law) spread over the Procfile's worker
@@ -408,11 +424,11 @@ class Settings(BaseSettings):
         1,280/s on. Never more than the burst: a batch takes its tokens at once.
         """
         wanted = self.send_concurrency or math.ceil(
-            self.send_rate * AUTO_CONCURRENCY_LATENCY_SECONDS / AUTO_CONCURRENCY_PROCESSES
+            rate * AUTO_CONCURRENCY_LATENCY_SECONDS / AUTO_CONCURRENCY_PROCESSES
         )
         if not self.send_concurrency:
             wanted = min(wanted, AUTO_CONCURRENCY_MAX)
-        return max(1, min(wanted, self.burst))
+        return max(1, min(wanted, self.burst_at(rate)))
 
 
 def _public_https_problem(url: str) -> str | None:

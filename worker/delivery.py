@@ -449,7 +449,7 @@ def _process(
         on_progress(prep_outcome.handled)
 
     session = _new_session()
-    size = _batch_size(settings)
+    size = _batch_size(settings, limiter)
     # The batch in flight (k) and the record of the last batch the provider answered: it
     # is written in the transaction that claims the next batch (or before waiting for
     # tokens), so at any instant at most one batch of this chunk is in `sending`.
@@ -659,8 +659,14 @@ def _render_batch(
     return ready
 
 
-def _batch_size(settings: Settings) -> int:
-    """Deliveries claimed, rate-limited, sent and recorded together: the sends in flight."""
+def _batch_size(settings: Settings, limiter: object | None = None) -> int:
+    """Deliveries claimed, rate-limited, sent and recorded together: the sends in flight.
+
+    Sized for the rate the limiter follows when that is the SES account's (SEND_RATE unset).
+    """
+    base_rate = getattr(limiter, "base_rate", None)
+    if settings.rate_from_account and isinstance(base_rate, int | float) and base_rate > 0:
+        return max(1, settings.concurrency_at(float(base_rate)))
     return max(1, settings.concurrency)
 
 
@@ -1465,6 +1471,9 @@ def run_in_process(
     with session_scope() as session:
         reap_stale_sending(session, settings)
         plan = plan_edition(session, edition_date, now=now)
+    from worker.account import check_quota
+
+    check_quota(edition_date, len(plan.pending_ids), settings)
     if on_planned:
         on_planned(len(plan.pending_ids))
     total = send_in_process(

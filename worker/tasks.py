@@ -45,15 +45,14 @@ from kombu import Exchange, Queue
 from sqlalchemy import and_, or_, select, update
 
 from worker import delivery, scheduling
+from worker.account import check_quota
 from worker.config import Settings, get_settings
 from worker.db import session_scope
 from worker.errors import PapermailError
 from worker.models import Delivery, DeliveryState, utcnow
+from worker.queues import PLAN_QUEUE, SEND_QUEUE
 
 log = logging.getLogger(__name__)
-
-PLAN_QUEUE = "plan"
-SEND_QUEUE = "send"
 
 # The longest countdown any task here is given (transient retries are clamped to it;
 # delivery.backoff_delay caps at an hour). A countdown longer than the visibility timeout
@@ -467,6 +466,8 @@ def enqueue_edition(
         ready = set(delivery.pending_delivery_ids(session, edition, now=now))
     plan.pending_ids = [i for i in plan.pending_ids if i in ready]
     enqueue_ids(plan.pending_ids, settings)
+    # After queueing: a slow or absent provider answer never holds the edition back.
+    check_quota(edition, len(plan.pending_ids), settings)
     return plan
 
 
@@ -571,6 +572,7 @@ def plan_due() -> int:
     with session_scope() as session:
         ids = scheduling.plan_due(session, settings=settings)
     chunks = enqueue_ids(ids, settings)
+    check_quota(utcnow().date(), len(ids), settings)  # after queueing, as above
     log.info("plan_due: %d deliveries in %d chunks", len(ids), chunks)
     return len(ids)
 

@@ -27,6 +27,7 @@ _COMMAND_MODULES = [
     "resend",
     "deliveries",
     "stats",
+    "health",
     "sending",
     "demo",
     "events",
