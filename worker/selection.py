@@ -47,6 +47,7 @@ import numpy as np
 import scipy.sparse as sp
 from sqlalchemy import and_, or_, select
 
+from worker.concepts import concept_for
 from worker.errors import InvalidInput
 from worker.models import (
     Delivery,
@@ -134,6 +135,7 @@ class Candidate:
     abstract: str
     upvotes: int
     published: datetime  # effective date (published_at, or ingested_at), UTC-aware
+    categories: tuple[str, ...] = ()  # arXiv categories, primary first; () when unknown
 
     def __post_init__(self) -> None:
         # The messages are formatted only on failure: a chunk builds hundreds of these.
@@ -184,6 +186,9 @@ class Pick(NamedTuple):
     score: float
     relevance: float  # topic relevance (capped) plus the feedback term
     matched_topic: str | None  # None: no topics, or picked by trending/feedback alone
+    # What in the paper matched the topic (its words, or the concept's phrases), for the
+    # email's reason line; () when no topic matched.
+    matched_terms: tuple[str, ...] = ()
 
 
 class Result(NamedTuple):
@@ -203,6 +208,12 @@ class SelectionParams:
     feedback_weight: float = 2.0  # cosine similarities between papers are small (~0.05-0.3)
     # Relevance above this adds nothing: among strong matches, trending and freshness decide.
     relevance_cap: float = 1.0
+    # Relevance first: every match at least this strong ranks above every weaker one;
+    # upvotes and freshness only order papers within a band.
+    strong_relevance: float = 0.5
+    # A concept phrase (acronym, synonym) counts this much of the topic's own words.
+    phrase_weight: float = 0.9
+    use_concepts: bool = True  # off: a topic is matched by its own words only (as before)
     title_weight: float = 3.0
     bigram_weight: float = 2.0  # a topic's phrase counts this much more than each word
     k1: float = 1.2
@@ -216,6 +227,8 @@ class SelectionParams:
             "feedback_weight",
             "bigram_weight",
             "k1",
+            "strong_relevance",
+            "phrase_weight",
         ):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
@@ -356,6 +369,23 @@ class _Corpus:
         # Each topic's relevance row (see _topic_scores), kept for the next chunk: every
         # chunk of a run has these candidates, and topics recur from chunk to chunk.
         self.topic_rows: dict[str, np.ndarray] = {}
+        # Per topic, its alternatives' names and rows (for the matched terms of a pick).
+        self.topic_alts: dict[str, tuple[tuple[str, ...], np.ndarray]] = {}
+        self.categories = [c.categories for c in candidates]
+        self._field_masks: dict[frozenset[str], np.ndarray] = {}
+
+    def field_mask(self, fields: frozenset[str]) -> np.ndarray:
+        """True where a candidate may belong to these fields: it has a category among
+        them, or no categories at all (nothing says otherwise)."""
+        mask = self._field_masks.get(fields)
+        if mask is None:
+            mask = np.fromiter(
+                (not cats or not fields.isdisjoint(cats) for cats in self.categories),
+                dtype=bool,
+                count=self.n_docs,
+            )
+            self._field_masks[fields] = mask
+        return mask
 
     def _doc_terms(
         self, title: str, abstract: str, seen: dict[str, tuple[Counter[str], int]]
@@ -426,7 +456,9 @@ def _corpus_for(cands: Sequence[Candidate], params: SelectionParams) -> _Corpus:
         params.k1,
         params.b,
         params.bigram_weight,  # _topic_scores reads it from the corpus's params
-        tuple((c.id, c.title, c.abstract) for c in cands),
+        params.phrase_weight,
+        params.use_concepts,
+        tuple((c.id, c.title, c.abstract, c.categories) for c in cands),
     )
     with _CORPUS_LOCK:
         corpus = _CORPUS_CACHE.get(key)
@@ -464,9 +496,54 @@ def _topic_scores(corpus: _Corpus, topics: Sequence[str]) -> np.ndarray:
     if new:
         if (len(kept) + len(new)) * 8 * corpus.n_docs > _TOPIC_ROW_BYTES:
             kept.clear()
-        for topic, row in zip(new, _score_topics(corpus, new), strict=True):
+            corpus.topic_alts.clear()
+        for topic, (row, alts) in zip(new, _concept_scores(corpus, new), strict=True):
             rows[topic] = kept[topic] = row
+            corpus.topic_alts[topic] = alts
     return np.array([rows[topic] for topic in topics])
+
+
+def _concept_scores(
+    corpus: _Corpus, topics: Sequence[str]
+) -> list[tuple[np.ndarray, tuple[tuple[str, ...], np.ndarray]]]:
+    """Each topic's relevance row: the best of its alternatives (the topic's own words and,
+    for a topic the concept vocabulary knows, each of its phrases), zero for candidates whose
+    arXiv categories are all outside the concept's fields."""
+    weight = corpus.params.phrase_weight
+    names: list[tuple[str, ...]] = []
+    flat: list[str] = []
+    scale: list[float] = []
+    for topic in topics:
+        concept = concept_for(topic) if corpus.params.use_concepts else None
+        alts = [topic]
+        if concept is not None:
+            own = {topic.lower()}
+            alts += [p for p in concept.phrases if p not in own]
+        names.append(tuple(alts))
+        flat += alts
+        scale += [1.0] + [weight] * (len(alts) - 1)
+    scores = _score_topics(corpus, flat) * np.asarray(scale)[:, None]
+    out = []
+    lo = 0
+    for topic, alts in zip(topics, names, strict=True):
+        block = scores[lo : lo + len(alts)]
+        lo += len(alts)
+        concept = concept_for(topic) if corpus.params.use_concepts else None
+        if concept is not None and concept.fields is not None:
+            block = block * corpus.field_mask(concept.fields)
+        out.append((block.max(axis=0), (alts, block)))
+    return out
+
+
+def _matched_terms(corpus: _Corpus, topic: str, col: int, floor: float) -> tuple[str, ...]:
+    """The alternatives of ``topic`` that match candidate ``col``, strongest first."""
+    hit = corpus.topic_alts.get(topic.lower())
+    if hit is None:
+        return ()
+    alts, block = hit
+    column = block[:, col]
+    order = np.argsort(-column, kind="stable")
+    return tuple(alts[i] for i in order[:4] if column[i] >= floor)
 
 
 def _score_topics(corpus: _Corpus, topics: Sequence[str]) -> np.ndarray:
@@ -586,6 +663,7 @@ def select_batch(
         voted_col=voted_col,
         voted_sim=voted_sim,
         params=params,
+        corpus=corpus,
     )
     # Rows sorted by number of topics (desc), so "rows with more than t topics" is a prefix.
     order = sorted(range(len(profiles)), key=lambda i: -len(topics_per_profile[i]))
@@ -611,6 +689,9 @@ class _Shared:
     voted_col: Mapping[str, int]
     voted_sim: np.ndarray  # voted papers x candidates
     params: SelectionParams
+    corpus: _Corpus
+    # (topic, candidate column) -> matched terms: topics recur from subscriber to subscriber.
+    term_cache: dict[tuple[str, int], tuple[str, ...]] = field(default_factory=dict)
 
 
 def _score_chunk(
@@ -699,12 +780,26 @@ def _score_chunk(
     score += age
     score += effective
 
+    # Relevance first: strong matches above weak ones whatever their upvotes.
+    if with_topics and params.strong_relevance > 0:
+        score[:with_topics] += 10.0 * (effective[:with_topics] >= params.strong_relevance)
+
     chosen = _top_k(score, eligible, k)
     rows_c, cols_c = np.nonzero(chosen)
     order = np.lexsort((cols_c, -score[rows_c, cols_c], rows_c))
     rows_c, cols_c = rows_c[order], cols_c[order]
 
     picks_by_row: list[list[Pick]] = [[] for _ in range(n_rows)]
+    term_cache = shared.term_cache
+    floor = 0.5 * params.min_relevance
+
+    def _terms(topic: str, col: int) -> tuple[str, ...]:
+        key = (topic.lower(), col)
+        got = term_cache.get(key)
+        if got is None:
+            got = term_cache[key] = _matched_terms(shared.corpus, topic, col, floor)
+        return got
+
     named = relevance[rows_c, cols_c] >= params.min_relevance
     ids = [c.id for c in shared.cands]
     for i, j, s, r, slot, ok in zip(
@@ -718,7 +813,8 @@ def _score_chunk(
     ):
         # Only a topic that really matched is named; otherwise trending or feedback chose.
         topic = topics_per_profile[i][slot] if ok and topics_per_profile[i] else None
-        picks_by_row[i].append(_new_tuple(Pick, (ids[j], s, r, topic)))  # Pick(...), faster
+        terms = () if topic is None else _terms(topic, j)
+        picks_by_row[i].append(_new_tuple(Pick, (ids[j], s, r, topic, terms)))  # faster
 
     out: dict[int, Result] = {}
     for i, prof in enumerate(profiles):
@@ -797,13 +893,16 @@ def load_candidates(
             Paper.upvotes,
             Paper.published_at,
             Paper.ingested_at,
+            Paper.categories,
         )
         .where(_effective_between(window_start, window_end))
         .order_by(Paper.id)
     )
     return [
-        Candidate(pid, title or "", abstract or "", upvotes or 0, published or ingested)
-        for pid, title, abstract, upvotes, published, ingested in rows
+        Candidate(
+            pid, title or "", abstract or "", upvotes or 0, published or ingested, tuple(cats or ())
+        )
+        for pid, title, abstract, upvotes, published, ingested, cats in rows
     ]
 
 
