@@ -145,7 +145,8 @@ def main() -> int:
             for topic in by["new"]["per_topic"]:
                 a, b = by["today"]["per_topic"][topic], by["new"]["per_topic"][topic]
                 print(
-                    f"  {topic:26} k={b['k']:>2}  R@k {a['recall_at_k']:.2f} -> {b['recall_at_k']:.2f}"
+                    f"  {topic:26} k={b['k']:>2}"
+                    f"  R@k {a['recall_at_k']:.2f} -> {b['recall_at_k']:.2f}"
                     f"  P@5 {a['p_at_5']:.2f} -> {b['p_at_5']:.2f}"
                     f"  nDCG@10 {a['ndcg_at_10']:.2f} -> {b['ndcg_at_10']:.2f}"
                     f"  other field {len(a['other_field'])} -> {len(b['other_field'])}"

@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-__all__ = ["Concept", "concept_for", "CONCEPTS"]
+__all__ = ["CONCEPTS", "Concept", "concept_for"]
 
 # Where machine learning papers live on arXiv (primary or cross-listed).
 ML_FIELDS = frozenset(
@@ -51,81 +51,150 @@ def _c(name: str, aliases: str, phrases: str, fields: frozenset[str] | None = ML
 
 
 CONCEPTS: tuple[Concept, ...] = (
-    _c("diffusion models", "diffusion model; denoising diffusion; score-based models; ddpm",
-       "diffusion model; latent diffusion; video diffusion; diffusion transformer; denoising "
-       "diffusion; ddpm; ddim; score-based generative; score matching; stable diffusion; "
-       "text-to-image diffusion; diffusion policy; diffusion sampling; flow matching"),
-    _c("reinforcement learning", "rl; deep reinforcement learning; deep rl",
-       "reinforcement learning; policy gradient; q-learning; deep q-network; markov decision "
-       "process; mdp; actor-critic; ppo; proximal policy optimization; rlhf; rlvr; grpo; "
-       "reward model; multi-agent reinforcement learning; marl; temporal difference"),
-    _c("graph neural networks", "gnn; gnns; graph neural network; graph learning",
-       "graph neural network; gnn; graph convolutional network; graph convolution; gcn; "
-       "graph attention network; message passing; node embedding; node classification; "
-       "link prediction; graph transformer; spatio-temporal graph; graph representation learning"),
-    _c("large language models", "llm; llms; large language model; language models; gpt",
-       "large language model; llm; gpt; chatgpt; gpt-4; llama; language model; instruction "
-       "tuning; in-context learning; chain-of-thought; hallucination; jailbreak; prompt"),
-    _c("transformers", "transformer; transformer models; vision transformers; vit",
-       "transformer; self-attention; vision transformer; vit; swin transformer; multi-head "
-       "attention; attention mechanism; encoder-decoder transformer"),
-    _c("attention mechanisms", "attention; self-attention; attention mechanism",
-       "self-attention; attention mechanism; multi-head attention; cross-attention; "
-       "transformer; attention map; linear attention"),
-    _c("kernel methods", "kernel method; kernel machines; kernel learning",
-       "kernel method; kernel learning; kernelized; reproducing kernel; rkhs; support vector "
-       "machine; svm; one-class svm; gaussian process; kernel trick; kernel regression; kernel "
-       "estimator; maximum mean discrepancy; mmd; correlation filter; gaussian kernel; random "
-       "fourier feature; deep kernel; multiple kernel",
-       ML_FIELDS | STATS_FIELDS),
-    _c("embeddings", "embedding; text embeddings; sentence embeddings; word embeddings",
-       "embedding model; text embedding; sentence embedding; word embedding; word2vec; "
-       "universal multimodal embedding; contrastive embedding; dense retrieval"),
-    _c("llm agents", "ai agents; agents; agentic ai; language agents; coding agents",
-       "llm agent; agentic; ai agent; coding agent; language agent; tool use; autonomous "
-       "agent; multi-agent llm; alphaevolve; web agent; gui agent; agent framework"),
-    _c("vision-language models", "vlm; vlms; vision language models; multimodal llm; mllm",
-       "vision-language model; vision language model; vlm; multimodal large language model; "
-       "mllm; visual question answering; vqa; image-text; clip; visual instruction tuning; "
-       "vision-and-language"),
-    _c("computer vision", "vision",
-       "computer vision; image classification; object detection; segmentation; image "
-       "recognition; convolutional neural network; visual"),
-    _c("speech recognition", "asr; automatic speech recognition",
-       "speech recognition; asr; automatic speech recognition; ctc; connectionist temporal "
-       "classification; speech-to-text; transducer; acoustic model; wav2vec"),
-    _c("semantic segmentation", "segmentation; image segmentation",
-       "semantic segmentation; image segmentation; pixel-wise classification; scene parsing; "
-       "panoptic segmentation; segmentation network"),
-    _c("federated learning", "fl; federated",
-       "federated learning; federated; client selection; fedavg; federated averaging; "
-       "decentralized training; privacy-preserving training"),
-    _c("object tracking", "visual tracking; multi-object tracking; mot",
-       "object tracking; visual tracking; single object tracking; multi-object tracking; "
-       "siamese tracker; siamese network tracking; tracker; correlation filter tracking"),
-    _c("anomaly detection", "outlier detection; novelty detection",
-       "anomaly detection; anomaly; outlier detection; novelty detection; anomalous; "
-       "one-class classification; anomaly segmentation"),
-    _c("state space models", "ssm; ssms; mamba; structured state spaces",
-       "state space model; state-space model; ssm; mamba; structured state space; s4; "
-       "selective state space; linear recurrence"),
-    _c("knowledge distillation", "distillation; model distillation",
-       "knowledge distillation; distillation; teacher-student; student model; teacher model; "
-       "distilled"),
-    _c("quantum computing", "quantum computation; quantum algorithms",
-       "quantum computing; quantum computation; quantum algorithm; quantum computer; qubit; "
-       "quantum circuit; shor's algorithm; quantum gate; fault-tolerant quantum",
-       frozenset({"quant-ph", "cs.ET", "cs.DS", "cs.CC", "cs.LG", "cs.AR"})),
-    _c("graph theory", "graphs; combinatorics",
-       "graph theory; graph decomposition; subgraph; bipartite graph; chromatic; hypercube; "
-       "spanning tree; planar graph; graph coloring",
-       frozenset({"math.CO", "cs.DM", "cs.DS", "math.GT", "cs.CG"})),
-    _c("generative adversarial networks", "gan; gans",
-       "generative adversarial network; gan; adversarial training generator discriminator"),
-    _c("self-supervised learning", "ssl; self-supervised", "self-supervised; contrastive learning; "
-       "masked image modeling; simclr; byol; pretext task"),
-    _c("retrieval-augmented generation", "rag", "retrieval-augmented generation; rag; retrieval "
-       "augmented; dense retrieval; retriever"),
+    _c(
+        "diffusion models",
+        "diffusion model; denoising diffusion; score-based models; ddpm",
+        "diffusion model; latent diffusion; video diffusion; diffusion transformer; denoising "
+        "diffusion; ddpm; ddim; score-based generative; score matching; stable diffusion; "
+        "text-to-image diffusion; diffusion policy; diffusion sampling; flow matching",
+    ),
+    _c(
+        "reinforcement learning",
+        "rl; deep reinforcement learning; deep rl",
+        "reinforcement learning; policy gradient; q-learning; deep q-network; markov decision "
+        "process; mdp; actor-critic; ppo; proximal policy optimization; rlhf; rlvr; grpo; "
+        "reward model; multi-agent reinforcement learning; marl; temporal difference",
+    ),
+    _c(
+        "graph neural networks",
+        "gnn; gnns; graph neural network; graph learning",
+        "graph neural network; gnn; graph convolutional network; graph convolution; gcn; "
+        "graph attention network; message passing; node embedding; node classification; "
+        "link prediction; graph transformer; spatio-temporal graph; graph representation learning",
+    ),
+    _c(
+        "large language models",
+        "llm; llms; large language model; language models; gpt",
+        "large language model; llm; gpt; chatgpt; gpt-4; llama; language model; instruction "
+        "tuning; in-context learning; chain-of-thought; hallucination; jailbreak; prompt",
+    ),
+    _c(
+        "transformers",
+        "transformer; transformer models; vision transformers; vit",
+        "transformer; self-attention; vision transformer; vit; swin transformer; multi-head "
+        "attention; attention mechanism; encoder-decoder transformer",
+    ),
+    _c(
+        "attention mechanisms",
+        "attention; self-attention; attention mechanism",
+        "self-attention; attention mechanism; multi-head attention; cross-attention; "
+        "transformer; attention map; linear attention",
+    ),
+    _c(
+        "kernel methods",
+        "kernel method; kernel machines; kernel learning",
+        "kernel method; kernel learning; kernelized; reproducing kernel; rkhs; support vector "
+        "machine; svm; one-class svm; gaussian process; kernel trick; kernel regression; kernel "
+        "estimator; maximum mean discrepancy; mmd; correlation filter; gaussian kernel; random "
+        "fourier feature; deep kernel; multiple kernel",
+        ML_FIELDS | STATS_FIELDS,
+    ),
+    _c(
+        "embeddings",
+        "embedding; text embeddings; sentence embeddings; word embeddings",
+        "embedding model; text embedding; sentence embedding; word embedding; word2vec; "
+        "universal multimodal embedding; contrastive embedding; dense retrieval",
+    ),
+    _c(
+        "llm agents",
+        "ai agents; agents; agentic ai; language agents; coding agents",
+        "llm agent; agentic; ai agent; coding agent; language agent; tool use; autonomous "
+        "agent; multi-agent llm; alphaevolve; web agent; gui agent; agent framework",
+    ),
+    _c(
+        "vision-language models",
+        "vlm; vlms; vision language models; multimodal llm; mllm",
+        "vision-language model; vision language model; vlm; multimodal large language model; "
+        "mllm; visual question answering; vqa; image-text; clip; visual instruction tuning; "
+        "vision-and-language",
+    ),
+    _c(
+        "computer vision",
+        "vision",
+        "computer vision; image classification; object detection; segmentation; image "
+        "recognition; convolutional neural network; visual",
+    ),
+    _c(
+        "speech recognition",
+        "asr; automatic speech recognition",
+        "speech recognition; asr; automatic speech recognition; ctc; connectionist temporal "
+        "classification; speech-to-text; transducer; acoustic model; wav2vec",
+    ),
+    _c(
+        "semantic segmentation",
+        "segmentation; image segmentation",
+        "semantic segmentation; image segmentation; pixel-wise classification; scene parsing; "
+        "panoptic segmentation; segmentation network",
+    ),
+    _c(
+        "federated learning",
+        "fl; federated",
+        "federated learning; federated; client selection; fedavg; federated averaging; "
+        "decentralized training; privacy-preserving training",
+    ),
+    _c(
+        "object tracking",
+        "visual tracking; multi-object tracking; mot",
+        "object tracking; visual tracking; single object tracking; multi-object tracking; "
+        "siamese tracker; siamese network tracking; tracker; correlation filter tracking",
+    ),
+    _c(
+        "anomaly detection",
+        "outlier detection; novelty detection",
+        "anomaly detection; anomaly; outlier detection; novelty detection; anomalous; "
+        "one-class classification; anomaly segmentation",
+    ),
+    _c(
+        "state space models",
+        "ssm; ssms; mamba; structured state spaces",
+        "state space model; state-space model; ssm; mamba; structured state space; s4; "
+        "selective state space; linear recurrence",
+    ),
+    _c(
+        "knowledge distillation",
+        "distillation; model distillation",
+        "knowledge distillation; distillation; teacher-student; student model; teacher model; "
+        "distilled",
+    ),
+    _c(
+        "quantum computing",
+        "quantum computation; quantum algorithms",
+        "quantum computing; quantum computation; quantum algorithm; quantum computer; qubit; "
+        "quantum circuit; shor's algorithm; quantum gate; fault-tolerant quantum",
+        frozenset({"quant-ph", "cs.ET", "cs.DS", "cs.CC", "cs.LG", "cs.AR"}),
+    ),
+    _c(
+        "graph theory",
+        "graphs; combinatorics",
+        "graph theory; graph decomposition; subgraph; bipartite graph; chromatic; hypercube; "
+        "spanning tree; planar graph; graph coloring",
+        frozenset({"math.CO", "cs.DM", "cs.DS", "math.GT", "cs.CG"}),
+    ),
+    _c(
+        "generative adversarial networks",
+        "gan; gans",
+        "generative adversarial network; gan; adversarial training generator discriminator",
+    ),
+    _c(
+        "self-supervised learning",
+        "ssl; self-supervised",
+        "self-supervised; contrastive learning; masked image modeling; simclr; byol; pretext task",
+    ),
+    _c(
+        "retrieval-augmented generation",
+        "rag",
+        "retrieval-augmented generation; rag; retrieval augmented; dense retrieval; retriever",
+    ),
 )
 
 _KEY = re.compile(r"[^a-z0-9]+")

@@ -315,6 +315,12 @@ def _clean_topics(topics: Iterable[str]) -> tuple[str, ...]:
 # ------------------------------------------------------------------------------ scoring
 
 
+def _field_weight(cats: Sequence[str], fields: frozenset[str]) -> float:
+    if cats[0] in fields:
+        return 1.0
+    return 0.5 if not fields.isdisjoint(cats) else 0.0
+
+
 class _Corpus:
     """BM25 statistics and matrices of one candidate list; immutable once built.
 
@@ -372,16 +378,17 @@ class _Corpus:
         # Per topic, its alternatives' names and rows (for the matched terms of a pick).
         self.topic_alts: dict[str, tuple[tuple[str, ...], np.ndarray]] = {}
         self.categories = [c.categories for c in candidates]
-        self._field_masks: dict[frozenset[str], np.ndarray] = {}
+        self._field_masks: dict[frozenset[str], np.ndarray] = {}  # fields -> weights
 
     def field_mask(self, fields: frozenset[str]) -> np.ndarray:
-        """True where a candidate may belong to these fields: it has a category among
-        them, or no categories at all (nothing says otherwise)."""
+        """How much each candidate may belong to these fields: 1 when its primary arXiv
+        category is among them, 0.5 when only a cross-list is, 0 when none is. A paper
+        without categories (Hugging Face lists only ML papers) counts as cs.LG."""
         mask = self._field_masks.get(fields)
         if mask is None:
             mask = np.fromiter(
-                (not cats or not fields.isdisjoint(cats) for cats in self.categories),
-                dtype=bool,
+                (_field_weight(cats or ("cs.LG",), fields) for cats in self.categories),
+                dtype=np.float64,
                 count=self.n_docs,
             )
             self._field_masks[fields] = mask
