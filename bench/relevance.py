@@ -110,7 +110,9 @@ def summary(per: dict) -> dict:
 
 
 METHODS = {
-    "today": replace(SelectionParams(), use_concepts=False, strong_relevance=0.0),
+    "today": replace(
+        SelectionParams(), use_concepts=False, strong_relevance=0.0, phrase_gate=False
+    ),
     "new": SelectionParams(),
 }
 

@@ -214,6 +214,8 @@ class SelectionParams:
     # A concept phrase (acronym, synonym) counts this much of the topic's own words.
     phrase_weight: float = 0.9
     use_concepts: bool = True  # off: a topic is matched by its own words only (as before)
+    # A topic or concept phrase of several words matches only papers with the whole phrase.
+    phrase_gate: bool = True
     title_weight: float = 3.0
     bigram_weight: float = 2.0  # a topic's phrase counts this much more than each word
     k1: float = 1.2
@@ -372,6 +374,7 @@ class _Corpus:
         presence = tf.copy()
         presence.data = np.ones_like(presence.data)
         self.unigram_presence_t = (presence @ sp.diags(unigram.astype(np.float64))).T.tocsr()
+        self.bigram_presence_t = (presence @ sp.diags((~unigram).astype(np.float64))).T.tocsr()
         # Each topic's relevance row (see _topic_scores), kept for the next chunk: every
         # chunk of a run has these candidates, and topics recur from chunk to chunk.
         self.topic_rows: dict[str, np.ndarray] = {}
@@ -465,6 +468,7 @@ def _corpus_for(cands: Sequence[Candidate], params: SelectionParams) -> _Corpus:
         params.bigram_weight,  # _topic_scores reads it from the corpus's params
         params.phrase_weight,
         params.use_concepts,
+        params.phrase_gate,
         tuple((c.id, c.title, c.abstract, c.categories) for c in cands),
     )
     with _CORPUS_LOCK:
@@ -556,14 +560,20 @@ def _matched_terms(corpus: _Corpus, topic: str, col: int, floor: float) -> tuple
 def _score_topics(corpus: _Corpus, topics: Sequence[str]) -> np.ndarray:
     """raw BM25 / self-match x coverage: 1.0 is a paper of average length with the topic in
     its title; a paper with only some of a topic's words gets the share of their IDF.
+
+    A phrase of several words matches only a paper that has all of its adjacent pairs
+    (``phrase_gate``): "steel reinforcement in concrete" has the rarer word of "reinforcement
+    learning" but not the phrase, and is no match for it.
     """
     p = corpus.params
     q_rows: list[int] = []
     q_cols: list[int] = []
     q_vals: list[float] = []
     c_vals: list[float] = []
+    g_vals: list[float] = []
     self_scores = np.zeros(len(topics))
     idf_mass = np.zeros(len(topics))
+    n_bigrams = np.zeros(len(topics))
     for row, topic in enumerate(topics):
         counts, _ = analyse(topic)
         for term in sorted(counts):
@@ -573,7 +583,9 @@ def _score_topics(corpus: _Corpus, topics: Sequence[str]) -> np.ndarray:
             idf = corpus.idf_of(term)
             tf = p.title_weight * n  # the topic once in the title of an average paper
             self_scores[row] += weight * idf * tf * (p.k1 + 1) / (tf + p.k1)
-            if not bigram:
+            if bigram:
+                n_bigrams[row] += 1
+            else:
                 idf_mass[row] += idf
             col = corpus.vocab.get(term)
             if col is not None:  # other terms cannot match any candidate
@@ -581,6 +593,7 @@ def _score_topics(corpus: _Corpus, topics: Sequence[str]) -> np.ndarray:
                 q_cols.append(col)
                 q_vals.append(weight)
                 c_vals.append(0.0 if bigram else idf)
+                g_vals.append(1.0 if bigram else 0.0)
     shape = (len(topics), len(corpus.vocab))
     query = sp.csr_matrix((q_vals, (q_rows, q_cols)), shape=shape)
     cover = sp.csr_matrix((c_vals, (q_rows, q_cols)), shape=shape)
@@ -588,6 +601,10 @@ def _score_topics(corpus: _Corpus, topics: Sequence[str]) -> np.ndarray:
     coverage = (cover @ corpus.unigram_presence_t).toarray()
     with np.errstate(divide="ignore", invalid="ignore"):
         rel = (raw / self_scores[:, None]) * (coverage / idf_mass[:, None])
+    if p.phrase_gate:
+        gate = sp.csr_matrix((g_vals, (q_rows, q_cols)), shape=shape)
+        pairs = (gate @ corpus.bigram_presence_t).toarray()
+        rel *= pairs >= n_bigrams[:, None] - 0.5
     return np.nan_to_num(rel, nan=0.0, posinf=0.0, neginf=0.0)
 
 
