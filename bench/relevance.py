@@ -110,9 +110,15 @@ def summary(per: dict) -> dict:
 
 
 METHODS = {
+    # Before issue 17: topic words only, upvotes mixed into relevance.
     "today": replace(
         SelectionParams(), use_concepts=False, strong_relevance=0.0, phrase_gate=False
     ),
+    # + concept vocabulary (phrases, arXiv fields) and relevance bands.
+    "concepts": replace(SelectionParams(), phrase_gate=False),
+    # + corpus co-occurrence expansion (off by default: see RELEVANCE_README.md).
+    "new+expansion": replace(SelectionParams(), expansion_weight=0.7),
+    # The shipped default: concepts + bands + phrase gate.
     "new": SelectionParams(),
 }
 

@@ -214,6 +214,8 @@ class SelectionParams:
     # A concept phrase (acronym, synonym) counts this much of the topic's own words.
     phrase_weight: float = 0.9
     use_concepts: bool = True  # off: a topic is matched by its own words only (as before)
+    # Co-occurrence expansion (see _expand); 0 turns it off.
+    expansion_weight: float = 0.0
     # A topic or concept phrase of several words matches only papers with the whole phrase.
     phrase_gate: bool = True
     title_weight: float = 3.0
@@ -231,6 +233,7 @@ class SelectionParams:
             "k1",
             "strong_relevance",
             "phrase_weight",
+            "expansion_weight",
         ):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
@@ -469,6 +472,8 @@ def _corpus_for(cands: Sequence[Candidate], params: SelectionParams) -> _Corpus:
         params.phrase_weight,
         params.use_concepts,
         params.phrase_gate,
+        params.expansion_weight,
+        params.strong_relevance,
         tuple((c.id, c.title, c.abstract, c.categories) for c in cands),
     )
     with _CORPUS_LOCK:
@@ -542,8 +547,26 @@ def _concept_scores(
         concept = concept_for(topic) if corpus.params.use_concepts else None
         if concept is not None and concept.fields is not None:
             block = block * corpus.field_mask(concept.fields)
-        out.append((block.max(axis=0), (alts, block)))
+        row = block.max(axis=0)
+        if corpus.params.expansion_weight > 0:
+            row = _expand(corpus, row)
+        out.append((row, (alts, block)))
     return out
+
+
+def _expand(corpus: _Corpus, row: np.ndarray) -> np.ndarray:
+    """Corpus co-occurrence expansion: the papers of the day that clearly match the topic
+    (relevance >= strong_relevance) make a centroid of their terms; a match that shares little
+    of that context drops by up to ``expansion_weight``, a weak one that shares much rises."""
+    p = corpus.params
+    strong = np.flatnonzero(row >= p.strong_relevance)
+    if strong.size < 2:
+        return row
+    centroid = np.asarray(corpus.doc_units[strong].mean(axis=0)).ravel()
+    sim = corpus.doc_units @ centroid
+    top = float(np.sort(sim[strong])[len(strong) // 2]) or 1.0
+    context = np.minimum(sim / top, 1.0)
+    return row * (1 - p.expansion_weight + p.expansion_weight * context)
 
 
 def _matched_terms(corpus: _Corpus, topic: str, col: int, floor: float) -> tuple[str, ...]:
