@@ -37,7 +37,7 @@ import re
 import threading
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date, datetime, timedelta
 from functools import lru_cache
 from itertools import chain, pairwise
@@ -69,6 +69,7 @@ __all__ = [
     "Candidate",
     "Edition",
     "EditionSelection",
+    "Explained",
     "Pick",
     "Profile",
     "Result",
@@ -76,6 +77,7 @@ __all__ = [
     "SelectionParams",
     "analyse",
     "edition_rounds",
+    "explain_profile",
     "load_candidates",
     "load_profiles",
     "lookback",
@@ -721,6 +723,96 @@ def select_batch(
             _score_chunk([profiles[i] for i in rows], [topics_per_profile[i] for i in rows], shared)
         )
     return {prof.subscriber_id: results[prof.subscriber_id] for prof in profiles}
+
+
+class Explained(NamedTuple):
+    """Every score of one candidate for one subscriber (``digest preview --explain``)."""
+
+    paper_id: str
+    title: str
+    categories: tuple[str, ...]
+    # Per topic: (topic, relevance, field weight, matched terms); relevance already carries
+    # the field weight (a paper outside the concept's fields scores 0).
+    topics: tuple[tuple[str, float, float, tuple[str, ...]], ...]
+    trending: float  # trending_weight x log1p(upvotes) / best in the window
+    freshness: float
+    score: float | None  # the final score; None when the paper is not eligible
+    picked: bool
+    why_not: str | None  # why it is not eligible: outside the window, received, no match
+
+
+def explain_profile(
+    candidates: Sequence[Candidate],
+    profile: Profile,
+    *,
+    voted_papers: Mapping[str, Candidate] | None = None,
+    params: SelectionParams | None = None,
+) -> list[Explained]:
+    """The scores of every candidate for one profile, best final score first.
+
+    The final scores and picks are :func:`select_batch`'s own (run once with room for every
+    candidate, and once as the subscriber has it), so this explains the real ranking.
+    """
+    params = params or SelectionParams()
+    every = select_batch(
+        candidates,
+        [replace(profile, max_papers=max(1, len(candidates)))],
+        voted_papers=voted_papers,
+        params=params,
+    )[profile.subscriber_id].picks
+    chosen = {
+        p.paper_id
+        for p in select_batch(candidates, [profile], voted_papers=voted_papers, params=params)[
+            profile.subscriber_id
+        ].picks
+    }
+    scored = {p.paper_id: p for p in every}
+    cands = sorted({c.id: c for c in candidates}.values(), key=lambda c: (-c.upvotes, c.id))
+    if not cands:
+        return []
+    corpus = _corpus_for(cands, params)
+    topics = _clean_topics(profile.topics)
+    rel = _topic_scores(corpus, [t.lower() for t in topics])
+    start, end = profile.window_start.timestamp(), profile.window_end.timestamp()
+    log_up = [math.log1p(max(c.upvotes, 0)) for c in cands]
+    in_window = [start <= c.published.timestamp() <= end for c in cands]
+    best = next((u for u, ok in zip(log_up, in_window, strict=True) if ok), 0.0)
+    floor = 0.5 * params.min_relevance
+    out = []
+    for j, c in enumerate(cands):
+        per = []
+        for t, topic in enumerate(topics):
+            concept = concept_for(topic) if params.use_concepts else None
+            weight = 1.0
+            if concept is not None and concept.fields is not None:
+                weight = float(corpus.field_mask(concept.fields)[j])
+            terms = _matched_terms(corpus, topic, j, floor)
+            per.append((topic, float(rel[t, j]), weight, terms))
+        age = max(0.0, end - c.published.timestamp()) / (3600.0 * params.freshness_half_life_hours)
+        pick = scored.get(c.id)
+        why = None
+        if pick is None:
+            if not in_window[j]:
+                why = "outside the window"
+            elif c.id in profile.exclude or c.id in profile.votes:
+                why = "already received"
+            else:
+                why = f"relevance below min_relevance {params.min_relevance}"
+        out.append(
+            Explained(
+                c.id,
+                c.title,
+                c.categories,
+                tuple(per),
+                params.trending_weight * log_up[j] / best if best > 0 else 0.0,
+                params.freshness_weight * 2.0 ** (-age),
+                None if pick is None else pick.score,
+                c.id in chosen,
+                why,
+            )
+        )
+    out.sort(key=lambda e: (e.score is None, -(e.score or 0.0), e.paper_id))
+    return out
 
 
 @dataclass
