@@ -319,6 +319,21 @@ def _clean_topics(topics: Iterable[str]) -> tuple[str, ...]:
     return tuple(out)
 
 
+def _clean_profile_topics(topics: Sequence[str]) -> tuple[str, ...]:
+    """:func:`_clean_topics` of a profile's topics; the same few lists recur across a batch."""
+    if isinstance(topics, tuple):
+        try:
+            return _clean_topics_cached(topics)
+        except TypeError:  # an unhashable item: let _clean_topics name it
+            pass
+    return _clean_topics(topics)
+
+
+@lru_cache(maxsize=4096)
+def _clean_topics_cached(topics: tuple[str, ...]) -> tuple[str, ...]:
+    return _clean_topics(topics)
+
+
 # ------------------------------------------------------------------------------ scoring
 
 
@@ -385,6 +400,8 @@ class _Corpus:
         self.topic_rows: dict[str, np.ndarray] = {}
         # Per topic, its alternatives' names and rows (for the matched terms of a pick).
         self.topic_alts: dict[str, tuple[tuple[str, ...], np.ndarray]] = {}
+        # (lower-cased topic, candidate column) -> matched terms of a pick.
+        self.term_cache: dict[tuple[str, int], tuple[str, ...]] = {}
         self.categories = [c.categories for c in candidates]
         self._field_masks: dict[frozenset[str], np.ndarray] = {}  # fields -> weights
 
@@ -515,6 +532,7 @@ def _topic_scores(corpus: _Corpus, topics: Sequence[str]) -> np.ndarray:
         if (len(kept) + len(new)) * 8 * corpus.n_docs > _TOPIC_ROW_BYTES:
             kept.clear()
             corpus.topic_alts.clear()
+            corpus.term_cache.clear()
         for topic, (row, alts) in zip(new, _concept_scores(corpus, new), strict=True):
             rows[topic] = kept[topic] = row
             corpus.topic_alts[topic] = alts
@@ -678,7 +696,7 @@ def select_batch(
     n_docs = len(cands)
 
     corpus = _corpus_for(cands, params)
-    topics_per_profile = [_clean_topics(prof.topics) for prof in profiles]
+    topics_per_profile = [_clean_profile_topics(prof.topics) for prof in profiles]
     # Unique topics, by their lower-cased text, scored once for the whole batch.
     topic_ids: dict[str, int] = {}
     for topics in topics_per_profile:
@@ -829,8 +847,6 @@ class _Shared:
     voted_sim: np.ndarray  # voted papers x candidates
     params: SelectionParams
     corpus: _Corpus
-    # (topic, candidate column) -> matched terms: topics recur from subscriber to subscriber.
-    term_cache: dict[tuple[str, int], tuple[str, ...]] = field(default_factory=dict)
 
 
 def _score_chunk(
@@ -929,30 +945,38 @@ def _score_chunk(
     rows_c, cols_c = rows_c[order], cols_c[order]
 
     picks_by_row: list[list[Pick]] = [[] for _ in range(n_rows)]
-    term_cache = shared.term_cache
+    # Matched terms per (topic, candidate), kept on the corpus: topics recur from
+    # subscriber to subscriber and from chunk to chunk.
+    term_cache = shared.corpus.term_cache
+    corpus = shared.corpus
     floor = 0.5 * params.min_relevance
-
-    def _terms(topic: str, col: int) -> tuple[str, ...]:
-        key = (topic.lower(), col)
-        got = term_cache.get(key)
-        if got is None:
-            got = term_cache[key] = _matched_terms(shared.corpus, topic, col, floor)
-        return got
-
+    names = list(shared.topic_ids)  # lower-cased topics by id
+    slots = best_slot[rows_c, cols_c]
     named = relevance[rows_c, cols_c] >= params.min_relevance
+    if max_topics:
+        tids = slot_topic[rows_c, np.minimum(slots, max_topics - 1)].tolist()
+    else:
+        tids = [0] * len(rows_c)
     ids = [c.id for c in shared.cands]
-    for i, j, s, r, slot, ok in zip(
+    for i, j, s, r, slot, ok, tid in zip(
         rows_c.tolist(),
         cols_c.tolist(),
         score[rows_c, cols_c].tolist(),
         effective[rows_c, cols_c].tolist(),
-        best_slot[rows_c, cols_c].tolist(),
+        slots.tolist(),
         named.tolist(),
+        tids,
         strict=True,
     ):
         # Only a topic that really matched is named; otherwise trending or feedback chose.
-        topic = topics_per_profile[i][slot] if ok and topics_per_profile[i] else None
-        terms = () if topic is None else _terms(topic, j)
+        if ok and topics_per_profile[i]:
+            topic = topics_per_profile[i][slot]
+            key = (names[tid], j)
+            terms = term_cache.get(key)
+            if terms is None:
+                terms = term_cache[key] = _matched_terms(corpus, topic, j, floor)
+        else:
+            topic, terms = None, ()
         picks_by_row[i].append(_new_tuple(Pick, (ids[j], s, r, topic, terms)))  # faster
 
     out: dict[int, Result] = {}
