@@ -33,6 +33,7 @@ class Concept:
     name: str
     aliases: tuple[str, ...]  # what a subscriber may type for it (besides the name)
     phrases: tuple[str, ...]  # text that is evidence of the concept in a paper
+    weights: tuple[float, ...]  # per phrase: a generic one ("prompt") counts less
     fields: frozenset[str] | None  # arXiv categories it lives in; None: any
 
 
@@ -46,8 +47,16 @@ def _whole(phrase: str) -> bool:
 
 
 def _c(name: str, aliases: str, phrases: str, fields: frozenset[str] | None = ML_FIELDS) -> Concept:
+    """``phrases``: "a; b=0.5": "b" counts half as much as the topic's own words."""
     split = lambda s: tuple(x.strip() for x in s.split(";") if x.strip())  # noqa: E731
-    return Concept(name, split(aliases), tuple(p for p in split(phrases) if _whole(p)), fields)
+    kept = []
+    for item in split(phrases):
+        phrase, _, w = item.partition("=")
+        if _whole(phrase.strip()):
+            kept.append((phrase.strip(), float(w) if w else 1.0))
+    return Concept(
+        name, split(aliases), tuple(p for p, _ in kept), tuple(w for _, w in kept), fields
+    )
 
 
 CONCEPTS: tuple[Concept, ...] = (

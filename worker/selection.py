@@ -217,7 +217,7 @@ class SelectionParams:
     phrase_weight: float = 0.9
     use_concepts: bool = True  # off: a topic is matched by its own words only (as before)
     # Co-occurrence expansion (see _expand); 0 turns it off.
-    expansion_weight: float = 0.0
+    expansion_weight: float = 0.5
     # A topic or concept phrase of several words matches only papers with the whole phrase.
     phrase_gate: bool = True
     title_weight: float = 3.0
@@ -337,10 +337,22 @@ def _clean_topics_cached(topics: tuple[str, ...]) -> tuple[str, ...]:
 # ------------------------------------------------------------------------------ scoring
 
 
+# Archives of computing: a paper whose primary category is one of these but not one of the
+# concept's (an LLM paper in cs.GT, a GNN in cs.IT) is an application of the method, not a
+# homonym from another science; its match counts this much. The phrase gate keeps their real
+# homonyms ("embeddings of linear codes", "reinforced concrete") out anyway.
+COMPUTING_ARCHIVES = ("cs.", "eess.")
+COMPUTING_WEIGHT = 0.5
+
+
 def _field_weight(cats: Sequence[str], fields: frozenset[str]) -> float:
     if cats[0] in fields:
         return 1.0
-    return 0.5 if not fields.isdisjoint(cats) else 0.0
+    if not fields.isdisjoint(cats):
+        return 0.5
+    if cats[0].startswith(COMPUTING_ARCHIVES) and "cs.LG" in fields:
+        return COMPUTING_WEIGHT
+    return 0.0
 
 
 class _Corpus:
@@ -403,6 +415,9 @@ class _Corpus:
         # (lower-cased topic, candidate column) -> matched terms of a pick.
         self.term_cache: dict[tuple[str, int], tuple[str, ...]] = {}
         self.categories = [c.categories for c in candidates]
+        self.has_categories = np.fromiter(
+            (bool(c) for c in self.categories), dtype=bool, count=self.n_docs
+        )
         self._field_masks: dict[frozenset[str], np.ndarray] = {}  # fields -> weights
 
     def field_mask(self, fields: frozenset[str]) -> np.ndarray:
@@ -552,12 +567,15 @@ def _concept_scores(
     for topic in topics:
         concept = concept_for(topic) if corpus.params.use_concepts else None
         alts = [topic]
+        scale.append(1.0)
         if concept is not None:
             own = {topic.lower()}
-            alts += [p for p in concept.phrases if p not in own]
+            for phrase, w in zip(concept.phrases, concept.weights, strict=True):
+                if phrase not in own:
+                    alts.append(phrase)
+                    scale.append(weight * w)
         names.append(tuple(alts))
         flat += alts
-        scale += [1.0] + [weight] * (len(alts) - 1)
     scores = _score_topics(corpus, flat) * np.asarray(scale)[:, None]
     out = []
     lo = 0
@@ -575,18 +593,24 @@ def _concept_scores(
 
 
 def _expand(corpus: _Corpus, row: np.ndarray) -> np.ndarray:
-    """Corpus co-occurrence expansion: the papers of the day that clearly match the topic
-    (relevance >= strong_relevance) make a centroid of their terms; a match that shares little
-    of that context drops by up to ``expansion_weight``, a weak one that shares much rises."""
+    """Corpus co-occurrence as evidence of field for papers without arXiv categories.
+
+    The papers of the day that clearly match the topic (relevance >= strong_relevance) and
+    carry categories make a centroid of their terms; a paper without categories that shares
+    little of that context loses up to ``expansion_weight`` of its relevance ("state space
+    copula models" next to the day's Mamba papers). Papers with categories are judged by them.
+    """
     p = corpus.params
-    strong = np.flatnonzero(row >= p.strong_relevance)
+    known = corpus.has_categories
+    strong = np.flatnonzero((row >= p.strong_relevance) & known)
     if strong.size < 2:
         return row
     centroid = np.asarray(corpus.doc_units[strong].mean(axis=0)).ravel()
     sim = corpus.doc_units @ centroid
-    top = float(np.sort(sim[strong])[len(strong) // 2]) or 1.0
-    context = np.minimum(sim / top, 1.0)
-    return row * (1 - p.expansion_weight + p.expansion_weight * context)
+    typical = float(np.median(sim[strong])) or 1.0
+    context = np.minimum(sim / typical, 1.0)
+    damp = np.where(known, 1.0, 1 - p.expansion_weight + p.expansion_weight * context)
+    return row * damp
 
 
 def _matched_terms(corpus: _Corpus, topic: str, col: int, floor: float) -> tuple[str, ...]:
