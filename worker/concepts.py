@@ -104,8 +104,8 @@ CONCEPTS: tuple[Concept, ...] = (
         "kernel method; kernel machines; kernel learning",
         "kernel method; kernel learning; kernelized; reproducing kernel; rkhs; support vector "
         "machine; svm; one-class svm; gaussian process; kernel trick; kernel regression; kernel "
-        "estimator; maximum mean discrepancy; mmd; correlation filter; gaussian kernel; random "
-        "fourier feature; deep kernel; multiple kernel",
+        "estimator; maximum mean discrepancy; mmd; kernelized correlation filter; gaussian "
+        "kernel; random fourier feature; deep kernel; multiple kernel",
         ML_FIELDS | STATS_FIELDS,
     ),
     _c(
@@ -178,16 +178,17 @@ CONCEPTS: tuple[Concept, ...] = (
     _c(
         "quantum computing",
         "quantum computation; quantum algorithms",
-        "quantum computing; quantum computation; quantum algorithm; quantum computer; qubit; "
+        "quantum computing; quantum computation; quantum algorithm; quantum computer; qubit=0.5; "
         "quantum circuit; shor's algorithm; quantum gate; fault-tolerant quantum",
         frozenset({"quant-ph", "cs.ET", "cs.DS", "cs.CC", "cs.LG", "cs.AR"}),
     ),
     _c(
         "graph theory",
         "graphs; combinatorics",
-        "graph theory; graph decomposition; subgraph; bipartite graph; chromatic; hypercube; "
-        "spanning tree; planar graph; graph coloring",
-        frozenset({"math.CO", "cs.DM", "cs.DS", "math.GT", "cs.CG"}),
+        "graph theory; graph=0.9; random graph; regular graph; graph isomorphism; graph "
+        "decomposition; subgraph; bipartite graph; chromatic; hypercube; spanning tree; planar "
+        "graph; graph coloring",
+        frozenset({"math.CO", "cs.DM", "cs.DS", "math.GT", "cs.CG", "math.PR"}),
     ),
     _c(
         "generative adversarial networks",

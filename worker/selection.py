@@ -342,7 +342,7 @@ def _clean_topics_cached(topics: tuple[str, ...]) -> tuple[str, ...]:
 # homonym from another science; its match counts this much. The phrase gate keeps their real
 # homonyms ("embeddings of linear codes", "reinforced concrete") out anyway.
 COMPUTING_ARCHIVES = ("cs.", "eess.")
-COMPUTING_WEIGHT = 0.5
+COMPUTING_WEIGHT = 0.45  # below strong_relevance: never among the strong matches alone
 
 
 def _field_weight(cats: Sequence[str], fields: frozenset[str]) -> float:
