@@ -84,8 +84,8 @@ CONCEPTS: tuple[Concept, ...] = (
     _c(
         "large language models",
         "llm; llms; large language model; language models; gpt",
-        "large language model; llm; gpt; chatgpt; gpt-4; llama; language model; instruction "
-        "tuning; in-context learning; chain-of-thought; hallucination; jailbreak; prompt",
+        "large language model; llm; gpt; chatgpt; gpt-4; llama; language model=0.5; instruction "
+        "tuning; in-context learning; chain-of-thought; hallucination=0.6; jailbreak; prompt=0.3",
     ),
     _c(
         "transformers",
@@ -143,7 +143,8 @@ CONCEPTS: tuple[Concept, ...] = (
         "semantic segmentation",
         "segmentation; image segmentation",
         "semantic segmentation; image segmentation; pixel-wise classification; scene parsing; "
-        "panoptic segmentation; segmentation network",
+        "panoptic segmentation; segmentation network; medical image segmentation; segment "
+        "anything; segmentation=0.5",
     ),
     _c(
         "federated learning",

@@ -213,6 +213,8 @@ class SelectionParams:
     # Relevance first: every match at least this strong ranks above every weaker one;
     # upvotes and freshness only order papers within a band.
     strong_relevance: float = 0.5
+    # A second, higher band (0: none): matches this strong rank above the other strong ones.
+    top_relevance: float = 0.0
     # A concept phrase (acronym, synonym) counts this much of the topic's own words.
     phrase_weight: float = 0.9
     use_concepts: bool = True  # off: a topic is matched by its own words only (as before)
@@ -234,6 +236,7 @@ class SelectionParams:
             "bigram_weight",
             "k1",
             "strong_relevance",
+            "top_relevance",
             "phrase_weight",
             "expansion_weight",
         ):
@@ -962,6 +965,8 @@ def _score_chunk(
     # Relevance first: strong matches above weak ones whatever their upvotes.
     if with_topics and params.strong_relevance > 0:
         score[:with_topics] += 10.0 * (effective[:with_topics] >= params.strong_relevance)
+    if with_topics and params.top_relevance > 0:
+        score[:with_topics] += 10.0 * (effective[:with_topics] >= params.top_relevance)
 
     chosen = _top_k(score, eligible, k)
     rows_c, cols_c = np.nonzero(chosen)
