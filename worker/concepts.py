@@ -180,7 +180,9 @@ CONCEPTS: tuple[Concept, ...] = (
         "quantum computing",
         "quantum computation; quantum algorithms",
         "quantum computing; quantum computation; quantum algorithm; quantum computer; qubit=0.5; "
-        "quantum circuit; shor's algorithm; quantum gate; fault-tolerant quantum",
+        "quantum circuit; shor's algorithm; quantum gate; fault-tolerant quantum; quantum error "
+        "correction; quantum code; quantum ldpc; stabilizer code; quantum error-correcting; "
+        "variational quantum; qaoa; quantum machine learning; quantum annealing",
         frozenset({"quant-ph", "cs.ET", "cs.DS", "cs.CC", "cs.LG", "cs.AR"}),
     ),
     _c(
