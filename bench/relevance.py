@@ -112,13 +112,21 @@ def summary(per: dict) -> dict:
 METHODS = {
     # Before issue 17: topic words only, upvotes mixed into relevance.
     "today": replace(
-        SelectionParams(), use_concepts=False, strong_relevance=0.0, phrase_gate=False
+        SelectionParams(),
+        use_concepts=False,
+        strong_relevance=0.0,
+        phrase_gate=False,
+        expansion_weight=0.0,
     ),
-    # + concept vocabulary (phrases, arXiv fields) and relevance bands.
-    "concepts": replace(SelectionParams(), phrase_gate=False),
-    # + corpus co-occurrence expansion (off by default: see RELEVANCE_README.md).
-    "new+expansion": replace(SelectionParams(), expansion_weight=0.7),
-    # The shipped default: concepts + bands + phrase gate.
+    # + concept vocabulary (phrases, arXiv fields as evidence) and relevance bands.
+    "+concepts,fields,bands": replace(SelectionParams(), phrase_gate=False, expansion_weight=0.0),
+    # + a phrase of several words matches only where the whole phrase is.
+    "+phrase gate": replace(SelectionParams(), expansion_weight=0.0),
+    # + a second band for the strongest matches (not shipped: no gain on dev).
+    "+phrase gate,top band 0.9": replace(
+        SelectionParams(), expansion_weight=0.0, top_relevance=0.9
+    ),
+    # The shipped default: + co-occurrence expansion for papers without categories.
     "new": SelectionParams(),
 }
 
@@ -145,10 +153,10 @@ def main() -> int:
     for split, by in report.items():
         n = len({p["id"] for p in papers if split == "all" or p["split"] == split})
         print(f"== {split}: {n} papers, {by['new']['summary']['topics']} topics")
-        print(f"{'':28}" + "".join(f"{c:>21}" for c in cols))
+        print(f"{'':30}" + "".join(f"{c:>21}" for c in cols))
         for name, got in by.items():
             s = got["summary"]
-            print(f"{name:28}" + "".join(f"{s[c]:>21.3f}" for c in cols))
+            print(f"{name:30}" + "".join(f"{s[c]:>21.3f}" for c in cols))
         if args.per_topic:
             for topic in by["new"]["per_topic"]:
                 a, b = by["today"]["per_topic"][topic], by["new"]["per_topic"][topic]
