@@ -104,8 +104,9 @@ CONCEPTS: tuple[Concept, ...] = (
         "kernel method; kernel machines; kernel learning",
         "kernel method; kernel learning; kernelized; reproducing kernel; rkhs; support vector "
         "machine; svm; one-class svm; gaussian process; kernel trick; kernel regression; kernel "
-        "estimator; maximum mean discrepancy; mmd; kernelized correlation filter; gaussian "
-        "kernel; random fourier feature; deep kernel; multiple kernel",
+        "estimator; maximum mean discrepancy; mmd=0.5; kernelized correlation filter; kernel "
+        "correlation filter; gaussian kernel; random fourier feature; deep kernel; multiple "
+        "kernel",
         ML_FIELDS | STATS_FIELDS,
     ),
     _c(
