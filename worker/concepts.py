@@ -3,9 +3,10 @@
 A subscriber's topic that names a known concept ("RL", "reinforcement learning", "GNNs") is
 matched by the concept's *phrases*, its acronyms and synonyms (MDP, policy gradient,
 Q-learning...), so a policy-gradient paper that never says "reinforcement learning" still
-matches; and by the concept's *fields*, arXiv categories: a paper whose categories are all
-outside them (steel reinforcement in cond-mat, heat kernels in math.AP) is not a match,
-whatever words it shares. Papers without categories (Hugging Face) are judged by words alone.
+matches; and by the concept's *fields*, arXiv categories: a paper from another science
+(steel reinforcement in cond-mat, heat kernels in math.AP) is not a match, whatever words it
+shares (selection._field_weight has the weights). A phrase may carry a weight ("prompt=0.3"):
+generic evidence counts less than the topic's own words.
 
 Topics the vocabulary does not know are matched by their own words, as before.
 """

@@ -424,9 +424,10 @@ class _Corpus:
         self._field_masks: dict[frozenset[str], np.ndarray] = {}  # fields -> weights
 
     def field_mask(self, fields: frozenset[str]) -> np.ndarray:
-        """How much each candidate may belong to these fields: 1 when its primary arXiv
-        category is among them, 0.5 when only a cross-list is, 0 when none is. A paper
-        without categories (Hugging Face lists only ML papers) counts as cs.LG."""
+        """How much each candidate may belong to these fields (:func:`_field_weight`): 1 when
+        its primary arXiv category is among them, 0.5 when only a cross-list is, 0.45 for
+        another computing category under an ML concept, 0 otherwise. A paper without
+        categories (Hugging Face lists only ML papers) counts as cs.LG."""
         mask = self._field_masks.get(fields)
         if mask is None:
             mask = np.fromiter(
@@ -561,8 +562,9 @@ def _concept_scores(
     corpus: _Corpus, topics: Sequence[str]
 ) -> list[tuple[np.ndarray, tuple[tuple[str, ...], np.ndarray]]]:
     """Each topic's relevance row: the best of its alternatives (the topic's own words and,
-    for a topic the concept vocabulary knows, each of its phrases), zero for candidates whose
-    arXiv categories are all outside the concept's fields."""
+    for a topic the concept vocabulary knows, each of its phrases, weighted), times the
+    candidate's field weight for the concept (:meth:`_Corpus.field_mask`), then the
+    co-occurrence check of papers without categories (:func:`_expand`)."""
     weight = corpus.params.phrase_weight
     names: list[tuple[str, ...]] = []
     flat: list[str] = []
