@@ -115,3 +115,37 @@ def test_reader_without_topics_gets_trending_top() -> None:
     picks = select_batch([hot, *FILLER], [prof], params=SelectionParams())[1].picks
     assert [p.paper_id for p in picks] == ["hot"]
     assert picks[0].matched_topic is None and picks[0].matched_terms == ()
+
+
+def test_expansion_checks_the_context_of_papers_without_categories() -> None:
+    mamba = [
+        Candidate(
+            f"m{i}",
+            f"Mamba {name}: selective state space models for {name}",
+            f"A selective state space model (Mamba) with linear-time sequence modeling for {name}, "
+            "faster than transformers with long-range dependencies and a hardware-aware scan.",
+            0,
+            END - timedelta(hours=2),
+            ("cs.CV",),
+        )
+        for i, name in enumerate(["video", "speech", "point clouds"])
+    ]
+    copula = Candidate(
+        "copula",
+        "Bayesian multivariate nonlinear state space copula models",
+        "We propose state space models based on copulas; inference by Hamiltonian Monte Carlo "
+        "for the observation and state equations of econometric series.",
+        0,
+        END - timedelta(hours=2),
+    )
+    prof = Profile(1, ("state space models",), 10, END - timedelta(hours=48), END)
+
+    def rel(params: SelectionParams) -> dict[str, float]:
+        res = select_batch([*mamba, copula, *FILLER], [prof], params=params)[1]
+        return {p.paper_id: p.relevance for p in res.picks}
+
+    from dataclasses import replace
+
+    off, on = rel(replace(SelectionParams(), expansion_weight=0.0)), rel(SelectionParams())
+    assert on["copula"] < off["copula"]
+    assert all(on[m.id] == off[m.id] for m in mamba)  # categories: judged by them
