@@ -178,3 +178,34 @@ def dry_run_edition(
         len(subs) - len(todo),
         previews_for(session, todo, edition_date, settings=settings),
     )
+
+
+def explain_digest(
+    session: Session,
+    email: str,
+    edition_date: date,
+    settings: Settings | None = None,
+    *,
+    now: datetime | None = None,
+) -> list[object]:
+    """Every candidate's scores for ``email``'s edition D (a fresh selection, nothing
+    written): relevance per topic, field weight, matched terms, trending, freshness, final.
+    A list of :class:`worker.selection.Explained`, best first."""
+    from worker.selection import (
+        SelectionParams,
+        explain_profile,
+        load_candidates,
+        load_profiles,
+    )
+
+    settings = settings or get_settings()
+    sub = session.scalar(select(Subscriber).where(Subscriber.email == email.strip().lower()))
+    if sub is None:
+        raise NotFound(f"no subscriber with address {email}; see `papermail subscribers list`")
+    end = window_end(sub, edition_date, now or utcnow())
+    profiles, voted = load_profiles(session, [sub], {sub.id: end}, settings)
+    prof = profiles[0]
+    cands = load_candidates(session, prof.window_start, prof.window_end)
+    return explain_profile(
+        cands, prof, voted_papers=voted, params=SelectionParams.from_settings(settings)
+    )
