@@ -72,6 +72,7 @@ from worker.models import (
     Paper,
     Subscriber,
     UTCDateTime,
+    encode_terms,
     utcnow,
 )
 
@@ -887,10 +888,10 @@ def prepare_messages(
         fail(key, why)
     new_rows: list[dict[str, object]] = []
     snapshots: list[dict[str, object]] = []
-    chosen: list[tuple[Delivery, Subscriber, list[tuple[str, str | None]]]] = []
+    chosen: list[tuple[Delivery, Subscriber, list[tuple[str, str | None, tuple[str, ...]]]]] = []
     for delivery, sub in sendable:
         if delivery.id in recorded:
-            picks = [(dp.paper_id, dp.matched_topic) for dp in recorded[delivery.id]]
+            picks = [(dp.paper_id, dp.matched_topic, dp.terms) for dp in recorded[delivery.id]]
         elif delivery.id in selection.results:
             result = selection.results[delivery.id]
             if not result.picks:
@@ -899,7 +900,7 @@ def prepare_messages(
                 else:
                     outcome.not_claimed += 1
                 continue
-            picks = [(p.paper_id, p.matched_topic) for p in result.picks]
+            picks = [(p.paper_id, p.matched_topic, p.matched_terms) for p in result.picks]
             snapshots.append({"id": delivery.id, "recipient": recipient_snapshot(sub)})
             new_rows.extend(
                 {
@@ -907,6 +908,7 @@ def prepare_messages(
                     "paper_id": p.paper_id,
                     "position": pos,
                     "matched_topic": p.matched_topic,
+                    "matched_terms": encode_terms(p.matched_terms),
                     # JSON on the way in (see _insert_delivery_papers) has no NaN.
                     "score": float(p.score) if math.isfinite(p.score) else 0.0,
                 }
@@ -919,7 +921,7 @@ def prepare_messages(
     _record_recipients(session, snapshots)
     session.commit()
 
-    paper_ids = {pid for _, _, picks in chosen for pid, _ in picks}
+    paper_ids = {pid for _, _, picks in chosen for pid, *_ in picks}
     papers = (
         {p.id: p for p in session.scalars(select(Paper).where(Paper.id.in_(paper_ids)))}
         if paper_ids
@@ -928,7 +930,7 @@ def prepare_messages(
     renderer = get_renderer(settings)
     prepared: list[_Prepared] = []
     for delivery, sub, picks in chosen:
-        if not any(pid in papers for pid, _ in picks):
+        if not any(pid in papers for pid, *_ in picks):
             # Its papers were deleted meanwhile: never an empty email.
             if _skip(session, delivery.id, "the selected papers no longer exist", clock):
                 outcome.skipped += 1
@@ -938,7 +940,9 @@ def prepare_messages(
             delivery.id,
             "could not render the digest",
             lambda picks=picks: [  # type: ignore[misc]
-                paper_view(papers[pid], topic) for pid, topic in picks if pid in papers
+                paper_view(papers[pid], topic, terms)
+                for pid, topic, terms in picks
+                if pid in papers
             ],
         )
         if views is None:
@@ -963,10 +967,11 @@ def prepare_messages(
 # element by element in Python (five arrays of ~1,400 cost about 13% of a worker's CPU),
 # json.dumps is C and PostgreSQL's json_to_recordset expands it server-side.
 _INSERT_DELIVERY_PAPERS_PG = text(
-    "INSERT INTO delivery_papers (delivery_id, paper_id, position, matched_topic, score)"
-    " SELECT r.delivery_id, r.paper_id, r.position, r.matched_topic, r.score"
+    "INSERT INTO delivery_papers"
+    " (delivery_id, paper_id, position, matched_topic, matched_terms, score)"
+    " SELECT r.delivery_id, r.paper_id, r.position, r.matched_topic, r.matched_terms, r.score"
     " FROM json_to_recordset(CAST(:rows AS json)) AS r(delivery_id bigint, paper_id text,"
-    " position integer, matched_topic text, score float8)"
+    " position integer, matched_topic text, matched_terms text, score float8)"
     " ON CONFLICT (delivery_id, paper_id) DO NOTHING"
 )
 

@@ -31,12 +31,12 @@ class Preview:
     note: str | None = None
 
 
-def _views(session: Session, picks: list[tuple[str, str | None]]) -> list[object]:
+def _views(session: Session, picks: list[tuple[str, str | None, tuple[str, ...]]]) -> list[object]:
     from worker.rendering import paper_view
 
-    ids = [pid for pid, _ in picks]
+    ids = [pid for pid, *_ in picks]
     papers = {p.id: p for p in session.scalars(select(Paper).where(Paper.id.in_(ids)))}
-    return [paper_view(papers[pid], topic) for pid, topic in picks if pid in papers]
+    return [paper_view(papers[pid], topic, terms) for pid, topic, terms in picks if pid in papers]
 
 
 def previews_for(
@@ -68,7 +68,9 @@ def previews_for(
         res = results[sub.id]
         pv = Preview(sub.email, edition_date, skip_reason=res.skip_reason)
         if res.picks:
-            pv.papers = _views(session, [(p.paper_id, p.matched_topic) for p in res.picks])
+            pv.papers = _views(
+                session, [(p.paper_id, p.matched_topic, p.matched_terms) for p in res.picks]
+            )
             if with_html:
                 msg = renderer.render_digest(recipient_of(sub), edition_date, pv.papers)
                 pv.subject, pv.html, pv.size = msg.subject, msg.html, msg.size
@@ -94,7 +96,7 @@ def preview_digest(
     )
     if existing is not None:
         picks = [
-            (dp.paper_id, dp.matched_topic)
+            (dp.paper_id, dp.matched_topic, dp.terms)
             for dp in session.scalars(
                 select(DeliveryPaper)
                 .where(DeliveryPaper.delivery_id == existing.id)
@@ -127,7 +129,7 @@ def edition_html(session: Session, delivery: Delivery, settings: Settings | None
     from worker.rendering import get_renderer
 
     picks = [
-        (dp.paper_id, dp.matched_topic)
+        (dp.paper_id, dp.matched_topic, dp.terms)
         for dp in session.scalars(
             select(DeliveryPaper)
             .where(DeliveryPaper.delivery_id == delivery.id)
