@@ -313,6 +313,21 @@ class QuotaShortfall:
 _hooks: list[Callable[[QuotaShortfall], None]] = []
 
 
+def _alert(shortfall: QuotaShortfall, settings: Settings) -> None:
+    """One alert per edition (PAPERMAIL_ALERT_WEBHOOK_URL), de-duplicated like the others."""
+    if not settings.alert_webhook_url:
+        return
+    from worker import alerts
+
+    finding = alerts.Finding(
+        "quota", f"quota:{shortfall.edition_date}", shortfall.message, shortfall.edition_date
+    )
+    try:
+        alerts.notify([finding], settings)
+    except Exception:  # the alerts table unreachable: the warning above was logged
+        log.exception("could not post the quota alert of edition %s", shortfall.edition_date)
+
+
 def on_quota_shortfall(hook: Callable[[QuotaShortfall], None]) -> Callable[[QuotaShortfall], None]:
     """Register ``hook`` to be called with every :class:`QuotaShortfall` (e.g. an alert)."""
     _hooks.append(hook)
@@ -356,6 +371,7 @@ def check_quota(
         float(info.sent_last_24h or 0),
     )
     log.warning("%s", shortfall.message)
+    _alert(shortfall, settings)
     for hook in list(_hooks):
         try:
             hook(shortfall)

@@ -393,3 +393,24 @@ def test_cli_check_without_a_webhook_is_one_clear_error(settings: Settings) -> N
 def test_cli_test_posts_one_message(alerting: Settings, receiver: Receiver) -> None:
     result = CliRunner().invoke(main, ["alerts", "test", "--text", "hello"])
     assert result.exit_code == 0 and receiver.texts == ["hello"]
+
+
+def test_an_edition_over_the_24h_quota_is_alerted_once(
+    alerting: Settings, receiver: Receiver
+) -> None:
+    from worker import account
+    from worker.mailers.base import AccountInfo
+
+    class QuotaMailer:
+        reports_quota = True
+
+        def account(self) -> AccountInfo:
+            return AccountInfo("ses", max_24h_send=1000, sent_last_24h=990, max_send_rate=14)
+
+    assert account.check_quota(TODAY, 5, alerting, QuotaMailer()) is None
+    assert receiver.texts == []
+    for _ in range(2):  # the beat's next tick finds it again: posted once
+        found = account.check_quota(TODAY, 50, alerting, QuotaMailer())
+        assert found is not None and found.remaining == 10
+    [text] = receiver.texts
+    assert f"edition {TODAY}: 50 emails planned" in text and "papermail sending resume" in text
