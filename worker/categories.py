@@ -1,0 +1,184 @@
+"""Subscribers' arXiv category filters: validation, description, and the candidate masks
+that selection applies.
+
+A subscriber may keep **only** papers of some categories and **exclude** others. Both take
+arXiv names: a category (``cs.LG``, ``math.CO``, ``hep-th``, ``q-bio.NC``) or a whole
+archive (``cs``, ``math``, ``physics``: every category in it). Names are matched
+case-insensitively and stored in arXiv's spelling; the two names arXiv gives one category
+(``cs.SY`` and ``eess.SY``, ``math.MP`` and ``math-ph``, ...) count as the same.
+
+* **only** looks at a paper's *primary* category (the first listed): a cs.LG subscriber
+  does not get every physics paper that is also cross-listed to cs.LG. A paper whose
+  categories are unknown (Hugging Face lists none) is left out, since nothing says it is
+  in them.
+* **exclude** looks at *all* its categories: excluding ``cs.CV`` drops a cs.LG paper
+  cross-listed to cs.CV too, which is what "I never want vision papers" means. A paper
+  with no categories is never excluded.
+
+Selection works on many subscribers at once, so :func:`candidate_mask` builds one boolean
+(subscribers x candidates) matrix with two sparse products, not a loop over pairs.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Iterable, Sequence
+from functools import lru_cache
+
+import numpy as np
+import scipy.sparse as sp
+
+from worker.arxiv_taxonomy import ALIASES, ARCHIVES, CATEGORIES
+
+__all__ = [
+    "MAX_FILTER_CATEGORIES",
+    "candidate_mask",
+    "conflict",
+    "describe_filters",
+    "parse_categories",
+    "passes",
+]
+
+# More than this many is a pasted list, not a choice (there are about 175 names in all).
+MAX_FILTER_CATEGORIES = 40
+_SEPARATORS = re.compile(r"[,;\s]+")
+# Every accepted name, by its lower-cased spelling.
+_KNOWN: dict[str, str] = {name.lower(): name for name in (*ARCHIVES, *CATEGORIES)}
+# Both directions of each alias pair.
+_SAME: dict[str, str] = {**ALIASES, **{new: old for old, new in ALIASES.items()}}
+EXAMPLES = "e.g. cs.LG, math.CO, hep-th, q-bio.NC, or a whole archive such as cs or math"
+
+
+def _problem(raw: str, what: str) -> str:
+    close = difflib.get_close_matches(raw.lower(), list(_KNOWN), n=1, cutoff=0.75)
+    hint = f"; did you mean {_KNOWN[close[0]]}?" if close else f" ({EXAMPLES})"
+    shown = raw if len(raw) <= 40 else raw[:39] + "…"
+    return f"{what}: {shown!r} is not an arXiv category{hint}"
+
+
+def parse_categories(value: object, what: str = "categories") -> tuple[str, ...]:
+    """arXiv names from ``"cs.LG, math.CO"`` (commas, semicolons or spaces) or a list.
+
+    Returns them in arXiv's spelling, in the order given, duplicates dropped; blank gives
+    ``()``. Raises ``ValueError`` naming the first unknown value (with the closest real
+    name when there is one), ``what`` saying which field it came from.
+    """
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        items: Iterable[object] = _SEPARATORS.split(value)
+    elif isinstance(value, list | tuple):
+        items = value
+    else:
+        raise ValueError(f"{what} must be text or a list of arXiv categories, got {value!r}")
+    out: list[str] = []
+    for item in items:
+        if not isinstance(item, str):
+            raise ValueError(f"{what}: each category must be text, got {item!r}")
+        raw = item.strip()
+        if not raw:
+            continue
+        name = _KNOWN.get(raw.lower())
+        if name is None:
+            raise ValueError(_problem(raw, what))
+        if name not in out:
+            out.append(name)
+    if len(out) > MAX_FILTER_CATEGORIES:
+        raise ValueError(
+            f"{what}: at most {MAX_FILTER_CATEGORIES} categories are allowed, got {len(out)}"
+        )
+    return tuple(out)
+
+
+@lru_cache(maxsize=4096)
+def _tokens(category: str) -> frozenset[str]:
+    """The filter values that a paper filed under ``category`` matches: the category, its
+    alias, and the archive of each (``cs.SY`` -> cs.SY, cs, eess.SY, eess)."""
+    name = _KNOWN.get(category.lower(), category)
+    out: set[str] = set()
+    for each in (name, _SAME.get(name)):
+        if each:
+            out.add(each)
+            out.add(each.split(".", 1)[0])
+    return frozenset(out)
+
+
+def conflict(only: Sequence[str], exclude: Sequence[str]) -> str | None:
+    """Why these two filters together leave nothing, or None: every "only" value is
+    also excluded (itself, or its archive)."""
+    if not only or not exclude:
+        return None
+    gone = set(exclude)
+    if all(_tokens(value) & gone for value in only):
+        return (
+            f"every category you keep ({', '.join(only)}) is also excluded "
+            f"({', '.join(exclude)}), so no paper would be left"
+        )
+    return None
+
+
+def describe_filters(only: Sequence[str], exclude: Sequence[str]) -> str:
+    """One phrase for messages and emails; "" when there is no filter."""
+    parts = []
+    if only:
+        parts.append("only " + ", ".join(only))
+    if exclude:
+        parts.append("excluding " + ", ".join(exclude))
+    return "; ".join(parts)
+
+
+def passes(categories: Sequence[str], only: Sequence[str], exclude: Sequence[str]) -> bool:
+    """Whether one paper passes one subscriber's filters (the rule of the module doc)."""
+    if only and not (categories and _tokens(categories[0]) & set(only)):
+        return False
+    return not (exclude and any(_tokens(c) & set(exclude) for c in categories))
+
+
+def candidate_mask(
+    only_by_row: Sequence[Sequence[str]],
+    exclude_by_row: Sequence[Sequence[str]],
+    categories_by_doc: Sequence[Sequence[str]],
+) -> np.ndarray:
+    """``passes`` for every (row, candidate) pair: a (rows x candidates) boolean matrix.
+
+    Each distinct filter value gets a column; a candidate's primary category and all its
+    categories are mapped to the values they match once, and each row's values are one
+    sparse row, so the whole matrix is two sparse products.
+    """
+    n_rows, n_docs = len(only_by_row), len(categories_by_doc)
+    ok = np.ones((n_rows, n_docs), dtype=bool)
+    index: dict[str, int] = {}
+    for values in (*only_by_row, *exclude_by_row):
+        for value in values:
+            index.setdefault(value, len(index))
+    if not index or not n_docs:
+        if any(only_by_row):  # nothing is in the categories of an empty candidate list
+            ok[[bool(v) for v in only_by_row]] = False
+        return ok
+    primary: list[tuple[int, int]] = []
+    listed: list[tuple[int, int]] = []
+    for j, cats in enumerate(categories_by_doc):
+        for pos, cat in enumerate(cats):
+            for token in _tokens(cat):
+                col = index.get(token)
+                if col is not None:
+                    listed.append((j, col))
+                    if pos == 0:
+                        primary.append((j, col))
+
+    def matrix(pairs: Sequence[tuple[int, int]], rows: int) -> sp.csr_matrix:
+        r = [a for a, _ in pairs]
+        c = [b for _, b in pairs]
+        return sp.csr_matrix((np.ones(len(pairs)), (r, c)), shape=(rows, len(index)))
+
+    def per_row(values_by_row: Sequence[Sequence[str]]) -> sp.csr_matrix:
+        return matrix([(i, index[v]) for i, vs in enumerate(values_by_row) for v in vs], n_rows)
+
+    has_only = np.fromiter((bool(v) for v in only_by_row), dtype=bool, count=n_rows)
+    if has_only.any():
+        hit = (per_row(only_by_row) @ matrix(primary, n_docs).T).toarray() > 0
+        ok[has_only] = hit[has_only]
+    if any(exclude_by_row):
+        ok &= (per_row(exclude_by_row) @ matrix(listed, n_docs).T).toarray() == 0
+    return ok
