@@ -54,7 +54,7 @@ def _problem(raw: str, what: str) -> str:
     close = difflib.get_close_matches(raw.lower(), list(_KNOWN), n=1, cutoff=0.75)
     hint = f"; did you mean {_KNOWN[close[0]]}?" if close else f" ({EXAMPLES})"
     shown = raw if len(raw) <= 40 else raw[:39] + "…"
-    return f"{what}: {shown!r} is not an arXiv category{hint}"
+    return f"{shown!r} in {what} is not an arXiv category{hint}"
 
 
 def parse_categories(value: object, what: str = "categories") -> tuple[str, ...]:
@@ -75,7 +75,7 @@ def parse_categories(value: object, what: str = "categories") -> tuple[str, ...]
     out: list[str] = []
     for item in items:
         if not isinstance(item, str):
-            raise ValueError(f"{what}: each category must be text, got {item!r}")
+            raise ValueError(f"each of the {what} must be text, got {item!r}")
         raw = item.strip()
         if not raw:
             continue
@@ -86,7 +86,8 @@ def parse_categories(value: object, what: str = "categories") -> tuple[str, ...]
             out.append(name)
     if len(out) > MAX_FILTER_CATEGORIES:
         raise ValueError(
-            f"{what}: at most {MAX_FILTER_CATEGORIES} categories are allowed, got {len(out)}"
+            f"at most {MAX_FILTER_CATEGORIES} arXiv categories are allowed in {what}, "
+            f"got {len(out)}"
         )
     return tuple(out)
 
