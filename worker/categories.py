@@ -16,18 +16,19 @@ case-insensitively and stored in arXiv's spelling; the two names arXiv gives one
   with no categories is never excluded.
 
 Selection works on many subscribers at once, so :func:`candidate_mask` builds one boolean
-(subscribers x candidates) matrix with two sparse products, not a loop over pairs.
+(subscribers x candidates) matrix with two small matrix products, not a loop over pairs.
 """
 
 from __future__ import annotations
 
 import difflib
 import re
+import threading
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from functools import lru_cache
 
 import numpy as np
-import scipy.sparse as sp
 
 from worker.arxiv_taxonomy import ALIASES, ARCHIVES, CATEGORIES
 
@@ -136,6 +137,57 @@ def passes(categories: Sequence[str], only: Sequence[str], exclude: Sequence[str
     return not (exclude and any(_tokens(c) & set(exclude) for c in categories))
 
 
+class _DocTokens:
+    """For one candidate list: per filter value, which candidates' primary category matches
+    it and which have any category that does. Every chunk of a run has the same candidates,
+    so the last few lists are kept."""
+
+    def __init__(self, categories_by_doc: Sequence[Sequence[str]]) -> None:
+        self.n_docs = n = len(categories_by_doc)
+        primary: dict[str, list[int]] = {}
+        listed: dict[str, set[int]] = {}
+        for j, cats in enumerate(categories_by_doc):
+            for pos, cat in enumerate(cats):
+                for token in _tokens(cat):
+                    listed.setdefault(token, set()).add(j)
+                    if pos == 0:
+                        primary.setdefault(token, []).append(j)
+        self.primary = {t: self._row(js, n) for t, js in primary.items()}
+        self.listed = {t: self._row(js, n) for t, js in listed.items()}
+        self.none = np.zeros(n, dtype=np.float32)
+
+    @staticmethod
+    def _row(cols: Iterable[int], n: int) -> np.ndarray:
+        row = np.zeros(n, dtype=np.float32)
+        row[list(cols)] = 1.0
+        return row
+
+    def stack(self, values: Sequence[str], primary: bool) -> np.ndarray:
+        """(values x candidates) 0/1: which candidates match each value."""
+        rows = self.primary if primary else self.listed
+        return np.stack([rows.get(v, self.none) for v in values])
+
+
+_DOC_CACHE: OrderedDict[tuple[tuple[str, ...], ...], _DocTokens] = OrderedDict()
+_DOC_CACHE_SIZE = 2
+_DOC_LOCK = threading.Lock()
+
+
+def _doc_tokens(categories_by_doc: Sequence[Sequence[str]]) -> _DocTokens:
+    key = tuple(map(tuple, categories_by_doc))
+    with _DOC_LOCK:
+        hit = _DOC_CACHE.get(key)
+        if hit is not None:
+            _DOC_CACHE.move_to_end(key)
+            return hit
+    built = _DocTokens(categories_by_doc)
+    with _DOC_LOCK:
+        _DOC_CACHE[key] = built
+        while len(_DOC_CACHE) > _DOC_CACHE_SIZE:
+            _DOC_CACHE.popitem(last=False)
+    return built
+
+
 def candidate_mask(
     only_by_row: Sequence[Sequence[str]],
     exclude_by_row: Sequence[Sequence[str]],
@@ -143,43 +195,39 @@ def candidate_mask(
 ) -> np.ndarray:
     """``passes`` for every (row, candidate) pair: a (rows x candidates) boolean matrix.
 
-    Each distinct filter value gets a column; a candidate's primary category and all its
-    categories are mapped to the values they match once, and each row's values are one
-    sparse row, so the whole matrix is two sparse products.
+    Rows with the same filters share one row of the answer (a list has far fewer distinct
+    filters than subscribers), computed from the candidates' 0/1 matches of each value;
+    the matrix is then one gather.
     """
-    n_rows, n_docs = len(only_by_row), len(categories_by_doc)
-    ok = np.ones((n_rows, n_docs), dtype=bool)
+    docs = _doc_tokens(categories_by_doc)
+    groups: dict[tuple[tuple[str, ...], tuple[str, ...]], int] = {}
+    setdefault = groups.setdefault
+    which = np.fromiter(
+        (
+            setdefault((tuple(o), tuple(e)), len(groups))
+            for o, e in zip(only_by_row, exclude_by_row, strict=True)
+        ),
+        dtype=np.intp,
+        count=len(only_by_row),
+    )
+    # Groups x distinct values, 0/1, times the candidates' matches of each value.
     index: dict[str, int] = {}
-    for values in (*only_by_row, *exclude_by_row):
-        for value in values:
-            index.setdefault(value, len(index))
-    if not index or not n_docs:
-        if any(only_by_row):  # nothing is in the categories of an empty candidate list
-            ok[[bool(v) for v in only_by_row]] = False
-        return ok
-    primary: list[tuple[int, int]] = []
-    listed: list[tuple[int, int]] = []
-    for j, cats in enumerate(categories_by_doc):
-        for pos, cat in enumerate(cats):
-            for token in _tokens(cat):
-                col = index.get(token)
-                if col is not None:
-                    listed.append((j, col))
-                    if pos == 0:
-                        primary.append((j, col))
-
-    def matrix(pairs: Sequence[tuple[int, int]], rows: int) -> sp.csr_matrix:
-        r = [a for a, _ in pairs]
-        c = [b for _, b in pairs]
-        return sp.csr_matrix((np.ones(len(pairs)), (r, c)), shape=(rows, len(index)))
-
-    def per_row(values_by_row: Sequence[Sequence[str]]) -> sp.csr_matrix:
-        return matrix([(i, index[v]) for i, vs in enumerate(values_by_row) for v in vs], n_rows)
-
-    has_only = np.fromiter((bool(v) for v in only_by_row), dtype=bool, count=n_rows)
-    if has_only.any():
-        hit = (per_row(only_by_row) @ matrix(primary, n_docs).T).toarray() > 0
-        ok[has_only] = hit[has_only]
-    if any(exclude_by_row):
-        ok &= (per_row(exclude_by_row) @ matrix(listed, n_docs).T).toarray() == 0
-    return ok
+    only_at: list[tuple[int, int]] = []
+    exclude_at: list[tuple[int, int]] = []
+    for g, (only, exclude) in enumerate(groups):
+        only_at += [(g, index.setdefault(v, len(index))) for v in only]
+        exclude_at += [(g, index.setdefault(v, len(index))) for v in exclude]
+    table = np.ones((len(groups), docs.n_docs), dtype=bool)
+    values = list(index)
+    for pairs, primary in ((only_at, True), (exclude_at, False)):
+        if not pairs:
+            continue
+        chosen = np.zeros((len(groups), len(values)), dtype=np.float32)
+        chosen[tuple(zip(*pairs, strict=True))] = 1.0
+        hits = chosen @ docs.stack(values, primary=primary)
+        if primary:
+            has = chosen.any(axis=1)
+            table[has] = hits[has] > 0
+        else:
+            table &= hits == 0
+    return table[which]
