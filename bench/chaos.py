@@ -441,6 +441,7 @@ def run(args: argparse.Namespace) -> Report:
             "PAPERMAIL_DATABASE_URL": db_url,
             "PAPERMAIL_BROKER_URL": redis.url,
             "PAPERMAIL_MAILER": "ses",
+            "PAPERMAIL_POSTAL_ADDRESS": "Example Lab, 1 Main Street, Springfield, USA",
             "PAPERMAIL_SES_ENDPOINT_URL": ses_url,
             "PAPERMAIL_SES_REGION": "us-east-1",
             "PAPERMAIL_AWS_ACCESS_KEY_ID": "AKIACHAOS00000000000",

@@ -438,6 +438,7 @@ def main() -> int:
             "PAPERMAIL_DATABASE_URL": db_url,
             "PAPERMAIL_BROKER_URL": redis_url,
             "PAPERMAIL_MAILER": "ses",
+            "PAPERMAIL_POSTAL_ADDRESS": "Example Lab, 1 Main Street, Springfield, USA",
             "PAPERMAIL_AWS_ACCESS_KEY_ID": KEY_ID,
             "PAPERMAIL_AWS_SECRET_ACCESS_KEY": SECRET,
             "PAPERMAIL_SECRET_KEY": "bench-secret-key-0123456789abcdefghijklmnop",

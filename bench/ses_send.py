@@ -117,6 +117,7 @@ def main() -> int:
     try:
         settings = load_settings(
             mailer="ses",
+            postal_address="Example Lab, 1 Main Street, Springfield, USA",
             secret_key="bench-secret-key-0123456789abcdefghijklmnop",
             base_url="https://papermail.example.org",
             ses_endpoint_url=url,

@@ -1,12 +1,16 @@
 #!/usr/bin/env python3
-"""Render a sample digest and screenshot it in headless Chromium, phone and desktop sizes.
+"""Render sample digests and screenshot them in headless Chromium: phone and desktop, light
+and dark.
 
     python scripts/screenshot_digest.py                 # PNGs + HTML in /tmp/papermail-shots
     python scripts/screenshot_digest.py --out /tmp/x --papers 3 --confirm
 
-Writes digest-375-light.png, digest-1200-light.png and the same in dark mode
-(prefers-color-scheme: dark), plus the HTML they were taken from. The images are for
-looking at, not for committing.
+Writes, for a reader with topics (``digest``) and one without (``trending``),
+NAME-375-light.png, NAME-375-dark.png, NAME-1200-light.png, NAME-1200-dark.png (dark:
+prefers-color-scheme), the first phone screen of each at full resolution (``-top``), and
+the HTML they were taken from. The images are for looking at (a reviewer, the README),
+not for committing with every change. tests/integration/test_email_browser.py renders
+through the same functions.
 """
 
 from __future__ import annotations
@@ -15,50 +19,83 @@ import argparse
 import json
 import sys
 import tempfile
-from datetime import date
+from datetime import date, timedelta
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from worker.config import load_settings  # noqa: E402
+from worker.config import Settings, load_settings  # noqa: E402
 from worker.rendering import PaperView, Recipient, Renderer  # noqa: E402
 from worker.resources import data_dir  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 TOPICS = ("diffusion models", "neural networks", "graphical models")
+EDITION = date(2026, 11, 27)
+WIDTHS = (375, 1200)
+SCHEMES = ("light", "dark")
 
 
 def sample_papers(count: int) -> list[PaperView]:
-    """From the bundled sample papers, else straight from the seed page."""
+    """From the bundled sample papers (repeated with other ids if more are asked for)."""
     bundled = data_dir() / "sample_papers.jsonl"
-    records: list[dict] = []
-    if bundled.is_file():
-        records = [json.loads(line) for line in bundled.read_text().splitlines() if line.strip()]
-    else:
-        lines = (ROOT / "tests" / "data" / "trending_page.txt").read_text().splitlines()
-        body = [ln for ln in lines[2:] if ln.strip()]
-        body[0] = body[0].removeprefix("Subscribe")
-        for i in range(0, len(body) - 1, 2):
-            records.append({"id": f"2611.{i:05d}", "title": body[i], "abstract": body[i + 1]})
+    records = [json.loads(line) for line in bundled.read_text().splitlines() if line.strip()]
     views = []
-    for i, rec in enumerate(records[:count]):
+    for i in range(count):
+        rec = records[i % len(records)]
+        pid = rec["id"] if i < len(records) else f"{rec['id']}v{i // len(records) + 1}"
         views.append(
             PaperView(
-                id=rec["id"],
+                id=pid,
                 title=rec["title"],
-                authors=rec.get("authors")
-                or ["Zoë Müller", "李 数据", "A. Researcher", "B. Other"],
+                authors=rec.get("authors") or ["Zoë Müller", "李 数据", "A. Researcher"],
                 upvotes=int(rec.get("upvotes", 100 - i)),
                 abstract=rec.get("abstract", ""),
-                url=rec.get("url") or f"https://huggingface.co/papers/{rec['id']}",
-                pdf_url=rec.get("pdf_url") or f"https://arxiv.org/pdf/{rec['id']}",
-                hf_url=rec.get("hf_url") or f"https://huggingface.co/papers/{rec['id']}",
+                url=rec.get("url") or f"https://huggingface.co/papers/{pid}",
+                pdf_url=rec.get("pdf_url") or f"https://arxiv.org/pdf/{pid}",
+                hf_url=rec.get("hf_url") or f"https://huggingface.co/papers/{pid}",
                 matched_topic=TOPICS[i % len(TOPICS)] if i % 4 != 3 else None,
+                arxiv_id=pid,
+                primary_category=(rec.get("categories") or ["cs.LG"])[0],
+                abs_url=f"https://arxiv.org/abs/{pid}",
+                published=EDITION - timedelta(days=1 + i % 2),
             )
         )
     return views
+
+
+def sample_settings() -> Settings:
+    return load_settings(
+        base_url="https://papermail.example.org",
+        postal_address="Example Lab, 1 Main Street, Springfield, USA",
+    )
+
+
+def render_samples(papers: int = 5, *, confirm: bool = False) -> dict[str, str]:
+    """{name: the HTML of the email as sent}: a topic reader's digest, a trending reader's."""
+    renderer = Renderer(sample_settings())
+    topical = Recipient(1, "reader@example.org", TOPICS, "daily", None, 7, "Europe/Paris")
+    trending = Recipient(2, "trends@example.org", (), "daily", None, 7, "UTC")
+    views = sample_papers(papers)
+    untopical = [
+        PaperView(**{**v.__dict__, "matched_topic": None, "matched_terms": ()}) for v in views
+    ]
+    pages = {
+        "digest": renderer.render_digest(topical, EDITION, views).html,
+        "trending": renderer.render_digest(trending, EDITION, untopical).html,
+    }
+    if confirm:
+        pages["confirm"] = renderer.render_confirm("reader@example.org", 1).html
+    return pages
+
+
+def open_email(browser, html: str, width: int, scheme: str):  # type: ignore[no-untyped-def]
+    """A page showing ``html`` offline (the email must need no network) at this size."""
+    page = browser.new_page(viewport={"width": width, "height": 800}, color_scheme=scheme)
+    page.route("**/*", lambda route: route.abort())
+    page.set_content(html, wait_until="load")
+    return page
 
 
 def main() -> int:
@@ -67,33 +104,24 @@ def main() -> int:
     parser.add_argument("--papers", type=int, default=5)
     parser.add_argument("--confirm", action="store_true", help="also the confirmation email")
     args = parser.parse_args()
+    if args.papers < 1:
+        parser.error("--papers must be at least 1")
 
     from playwright.sync_api import sync_playwright
 
-    settings = load_settings(base_url="https://papermail.example.org")
-    renderer = Renderer(settings)
-    recipient = Recipient(1, "reader@example.org", TOPICS, "daily", None, 7, "Europe/Paris")
-    pages = {
-        "digest": renderer.digest_html(recipient, date(2026, 11, 27), sample_papers(args.papers))
-    }
-    if args.confirm:
-        pages["confirm"] = renderer.render_confirm("reader@example.org", 1).html
-
-    args.out.mkdir(parents=True, exist_ok=True)
+    pages = render_samples(args.papers, confirm=args.confirm)
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        parser.error(f"cannot create {args.out}: {exc.strerror}")
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
             for name, html in pages.items():
-                html_path = args.out / f"{name}.html"
-                html_path.write_text(html, encoding="utf-8")
-                for scheme in ("light", "dark"):
-                    for width in (375, 1200):
-                        page = browser.new_page(
-                            viewport={"width": width, "height": 800}, color_scheme=scheme
-                        )
-                        # Offline: the email must not need the network (no fonts, no CSS).
-                        page.route("**/*", lambda route: route.abort())
-                        page.set_content(html, wait_until="load")
+                (args.out / f"{name}.html").write_text(html, encoding="utf-8")
+                for scheme in SCHEMES:
+                    for width in WIDTHS:
+                        page = open_email(browser, html, width, scheme)
                         shot = args.out / f"{name}-{width}-{scheme}.png"
                         page.screenshot(path=str(shot), full_page=True)
                         print(shot)

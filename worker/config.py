@@ -23,6 +23,10 @@ from worker.redact import HIDDEN, redact_url
 
 # Refused whenever mail can leave the machine (MAILER != outbox).
 DEV_SECRET_KEY = "dev-insecure-papermail-secret-change-me"
+# The outbox's stand-in for PAPERMAIL_POSTAL_ADDRESS (a real mailer refuses to start without one).
+SAMPLE_POSTAL_ADDRESS = (
+    "papermail demo, 1 Sample Street, Example City (set PAPERMAIL_POSTAL_ADDRESS)"
+)
 
 ENV_PREFIX = "PAPERMAIL_"
 
@@ -69,6 +73,13 @@ class Settings(BaseSettings):
     list_id: str = "papermail daily papers <digest.papermail.localhost>"
     unsubscribe_mailto: str | None = None
     template_cache_dir: Path | None = None  # unset: ~/.cache/papermail/templates
+    # The sender's postal address, in every digest's footer (CAN-SPAM); required with a real
+    # mailer, a sample one stands in for the outbox (see `postal_address_line`).
+    postal_address: str | None = None
+    # A digest's HTML stays under this many bytes (Gmail clips at 102 KB and hides what
+    # follows, the unsubscribe footer included): abstracts shorten, then the last papers
+    # move to a "more on the web" link.
+    email_max_bytes: int = Field(default=90 * 1024, ge=20 * 1024, le=10 * 1024 * 1024)
     base_url: str = "http://localhost:8000"
     # Comma-separated; the first key signs, all of them verify (key rotation).
     secret_key: Annotated[list[str], NoDecode] = Field(default_factory=lambda: [DEV_SECRET_KEY])
@@ -142,6 +153,10 @@ class Settings(BaseSettings):
     # (with the papers that did arrive for the day, if any; never only older ones).
     fetch_wait_minutes: int = Field(default=180, ge=0, le=1440)
     fetch_missed: Literal["skip", "send"] = "skip"
+    # Logs (worker.logs): `text` lines or `json` (one object per line); email addresses in
+    # them are replaced by [address] unless LOG_ADDRESSES is on.
+    log_format: Literal["text", "json"] = "text"
+    log_addresses: bool = False
     # Web
     subscribe_rate_per_hour: int = Field(default=5, ge=1)
     trusted_proxies: int = Field(default=0, ge=0, le=5)  # reverse proxies in front of web
@@ -202,6 +217,24 @@ class Settings(BaseSettings):
         if not value:
             raise ValueError("at least one key is required")
         return value
+
+    @field_validator("postal_address")
+    @classmethod
+    def _postal_address(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if re.search(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]", value):
+            raise ValueError("must be one line (no line breaks or control characters)")
+        value = " ".join(value.split())
+        if len(value) > 300:
+            raise ValueError(f"is {len(value)} characters; at most 300 (one footer line)")
+        return value or None
+
+    @property
+    def postal_address_line(self) -> str:
+        """The address in the footer: the configured one, else (outbox only, which the
+        production guard ensures) a sample that says it is one."""
+        return self.postal_address or SAMPLE_POSTAL_ADDRESS
 
     @field_validator("base_url")
     @classmethod
@@ -276,6 +309,12 @@ class Settings(BaseSettings):
             problems.append(
                 "PAPERMAIL_SECRET_KEY: the signing key (the first one) must be at least 32 "
                 f"characters when mail leaves the machine; {hint}"
+            )
+        if not self.postal_address:
+            problems.append(
+                "PAPERMAIL_POSTAL_ADDRESS: the sender's postal address is required when "
+                f"PAPERMAIL_MAILER is {self.mailer!r} (CAN-SPAM: every digest's footer shows "
+                "it); set it to one line, e.g. 'Example Lab, 1 Main St, Springfield, USA'"
             )
         problem = _public_https_problem(self.base_url)
         if problem:

@@ -592,7 +592,12 @@ def _render_batch(
             if is_infrastructure_error(exc):
                 raise
             why = f"could not render the digest: {type(exc).__name__}: {exc}"[:2000]
-            log.warning("delivery %s failed: %s", item.delivery_id, why)
+            log.warning(
+                "delivery %s failed: %s",
+                item.delivery_id,
+                why,
+                extra={"delivery_id": item.delivery_id, "error_kind": "render"},
+            )
             if _fail_unsent(session, item.delivery_id, why, clock, attempt_kind, reason, actor):
                 outcome.failed += 1
             else:
@@ -617,7 +622,11 @@ def _send_one(mailer: object, item: _Ready) -> object:
         # Not one of the mailer's kinds: nobody can tell whether the request left, so it
         # is `unknown` (never re-sent by itself) and the chunk goes on, instead of the
         # chunk dying with this row in `sending`.
-        log.exception("mailer raised unexpectedly for delivery %s", item.delivery_id)
+        log.exception(
+            "mailer raised unexpectedly for delivery %s",
+            item.delivery_id,
+            extra={"delivery_id": item.delivery_id, "error_kind": "ambiguous"},
+        )
         return AmbiguousError(
             f"unexpected {type(unexpected).__name__} while sending: {unexpected}",
             code=type(unexpected).__name__,
@@ -735,7 +744,12 @@ def prepare_messages(
             if is_infrastructure_error(exc):
                 raise
             why = f"{what}: {type(exc).__name__}: {exc}"[:2000]
-            log.warning("delivery %s failed: %s", delivery_id, why)
+            log.warning(
+                "delivery %s failed: %s",
+                delivery_id,
+                why,
+                extra={"delivery_id": delivery_id, "error_kind": "prepare"},
+            )
             fail(delivery_id, why)
             return None
 
@@ -807,6 +821,7 @@ def prepare_messages(
     for key, why in selection.failures.items():
         fail(key, why)
     new_rows: list[dict[str, object]] = []
+    snapshots: list[dict[str, object]] = []
     chosen: list[tuple[Delivery, Subscriber, list[tuple[str, str | None]]]] = []
     for delivery, sub in sendable:
         if delivery.id in recorded:
@@ -820,6 +835,7 @@ def prepare_messages(
                     outcome.not_claimed += 1
                 continue
             picks = [(p.paper_id, p.matched_topic) for p in result.picks]
+            snapshots.append({"id": delivery.id, "recipient": recipient_snapshot(sub)})
             new_rows.extend(
                 {
                     "delivery_id": delivery.id,
@@ -835,6 +851,7 @@ def prepare_messages(
             continue
         chosen.append((delivery, sub, picks))
     _insert_delivery_papers(session, new_rows)
+    _record_recipients(session, snapshots)
     session.commit()
 
     paper_ids = {pid for _, _, picks in chosen for pid, _ in picks}
@@ -894,6 +911,62 @@ def _insert_delivery_papers(session: Session, rows: list[dict[str, object]]) -> 
         session.execute(_INSERT_DELIVERY_PAPERS_PG, {"rows": json.dumps(rows, allow_nan=False)})
         return
     insert_ignore_or_update(session, DeliveryPaper.__table__, rows, ["delivery_id", "paper_id"])
+
+
+_RECORD_RECIPIENTS_PG = text(
+    "UPDATE deliveries SET recipient = CAST(r.recipient AS json)"
+    " FROM json_to_recordset(CAST(:rows AS json)) AS r(id bigint, recipient text)"
+    " WHERE deliveries.id = r.id"
+)
+
+
+def _record_recipients(session: Session, rows: list[dict[str, object]]) -> None:
+    """The settings each newly selected edition was made for, with its papers: one
+    statement per chunk on PostgreSQL (as the papers), an executemany elsewhere."""
+    if not rows:
+        return
+    if session.get_bind().dialect.name == "postgresql":
+        payload = [{"id": r["id"], "recipient": json.dumps(r["recipient"])} for r in rows]
+        session.execute(_RECORD_RECIPIENTS_PG, {"rows": json.dumps(payload)})
+        return
+    session.execute(
+        update(Delivery.__table__)
+        .where(Delivery.__table__.c.id == bindparam("did"))
+        .values(recipient=bindparam("snap")),
+        [{"did": r["id"], "snap": r["recipient"]} for r in rows],
+    )
+
+
+def recipient_snapshot(sub: Subscriber) -> dict[str, object]:
+    """What ``deliveries.recipient`` keeps: the fields of rendering.Recipient."""
+    return {
+        "subscriber_id": sub.id,
+        "email": sub.email,
+        "topics": list(sub.topics or ()),
+        "frequency": sub.frequency,
+        "weekday": sub.weekday,
+        "send_hour": sub.send_hour,
+        "timezone": sub.timezone,
+    }
+
+
+def recipient_as_sent(delivery: Delivery, sub: Subscriber):  # type: ignore[no-untyped-def]
+    """The Recipient an edition was made for: its snapshot, else (an edition recorded
+    before deliveries.recipient existed) the subscriber as they are now."""
+    from worker.rendering import Recipient
+
+    snap = delivery.recipient
+    if not isinstance(snap, dict):
+        return recipient_of(sub)
+    return Recipient(
+        subscriber_id=sub.id,
+        email=str(snap.get("email") or sub.email),
+        topics=tuple(str(t) for t in snap.get("topics") or ()),
+        frequency=str(snap.get("frequency") or sub.frequency),
+        weekday=snap.get("weekday") if isinstance(snap.get("weekday"), int) else None,
+        send_hour=int(snap.get("send_hour", sub.send_hour)),
+        timezone=str(snap.get("timezone") or sub.timezone),
+    )
 
 
 def _papers_due_elsewhere(session: Session, subscriber_ids: set[int]) -> dict[int, set[str]]:
@@ -983,25 +1056,6 @@ def _skip(session: Session, delivery_id: int, why: str, clock: Clock = utcnow) -
 # cost ~4 ms of CPU per email, two thirds of a worker's time (bench/pipeline.py).
 _D = Delivery.__table__
 _A = DeliveryAttempt.__table__
-_CLAIM = (
-    update(_D)
-    .where(_D.c.id == bindparam("did"), _D.c.state == DeliveryState.PENDING.value)
-    .values(
-        state=DeliveryState.SENDING.value,
-        claimed_at=bindparam("claimed_at"),
-        attempts=_D.c.attempts + 1,
-        updated_at=bindparam("updated_at"),
-    )
-)
-# The subscriber is checked again in the claim itself: an unsubscribe, complaint or bounce
-# that lands while the chunk waits for tokens is honoured.
-_CLAIM_IF_SENDABLE = _CLAIM.where(
-    exists(
-        select(Subscriber.id).where(
-            Subscriber.id == _D.c.subscriber_id, *sendable_filter(_D.c.edition_date)
-        )
-    )
-)
 _INSERT_ATTEMPT = insert(_A)
 
 
@@ -1016,55 +1070,43 @@ class _Attempt:
     actor: str | None = None
 
 
-# A batch's claim: one statement, RETURNING the ids it took (PostgreSQL; SQLite >= 3.35).
-_CLAIM_MANY = (
-    update(_D)
-    .where(
-        _D.c.id.in_(bindparam("dids", expanding=True)),
-        _D.c.state == DeliveryState.PENDING.value,
-    )
-    .values(
-        state=DeliveryState.SENDING.value,
-        claimed_at=bindparam("claimed_at"),
-        attempts=_D.c.attempts + 1,
-        updated_at=bindparam("updated_at"),
+# The subscriber is checked again in the claim itself: an unsubscribe, complaint or bounce
+# that lands while the chunk waits for tokens is honoured.
+_SENDABLE = exists(
+    select(Subscriber.id).where(
+        Subscriber.id == _D.c.subscriber_id, *sendable_filter(_D.c.edition_date)
     )
 )
-_CLAIM_MANY_IF_SENDABLE = _CLAIM_MANY.where(
-    exists(
-        select(Subscriber.id).where(
-            Subscriber.id == _D.c.subscriber_id, *sendable_filter(_D.c.edition_date)
-        )
-    )
-)
-
-
 # On PostgreSQL the batch travels as one array parameter: the statement text is the same
 # for every batch size, so neither SQLAlchemy nor psycopg compile or parse it again.
 _IDS = bindparam("dids", type_=ARRAY(BigInteger))
-_CLAIM_PG = (
-    update(_D)
-    .where(_D.c.id == any_(_IDS), _D.c.state == DeliveryState.PENDING.value)
-    .values(
-        state=DeliveryState.SENDING.value,
-        claimed_at=bindparam("claimed_at"),
-        attempts=_D.c.attempts + 1,
-        updated_at=bindparam("updated_at"),
-    )
-)
-_CLAIM_PG_IF_SENDABLE = _CLAIM_PG.where(
-    exists(
-        select(Subscriber.id).where(
-            Subscriber.id == _D.c.subscriber_id, *sendable_filter(_D.c.edition_date)
+_ID_MATCH = {
+    "one": _D.c.id == bindparam("did"),  # SQLite < 3.35: no RETURNING, one row at a time
+    "many": _D.c.id.in_(bindparam("dids", expanding=True)),
+    "postgresql": _D.c.id == any_(_IDS),
+}
+
+
+def _claim_update(rows: str, check_subscriber: bool):  # type: ignore[no-untyped-def]
+    """pending -> sending for the rows ``_ID_MATCH[rows]`` names, still pending (and, with
+    ``check_subscriber``, whose subscriber may still receive this edition)."""
+    stmt = (
+        update(_D)
+        .where(_ID_MATCH[rows], _D.c.state == DeliveryState.PENDING.value)
+        .values(
+            state=DeliveryState.SENDING.value,
+            claimed_at=bindparam("claimed_at"),
+            attempts=_D.c.attempts + 1,
+            updated_at=bindparam("updated_at"),
         )
     )
-)
+    return stmt.where(_SENDABLE) if check_subscriber else stmt
 
 
-def _claim_statement(dialect: str, check_subscriber: bool):  # type: ignore[no-untyped-def]
-    if dialect != "postgresql":
-        return _CLAIM_MANY_IF_SENDABLE if check_subscriber else _CLAIM_MANY
-    return _CLAIM_PG_IF_SENDABLE if check_subscriber else _CLAIM_PG
+# Built once: a statement object SQLAlchemy has compiled before is found in its cache.
+_CLAIMS = {
+    (rows, check): _claim_update(rows, check) for rows in _ID_MATCH for check in (True, False)
+}
 
 
 def _claim_batch(
@@ -1078,13 +1120,14 @@ def _claim_batch(
     the claim time and the ids claimed (the subscriber is re-checked in the statement)."""
     now = clock()
     conn = session.connection()
-    stmt = _claim_statement(conn.dialect.name, check_subscriber)
+    rows = "postgresql" if conn.dialect.name == "postgresql" else "many"
+    stmt = _CLAIMS[rows, check_subscriber]
     params = {"dids": list(delivery_ids), "claimed_at": now, "updated_at": now}
     if conn.dialect.update_returning:
         return now, set(conn.execute(stmt.returning(_D.c.id), params).scalars())
     # No RETURNING (SQLite < 3.35): one claim per row, still conditional.
     claimed = set()
-    single = _CLAIM_IF_SENDABLE if check_subscriber else _CLAIM
+    single = _CLAIMS["one", check_subscriber]
     for did in delivery_ids:
         res = conn.execute(single, {"did": did, "claimed_at": now, "updated_at": now})
         if res.rowcount == 1:
@@ -1122,6 +1165,14 @@ def _record_sent_batch(
         return
     now = clock()
     ids = [did for did, _ in sent]
+    if log.isEnabledFor(logging.DEBUG):
+        for did, mid in sent:
+            log.debug(
+                "delivery %s sent as %s",
+                did,
+                mid,
+                extra={"delivery_id": did, "provider_message_id": mid},
+            )
     conn = session.connection()
     if conn.dialect.name == "postgresql":
         params = {
@@ -1224,6 +1275,14 @@ def _record_failure(
     """Record a mailer error; True when the whole run must stop (account-level)."""
     now = clock()
     reason = str(exc)[:2000]
+    log.log(
+        logging.INFO if isinstance(exc, TransientError) else logging.WARNING,
+        "delivery %s: %s error: %s",
+        delivery_id,
+        exc.kind,
+        reason,
+        extra={"delivery_id": delivery_id, "error_kind": exc.kind},
+    )
 
     def settle(state: DeliveryState, label: str, error: str = reason, **values: object) -> None:
         """Move the row on from `sending` and write its finished attempt."""

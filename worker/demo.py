@@ -40,11 +40,17 @@ class DemoResult:
     papers_new: int
     papers_updated: int
     subscribers_added: int
-    plan: delivery.PlanResult
-    outcome: delivery.ChunkOutcome
+    plan: delivery.PlanResult | None  # None: the edition was already done, nothing ran
+    outcome: delivery.ChunkOutcome | None
     outbox: Path
     previews: list[Path] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
+    # By state, the sample subscribers' deliveries of the edition (after this run).
+    states: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def already_done(self) -> bool:
+        return self.plan is None
 
 
 def run_demo(settings: Settings | None = None) -> DemoResult:
@@ -69,21 +75,35 @@ def run_demo(settings: Settings | None = None) -> DemoResult:
         subs = session.scalars(
             select(Subscriber).where(Subscriber.email.in_([s["email"] for s in SAMPLE_SUBSCRIBERS]))
         ).all()
-        first_send = min((delivery.send_time(sub, edition) for sub in subs), default=now)
-        counts = load_sample_papers(session, now=min(now, first_send - timedelta(minutes=1)))
-    plan, outcome = delivery.run_in_process(edition, settings=settings)
+        planned = set(
+            session.scalars(
+                select(Delivery.subscriber_id).where(
+                    Delivery.edition_date == edition,
+                    Delivery.subscriber_id.in_([sub.id for sub in subs]),
+                )
+            )
+        )
+        # Run again the same day: today's edition is already decided for every sample
+        # subscriber, so nothing is loaded, planned, sent or written (not even the papers'
+        # ingestion time, or the previews).
+        done = not added and len(planned) == len(subs)
+        if not done:
+            first_send = min((delivery.send_time(sub, edition) for sub in subs), default=now)
+            counts = load_sample_papers(session, now=min(now, first_send - timedelta(minutes=1)))
+    plan, outcome = (None, None) if done else delivery.run_in_process(edition, settings=settings)
 
     result = DemoResult(
         edition,
-        counts.new,
-        counts.updated,
+        0 if done else counts.new,
+        0 if done else counts.updated,
         added,
         plan,
         outcome,
         Path(settings.outbox_dir).resolve(),
     )
     preview_dir = result.outbox / "previews" / edition.isoformat()
-    preview_dir.mkdir(parents=True, exist_ok=True)
+    if not done:
+        preview_dir.mkdir(parents=True, exist_ok=True)
     with session_scope() as session:
         rows = session.execute(
             select(Delivery, Subscriber.email)
@@ -91,11 +111,16 @@ def run_demo(settings: Settings | None = None) -> DemoResult:
             .where(Delivery.edition_date == edition)
             .order_by(Subscriber.email)
         ).all()
+        samples = {str(spec["email"]) for spec in SAMPLE_SUBSCRIBERS}
         for row, email in rows:
+            if email in samples:
+                result.states[row.state] = result.states.get(row.state, 0) + 1
             if row.state == DeliveryState.SKIPPED:
                 result.skipped[email] = row.skip_reason or ""
             elif row.state in (DeliveryState.SENT, DeliveryState.DELIVERED):
                 path = preview_dir / f"{email}.html"
-                path.write_text(edition_html(session, row, settings), encoding="utf-8")
-                result.previews.append(path)
+                if not done:
+                    path.write_text(edition_html(session, row, settings), encoding="utf-8")
+                if path.exists():
+                    result.previews.append(path)
     return result

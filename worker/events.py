@@ -916,10 +916,20 @@ def _apply_item(
                              result, changes)  # fmt: skip
     if item.ignored:
         if scope is None or scope.matched:
-            log.info("stored %s event (no policy) for message %s", kind, message_id)
+            log.info(
+                "stored %s event (no policy) for message %s",
+                kind,
+                message_id,
+                extra={"provider_message_id": message_id},
+            )
         return
     if delivery is None:
-        log.warning("orphan %s for unknown message %s: stored, nothing changed", kind, message_id)
+        log.warning(
+            "orphan %s for unknown message %s: stored, nothing changed",
+            kind,
+            message_id,
+            extra={"provider_message_id": message_id},
+        )
         return
     when = item.row["occurred_at"] or now
     policy = _Policy(changes, settings, delivery, message_id or "?", when, now, result.changes)
@@ -1005,6 +1015,11 @@ def _note_not_recipients(
         scope.address,
         ", ".join(scope.others),
         note,
+        extra={
+            "provider_message_id": message_id,
+            "delivery_id": scope.delivery_id,
+            "subscriber_id": scope.subscriber_id,
+        },
     )
 
 
@@ -1236,7 +1251,9 @@ def check_reputation(
     if rates["sending_paused"]:
         # Paused for another reason: say so, and trip when sending resumes.
         log.error(
-            "edition %s is over a reputation threshold (sending already paused)", edition_date
+            "edition %s is over a reputation threshold (sending already paused)",
+            edition_date,
+            extra={"edition_date": edition_date},
         )
         return None
     parts = []

@@ -233,7 +233,9 @@ class Delivery(Base):
     __table_args__ = (
         UniqueConstraint("subscriber_id", "edition_date", name="uq_deliveries_subscriber_edition"),
         CheckConstraint(_state_check("state", DeliveryState), name="state_valid"),
-        Index("ix_deliveries_edition_state", "edition_date", "state"),
+        # An edition's rows by state, in id order: counts (index-only), the sweep, and
+        # `deliveries list` streaming one state at a time without a sort (worker.reports).
+        Index("ix_deliveries_edition_state_id", "edition_date", "state", "id"),
         Index("ix_deliveries_state_claimed", "state", "claimed_at"),
     )
 
@@ -254,6 +256,9 @@ class Delivery(Base):
     # "papers": held back by the beat until the day's papers are fetched; `scheduled_at`
     # is then the deadline (worker.scheduling.release_waiting). Never claimed meanwhile.
     waiting_for: Mapped[str | None] = mapped_column(String(16))
+    # The subscriber's settings the edition was made for (rendering.Recipient's fields),
+    # written with its papers: "view in browser" shows the footer as it was sent.
+    recipient: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
     claimed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
@@ -281,9 +286,8 @@ class DeliveryPaper(Base):
     delivery_id: Mapped[int] = mapped_column(
         ForeignKey("deliveries.id", ondelete="CASCADE"), primary_key=True
     )
-    paper_id: Mapped[str] = mapped_column(
-        ForeignKey("papers.id", ondelete="CASCADE"), primary_key=True, index=True
-    )
+    # No foreign key to papers: see migration 0008 (it cost most of the chunk's insert).
+    paper_id: Mapped[str] = mapped_column(String(64), primary_key=True, index=True)
     position: Mapped[int] = mapped_column(Integer)
     matched_topic: Mapped[str | None] = mapped_column(Text)
     score: Mapped[float] = mapped_column(Float, default=0.0)

@@ -27,6 +27,8 @@ from worker.errors import InvalidInput, NotFound, PapermailError
 from worker.models import (
     SUPPRESSED_STATUSES,
     WEEKDAYS,
+    Delivery,
+    DeliveryState,
     Feedback,
     Frequency,
     Paper,
@@ -224,23 +226,43 @@ def update_preferences(
     return changes
 
 
-def next_edition_date(sub: Subscriber, now: datetime | None = None) -> date:
+def next_edition_date(
+    sub: Subscriber, now: datetime | None = None, session: Session | None = None
+) -> date:
     """The date of the next edition this subscriber would get with these settings.
 
-    The first local date, from today on, whose send time is still ahead, on which the
-    subscriber is due (weekly: their weekday) and not paused.
+    The first local date, from today on, on which the subscriber is due (weekly: their
+    weekday) and not paused, and whose edition is still to come: planned and not sent
+    yet (a ``pending`` delivery), or not planned and its send time ahead. With a
+    session, what was actually sent counts: a day whose edition already went out (or
+    was skipped, failed…) is not next, even if its send hour is still ahead (an
+    operator's early ``digest run``).
     """
     from worker.delivery import send_time
 
     now = now or utcnow()
     today = local_today(sub, now)
+    last = today + timedelta(days=MAX_PAUSE_DAYS + 8)
+    states: dict[date, str] = {}
+    if session is not None and sub.id is not None:
+        rows = session.execute(
+            select(Delivery.edition_date, Delivery.state).where(
+                Delivery.subscriber_id == sub.id,
+                Delivery.edition_date >= today,
+                Delivery.edition_date <= last,
+            )
+        )
+        states = {day: state for day, state in rows}
     for offset in range(0, MAX_PAUSE_DAYS + 8):
         day = today + timedelta(days=offset)
         if sub.frequency == Frequency.WEEKLY.value and day.weekday() != (sub.weekday or 0):
             continue
         if sub.paused_until is not None and sub.paused_until >= day:
             continue
-        if send_time(sub, day) > now:
+        state = states.get(day)
+        if state == DeliveryState.PENDING.value:
+            return day
+        if state is None and send_time(sub, day) > now:
             return day
     return today + timedelta(days=1)  # unreachable with a valid pause date
 

@@ -13,7 +13,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from worker.config import Settings, get_settings
-from worker.delivery import Delivery, due_filter, recipient_of, window_end
+from worker.delivery import Delivery, due_filter, recipient_as_sent, recipient_of, window_end
 from worker.errors import NotFound
 from worker.models import DeliveryPaper, Paper, Subscriber, utcnow
 
@@ -122,7 +122,8 @@ def preview_digest(
 
 
 def edition_html(session: Session, delivery: Delivery, settings: Settings | None = None) -> str:
-    """The HTML of an edition as it was sent (its recorded papers), for "view in browser"."""
+    """The HTML of an edition as it was sent, for "view in browser": its date, its recorded
+    papers and the subscriber's settings of then (deliveries.recipient)."""
     from worker.rendering import get_renderer
 
     picks = [
@@ -135,8 +136,12 @@ def edition_html(session: Session, delivery: Delivery, settings: Settings | None
     ]
     sub = session.get(Subscriber, delivery.subscriber_id)
     assert sub is not None
+    # The settings it was made for, not today's: its footer says what was true then.
     return get_renderer(settings or get_settings()).digest_html(
-        recipient_of(sub), delivery.edition_date, _views(session, picks)
+        recipient_as_sent(delivery, sub),
+        delivery.edition_date,
+        _views(session, picks),
+        as_sent=True,
     )
 
 

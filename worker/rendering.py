@@ -27,8 +27,8 @@ import hmac
 import json
 import logging
 import os
+import random
 import re
-import secrets
 import stat
 import tempfile
 import textwrap
@@ -45,6 +45,7 @@ from jinja2 import Environment, StrictUndefined, Template, nodes
 from jinja2.compiler import CodeGenerator, Frame
 from jinja2.runtime import LoopContext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+from markupsafe import Markup
 
 from worker import links
 from worker.categories import describe_filters
@@ -54,17 +55,21 @@ from worker.errors import InvalidInput
 from worker.message import OutgoingMessage, bare_address
 from worker.models import WEEKDAYS, Paper
 from worker.papers.sources import looks_like_arxiv_id
-from worker.resources import email_templates_dir
+from worker.resources import email_templates_dir, shared_templates_dir
 from worker.urls import safe_url
 
 log = logging.getLogger(__name__)
 
 # Bump when the compile pipeline changes in a way the template sources do not show.
-COMPILER_VERSION = "3"
+COMPILER_VERSION = "4"
 MJML_TEMPLATES = ("digest", "confirm")
 ABSTRACT_CHARS = 300
-TEXT_WIDTH = 72
-MAX_SUBJECT_CHARS = 200
+# Shorter abstracts tried, in order, when a digest would pass PAPERMAIL_EMAIL_MAX_BYTES;
+# after the last one the lowest-ranked papers move to the "more on the web" link.
+ABSTRACT_BUDGET_STEPS = (200, 120)
+TITLE_CHARS = 300
+TEXT_WIDTH = 78
+MAX_SUBJECT_CHARS = 70
 
 
 # --------------------------------------------------------------------------- public types
@@ -87,6 +92,12 @@ class PaperView:
     arxiv_id: str | None = None
     primary_category: str | None = None
     abs_url: str | None = None
+    # When the paper appeared (its publication date, UTC), shown next to its arXiv id.
+    published: date | None = None
+    # The words of the paper that made it match ``matched_topic`` (selection's
+    # explanation): named in the reason line and highlighted in the snippet. Empty: the
+    # topic's own words are highlighted.
+    matched_terms: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -104,11 +115,14 @@ class Recipient:
 
 _VIEW_COLUMNS = (
     "id", "title", "authors", "upvotes", "abstract", "url", "pdf_url", "hf_url", "categories",
+    "published_at",
 )  # fmt: skip
 _new_object = object.__new__
 
 
-def paper_view(paper: Paper, matched_topic: str | None) -> PaperView:
+def paper_view(
+    paper: Paper, matched_topic: str | None, matched_terms: Sequence[str] = ()
+) -> PaperView:
     # A loaded row's column values sit in its __dict__, which is where SQLAlchemy's
     # attribute descriptor reads them from (after a few checks per read, ~1 us for the
     # eight); an unloaded or expired column, or another kind of object, goes through
@@ -117,9 +131,9 @@ def paper_view(paper: Paper, matched_topic: str | None) -> PaperView:
     try:
         pid, title, authors, upvotes = row["id"], row["title"], row["authors"], row["upvotes"]
         abstract, url, pdf_url, hf_url = row["abstract"], row["url"], row["pdf_url"], row["hf_url"]
-        categories = row["categories"]
+        categories, published_at = row["categories"], row["published_at"]
     except KeyError:
-        pid, title, authors, upvotes, abstract, url, pdf_url, hf_url, categories = (
+        pid, title, authors, upvotes, abstract, url, pdf_url, hf_url, categories, published_at = (
             getattr(paper, name, None) for name in _VIEW_COLUMNS
         )
     arxiv = bool(pid) and looks_like_arxiv_id(pid)
@@ -140,6 +154,8 @@ def paper_view(paper: Paper, matched_topic: str | None) -> PaperView:
         arxiv_id=pid if arxiv else None,
         primary_category=categories[0] if categories else None,
         abs_url=f"https://arxiv.org/abs/{pid}" if arxiv else None,
+        published=published_at.date() if isinstance(published_at, datetime) else None,
+        matched_terms=tuple(matched_terms),
     )
     return view
 
@@ -180,8 +196,14 @@ def short_authors(authors: Sequence[str], keep: int = 3) -> str:
 
 
 @lru_cache(maxsize=8192)
-def _wrap(text: str, indent: str = "") -> str:
-    """``textwrap.fill`` at TEXT_WIDTH (no hyphen breaks), every line indented."""
+def _wrap(text: str, indent: str = "", first: str | None = None) -> str:
+    """``textwrap.fill`` at TEXT_WIDTH (no hyphen breaks), every line indented (the first
+    by ``first`` when given, e.g. a list number)."""
+    if first is not None and first != indent:
+        return textwrap.fill(
+            text, TEXT_WIDTH, initial_indent=first, subsequent_indent=indent,
+            break_on_hyphens=False,
+        )  # fmt: skip
     words = text.split(" ")
     width = TEXT_WIDTH - len(indent)
     # textwrap splits on ASCII whitespace only; with single spaces between words that
@@ -218,6 +240,104 @@ def _date_labels(day: date) -> tuple[str, str]:
     )
 
 
+_STOPWORDS = frozenset(
+    {"a", "an", "and", "are", "as", "at", "be", "by", "for", "from", "in", "into", "is"}
+    | {"of", "on", "or", "the", "to", "via", "with", "using"}
+)
+_WORD = re.compile(r"\w+")
+_SUFFIXES = ("ations", "ation", "ings", "ing", "ies", "es", "ed", "s")
+
+
+def _stem(word: str) -> str:
+    """A crude stem, enough to find "pruned" and "prune" for the topic "pruning"."""
+    for suffix in _SUFFIXES:
+        if word.endswith(suffix) and len(word) - len(suffix) >= 4:
+            return word[: -len(suffix)]
+    return word
+
+
+@lru_cache(maxsize=4096)
+def _term_pattern(terms: tuple[str, ...]) -> re.Pattern[str] | None:
+    """A regex for the words worth highlighting of these terms (stems, stopwords out)."""
+    stems = {
+        _stem(word)
+        for term in terms
+        for word in _WORD.findall(term.lower())
+        if len(word) >= 3 and word not in _STOPWORDS
+    }
+    if not stems:
+        return None
+    alternatives = "|".join(sorted(map(re.escape, stems), key=lambda x: (-len(x), x)))
+    return re.compile(rf"\b(?:{alternatives})\w*", re.IGNORECASE)
+
+
+@lru_cache(maxsize=16384)
+def highlight(text: str, terms: tuple[str, ...]) -> Markup:
+    """``text`` escaped for HTML, every word of ``terms`` (by stem) in <b>."""
+    pattern = _term_pattern(terms) if terms else None
+    if pattern is None:
+        return Markup(_escape_str(text))
+    out, last = [], 0
+    for match in pattern.finditer(text):
+        out += (_escape_str(text[last : match.start()]), "<b>", _escape_str(match[0]), "</b>")
+        last = match.end()
+    out.append(_escape_str(text[last:]))
+    return Markup("".join(out))
+
+
+def _ordinal(n: int) -> str:
+    if n == 1:
+        return ""
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix} "
+
+
+@lru_cache(maxsize=4096)
+def _reason(
+    topic: str | None, terms: tuple[str, ...], has_topics: bool, rank: int, count: int
+) -> tuple[Markup, str]:
+    """Why this paper is in the email, in words: (HTML, plain text)."""
+    if topic:
+        also = f": {', '.join(terms)}" if terms else ""
+        return (
+            Markup(f"Because you follow <em>{_escape_str(topic)}</em>{_escape_str(also)}"),
+            f"Because you follow \u201c{topic}\u201d{also}",
+        )
+    if has_topics:  # selection names a topic only when it really matched
+        text = "No topic match: picked by its upvotes and your 👍/👎 votes"
+        return Markup(_escape_str(text)), text
+    if count == 1:
+        text = "Trending: the most upvoted new paper"
+    else:
+        text = f"Trending: {_ordinal(rank)}most upvoted of these {count}"
+    return Markup(_escape_str(text)), text
+
+
+def _upvote_ranks(upvotes: Sequence[int]) -> list[int]:
+    """Each paper's rank by upvotes among these (ties share the better rank)."""
+    order = sorted(upvotes, reverse=True)
+    first = {}
+    for position, value in enumerate(order, 1):
+        first.setdefault(value, position)
+    return [first[v] for v in upvotes]
+
+
+def _span(hours: int) -> str:
+    if hours % 24 == 0:
+        days = hours // 24
+        return "day" if days == 1 else f"{days} days"
+    return f"{hours} hours"
+
+
+def _topic_list(topics: Sequence[str]) -> str:
+    shown = list(topics[:3])
+    if len(topics) > 3:
+        shown.append(f"{len(topics) - 3} more")
+    if len(shown) == 1:
+        return shown[0]
+    return ", ".join(shown[:-1]) + " or " + shown[-1]
+
+
 def schedule_text(recipient: Recipient) -> str:
     when = f"{recipient.send_hour:02d}:00 {recipient.timezone}"
     if recipient.frequency == "weekly" and recipient.weekday is not None:
@@ -251,13 +371,21 @@ class TemplateError(Exception):
 
 
 def _read_sources(directory: Path) -> dict[str, str]:
+    """The email templates of ``directory``, plus the partials shared with the pages
+    (templates/shared, bundled with papermail) as ``shared/NAME``."""
     if not directory.is_dir():
         raise TemplateError(f"email templates directory {directory} is missing")
-    return {
+    sources = {
         path.name: path.read_text(encoding="utf-8")
         for path in sorted(directory.iterdir())
         if path.is_file() and not path.name.startswith(".")
     }
+    shared = shared_templates_dir()
+    if shared.is_dir():
+        for path in sorted(shared.iterdir()):
+            if path.is_file() and not path.name.startswith("."):
+                sources[f"shared/{path.name}"] = path.read_text(encoding="utf-8")
+    return sources
 
 
 def _versions() -> str:
@@ -1012,10 +1140,17 @@ def _qp_bodies(*bodies: Sequence[str], own: Sequence[str] = ()) -> list[bytes]:
             young.pop(piece, None)
 
 
+def _unique_hex(bits: int) -> str:
+    """Random hex for Message-ID and MIME boundary: unique, not secret, so ``random``
+    (reseeded in every forked child) rather than ``secrets``, whose system call per email
+    showed as 6% of the render's samples."""
+    return f"{random.getrandbits(bits):0{bits // 4}x}"
+
+
 def _mime(headers: Sequence[str], text_qp: bytes, html_qp: bytes) -> bytes:
     """multipart/alternative (text, then HTML), UTF-8, CRLF, both parts quoted-printable."""
     # "=_" occurs in no quoted-printable output: the boundary cannot collide.
-    boundary = f"=_pm_{secrets.token_hex(12)}"
+    boundary = f"=_pm_{_unique_hex(96)}"
     head = "\r\n".join(
         (
             *headers,
@@ -1056,17 +1191,20 @@ def _date_header(second: int) -> str:
 
 
 class _Parts(NamedTuple):
+    """What one paper shows, the same for every subscriber (cached per content)."""
+
     title: str
-    authors: str
-    abstract: str
-    abstract_text: str
-    url: str | None
+    title_plain: str  # the title on one line, for the text part's numbered heading
+    meta: str  # authors · arXiv id · category · date · upvotes
+    meta_text: str  # the same, wrapped for the text part
+    abstract: str  # the shortened abstract (one line)
+    read_url: str | None  # the abstract page: arXiv's when known, else the paper's page
     pdf_url: str | None
-    hf_url: str | None
+    hf_url: str | None  # None when it is the read link already
+    page_url: str | None  # the paper's own page, when it is neither of the above
     id_json: bytes  # the paper id as a JSON string, for the feedback tokens
     arxiv_id: str | None
     category: str | None  # the primary arXiv category
-    abs_url: str | None  # the arXiv abstract page, when the title links elsewhere
 
 
 class _Item(NamedTuple):
@@ -1074,19 +1212,25 @@ class _Item(NamedTuple):
 
     id: str
     title: str
-    authors: str
-    abstract: str
+    title_text: str  # numbered and wrapped, for the text part
+    reason_html: Markup
+    reason_text: str
+    meta: str
+    meta_text: str
+    abstract: str  # shortened, one line
+    terms: tuple[str, ...]  # the words highlighted in the snippet
+    snippet: Markup  # the abstract, matched words in <b>
     abstract_text: str
     upvotes: int
     matched_topic: str | None
-    url: str | None
+    read_url: str | None
     pdf_url: str | None
     hf_url: str | None
+    page_url: str | None
     more_url: str
     less_url: str
     arxiv_id: str | None
     category: str | None
-    abs_url: str | None
 
 
 _new_tuple = tuple.__new__
@@ -1104,6 +1248,10 @@ def _own_links(ctx: Mapping[str, Any]) -> list[str]:
     for item in ctx["papers"]:
         own += (item.more_url, item.less_url)
     return own
+
+
+def _day_label(day: date) -> str:
+    return f"{day.day} {_MONTHS[day.month - 1][:3]} {day.year}"
 
 
 class Renderer:
@@ -1136,6 +1284,13 @@ class Renderer:
             "mailto:"
         )
         self.unsubscribe_mailto = bare_address(mailto)
+        self.max_bytes = settings.email_max_bytes
+        self.postal_address = clean_line(settings.postal_address_line)
+        self._postal_text = _wrap(self.postal_address)
+        self._spans = {
+            "daily": _span(settings.lookback_daily_hours),
+            "weekly": _span(settings.lookback_weekly_hours),
+        }
         self._base = settings.base_url
         self._mint: dict[str, Callable[[dict[str, Any]], str]] = {
             purpose: links.minter(purpose, settings) for purpose in links.PURPOSES
@@ -1146,6 +1301,7 @@ class Renderer:
         # cleaned text is computed once per content. Hashing the key is cheap because the
         # strings are the same objects, whose hashes Python caches.
         self._parts: dict[tuple[Any, ...], _Parts] = {}
+        self._more_block: int | None = None  # bytes of the "more on the web" block
 
     # -- links
 
@@ -1163,33 +1319,47 @@ class Renderer:
             paper.title,
             paper.abstract,
             tuple(paper.authors),
+            paper.upvotes,
             paper.url,
             paper.pdf_url,
             paper.hf_url,
             paper.arxiv_id,
             paper.primary_category,
+            paper.published,
         )
         parts = self._parts.get(key)
         if parts is not None:
             return parts
-        abstract = shorten(paper.abstract, ABSTRACT_CHARS)
-        abs_url = safe_url(paper.abs_url)
+        # The output filter of every email: the same safe_url as the pages' Jinja filter,
+        # applied once per paper here (the templates see only its result).
+        url, hf_url = safe_url(paper.url), safe_url(paper.hf_url)
+        read_url = safe_url(paper.abs_url) or url or hf_url
+        arxiv_id = clean_line(paper.arxiv_id) if paper.arxiv_id else None
+        category = clean_line(paper.primary_category) if paper.primary_category else None
+        upvotes = int(paper.upvotes or 0)
+        meta = [shorten(short_authors(paper.authors), 200)]
+        if arxiv_id:
+            meta.append(f"arXiv:{arxiv_id}")
+        if category:
+            meta.append(category)
+        if paper.published:
+            meta.append(_day_label(paper.published))
+        meta.append(f"▲ {upvotes} upvote{'' if upvotes == 1 else 's'}")
+        meta_line = " · ".join(m for m in meta if m)
+        title = shorten(paper.title, TITLE_CHARS) or paper.id
         parts = _Parts(
-            title=clean_line(paper.title) or paper.id,
-            authors=short_authors(paper.authors),
-            abstract=abstract,
-            abstract_text=_wrap(abstract, "   "),
-            # The output filter of every email: the same safe_url as the pages' Jinja
-            # filter, applied once per paper here (the templates see only its result).
-            url=safe_url(paper.url),
+            title=title,
+            title_plain=title,
+            meta=meta_line,
+            meta_text=_wrap(meta_line, "   "),
+            abstract=shorten(paper.abstract, ABSTRACT_CHARS),
+            read_url=read_url,
             pdf_url=safe_url(paper.pdf_url),
-            hf_url=safe_url(paper.hf_url),
+            hf_url=hf_url if hf_url != read_url else None,
+            page_url=url if url not in (read_url, hf_url) else None,
             id_json=json.dumps(paper.id).encode(),
-            arxiv_id=clean_line(paper.arxiv_id) if paper.arxiv_id else None,
-            category=clean_line(paper.primary_category) if paper.primary_category else None,
-            abs_url=abs_url
-            if (abs_url := safe_url(paper.abs_url)) != safe_url(paper.url)
-            else None,
+            arxiv_id=arxiv_id,
+            category=category,
         )
         if len(self._parts) > 20_000:
             self._parts.clear()
@@ -1197,8 +1367,15 @@ class Renderer:
         return parts
 
     def digest_context(
-        self, recipient: Recipient, edition_date: date, papers: Sequence[PaperView]
+        self,
+        recipient: Recipient,
+        edition_date: date,
+        papers: Sequence[PaperView],
+        *,
+        as_sent: bool = False,
     ) -> dict[str, Any]:
+        """The template context; ``as_sent``: an archived edition ("view in browser"),
+        whose footer tells what was true when it went out."""
         if not papers:
             raise InvalidInput("a digest needs at least one paper (skip the delivery instead)")
         sid = int(recipient.subscriber_id)
@@ -1214,58 +1391,87 @@ class Renderer:
                 ]
             )
         )
-        items = [
-            _new_tuple(  # _Item(...) without the named tuple's Python-level __new__
-                _Item,
-                (
-                    paper.id,
-                    parts.title,
-                    parts.authors,
-                    parts.abstract,
-                    parts.abstract_text,
-                    int(paper.upvotes),
-                    _clean_topic(paper.matched_topic) if paper.matched_topic else None,
-                    parts.url,
-                    parts.pdf_url,
-                    parts.hf_url,
-                    fb + next(votes),
-                    fb + next(votes),
-                    parts.arxiv_id,
-                    parts.category,
-                    parts.abs_url,
-                ),
+        topics = [t for t in (_clean_topic(t) for t in recipient.topics) if t]
+        has_topics = bool(topics)
+        count = len(papers)
+        ranks = _upvote_ranks([int(p.upvotes or 0) for p in papers]) if not has_topics else None
+        items = []
+        for n, (paper, parts) in enumerate(zip(papers, all_parts, strict=True)):
+            topic = _clean_topic(paper.matched_topic) if paper.matched_topic else None
+            terms = tuple(t for t in map(_clean_topic, paper.matched_terms) if t) if topic else ()
+            reason_html, reason_text = _reason(
+                topic, terms, has_topics, ranks[n] if ranks else 0, count
             )
-            for paper, parts in zip(papers, all_parts, strict=True)
-        ]
+            marked = terms or ((topic,) if topic else ())
+            items.append(
+                _new_tuple(  # _Item(...) without the named tuple's Python-level __new__
+                    _Item,
+                    (
+                        paper.id,
+                        parts.title,
+                        _wrap(parts.title_plain, "   ", f"{n + 1}. "),
+                        reason_html,
+                        _wrap(reason_text, "   "),
+                        parts.meta,
+                        parts.meta_text,
+                        parts.abstract,
+                        marked,
+                        highlight(parts.abstract, marked),
+                        _wrap(parts.abstract, "   "),
+                        int(paper.upvotes or 0),
+                        topic,
+                        parts.read_url,
+                        parts.pdf_url,
+                        parts.hf_url,
+                        parts.page_url,
+                        fb + next(votes),
+                        fb + next(votes),
+                        parts.arxiv_id,
+                        parts.category,
+                    ),
+                )
+            )
         long_label, short_label = _date_labels(edition_date)
         iso = edition_date.isoformat()
-        topics = [t for t in (_clean_topic(t) for t in recipient.topics) if t]
-        count = len(items)
-        period = "week" if recipient.frequency == "weekly" else "day"
-        noun = "paper" if count == 1 else "papers"
-        intro = (
-            f"{count} trending {noun} matching your topics"
-            if topics
-            else f"The {count} most upvoted {noun} of the {period}"
-        )
+        weekly = recipient.frequency == "weekly"
+        span = self._spans["weekly" if weekly else "daily"]
+        if has_topics:
+            noun = "paper" if count == 1 else f"{count} papers"
+            when = f"the week of {short_label}" if weekly else long_label.partition(",")[0]
+            heading = f"Your {noun} for {when}"
+            intro = f"New papers from the last {span} that match {_topic_list(topics)}."
+        else:
+            heading = "This week's trending papers" if weekly else "Today's trending papers"
+            intro = f"The new papers of the last {span}, ranked by upvotes and freshness."
         email_addr = clean_line(recipient.email)
         why = (
-            f"You get this because you subscribed to papermail with {email_addr}, "
-            f"{schedule_text(recipient)}, topics: "
+            (
+                f"You got this because you were subscribed to papermail with {email_addr}, "
+                if as_sent
+                else f"You get this because you subscribed to papermail with {email_addr}, "
+            )
+            + f"{schedule_text(recipient)}, topics: "
             + (", ".join(topics) if topics else "none (the overall trending top)")
             + categories_text(recipient)
             + "."
         )
+        lead = shorten(items[0].title, MAX_SUBJECT_CHARS)
         return {
             "subject": "",  # filled below, once the subject template has run
+            "subject_line": f"{'1 paper' if count == 1 else f'{count} papers'}: {lead}",
             "preheader": shorten(" · ".join(i.title for i in items), 140),
             "edition_label": long_label,
             "short_date": short_label,
             "edition_date": iso,
+            "heading": heading,
             "intro": intro,
+            "intro_text": _wrap(intro),
             "papers": items,
-            "lead_title": shorten(items[0].title, 90),
+            "lead_title": lead,
             "more": count - 1,
+            "more_on_web": 0,
+            "more_on_web_label": "",
+            "more_on_web_text": "",
             "preferences_url": self._url_json("preferences", b'{"s":%d}' % sid),
             "unsubscribe_url": self._url_json("unsubscribe", b'{"s":%d}' % sid),
             "view_url": self._url_json("view", b'{"s":%d,"d":"%s"}' % (sid, iso.encode())),
@@ -1274,22 +1480,119 @@ class Renderer:
             "schedule": schedule_text(recipient),
             "reason": why,
             "reason_text": _wrap(why),
+            "postal_address": self.postal_address,
+            "postal_address_text": self._postal_text,
         }
 
     def _fill(
         self, ctx: dict[str, Any], html_t: Template, text_t: Template, subj_t: Template
     ) -> tuple[str, list[str], list[str]]:
         """The subject, and the pieces of the text and of the HTML (see _render_pieces)."""
-        subject = shorten(_render(subj_t, ctx), MAX_SUBJECT_CHARS)
+        subject = shorten(_render(subj_t, ctx), MAX_SUBJECT_CHARS - 1)  # "…" is the 70th
         ctx["subject"] = subject
         return subject, _render_pieces(text_t, ctx), _render_pieces(html_t, ctx)
 
     def digest_html(
-        self, recipient: Recipient, edition_date: date, papers: Sequence[PaperView]
+        self,
+        recipient: Recipient,
+        edition_date: date,
+        papers: Sequence[PaperView],
+        *,
+        as_sent: bool = False,
     ) -> str:
+        """The digest as a web page ("view in browser"): every paper, no size budget."""
         t = self.templates
-        ctx = self.digest_context(recipient, edition_date, papers)
+        ctx = self.digest_context(recipient, edition_date, papers, as_sent=as_sent)
         return "".join(self._fill(ctx, t.digest_html, t.digest_text, t.digest_subject)[2])
+
+    # -- the size budget
+
+    def _with_budget(
+        self, ctx: dict[str, Any], level: int, keep: int, total: int
+    ) -> dict[str, Any]:
+        """``ctx`` with abstracts cut to ``level`` characters and only the first ``keep``
+        of ``total`` papers, the rest behind the "more on the web" link."""
+        items = []
+        for item in ctx["papers"][:keep]:
+            abstract = shorten(item.abstract, level)
+            items.append(
+                item._replace(
+                    abstract=abstract,
+                    snippet=highlight(abstract, item.terms),
+                    abstract_text=_wrap(abstract, "   "),
+                )
+            )
+        out = {**ctx, "papers": items}
+        hidden = total - keep
+        if hidden:
+            noun = "paper" if hidden == 1 else "papers"
+            out["more_on_web"] = hidden
+            out["more_on_web_label"] = f"{hidden} more {noun} of this edition on the web"
+            out["more_on_web_text"] = _wrap(
+                f"{hidden} more {noun} of this edition: open \u201cView in browser\u201d below."
+            )
+        return out
+
+    def _fit(
+        self, ctx: dict[str, Any], html: list[str]
+    ) -> tuple[dict[str, Any], list[str], list[str]]:
+        """The context and pieces (text, HTML) of a digest within PAPERMAIL_EMAIL_MAX_BYTES,
+        for one whose HTML (``html``) is over it: shorter abstracts first, then fewer papers.
+
+        Sizes are worked out from the one render already made (the byte offsets of each
+        paper's own vote link mark where its card ends, and each abstract's bytes are
+        known), so a digest over the budget costs one more render, not one per paper."""
+        budget = self.max_bytes
+        data = "".join(html).encode()
+        size = len(data)
+        t = self.templates
+        items = ctx["papers"]
+        total = len(items)
+        # ends[i]: where card i's "more like this" link is; the cards after card k-1 take
+        # ends[-1] - ends[k-1] bytes (every card's tail after that link is the same).
+        ends, at = [], 0
+        for item in items:
+            at = data.find(item.more_url.encode(), at)
+            ends.append(at)
+        abstract_bytes = [len(str(item.snippet).encode()) for item in items]
+        if self._more_block is None:
+            probe = {**ctx, "more_on_web": 99, "more_on_web_label": "99 more papers on the web"}
+            more = len("".join(_render_pieces(t.digest_html, probe)).encode())
+            self._more_block = more - size + 64  # and room for a longer label
+        reserve = self._more_block
+
+        # Bytes each abstract saves at each shorter level, made once per level.
+        savings = {
+            level: [
+                full - len(highlight(shorten(item.abstract, level), item.terms).encode())
+                for item, full in zip(items, abstract_bytes, strict=True)
+            ]
+            for level in ABSTRACT_BUDGET_STEPS
+        }
+
+        def estimate(level: int, keep: int) -> int:
+            dropped = ends[-1] - ends[keep - 1]
+            saved = sum(savings[level][:keep])
+            return size - saved - dropped + (reserve if keep < total else 0)
+
+        choice = None
+        for level in ABSTRACT_BUDGET_STEPS:
+            if estimate(level, total) <= budget:
+                choice = (level, total)
+                break
+        if choice is None:
+            level = ABSTRACT_BUDGET_STEPS[-1]
+            keep = total - 1
+            while keep > 1 and estimate(level, keep) > budget:
+                keep -= 1
+            choice = (level, keep)
+        level, keep = choice
+        while True:  # the estimate is exact but for the label's digits: check, rarely again
+            fitted = self._with_budget(ctx, level, keep, total)
+            _, text, html = self._fill(fitted, t.digest_html, t.digest_text, t.digest_subject)
+            if keep == 1 or len("".join(html).encode()) <= budget:
+                return fitted, text, html
+            keep -= 1
 
     def render_digest(
         self,
@@ -1303,9 +1606,19 @@ class Renderer:
         t = self.templates
         ctx = self.digest_context(recipient, edition_date, papers)
         subject, text, html = self._fill(ctx, t.digest_html, t.digest_text, t.digest_subject)
+        # The size budget, checked for free on the usual digest: the HTML's characters
+        # are at most its UTF-8 bytes, which are at most its quoted-printable bytes.
+        budget = self.max_bytes
+        over = sum(map(len, html)) > budget
+        if not over:
+            text_qp, html_qp = _qp_bodies(text, html, own=_own_links(ctx))
+            over = len(html_qp) > budget and len("".join(html).encode()) > budget
+        if over:
+            ctx, text, html = self._fit(ctx, html)
+            text_qp, html_qp = _qp_bodies(text, html, own=_own_links(ctx))
         iso = edition_date.isoformat()
         ref = str(delivery_id) if delivery_id is not None else f"s{recipient.subscriber_id}"
-        message_id = f"<{iso}.{ref}.{secrets.token_hex(6)}@{self.domain}>"
+        message_id = f"<{iso}.{ref}.{_unique_hex(48)}@{self.domain}>"
         token = ctx["unsubscribe_url"].rpartition("/")[2]
         headers = [
             *self._common_headers(to, subject, message_id),
@@ -1313,6 +1626,8 @@ class Renderer:
             f"List-Unsubscribe: <{ctx['unsubscribe_url']}>,\r\n"
             f" <mailto:{self.unsubscribe_mailto}?subject=unsubscribe%20{token}>",
             "List-Unsubscribe-Post: List-Unsubscribe=One-Click",
+            # Gmail's feedback loop: campaign:customer:mail type:sender id.
+            f"Feedback-ID: digest-{iso.replace('-', '')}:papermail:digest:{self.domain}",
         ]
         tags = {"edition": iso}
         if delivery_id is not None:
@@ -1322,7 +1637,7 @@ class Renderer:
             recipient=to,
             subject=subject,
             message_id=message_id,
-            raw=_mime(headers, *_qp_bodies(text, html, own=_own_links(ctx))),
+            raw=_mime(headers, text_qp, html_qp),
             html="".join(html),
             text="".join(text),
             tags=tags,
@@ -1341,7 +1656,7 @@ class Renderer:
             "valid_days": links.MAX_AGES["confirm"] // links.DAY,
         }
         subject, text, html = self._fill(ctx, t.confirm_html, t.confirm_text, t.confirm_subject)
-        message_id = f"<confirm.{subscriber_id}.{secrets.token_hex(6)}@{self.domain}>"
+        message_id = f"<confirm.{subscriber_id}.{_unique_hex(48)}@{self.domain}>"
         return OutgoingMessage(
             sender=self.sender,
             recipient=to,

@@ -27,5 +27,10 @@ def email_templates_dir() -> Path:
     return templates_dir() / "email"
 
 
+def shared_templates_dir() -> Path:
+    """Partials used by both the emails and the pages (the wordmark)."""
+    return templates_dir() / "shared"
+
+
 def data_dir() -> Path:
     return _PKG / "data"

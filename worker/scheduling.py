@@ -159,7 +159,12 @@ def plan_due(
         # One call per local date: plan_edition batches its IN lists itself.
         result = delivery.plan_edition(session, local_date, subscriber_ids=ids, now=now)
         pending.extend(result.pending_ids)
-        log.info("planned %d deliveries of edition %s", result.created, local_date)
+        log.info(
+            "planned %d deliveries of edition %s",
+            result.created,
+            local_date,
+            extra={"edition_date": local_date},
+        )
     return released + hold_for_papers(session, pending, now, settings)
 
 

@@ -75,6 +75,7 @@ from worker.models import (
     utcnow,
 )
 from worker.untrusted import WHITESPACE_CONTROLS, check_text
+from worker.zones import canonical_zone
 
 DEFAULT_MAX_PAPERS = 5
 DEFAULT_FREQUENCY = Frequency.DAILY.value
@@ -328,7 +329,8 @@ def parse_weekday(value: object) -> int:
 
 @lru_cache(maxsize=1024)
 def _timezone(name: str) -> str:
-    return validate_timezone(name)
+    # Stored under its canonical name: an alias (Asia/Calcutta) becomes Asia/Kolkata.
+    return canonical_zone(validate_timezone(name))
 
 
 def parse_timezone(value: object) -> str:

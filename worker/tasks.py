@@ -198,6 +198,43 @@ def _ensure_configured(settings: Settings) -> None:
         app.amqp._producer_pool = None
 
 
+@signals.setup_logging.connect
+def _setup_logging(
+    loglevel: int | str | None = None,
+    logfile: str | None = None,
+    format: str | None = None,  # the signal's argument name
+    **_: Any,
+) -> None:
+    """The worker's and the beat's logs in PAPERMAIL_LOG_FORMAT (worker.logs), instead of
+    Celery's own set-up (connecting here is what turns that off); text keeps Celery's
+    line format. Prefork children inherit it."""
+    from worker.config import ConfigError
+    from worker.logs import configure_logging
+
+    try:
+        settings = get_settings()
+    except ConfigError:
+        settings = None  # the worker reports the bad setting when it needs it
+    configure_logging(
+        settings,
+        loglevel or logging.WARNING,
+        filename=logfile or None,
+        text_format=format or "[%(asctime)s: %(levelname)s/%(processName)s] %(message)s",
+    )
+
+
+@signals.celeryd_init.connect
+def _early_logging(options: dict[str, Any] | None = None, conf: Any = None, **_: Any) -> None:
+    """The worker's first lines (its privilege warning, the template preload) are in the
+    configured format too: set up before Celery's own turn, which sets it up again."""
+    options = options or {}
+    _setup_logging(
+        loglevel=options.get("loglevel"),
+        logfile=options.get("logfile"),
+        format=getattr(conf, "worker_log_format", None),
+    )
+
+
 @signals.worker_init.connect
 def _preload_before_fork(**_: Any) -> None:
     """Import the sending path and compile the templates once, in the parent.
@@ -208,11 +245,15 @@ def _preload_before_fork(**_: Any) -> None:
     while the first chunk's deliveries wait.
     """
     import worker.selection  # noqa: F401
+    from worker.db import get_engine
     from worker.mailers.base import mailer_class
     from worker.rendering import get_renderer
 
     settings = get_settings()
     mailer_class(settings)
+    # The engine, not a connection: it imports the database driver (psycopg: about 0.3 s
+    # of CPU per child otherwise); each child drops it and connects on its own.
+    get_engine(settings.database_url)
     try:
         get_renderer(settings)
     except Exception:  # a broken template is reported by the chunk that needs it

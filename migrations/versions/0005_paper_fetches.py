@@ -45,7 +45,8 @@ def upgrade() -> None:
         sa.Column("etag", sa.String(length=255), nullable=True),
         sa.Column("last_modified", sa.String(length=64), nullable=True),
         sa.CheckConstraint(
-            "status IN ('ok', 'not_modified', 'failed')", name=op.f("ck_paper_fetches_fetch_status_valid")
+            "status IN ('ok', 'not_modified', 'failed')",
+            name=op.f("ck_paper_fetches_fetch_status_valid"),
         ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_paper_fetches")),
     )

@@ -87,14 +87,15 @@ def make_message() -> Callable[..., OutgoingMessage]:
 def mailer_env(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Callable[..., Any]:
     """``mailer_env("ses", SES_ENDPOINT_URL=...)`` -> fresh Settings for that mailer.
 
-    Sets a non-development secret key and an https BASE_URL (both refused otherwise for
-    ses/smtp) and test AWS keys.
+    Sets a non-development secret key, an https BASE_URL and a postal address (all refused
+    otherwise for ses/smtp) and test AWS keys.
     """
     from worker import config
 
     def configure(mailer: str, **values: object) -> config.Settings:
         base = {
             "MAILER": mailer,
+            "POSTAL_ADDRESS": "Example Lab, 1 Main Street, Springfield, USA",
             "SECRET_KEY": MAIL_SECRET_KEY,
             "AWS_ACCESS_KEY_ID": AWS_TEST_KEY_ID,
             "AWS_SECRET_ACCESS_KEY": AWS_TEST_SECRET,

@@ -63,6 +63,7 @@ def endpoint() -> Iterator[Callable[[], dict[str, Any]]]:
 def ses_settings(url: str, **extra: str) -> dict[str, str]:
     return {
         "PAPERMAIL_MAILER": "ses",
+        "PAPERMAIL_POSTAL_ADDRESS": "Example Lab, 1 Main Street, Springfield, USA",
         "PAPERMAIL_SES_ENDPOINT_URL": url,
         "PAPERMAIL_AWS_ACCESS_KEY_ID": "AKIATESTTESTTEST0000",
         "PAPERMAIL_AWS_SECRET_ACCESS_KEY": "test-secret-not-real-0123456789abcdef",

@@ -114,7 +114,7 @@ def check_command(argv: list[str], healthcheck_paths: tuple[str, ...] = ()) -> l
                 break
             if not isinstance(command, click.Group):
                 break
-            sub = command.commands.get(word)
+            sub = command.get_command(click.Context(command), word)
             if sub is None:
                 return [f"`papermail {' '.join([*path, word])}` is not a command"]
             command, path = sub, [*path, word]

@@ -38,6 +38,7 @@ def test_dev_secret_refused_for_real_mailers(
     new, old = "n" * 40, "o" * 40
     monkeypatch.setenv("PAPERMAIL_SECRET_KEY", f"{new}, {old}")
     monkeypatch.setenv("PAPERMAIL_BASE_URL", "https://papermail.example.org")
+    monkeypatch.setenv("PAPERMAIL_POSTAL_ADDRESS", "Example Lab, 1 Main St, Springfield")
     s = config.load_settings()
     assert s.signing_keys == [new, old]
 

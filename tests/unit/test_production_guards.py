@@ -10,12 +10,14 @@ from worker import config
 from worker.cli import main
 
 REAL_KEY = "k" * 48
+ADDRESS = "Example Lab, 1 Main Street, Springfield, USA"
 
 
 def _ses(monkeypatch: pytest.MonkeyPatch, base_url: str) -> config.Settings:
     monkeypatch.setenv("PAPERMAIL_MAILER", "ses")
     monkeypatch.setenv("PAPERMAIL_SECRET_KEY", REAL_KEY)
     monkeypatch.setenv("PAPERMAIL_BASE_URL", base_url)
+    monkeypatch.setenv("PAPERMAIL_POSTAL_ADDRESS", ADDRESS)
     return config.load_settings()
 
 
@@ -67,6 +69,45 @@ def test_both_production_problems_are_reported_at_once(
         config.load_settings()
     assert "PAPERMAIL_SECRET_KEY" in str(raised.value)
     assert "PAPERMAIL_BASE_URL" in str(raised.value)
+    assert "PAPERMAIL_POSTAL_ADDRESS" in str(raised.value)
+
+
+@pytest.mark.parametrize("mailer", ["ses", "smtp"])
+def test_real_mailers_need_a_postal_address(
+    env: dict[str, str], monkeypatch: pytest.MonkeyPatch, mailer: str
+) -> None:
+    monkeypatch.setenv("PAPERMAIL_MAILER", mailer)
+    monkeypatch.setenv("PAPERMAIL_SECRET_KEY", REAL_KEY)
+    monkeypatch.setenv("PAPERMAIL_BASE_URL", "https://papermail.example.org")
+    for missing in ("", "   "):
+        monkeypatch.setenv("PAPERMAIL_POSTAL_ADDRESS", missing)
+        with pytest.raises(config.ConfigError) as raised:
+            config.load_settings()
+        assert (
+            str(raised.value)
+            .splitlines()[1]
+            .strip()
+            .startswith(
+                f"PAPERMAIL_POSTAL_ADDRESS: the sender's postal address is required when "
+                f"PAPERMAIL_MAILER is {mailer!r}"
+            )
+        )
+    # Nothing is sent without it: the CLI refuses to start, in one line, no traceback.
+    result = CliRunner().invoke(main, ["digest", "run", "--dry-run"])
+    assert result.exit_code != 0 and "PAPERMAIL_POSTAL_ADDRESS" in result.output
+    assert "Traceback" not in result.output
+    monkeypatch.setenv("PAPERMAIL_POSTAL_ADDRESS", "Lab,\n 1 Main St")
+    with pytest.raises(config.ConfigError, match="PAPERMAIL_POSTAL_ADDRESS: must be one line"):
+        config.load_settings()
+    monkeypatch.setenv("PAPERMAIL_POSTAL_ADDRESS", "  Example Lab,   1 Main St  ")
+    assert config.load_settings().postal_address_line == "Example Lab, 1 Main St"
+
+
+def test_outbox_has_a_sample_postal_address(env: dict[str, str]) -> None:
+    settings = config.load_settings()
+    assert settings.postal_address is None
+    assert settings.postal_address_line == config.SAMPLE_POSTAL_ADDRESS
+    assert "PAPERMAIL_POSTAL_ADDRESS" in settings.postal_address_line  # says how to set it
 
 
 # --- no password in settings errors --------------------------------------------------

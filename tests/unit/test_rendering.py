@@ -71,6 +71,12 @@ RECIPIENT = Recipient(
 )
 
 
+def settings_address() -> str:
+    from worker.config import SAMPLE_POSTAL_ADDRESS
+
+    return SAMPLE_POSTAL_ADDRESS
+
+
 def _parse(raw: bytes) -> EmailMessage:
     msg = email.message_from_bytes(raw, policy=email.policy.default)
     assert isinstance(msg, EmailMessage)
@@ -120,8 +126,11 @@ def test_digest_message_parses_back(renderer: Renderer, settings: Settings) -> N
         "List-Unsubscribe",
         "List-Unsubscribe-Post",
         "Reply-To",
+        "Feedback-ID",
     ):
         assert len(msg.get_all(name) or []) == 1, name
+    # Gmail's feedback loop format, campaign:customer:mail type:sender id.
+    assert msg["Feedback-ID"] == "digest-20261127:papermail:digest:papermail.test"
     assert msg["To"] == "reader@example.org"
     assert msg["From"].addresses[0].display_name == "Zoë's papers"
     assert msg["From"].addresses[0].addr_spec == "digest@papermail.test" == out.sender
@@ -139,7 +148,8 @@ def test_digest_message_parses_back(renderer: Renderer, settings: Settings) -> N
     assert (text.replace("\r\n", "\n"), html.replace("\r\n", "\n")) == (out.text, out.html)
     for body in (text, html):
         assert "Zoë Müller" in body and "数据" in body
-        assert "matched: diffusion models" in body
+    assert "Because you follow <em>diffusion models</em>" in html
+    assert "Because you follow \u201cdiffusion models\u201d" in text
     # Wire format: CRLF only, no line over 78 octets after the headers.
     _head, _, body_raw = out.raw.partition(b"\r\n\r\n")
     assert b"\n" not in out.raw.replace(b"\r\n", b"")
@@ -167,12 +177,20 @@ def test_content(renderer: Renderer) -> None:
         "Manage preferences",
         "Unsubscribe",
         "View in browser",
+        "Read",
         "PDF",
-        "Hugging Face",
         "More like this",
         "Less like this",
     ):
         assert label in html and label in text, label
+    # The sender's postal address (the outbox's sample one here) closes the footer.
+    assert settings_address() in html and settings_address() in " ".join(text.split())
+    # Every URL once in the text part: the title's page is the Read link, and the
+    # Hugging Face page is that same page here, so it is not listed again.
+    urls = re.findall(r"https?://\S+", text)
+    assert len(urls) == len(set(urls))
+    assert "https://huggingface.co/papers/2611.00001" in urls
+    assert "Hugging Face:" not in text
     reason = (
         "You get this because you subscribed to papermail with reader@example.org, "
         "daily at 07:00 Europe/Paris, topics: diffusion models, RLHF."
@@ -230,7 +248,7 @@ def test_header_injection_is_impossible(renderer: Renderer) -> None:
     head = out.raw.partition(b"\r\n\r\n")[0]
     assert not re.search(rb"(?im)^bcc:", head)
     assert "\r" not in out.subject and "\n" not in out.subject
-    assert msg["Subject"].startswith("x Bcc: victim@example.org")
+    assert msg["Subject"].startswith("1 paper: x Bcc: victim@example.org")
     # An address with a line break is refused outright, not cleaned.
     for bad in (
         INJECT,
@@ -532,7 +550,7 @@ def test_wrap_is_textwrap_fill() -> None:
     import textwrap
 
     rng = random.Random(5)
-    pieces = ["a", "bb", "reader@example.org,", "Ünïcode", "x" * 71, "y" * 72, "z" * 80, "-"]
+    pieces = ["a", "bb", "reader@example.org,", "Ünïcode", "x" * 77, "y" * 78, "z" * 80, "-"]
     texts = ["", " ", "a  b", " lead", "trail ", "tab\there", "nbsp\xa0word", "line\nbreak"]
     for _ in range(3000):
         sep = rng.choice([" ", " ", " ", "  ", "\t"])
@@ -541,7 +559,7 @@ def test_wrap_is_textwrap_fill() -> None:
         for indent in ("", "   "):
             rendering._wrap.cache_clear()
             want = textwrap.fill(
-                text, 72, initial_indent=indent, subsequent_indent=indent, break_on_hyphens=False
+                text, 78, initial_indent=indent, subsequent_indent=indent, break_on_hyphens=False
             )
             assert rendering._wrap(text, indent) == want, (text, indent)
 
@@ -600,8 +618,9 @@ def test_compiled_templates_render_what_jinjas_sandbox_renders(source: str) -> N
 
 
 def test_arxiv_id_category_and_abstract_link(renderer: Renderer) -> None:
-    """A merged record (issue 13) shows its arXiv id and primary category, and links its
-    abstract page when the title links elsewhere (the Hugging Face page)."""
+    """A merged record (issue 13) shows its arXiv id and primary category; the title and
+    the one Read link go to its arXiv abstract page, the Hugging Face page is a quieter
+    link of its own."""
     merged = _paper(
         "2401.12345", "Merged paper", arxiv_id="2401.12345", primary_category="cs.LG",
         abs_url="https://arxiv.org/abs/2401.12345",
@@ -613,11 +632,13 @@ def test_arxiv_id_category_and_abstract_link(renderer: Renderer) -> None:
     out = renderer.render_digest(RECIPIENT, EDITION, [merged, arxiv_only, PAPERS[0]])
     text, html = _parts(_parse(out.raw))
     for part in (text, html):
-        assert "arXiv:2401.12345 [cs.LG]" in part
-        assert "arXiv:2401.54321" in part and "arXiv:2401.54321 [" not in part
+        assert "arXiv:2401.12345 · cs.LG · " in part
+        assert "arXiv:2401.54321 · ▲" in part  # no category known: none claimed
         assert "arXiv:2611.00001" not in part  # no arXiv id known: nothing claimed
     hrefs = _hrefs(html)
-    assert hrefs.count("https://arxiv.org/abs/2401.12345") == 1  # the Abstract link
-    assert hrefs.count("https://arxiv.org/abs/2401.54321") == 1  # the title only, once
-    assert "Abstract:       https://arxiv.org/abs/2401.12345" in text
-    assert "Abstract:       https://arxiv.org/abs/2401.54321" not in text
+    assert hrefs.count("https://arxiv.org/abs/2401.12345") == 2  # the title and Read
+    assert hrefs.count("https://arxiv.org/abs/2401.54321") == 2
+    assert hrefs.count("https://huggingface.co/papers/2401.12345") == 1  # Hugging Face
+    assert "Read:           https://arxiv.org/abs/2401.12345" in text
+    assert "Hugging Face:   https://huggingface.co/papers/2401.12345" in text
+    assert text.count("https://arxiv.org/abs/2401.54321") == 1  # each URL once

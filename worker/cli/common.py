@@ -14,6 +14,21 @@ from worker.clock import utcnow
 from worker.errors import PapermailError
 
 
+class FullHelpGroup(click.Group):
+    """A group whose command list shows each summary whole (its ``short_help``, else its
+    docstring's first sentence, wrapped), never click's 45-column cut ending in "..."."""
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = []
+        for name in self.list_commands(ctx):
+            cmd = self.get_command(ctx, name)
+            if cmd is not None and not cmd.hidden:
+                rows.append((name, cmd.get_short_help_str(limit=10_000)))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
 def echo_json(data: Any) -> None:
     """Print ``data`` as indented JSON (keys sorted).
 

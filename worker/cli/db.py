@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import click
+from alembic.util import CommandError
 
 from worker import migrate
+from worker.cli.common import FullHelpGroup
+from worker.errors import PapermailError
 
 
-@click.group("db")
+@click.group("db", cls=FullHelpGroup)
 def command() -> None:
     """Database schema (Alembic migrations).
 
@@ -26,7 +32,8 @@ def upgrade(revision: str) -> None:
     Example:
       PAPERMAIL_DATABASE_URL=postgresql://localhost/papermail papermail db upgrade
     """
-    migrate.upgrade(revision)
+    with _revision_errors():
+        migrate.upgrade(revision)
     click.echo(f"database at revision {migrate.current_revision()}")
 
 
@@ -39,7 +46,8 @@ def downgrade(revision: str) -> None:
     Example:
       papermail db downgrade base
     """
-    migrate.downgrade(revision)
+    with _revision_errors():
+        migrate.downgrade(revision)
     click.echo(f"database at revision {migrate.current_revision() or 'base'}")
 
 
@@ -55,3 +63,12 @@ def current() -> None:
     click.echo(f"current: {cur or 'none'}  head: {head}")
     if cur != head:
         raise SystemExit(1)
+
+
+@contextmanager
+def _revision_errors() -> Iterator[None]:
+    # Alembic's refusal of a revision name is the operator's typo, not a crash.
+    try:
+        yield
+    except CommandError as exc:
+        raise PapermailError(f"{exc}; `papermail db current` shows the schema's revision") from None

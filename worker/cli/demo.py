@@ -14,8 +14,8 @@ def command() -> None:
 
     Creates the schema, loads the bundled sample papers (dated to now), adds a few sample
     subscribers with different topics, sends today's edition into the outbox as .eml files,
-    and writes an HTML preview of each email. Safe to run again: nobody gets a second
-    copy of the same edition.
+    and writes an HTML preview of each email. Run again the same day, it says so and
+    changes nothing: nobody gets a second copy of the same edition.
 
     \b
     Example:
@@ -32,17 +32,26 @@ def command() -> None:
 
     shown = make_url(settings.database_url).render_as_string(hide_password=True)
     click.echo(f"database:     {shown}")
-    click.echo(f"papers:       {result.papers_new} new, {result.papers_updated} updated (sample)")
-    click.echo(f"subscribers:  {result.subscribers_added} added")
-    click.echo(
-        f"edition {result.edition_date}: {o.sent} sent, {o.skipped} skipped, {o.failed} failed"
-        + ("" if result.plan.created else " (already sent earlier: nothing new)")
-    )
-    for email, why in result.skipped.items():
-        click.echo(f"  skipped {email}: {why}")
+    if result.already_done:
+        earlier = ", ".join(f"{n} {state}" for state, n in sorted(result.states.items()))
+        click.echo(
+            f"edition {result.edition_date}: already done by an earlier run ({earlier}); "
+            "nothing new was sent and nothing changed"
+        )
+    else:
+        assert o is not None
+        click.echo(
+            f"papers:       {result.papers_new} new, {result.papers_updated} updated (sample)"
+        )
+        click.echo(f"subscribers:  {result.subscribers_added} added")
+        click.echo(
+            f"edition {result.edition_date}: {o.sent} sent, {o.skipped} skipped, {o.failed} failed"
+        )
+        for email, why in result.skipped.items():
+            click.echo(f"  skipped {email}: {why}")
     click.echo(f"emails (.eml): {result.outbox / result.edition_date.isoformat()}")
     click.echo("HTML previews:")
     for path in result.previews:
         click.echo(f"  {path}")
-    if o.failed or o.unknown:
+    if o is not None and (o.failed or o.unknown):
         raise SystemExit(1)

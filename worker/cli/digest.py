@@ -9,13 +9,13 @@ from pathlib import Path
 import click
 
 from worker import delivery
-from worker.cli.common import date_option, echo_json, parse_date, require_schema
+from worker.cli.common import FullHelpGroup, date_option, echo_json, parse_date, require_schema
 from worker.config import get_settings
 from worker.db import session_scope
 from worker.errors import PapermailError
 
 
-@click.group("digest")
+@click.group("digest", cls=FullHelpGroup)
 def command() -> None:
     """Send or preview the digest.
 

@@ -12,12 +12,12 @@ from typing import IO, Any
 import click
 
 from worker import events
-from worker.cli.common import echo_json, require_schema
+from worker.cli.common import FullHelpGroup, echo_json, require_schema
 from worker.config import get_settings
 from worker.errors import InvalidInput, PapermailError
 
 
-@click.group("events")
+@click.group("events", cls=FullHelpGroup)
 def command() -> None:
     """Provider notifications (SES bounces, complaints, deliveries).
 

@@ -9,6 +9,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from worker.cli.common import (
+    FullHelpGroup,
     date_option,
     echo_json,
     parse_date,
@@ -26,7 +27,7 @@ SOURCES = ("hf", "arxiv")
 TITLE_WIDTH = 70
 
 
-@click.group("papers")
+@click.group("papers", cls=FullHelpGroup)
 def command() -> None:
     """Paper sources: Hugging Face daily papers, arXiv Atom feeds, JSON Lines.
 

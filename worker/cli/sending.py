@@ -9,13 +9,13 @@ import click
 from sqlalchemy import or_, select
 
 from worker import delivery
-from worker.cli.common import echo_json, require_schema
+from worker.cli.common import FullHelpGroup, echo_json, require_schema
 from worker.config import get_settings
 from worker.db import session_scope
 from worker.models import Delivery, DeliveryState, utcnow
 
 
-@click.group("sending")
+@click.group("sending", cls=FullHelpGroup)
 def command() -> None:
     """Pause or resume all sending.
 

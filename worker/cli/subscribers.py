@@ -12,7 +12,7 @@ from typing import Any
 import click
 
 from worker import subscribers as subs
-from worker.cli.common import echo_json, require_schema
+from worker.cli.common import FullHelpGroup, echo_json, require_schema
 from worker.db import session_scope
 from worker.models import WEEKDAYS, SubscriberStatus
 
@@ -42,7 +42,7 @@ _LIST_LIMIT = 20
 _PROGRESS_MIN_BYTES = 256 * 1024
 
 
-@click.group("subscribers")
+@click.group("subscribers", cls=FullHelpGroup)
 def command() -> None:
     """Add, import, inspect and suppress subscribers.
 

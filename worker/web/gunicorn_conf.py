@@ -51,3 +51,14 @@ class RedactingLogger(Logger):
         for logger in (self.error_log, self.access_log):
             if not any(isinstance(f, RedactTokens) for f in logger.filters):
                 logger.addFilter(RedactTokens())
+        # PAPERMAIL_LOG_FORMAT for gunicorn's two logs and for the app's own loggers
+        # (through the root logger, at gunicorn's --log-level).
+        from worker.config import ConfigError, get_settings
+        from worker.logs import configure_logging, format_handlers
+
+        try:
+            settings = get_settings()
+        except ConfigError:
+            settings = None  # create_app reports it
+        format_handlers(settings, self.error_log, self.access_log)
+        configure_logging(settings, self.error_log.level or "INFO")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import logging
 import secrets
 import threading
@@ -57,6 +58,7 @@ from worker.redact import redact_tokens
 from worker.throttle import Throttle, ThrottleUnavailable, make_throttle
 from worker.urls import safe_url
 from worker.web.guards import validates
+from worker.zones import canonical_zone, canonical_zones
 
 log = logging.getLogger(__name__)
 
@@ -290,12 +292,27 @@ def index() -> Response:
     return redirect(url_for("pages.subscribe"))  # type: ignore[return-value]
 
 
+@bp.get("/favicon.ico")
+def favicon() -> Response:
+    # Browsers and feed readers ask for /favicon.ico at the root whatever the page says.
+    response = bp.send_static_file("favicon.ico")
+    response.headers["Cache-Control"] = "public, max-age=86400"
+    return response
+
+
 # --- preferences ------------------------------------------------------------------------
 
 
 @lru_cache(maxsize=1)
-def _zones() -> list[str]:
-    return sorted(z for z in available_timezones() if "/" in z or z == "UTC")
+def _zone_aliases() -> str:
+    # For the "use this device's zone" button: browsers report some old names (Chromium
+    # says Asia/Calcutta, Europe/Kiev), which must compare equal to the saved canonical one.
+    aliases = {}
+    for name in sorted(available_timezones()):
+        canonical = canonical_zone(name)
+        if canonical != name:
+            aliases[name] = canonical
+    return json.dumps(aliases, separators=(",", ":"))
 
 
 def _form_values(sub: Subscriber) -> dict[str, Any]:
@@ -306,7 +323,7 @@ def _form_values(sub: Subscriber) -> dict[str, Any]:
         "frequency": sub.frequency,
         "weekday": "" if sub.weekday is None else str(sub.weekday),
         "send_hour": str(sub.send_hour),
-        "timezone": sub.timezone,
+        "timezone": canonical_zone(sub.timezone),
         "paused_until": sub.paused_until.isoformat() if sub.paused_until else "",
         "categories": ", ".join(sub.categories_only or ()),
         "exclude_categories": ", ".join(sub.categories_exclude or ()),
@@ -351,7 +368,7 @@ def _preferences_page(
 ) -> Response:
     settings = _settings()
     suggestions = preferences.topic_suggestions(s, days=SUGGESTION_DAYS, exclude=values["topics"])
-    next_date = preferences.next_edition_date(sub)
+    next_date = preferences.next_edition_date(sub, session=s)
     preview = None
     preview_failed = False
     if sub.status == SubscriberStatus.ACTIVE.value and sub.suppressed_at is None:
@@ -372,7 +389,8 @@ def _preferences_page(
         field_errors={k: v for k, v in errors.items() if k != "form"},
         saved=saved,
         suggestions=suggestions,
-        zones=_zones(),
+        zones=canonical_zones(),
+        zone_aliases=_zone_aliases(),
         weekdays=WEEKDAYS,
         next_date=next_date,
         preview=preview,

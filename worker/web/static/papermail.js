@@ -8,16 +8,31 @@
     zone = "";
   }
 
-  // "Use this device's time zone" buttons: shown only when the browser knows its zone.
+  // Browsers report some zones by an old name (Asia/Calcutta); the page gives the
+  // canonical name of each alias, which is what the form saves and shows.
+  var canonical = function (name, aliases) {
+    return Object.prototype.hasOwnProperty.call(aliases, name) ? aliases[name] : name;
+  };
+
+  // "Use this device's time zone" buttons: shown only when the browser knows its zone
+  // and the field holds another one.
   document.querySelectorAll("[data-browser-tz]").forEach(function (button) {
     var target = document.getElementById(button.getAttribute("data-browser-tz"));
     if (!zone || !target) return;
-    button.querySelector("[data-tz-name]").textContent = zone;
-    // Offered only while the field holds another zone.
-    var sync = function () { button.hidden = target.value === zone; };
+    var aliases = {};
+    try {
+      aliases = JSON.parse(button.getAttribute("data-zone-aliases") || "{}");
+    } catch (e) {
+      aliases = {};
+    }
+    var device = canonical(zone, aliases);
+    button.querySelector("[data-tz-name]").textContent = device;
+    var sync = function () {
+      button.hidden = canonical(target.value.trim(), aliases) === device;
+    };
     target.addEventListener("input", sync);
     button.addEventListener("click", function () {
-      target.value = zone;
+      target.value = device;
       sync();
       target.focus();
     });
