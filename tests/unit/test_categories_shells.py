@@ -206,7 +206,7 @@ def test_cli_import_reads_the_columns(settings: Settings, tmp_path: object) -> N
 
 
 def _upgrade_keeps_subscribers(url: str) -> None:
-    migrate.upgrade("0010", url=url)
+    migrate.upgrade("0012", url=url)
     with db.get_engine(url).begin() as conn:
         conn.execute(
             text(
@@ -222,7 +222,7 @@ def _upgrade_keeps_subscribers(url: str) -> None:
             text("SELECT categories_only, categories_exclude FROM subscribers")
         ).one()
     assert [json.loads(v) if isinstance(v, str) else v for v in row] == [[], []]
-    migrate.downgrade("0010", url=url)
+    migrate.downgrade("0012", url=url)
     with db.get_engine(url).connect() as conn:
         assert conn.execute(text("SELECT email FROM subscribers")).scalar() == "old@example.org"
 

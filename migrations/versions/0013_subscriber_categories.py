@@ -4,8 +4,8 @@ Two JSON lists of arXiv names, like ``topics``: ``categories_only`` (a paper's p
 category must be one of them, or in one of their archives) and ``categories_exclude`` (none
 of its categories may be). Existing subscribers get empty lists: no filter.
 
-Revision ID: 0011
-Revises: 0010
+Revision ID: 0013
+Revises: 0012
 Create Date: 2026-12-01 20:00:00
 """
 
@@ -14,8 +14,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0011"
-down_revision = "0010"
+revision = "0013"
+down_revision = "0012"
 branch_labels = None
 depends_on = None
 
