@@ -848,6 +848,8 @@ def explain_profile(
                 why = "outside the window"
             elif c.id in profile.exclude or c.id in profile.votes:
                 why = "already received"
+            elif not _passes_categories(profile, c):
+                why = "outside the subscriber's arXiv categories"
             else:
                 why = f"relevance below min_relevance {params.min_relevance}"
         out.append(
@@ -1047,6 +1049,12 @@ def _category_filter(profiles: Sequence[Profile], cands: Sequence[Candidate]) ->
         [p.categories_exclude for p in profiles],
         [c.categories for c in cands],
     )
+
+
+def _passes_categories(prof: Profile, cand: Candidate) -> bool:
+    from worker.categories import passes
+
+    return passes(cand.categories, prof.categories_only, prof.categories_exclude)
 
 
 def _nothing_in_categories(prof: Profile) -> str:

@@ -222,6 +222,14 @@ def test_nothing_in_the_categories_is_the_skip_reason() -> None:
     assert got[3].skip_reason == "no new paper matches your topics: protein folding"
 
 
+def test_explain_says_a_paper_is_outside_the_categories() -> None:
+    prof = _profile(1, categories_exclude=("cs.CV",))
+    explained = {e.paper_id: e for e in selection.explain_profile(_cands(), prof)}
+    assert explained["p2"].why_not == "outside the subscriber's arXiv categories"
+    assert explained["p2"].score is None and not explained["p2"].picked
+    assert explained["p1"].why_not is None and explained["p1"].picked
+
+
 def test_profile_refuses_a_string_of_categories() -> None:
     with pytest.raises(SelectionInputError, match="categories must be a sequence"):
         _profile(1, categories_only="cs.LG")  # type: ignore[arg-type]
