@@ -1094,6 +1094,8 @@ def recipient_of(sub: Subscriber):  # type: ignore[no-untyped-def]
         weekday=sub.weekday,
         send_hour=sub.send_hour,
         timezone=sub.timezone,
+        categories_only=tuple(sub.categories_only or ()),
+        categories_exclude=tuple(sub.categories_exclude or ()),
     )
 
 

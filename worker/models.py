@@ -180,6 +180,10 @@ class Subscriber(Base):
     email: Mapped[str] = mapped_column(String(320), unique=True)  # normalised
     status: Mapped[str] = mapped_column(String(16), default=SubscriberStatus.PENDING, index=True)
     topics: Mapped[list[str]] = mapped_column(JSON, default=list)
+    # arXiv category filters (worker.categories): keep only papers whose primary category
+    # is in the first, drop papers with any category in the second; [] = no filter.
+    categories_only: Mapped[list[str]] = mapped_column(JSON, default=list)
+    categories_exclude: Mapped[list[str]] = mapped_column(JSON, default=list)
     max_papers: Mapped[int] = mapped_column(Integer, default=5)
     frequency: Mapped[str] = mapped_column(String(8), default=Frequency.DAILY)
     weekday: Mapped[int | None] = mapped_column(Integer)  # 0 = Monday; weekly only

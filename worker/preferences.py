@@ -20,6 +20,7 @@ from zoneinfo import ZoneInfo
 from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
+from worker.categories import conflict
 from worker.config import Settings, get_settings
 from worker.db import insert_ignore_or_update
 from worker.errors import InvalidInput, NotFound, PapermailError
@@ -92,6 +93,8 @@ class Preferences:
     send_hour: int
     timezone: str
     paused_until: date | None
+    categories_only: tuple[str, ...] = ()
+    categories_exclude: tuple[str, ...] = ()
 
     def row(self) -> dict[str, Any]:
         return {
@@ -102,6 +105,8 @@ class Preferences:
             "send_hour": self.send_hour,
             "timezone": self.timezone,
             "paused_until": self.paused_until,
+            "categories_only": list(self.categories_only),
+            "categories_exclude": list(self.categories_exclude),
         }
 
 
@@ -130,8 +135,10 @@ def parse_preferences(form: Mapping[str, object], today: date) -> Preferences:
     """Validate every field, reporting all problems at once (per field).
 
     Field names: ``topics`` (list of phrases, or "a, b" text), ``max_papers``,
-    ``frequency``, ``weekday``, ``send_hour``, ``timezone``, ``paused_until``. The
-    per-field rules are those of :mod:`worker.subscribers`, so the CLI and the page agree.
+    ``frequency``, ``weekday``, ``send_hour``, ``timezone``, ``paused_until``,
+    ``categories`` and ``exclude_categories`` (arXiv names, "cs.LG, math" text or a list;
+    blank: no filter). The per-field rules are those of :mod:`worker.subscribers`, so the
+    CLI and the page agree.
     """
     from worker import subscribers as subs
 
@@ -144,6 +151,8 @@ def parse_preferences(form: Mapping[str, object], today: date) -> Preferences:
         "send_hour": subs.parse_send_hour,
         "timezone": subs.parse_timezone,
         "paused_until": lambda v: parse_pause(v, today),
+        "categories": subs.parse_only_categories,
+        "exclude_categories": subs.parse_exclude_categories,
     }
     required = {"max_papers", "frequency", "send_hour", "timezone"}
     values: dict[str, Any] = {}
@@ -166,8 +175,14 @@ def parse_preferences(form: Mapping[str, object], today: date) -> Preferences:
     weekly = values.get("frequency") == Frequency.WEEKLY.value
     if weekly and "weekday" not in errors and values.get("weekday") is None:
         errors["weekday"] = "choose the weekday of your weekly digest"
+    only, exclude = values.get("categories", ()), values.get("exclude_categories", ())
+    clash = conflict(only, exclude)
+    if clash:
+        errors["exclude_categories"] = clash
     if errors:
         raise InvalidPreferences(errors)
+    values["categories_only"] = values.pop("categories")
+    values["categories_exclude"] = values.pop("exclude_categories")
     if values["frequency"] != Frequency.WEEKLY.value:
         values["weekday"] = None  # only weekly digests have a weekday
     return Preferences(**values)

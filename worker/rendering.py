@@ -48,6 +48,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from markupsafe import Markup
 
 from worker import links
+from worker.categories import describe_filters
 from worker.clock import utcnow
 from worker.config import Settings, get_settings
 from worker.errors import InvalidInput
@@ -108,6 +109,8 @@ class Recipient:
     weekday: int | None
     send_hour: int
     timezone: str
+    categories_only: tuple[str, ...] = ()  # the subscriber's arXiv category filters
+    categories_exclude: tuple[str, ...] = ()
 
 
 _VIEW_COLUMNS = (
@@ -340,6 +343,12 @@ def schedule_text(recipient: Recipient) -> str:
     if recipient.frequency == "weekly" and recipient.weekday is not None:
         return f"weekly on {WEEKDAYS[recipient.weekday].capitalize()}s at {when}"
     return f"{recipient.frequency} at {when}"
+
+
+def categories_text(recipient: Recipient) -> str:
+    """The filters for the footer ("; arXiv categories: only cs.LG"), or "" without."""
+    filters = describe_filters(recipient.categories_only, recipient.categories_exclude)
+    return f"; arXiv categories: {clean_line(filters)}" if filters else ""
 
 
 # --------------------------------------------------------------------------- compile
@@ -1443,6 +1452,7 @@ class Renderer:
             )
             + f"{schedule_text(recipient)}, topics: "
             + (", ".join(topics) if topics else "none (the overall trending top)")
+            + categories_text(recipient)
             + "."
         )
         lead = shorten(items[0].title, MAX_SUBJECT_CHARS)

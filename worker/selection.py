@@ -158,11 +158,16 @@ class Profile:
     window_end: datetime
     exclude: frozenset[str] = frozenset()  # paper ids already received
     votes: Mapping[str, int] = field(default_factory=dict)  # paper_id -> +1 / -1
+    # arXiv filters (worker.categories): primary category in the first, none in the second.
+    categories_only: tuple[str, ...] = ()
+    categories_exclude: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         who = f"subscriber {self.subscriber_id}"
         if isinstance(self.topics, str):
             raise SelectionInputError(f"{who}: topics must be a sequence of strings, not a str")
+        if isinstance(self.categories_only, str) or isinstance(self.categories_exclude, str):
+            raise SelectionInputError(f"{who}: categories must be a sequence of strings, not a str")
         if not isinstance(self.max_papers, int) or self.max_papers < 1:
             raise SelectionInputError(f"{who}: max_papers must be >= 1, got {self.max_papers!r}")
         if not (_aware(self.window_start) and _aware(self.window_end)):
@@ -843,6 +848,8 @@ def explain_profile(
                 why = "outside the window"
             elif c.id in profile.exclude or c.id in profile.votes:
                 why = "already received"
+            elif not _passes_categories(profile, c):
+                why = "outside the subscriber's arXiv categories"
             else:
                 why = f"relevance below min_relevance {params.min_relevance}"
         out.append(
@@ -947,6 +954,11 @@ def _score_chunk(
 
     has_new = available.any(axis=1)
     eligible = available  # narrowed in place from here on
+    in_categories = None  # per row: something new passes its arXiv category filters
+    category_mask = _category_filter(profiles, shared.cands)
+    if category_mask is not None:
+        eligible &= category_mask
+        in_categories = eligible.any(axis=1)
     if with_topics:
         eligible[:with_topics] &= effective[:with_topics] >= params.min_relevance
 
@@ -1017,10 +1029,39 @@ def _score_chunk(
         if not picks:
             if not has_new[i]:
                 reason = _nothing_new(prof)
+            elif in_categories is not None and not in_categories[i]:
+                reason = _nothing_in_categories(prof)
             else:
                 reason = "no new paper matches your topics: " + ", ".join(topics_per_profile[i])
         out[prof.subscriber_id] = _new_tuple(Result, (picks, reason))
     return out
+
+
+def _category_filter(profiles: Sequence[Profile], cands: Sequence[Candidate]) -> np.ndarray | None:
+    """(rows x candidates): which papers pass each row's arXiv category filters; None when
+    no row has one (most batches), so they cost nothing then."""
+    if not any(p.categories_only or p.categories_exclude for p in profiles):
+        return None
+    from worker.categories import candidate_mask
+
+    return candidate_mask(
+        [p.categories_only for p in profiles],
+        [p.categories_exclude for p in profiles],
+        [c.categories for c in cands],
+    )
+
+
+def _passes_categories(prof: Profile, cand: Candidate) -> bool:
+    from worker.categories import passes
+
+    return passes(cand.categories, prof.categories_only, prof.categories_exclude)
+
+
+def _nothing_in_categories(prof: Profile) -> str:
+    from worker.categories import describe_filters
+
+    filters = describe_filters(prof.categories_only, prof.categories_exclude)
+    return f"no new paper in your arXiv categories ({filters})"
 
 
 def _top_k(score: np.ndarray, eligible: np.ndarray, k: np.ndarray) -> np.ndarray:
@@ -1191,6 +1232,8 @@ def load_profiles(
             window_end=window_end_by_sub[sub.id],
             exclude=frozenset(received.get(sub.id, ())).union((also_exclude or {}).get(sub.id, ())),
             votes=votes.get(sub.id, {}),
+            categories_only=tuple(sub.categories_only or ()),
+            categories_exclude=tuple(sub.categories_exclude or ()),
         )
         for sub in subscribers
     ]

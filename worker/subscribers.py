@@ -55,6 +55,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from sqlalchemy.sql import Select
 
+from worker.categories import conflict, describe_filters, parse_categories
 from worker.config import Settings, validate_timezone
 from worker.errors import InvalidInput, NotFound, PapermailError
 from worker.models import (
@@ -87,7 +88,10 @@ MAX_PAPERS_RANGE = (1, 50)
 TOPIC_SEPARATORS = (",", ";")
 
 # Columns of the import CSV, in documentation order (docs/subscribers-csv.md).
-CSV_COLUMNS = ("email", "topics", "max_papers", "frequency", "weekday", "send_hour", "timezone")
+CSV_COLUMNS = (
+    "email", "topics", "max_papers", "frequency", "weekday", "send_hour", "timezone",
+    "categories", "exclude_categories",
+)  # fmt: skip
 
 # A filter for `list_subscribers` besides the statuses: anyone who gets nothing for good.
 SUPPRESSED_FILTER = "suppressed"
@@ -252,6 +256,20 @@ def parse_topics(value: object) -> tuple[str, ...]:
     return tuple(topics)
 
 
+def parse_only_categories(value: object) -> tuple[str, ...]:
+    """The arXiv categories a subscriber keeps (worker.categories); blank: all."""
+    if isinstance(value, str):
+        check_text(value, "categories")
+    return parse_categories(value, "categories")
+
+
+def parse_exclude_categories(value: object) -> tuple[str, ...]:
+    """The arXiv categories a subscriber never wants (worker.categories); blank: none."""
+    if isinstance(value, str):
+        check_text(value, "exclude categories")
+    return parse_categories(value, "exclude categories")
+
+
 def _whole_number(value: object, what: str) -> int:
     if isinstance(value, bool):
         raise ValueError(f"{what} must be a whole number, got {value!r}")
@@ -337,6 +355,8 @@ class SubscriberInput:
     or a blank string means the default. All fields are checked and every problem is
     reported at once in one ``InvalidSubscriber``. ``weekday`` only matters for weekly
     subscribers (default Monday); for daily ones it is validated, then stored as ``None``.
+    ``categories`` and ``exclude_categories`` are arXiv names (worker.categories), stored as
+    ``categories_only`` and ``categories_exclude``.
     """
 
     email: str
@@ -346,6 +366,8 @@ class SubscriberInput:
     weekday: int | None
     send_hour: int
     timezone: str
+    categories_only: tuple[str, ...]
+    categories_exclude: tuple[str, ...]
 
     def __init__(
         self,
@@ -356,6 +378,8 @@ class SubscriberInput:
         weekday: object = None,
         send_hour: object = None,
         timezone: object = None,
+        categories: object = None,
+        exclude_categories: object = None,
     ) -> None:
         problems: list[str] = []
 
@@ -378,7 +402,12 @@ class SubscriberInput:
             "weekday": check(parse_weekday, weekday, None),
             "send_hour": check(parse_send_hour, send_hour, DEFAULT_SEND_HOUR),
             "timezone": check(parse_timezone, timezone, DEFAULT_TIMEZONE),
+            "categories_only": check(parse_only_categories, categories, ()),
+            "categories_exclude": check(parse_exclude_categories, exclude_categories, ()),
         }
+        clash = conflict(values["categories_only"], values["categories_exclude"])
+        if clash:
+            problems.append(clash)
         if problems:
             raise InvalidSubscriber(problems)
         if values["frequency"] == Frequency.WEEKLY.value:
@@ -403,6 +432,8 @@ class SubscriberInput:
             self.timezone,
             self.max_papers,
             list(self.topics),
+            self.categories_only,
+            self.categories_exclude,
         )
 
     def row(self) -> dict[str, Any]:
@@ -415,6 +446,8 @@ class SubscriberInput:
             "weekday": self.weekday,
             "send_hour": self.send_hour,
             "timezone": self.timezone,
+            "categories_only": list(self.categories_only),
+            "categories_exclude": list(self.categories_exclude),
         }
 
 
@@ -425,9 +458,20 @@ def describe_preferences(
     timezone: str,
     max_papers: int,
     topics: list[str] | tuple[str, ...],
+    categories_only: Sequence[str] = (),
+    categories_exclude: Sequence[str] = (),
 ) -> str:
     schedule = _describe_schedule(frequency, weekday, send_hour, timezone, max_papers)
-    return f"{schedule}; topics: {_describe_topics(topics)}"
+    return (
+        f"{schedule}; topics: {_describe_topics(topics)}"
+        f"{_describe_categories(categories_only, categories_exclude)}"
+    )
+
+
+def _describe_categories(only: Sequence[str], exclude: Sequence[str]) -> str:
+    """The filters for a description ("; arXiv categories: only cs.LG"), or ""."""
+    filters = describe_filters(only, exclude)
+    return f"; arXiv categories: {filters}" if filters else ""
 
 
 def _describe_schedule(
@@ -940,6 +984,8 @@ def _stage_table() -> Table:
         Column("send_hour", Integer, nullable=False),
         Column("timezone", String(64), nullable=False),
         Column("describe", Text, nullable=False),
+        Column("categories_only", JSON, nullable=False),
+        Column("categories_exclude", JSON, nullable=False),
         Column("lines", Text),  # of a merged row ("2, 9"); else just ``line``
         # The row's cells as written ("" when blank), for merging duplicates.
         *(Column(f"cell_{name}", Text) for name in CSV_COLUMNS),
@@ -952,8 +998,9 @@ def _stage_table() -> Table:
 
 
 # What a staged row holds besides its line, raw cells and lines: email, topics (JSON),
-# max_papers, frequency, weekday, send_hour, timezone, describe().
-Staged = tuple[str, str, int, str, int | None, int, str, str]
+# max_papers, frequency, weekday, send_hour, timezone, describe(), categories_only and
+# categories_exclude (JSON).
+Staged = tuple[str, str, int, str, int | None, int, str, str, str, str]
 
 
 def _staged(data: SubscriberInput) -> Staged:
@@ -966,6 +1013,8 @@ def _staged(data: SubscriberInput) -> Staged:
         data.send_hour,
         data.timezone,
         data.describe(),
+        json.dumps(list(data.categories_only)),
+        json.dumps(list(data.categories_exclude)),
     )
 
 
@@ -992,11 +1041,11 @@ class _RowParser:
         # parser, and its memo of distinct cells (a blank cell is the default).
         self.parsers: list[Callable[[str], Any]] = [
             self._topics, parse_max_papers, parse_frequency, parse_weekday, parse_send_hour,
-            parse_timezone,
+            parse_timezone, self._only, self._exclude,
         ]  # fmt: skip
         self.blanks = [
             ("[]", _describe_topics(())), DEFAULT_MAX_PAPERS, DEFAULT_FREQUENCY, None,
-            DEFAULT_SEND_HOUR, DEFAULT_TIMEZONE,
+            DEFAULT_SEND_HOUR, DEFAULT_TIMEZONE, ("[]", ()), ("[]", ()),
         ]  # fmt: skip
         self.memos: list[dict[str, Any]] = [{"": blank} for blank in self.blanks]
         self.missing = (_MISSING,) * len(self.memos)
@@ -1006,6 +1055,16 @@ class _RowParser:
     def _topics(cell: str) -> tuple[str, str]:
         topics = parse_topics(cell)
         return json.dumps(list(topics), ensure_ascii=False), _describe_topics(topics)
+
+    @staticmethod
+    def _only(cell: str) -> tuple[str, tuple[str, ...]]:
+        names = parse_only_categories(cell)
+        return json.dumps(list(names)), names
+
+    @staticmethod
+    def _exclude(cell: str) -> tuple[str, tuple[str, ...]]:
+        names = parse_exclude_categories(cell)
+        return json.dumps(list(names)), names
 
     def staged(self, written: Sequence[str]) -> Staged | None:
         """The row's staged values, or None if SubscriberInput must judge it."""
@@ -1028,7 +1087,9 @@ class _RowParser:
                         memo.clear()
                         memo[""] = self.blanks[i]
                     memo[cell] = values[i]
-        topics, max_papers, frequency, weekday, send_hour, timezone = values
+        topics, max_papers, frequency, weekday, send_hour, timezone, only, exclude = values
+        if (only[1] or exclude[1]) and conflict(only[1], exclude[1]):
+            return None
         if frequency == _WEEKLY:
             if weekday is None:
                 weekday = DEFAULT_WEEKDAY
@@ -1042,7 +1103,8 @@ class _RowParser:
             schedule = self.schedules[key] = _describe_schedule(*key)
         return (
             email, topics[0], max_papers, frequency, weekday, send_hour, timezone,
-            f"{schedule}; topics: {topics[1]}",
+            f"{schedule}; topics: {topics[1]}{_describe_categories(only[1], exclude[1])}",
+            only[0], exclude[0],
         )  # fmt: skip
 
 
@@ -1056,7 +1118,8 @@ class _Stage:
 
     columns = (
         "line", "email", "topics", "max_papers", "frequency", "weekday", "send_hour",
-        "timezone", "describe", "lines", *(f"cell_{name}" for name in CSV_COLUMNS), "again",
+        "timezone", "describe", "categories_only", "categories_exclude", "lines",
+        *(f"cell_{name}" for name in CSV_COLUMNS), "again",
     )  # fmt: skip
 
     def __init__(self, session: Session) -> None:
@@ -1126,7 +1189,8 @@ class _Stage:
         else:
             params = [dict(zip(self.columns, row, strict=True)) for row in self.rows]
             for item in params:  # the JSON type serialises itself on SQLite
-                item["topics"] = json.loads(item["topics"])
+                for name in ("topics", "categories_only", "categories_exclude"):
+                    item[name] = json.loads(item[name])
             self.session.execute(insert(self.table), params)
         self.rows.clear()
 
@@ -1305,7 +1369,8 @@ def _import_staged(
     s = Subscriber.__table__
     columns = [
         "email", "topics", "max_papers", "frequency", "weekday", "send_hour", "timezone",
-        "status", "source", "soft_bounce_count", "created_at", "updated_at", "confirmed_at",
+        "categories_only", "categories_exclude", "status", "source", "soft_bounce_count",
+        "created_at", "updated_at", "confirmed_at",
     ]  # fmt: skip
     stamp = bindparam("now", now, type_=UTCDateTime)
     rows = select(
@@ -1316,6 +1381,8 @@ def _import_staged(
         t.c.weekday,
         t.c.send_hour,
         t.c.timezone,
+        t.c.categories_only,
+        t.c.categories_exclude,
         literal(status.value, String),
         literal("import", String),
         literal(0, Integer),
@@ -1405,6 +1472,8 @@ def subscriber_to_dict(sub: Subscriber | Row[Any]) -> dict[str, Any]:
         "email": sub.email,
         "status": sub.status,
         "topics": list(sub.topics or []),
+        "categories": list(sub.categories_only or []),
+        "exclude_categories": list(sub.categories_exclude or []),
         "max_papers": sub.max_papers,
         "frequency": sub.frequency,
         "weekday": weekday_name(sub.weekday),

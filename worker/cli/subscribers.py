@@ -73,6 +73,17 @@ def command() -> None:
 )
 @click.option("--timezone", metavar="TZ", help=f"IANA time zone (default {subs.DEFAULT_TIMEZONE}).")
 @click.option(
+    "--categories",
+    metavar="LIST",
+    help="Only papers whose primary arXiv category is one of these, comma-separated: "
+    '"cs.LG,cs.CL"; an archive ("math") means all its categories (default: all).',
+)
+@click.option(
+    "--exclude-categories",
+    metavar="LIST",
+    help='Never papers listed in any of these arXiv categories: "cs.CV,physics" (default: none).',
+)
+@click.option(
     "--confirmed",
     is_flag=True,
     help="You vouch for their consent: active at once, no confirmation email.",
@@ -85,6 +96,8 @@ def add(
     weekday: str | None,
     send_hour: str | None,
     timezone: str | None,
+    categories: str | None,
+    exclude_categories: str | None,
     confirmed: bool,
 ) -> None:
     """Add one subscriber.
@@ -96,6 +109,8 @@ def add(
     Example:
       papermail subscribers add ada@example.org --topics "llm agents, diffusion" \\
           --frequency weekly --weekday fri --send-hour 8 --timezone Europe/London --confirmed
+      papermail subscribers add grace@example.org --topics "graph neural networks" \
+          --categories cs.LG,stat.ML --exclude-categories cs.CV --confirmed
     """
     require_schema()
     data = subs.SubscriberInput(
@@ -106,6 +121,8 @@ def add(
         weekday=weekday,
         send_hour=send_hour,
         timezone=timezone,
+        categories=categories,
+        exclude_categories=exclude_categories,
     )
     with session_scope() as session:
         sub, _ = subs.add_subscriber(session, data, confirmed=confirmed, actor="cli")
@@ -184,7 +201,8 @@ def import_(file: str, confirmed: bool, skip_invalid: bool, as_json: bool) -> No
     """Import subscribers from a CSV file (`-` reads standard input).
 
     A header row is required; the columns are email (required), topics, max_papers,
-    frequency, weekday, send_hour and timezone (docs/subscribers-csv.md). Every address
+    frequency, weekday, send_hour, timezone, categories and exclude_categories
+    (docs/subscribers-csv.md). Every address
     is validated and normalised; rows with the same address are merged; addresses that
     are already subscribers are left unchanged. Each bad row is reported with its line
     number. Without --skip-invalid one bad row means nothing is imported (exit 2); with
@@ -302,6 +320,8 @@ def _print_history(history: dict[str, Any]) -> None:
             s["timezone"],
             s["max_papers"],
             s["topics"],
+            s["categories"],
+            s["exclude_categories"],
         )
     )
     click.echo(f"  added {_ts(s['created_at'])} UTC via {s['source']}", nl=False)

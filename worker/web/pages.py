@@ -325,7 +325,16 @@ def _form_values(sub: Subscriber) -> dict[str, Any]:
         "send_hour": str(sub.send_hour),
         "timezone": canonical_zone(sub.timezone),
         "paused_until": sub.paused_until.isoformat() if sub.paused_until else "",
+        "categories": ", ".join(sub.categories_only or ()),
+        "exclude_categories": ", ".join(sub.categories_exclude or ()),
     }
+
+
+# The preference form's fields posted as they are validated (topics are put together).
+_PLAIN_FIELDS = (
+    "max_papers", "frequency", "weekday", "send_hour", "timezone", "paused_until",
+    "categories", "exclude_categories",
+)  # fmt: skip
 
 
 def _submitted() -> tuple[dict[str, Any], dict[str, Any]]:
@@ -341,10 +350,7 @@ def _submitted() -> tuple[dict[str, Any], dict[str, Any]]:
     shown = {
         "topics": kept,
         "new_topics": new_text,
-        **{
-            k: request.form.get(k, "")
-            for k in ("max_papers", "frequency", "weekday", "send_hour", "timezone", "paused_until")
-        },
+        **{k: request.form.get(k, "") for k in _PLAIN_FIELDS},
     }
     form = {**shown, "topics": kept + added}
     form.pop("new_topics")
@@ -407,6 +413,8 @@ def _preferences_page(
     "send_hour",
     "timezone",
     "paused_until",
+    "categories",
+    "exclude_categories",
 )
 def preferences_page(token: str) -> Response:
     payload = _read("preferences", token)
