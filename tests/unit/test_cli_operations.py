@@ -286,6 +286,17 @@ def _by_row(data: dict) -> dict[int, tuple]:
 def test_resend_dry_run_predicts_the_real_outcome_per_row(settings: Settings) -> None:
     """The dry run runs the real resend's decisions: on the same data, for every row, the
     forecast is what the real resend then does (sent, skipped and why, failed and why)."""
+    _dry_run_predicts_the_real_outcome(settings)
+
+
+def test_resend_dry_run_predicts_the_real_outcome_on_postgres(pg_env: dict[str, str]) -> None:
+    """The same on PostgreSQL (its SAVEPOINTs and rollback, not SQLite's)."""
+    from worker.config import get_settings
+
+    _dry_run_predicts_the_real_outcome(get_settings())
+
+
+def _dry_run_predicts_the_real_outcome(settings: Settings) -> None:
     with session_scope() as s:
         load_sample_papers(s, now=NOW)
         for email, topics in [

@@ -93,6 +93,12 @@ def command(
         )
     if dry_run or not to_send:
         _report(plan, [], None, dry_run, as_json)
+        if dry_run and paused:
+            click.echo(
+                f"note: sending is paused ({paused}); the real resend refuses until "
+                "`papermail sending resume`",
+                err=True,
+            )
         if plan.refused and not to_send:
             raise SystemExit(1)
         return
