@@ -1498,7 +1498,9 @@ def forecast_deliveries(
                 # pysqlite opens no transaction before the first write, and a RELEASE of
                 # the outermost SAVEPOINT would commit; an explicit BEGIN makes it nested.
                 conn.exec_driver_sql("BEGIN")
-            session = Session(conn, join_transaction_mode="create_savepoint")
+            session = Session(
+                conn, join_transaction_mode="create_savepoint", expire_on_commit=False
+            )
             try:
                 ids = list(prepare(session))
                 session.commit()
