@@ -44,14 +44,18 @@ def command(date_: str | None, as_json: bool) -> None:
         ]
         if date_ and not editions[0]["total"]:
             # Nothing was planned that day: say so instead of a row of zeros (exit 1, like
-            # any other question about something that does not exist).
+            # any other question about something that does not exist), with that day's
+            # paper fetches if any: a failed one may be why.
+            fetches = [fetch_json(r) for r in recent_fetches(session, dates)]
             if as_json:
-                echo_json({"paused": sending_paused(session), "editions": [], "fetches": []})
+                echo_json({"paused": sending_paused(session), "editions": [], "fetches": fetches})
             click.echo(
                 f"no edition on {dates[0]}: nothing was planned that day; "
                 "`papermail stats` lists the recent ones",
                 err=as_json,
             )
+            if fetches and not as_json:
+                _fetch_table(fetches)
             raise SystemExit(1)
         paused = sending_paused(session)
         # The fetches of the dates shown (and today's): what the editions had to go on.
