@@ -155,14 +155,7 @@ def test_sends_overlap_up_to_the_concurrency_and_each_batch_is_one_claim(world: 
         event.remove(engine, "before_cursor_execute", count)
     assert out.sent == N and mailer.max_in_flight == CONCURRENCY
     assert limiter.takes == [4, 4, 2]  # tokens per batch
-    # (The one UPDATE that records the chunk's recipient snapshots, with its papers, is
-    # neither a claim nor a record.)
-    claims = [
-        s
-        for s in statements
-        if s.lstrip().upper().startswith("UPDATE DELIVERIES")
-        and not s.lstrip().upper().startswith("UPDATE DELIVERIES SET RECIPIENT")
-    ]
+    claims = [s for s in statements if s.lstrip().upper().startswith("UPDATE DELIVERIES")]
     # three claims and three records, one statement each
     assert len(claims) == 6, claims
     with session_scope() as s:
