@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from worker import clock, config, db
+from worker import account, clock, config, db
 
 PG_ADMIN_URL = os.environ.get(
     "PAPERMAIL_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
@@ -78,9 +78,11 @@ def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, s
         monkeypatch.setenv(key, value)
     config.reset_settings()
     db.dispose_engines()
+    account.reset_account_cache()
     yield values
     db.dispose_engines()
     config.reset_settings()
+    account.reset_account_cache()
 
 
 @pytest.fixture

@@ -32,7 +32,15 @@ ENV_PREFIX = "PAPERMAIL_"
 
 # Never echoed in an error message, whatever their value.
 SECRET_FIELDS = frozenset(
-    {"secret_key", "aws_secret_access_key", "aws_access_key_id", "smtp_password"}
+    {
+        "secret_key",
+        "aws_secret_access_key",
+        "aws_access_key_id",
+        "smtp_password",
+        "metrics_token",
+        # A Slack or Mattermost incoming-webhook URL is itself the credential.
+        "alert_webhook_url",
+    }
 )
 
 MAX_SEND_CONCURRENCY = 256
@@ -97,7 +105,11 @@ class Settings(BaseSettings):
     smtp_password: str | None = None
     smtp_starttls: bool = True
     # Sending
+    # Emails per second, all workers together. Unset with MAILER=ses: the account's own
+    # maximum send rate (GetAccount), asked again every ACCOUNT_REFRESH_SECONDS; 14 until
+    # the first answer and whenever SES cannot be asked.
     send_rate: float = Field(default=14.0, gt=0)
+    account_refresh_seconds: int = Field(default=600, ge=30, le=86400)
     send_burst: int = Field(default=0, ge=0)  # 0: about one second's worth
     # Sends in flight per worker process (threads sharing the one mailer); 0: sized from
     # SEND_RATE (see `concurrency`).
@@ -157,6 +169,24 @@ class Settings(BaseSettings):
     # them are replaced by [address] unless LOG_ADDRESSES is on.
     log_format: Literal["text", "json"] = "text"
     log_addresses: bool = False
+    # Monitoring (worker.metrics, worker.alerts)
+    # Celery prefork: each process writes its counters here (prometheus_client's
+    # multiprocess mode); whoever serves /metrics on the host reads them all. One
+    # directory per host, emptied before the workers start.
+    metrics_dir: Path | None = None
+    metrics_token: str | None = None  # bearer token /metrics asks for; unset: open
+    # The Celery worker's parent serves its processes' metrics on this port (unset: none).
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    alert_webhook_url: str | None = None  # Slack/Mattermost incoming webhook
+    alert_timeout_seconds: float = Field(default=10.0, gt=0, le=120)
+    alert_retries: int = Field(default=3, ge=0, le=10)
+    alert_check_minutes: int = Field(default=5, ge=1, le=60)
+    # An edition is late when a delivery is still pending or sending this long after it
+    # was planned (or let go after waiting for the day's papers).
+    edition_deadline_minutes: int = Field(default=240, ge=5, le=2880)
+    # Warn well before SES's review levels (BOUNCE_RATE_LIMIT / COMPLAINT_RATE_LIMIT).
+    bounce_rate_warning: float = Field(default=0.025, gt=0, le=1)
+    complaint_rate_warning: float = Field(default=0.0005, gt=0, le=1)
     # Web
     subscribe_rate_per_hour: int = Field(default=5, ge=1)
     trusted_proxies: int = Field(default=0, ge=0, le=5)  # reverse proxies in front of web
@@ -204,6 +234,39 @@ class Settings(BaseSettings):
                 "PAPERMAIL_SOURCES includes arxiv but PAPERMAIL_ARXIV_CATEGORIES is empty; "
                 "name the categories to fetch, e.g. cs.LG,cs.CL"
             )
+        return self
+
+    @field_validator("alert_webhook_url")
+    @classmethod
+    def _webhook_url(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL (a Slack or Mattermost webhook)")
+        return value
+
+    @field_validator("metrics_token")
+    @classmethod
+    def _metrics_token(cls, value: str | None) -> str | None:
+        if value is not None and value.strip() != value:
+            raise ValueError("must not start or end with spaces")
+        if value is not None and len(value) < 16:
+            raise ValueError("must be at least 16 characters (or unset for an open /metrics)")
+        return value or None
+
+    @model_validator(mode="after")
+    def _warnings_below_limits(self) -> Settings:
+        for warn, limit in (
+            ("bounce_rate_warning", "bounce_rate_limit"),
+            ("complaint_rate_warning", "complaint_rate_limit"),
+        ):
+            if getattr(self, warn) >= getattr(self, limit):
+                raise ValueError(
+                    f"{ENV_PREFIX}{warn.upper()} ({getattr(self, warn)}) must be below "
+                    f"{ENV_PREFIX}{limit.upper()} ({getattr(self, limit)}): it warns before "
+                    "the reputation guard pauses sending"
+                )
         return self
 
     @property
@@ -337,11 +400,23 @@ class Settings(BaseSettings):
         return not self.broker_url
 
     @property
+    def rate_from_account(self) -> bool:
+        """The limiter follows the SES account's max send rate: MAILER=ses, SEND_RATE unset."""
+        return self.mailer == "ses" and "send_rate" not in self.model_fields_set
+
+    @property
     def burst(self) -> int:
-        return self.send_burst or max(1, round(self.send_rate))
+        return self.burst_at(self.send_rate)
+
+    def burst_at(self, rate: float) -> int:
+        """SEND_BURST, or about one second's worth of ``rate``."""
+        return self.send_burst or max(1, round(rate))
 
     @property
     def concurrency(self) -> int:
+        return self.concurrency_at(self.send_rate)
+
+    def concurrency_at(self, rate: float) -> int:
         """Sends in flight per worker process: SEND_CONCURRENCY, or enough for SEND_RATE.
 
         Automatic: rate x latency in flight (Little's law) spread over the Procfile's worker
@@ -349,11 +424,11 @@ class Settings(BaseSettings):
         1,280/s on. Never more than the burst: a batch takes its tokens at once.
         """
         wanted = self.send_concurrency or math.ceil(
-            self.send_rate * AUTO_CONCURRENCY_LATENCY_SECONDS / AUTO_CONCURRENCY_PROCESSES
+            rate * AUTO_CONCURRENCY_LATENCY_SECONDS / AUTO_CONCURRENCY_PROCESSES
         )
         if not self.send_concurrency:
             wanted = min(wanted, AUTO_CONCURRENCY_MAX)
-        return max(1, min(wanted, self.burst))
+        return max(1, min(wanted, self.burst_at(rate)))
 
 
 def _public_https_problem(url: str) -> str | None:

@@ -49,6 +49,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session
 
+from worker import metrics
 from worker.clock import Clock, anchored
 from worker.config import Settings, get_settings
 from worker.db import dialect_insert, insert_ignore_or_update, session_scope
@@ -71,6 +72,7 @@ from worker.models import (
     Paper,
     Subscriber,
     UTCDateTime,
+    encode_terms,
     utcnow,
 )
 
@@ -329,11 +331,14 @@ class _InFlight:
         *,
         futures: list[Future[object]] | None = None,
         results: list[object] | None = None,
+        latencies: list[float] | None = None,
     ) -> None:
         self.items = items
         self.attempt = attempt
         self.futures = futures or []
         self._results = results
+        # Seconds of each provider call, appended by the sending threads (for metrics).
+        self.latencies: list[float] = latencies if latencies is not None else []
 
     def results(self) -> list[object]:
         """Every answer, in the batch's order, once every send has finished (whatever
@@ -382,6 +387,40 @@ def process_deliveries(
     outcome = ChunkOutcome()
     if not delivery_ids:
         return outcome
+    started = _time.perf_counter()
+    try:
+        return _process(
+            delivery_ids,
+            outcome,
+            settings=settings,
+            mailer=mailer,
+            limiter=limiter,
+            now=now,
+            attempt_kind=attempt_kind,
+            reason=reason,
+            actor=actor,
+            include_suppressed=include_suppressed,
+            on_progress=on_progress,
+        )
+    finally:
+        metrics.observe_chunk(_time.perf_counter() - started)
+
+
+def _process(
+    delivery_ids: Sequence[int],
+    outcome: ChunkOutcome,
+    *,
+    settings: Settings,
+    mailer: object,
+    limiter: object,
+    now: datetime | None,
+    attempt_kind: str,
+    reason: str | None,
+    actor: str | None,
+    include_suppressed: bool,
+    on_progress: Callable[[int], None] | None,
+) -> ChunkOutcome:
+    """The body of :func:`process_deliveries` (which times it)."""
     # Every stamp of this chunk (claim, record, retry time) reads one clock anchored at
     # the caller's `now`, so a retry's `scheduled_at` compares with the `now` of the next
     # run, whatever the wall clock says.
@@ -406,11 +445,12 @@ def process_deliveries(
             actor=actor,
         )
     outcome.merge(prep_outcome)
+    metrics.record_unsent(failed=prep_outcome.failed, skipped=prep_outcome.skipped)
     if on_progress and prep_outcome.handled:
         on_progress(prep_outcome.handled)
 
     session = _new_session()
-    size = _batch_size(settings)
+    size = _batch_size(settings, limiter)
     # The batch in flight (k) and the record of the last batch the provider answered: it
     # is written in the transaction that claims the next batch (or before waiting for
     # tokens), so at any instant at most one batch of this chunk is in `sending`.
@@ -434,6 +474,7 @@ def process_deliveries(
             if isinstance(result, MailerError)
         ]
         stop: MailerError | None = None
+        tally: list[tuple[str, str]] = []
         if failures:
             # Rare: record failures now, one by one, each with its own error kind.
             throttled = False
@@ -446,7 +487,7 @@ def process_deliveries(
                     exc_limiter = limiter
                 if _record_failure(
                     session, delivery_id, exc, settings, outcome, exc_limiter, batch.attempt,
-                    clock,
+                    clock, tally,
                 ):  # fmt: skip
                     stop = stop or exc
             if pending_record:
@@ -472,6 +513,8 @@ def process_deliveries(
             pending_record = record
         n_sent = len(batch.items) - len(failures)
         outcome.sent += n_sent
+        # The batch's figures in one call: the only instrumentation of the send path.
+        metrics.record_batch(n_sent, batch.latencies, tally)
         if on_progress and n_sent:
             on_progress(n_sent)
         return stop
@@ -513,7 +556,11 @@ def process_deliveries(
                 session.commit()
                 # The tokens before the claim: a worker killed while it waits leaves the
                 # batch pending (claimable again after recovery), not claimed and unsent.
+                waiting = _time.perf_counter()
                 limiter.acquire(len(batch))  # type: ignore[attr-defined]
+                metrics.observe_wait(_time.perf_counter() - waiting)
+            else:
+                metrics.observe_wait(0.0)
             # Claim batch k+1 (and record k) in one transaction.
             if pending_record:
                 pending_record(session)
@@ -525,6 +572,7 @@ def process_deliveries(
                 check_subscriber=not include_suppressed,
             )
             unclaimed = [item for item in batch if item.delivery_id not in claimed]
+            skipped_before = outcome.skipped
             for item in unclaimed:
                 why = _unclaimable_reason(session, item.delivery_id)
                 if why and _skip(session, item.delivery_id, why, clock):
@@ -532,6 +580,8 @@ def process_deliveries(
                 else:
                     outcome.not_claimed += 1
             session.commit()
+            if unclaimed:
+                metrics.record_unsent(skipped=outcome.skipped - skipped_before)
             if on_progress and unclaimed:
                 on_progress(len(unclaimed))
             to_send = [item for item in batch if item.delivery_id in claimed]
@@ -585,6 +635,7 @@ def _render_batch(
     from worker.db import is_infrastructure_error
 
     ready: list[_Ready] = []
+    failed_before = outcome.failed
     for item in batch:
         try:
             message = item.render()
@@ -604,16 +655,26 @@ def _render_batch(
                 outcome.not_claimed += 1
             continue
         ready.append(_Ready(item.delivery_id, message))
+    if outcome.failed != failed_before:
+        metrics.record_unsent(failed=outcome.failed - failed_before, kind="render")
     return ready
 
 
-def _batch_size(settings: Settings) -> int:
-    """Deliveries claimed, rate-limited, sent and recorded together: the sends in flight."""
+def _batch_size(settings: Settings, limiter: object | None = None) -> int:
+    """Deliveries claimed, rate-limited, sent and recorded together: the sends in flight.
+
+    Sized for the rate the limiter follows when that is the SES account's (SEND_RATE unset).
+    """
+    base_rate = getattr(limiter, "base_rate", None)
+    if settings.rate_from_account and isinstance(base_rate, int | float) and base_rate > 0:
+        return max(1, settings.concurrency_at(float(base_rate)))
     return max(1, settings.concurrency)
 
 
-def _send_one(mailer: object, item: _Ready) -> object:
-    """The provider's answer (a SendResult) or the MailerError, never another exception."""
+def _send_one(mailer: object, item: _Ready, latencies: list[float] | None = None) -> object:
+    """The provider's answer (a SendResult) or the MailerError, never another exception;
+    the call's seconds appended to ``latencies`` (list.append is atomic: threads share it)."""
+    started = _time.perf_counter()
     try:
         return mailer.send(item.message)  # type: ignore[attr-defined]
     except MailerError as exc:
@@ -631,6 +692,9 @@ def _send_one(mailer: object, item: _Ready) -> object:
             f"unexpected {type(unexpected).__name__} while sending: {unexpected}",
             code=type(unexpected).__name__,
         )
+    finally:
+        if latencies is not None:
+            latencies.append(_time.perf_counter() - started)
 
 
 def _start_sends(
@@ -641,11 +705,13 @@ def _start_sends(
     Threads, not asyncio: the SES and SMTP clients are blocking, thread-safe clients that
     release the GIL while they wait on the socket (see docs/running.md).
     """
+    latencies: list[float] = []
     if len(batch) == 1 or concurrency <= 1:
-        return _InFlight(batch, attempt, results=[_send_one(mailer, item) for item in batch])
+        results = [_send_one(mailer, item, latencies) for item in batch]
+        return _InFlight(batch, attempt, results=results, latencies=latencies)
     pool = _send_pool(concurrency)
-    futures = [pool.submit(_send_one, mailer, item) for item in batch]
-    return _InFlight(batch, attempt, futures=futures)
+    futures = [pool.submit(_send_one, mailer, item, latencies) for item in batch]
+    return _InFlight(batch, attempt, futures=futures, latencies=latencies)
 
 
 _pool: ThreadPoolExecutor | None = None
@@ -822,10 +888,10 @@ def prepare_messages(
         fail(key, why)
     new_rows: list[dict[str, object]] = []
     snapshots: list[dict[str, object]] = []
-    chosen: list[tuple[Delivery, Subscriber, list[tuple[str, str | None]]]] = []
+    chosen: list[tuple[Delivery, Subscriber, list[tuple[str, str | None, tuple[str, ...]]]]] = []
     for delivery, sub in sendable:
         if delivery.id in recorded:
-            picks = [(dp.paper_id, dp.matched_topic) for dp in recorded[delivery.id]]
+            picks = [(dp.paper_id, dp.matched_topic, dp.terms) for dp in recorded[delivery.id]]
         elif delivery.id in selection.results:
             result = selection.results[delivery.id]
             if not result.picks:
@@ -834,7 +900,7 @@ def prepare_messages(
                 else:
                     outcome.not_claimed += 1
                 continue
-            picks = [(p.paper_id, p.matched_topic) for p in result.picks]
+            picks = [(p.paper_id, p.matched_topic, p.matched_terms) for p in result.picks]
             snapshots.append({"id": delivery.id, "recipient": recipient_snapshot(sub)})
             new_rows.extend(
                 {
@@ -842,6 +908,7 @@ def prepare_messages(
                     "paper_id": p.paper_id,
                     "position": pos,
                     "matched_topic": p.matched_topic,
+                    "matched_terms": encode_terms(p.matched_terms),
                     # JSON on the way in (see _insert_delivery_papers) has no NaN.
                     "score": float(p.score) if math.isfinite(p.score) else 0.0,
                 }
@@ -854,7 +921,7 @@ def prepare_messages(
     _record_recipients(session, snapshots)
     session.commit()
 
-    paper_ids = {pid for _, _, picks in chosen for pid, _ in picks}
+    paper_ids = {pid for _, _, picks in chosen for pid, *_ in picks}
     papers = (
         {p.id: p for p in session.scalars(select(Paper).where(Paper.id.in_(paper_ids)))}
         if paper_ids
@@ -863,7 +930,7 @@ def prepare_messages(
     renderer = get_renderer(settings)
     prepared: list[_Prepared] = []
     for delivery, sub, picks in chosen:
-        if not any(pid in papers for pid, _ in picks):
+        if not any(pid in papers for pid, *_ in picks):
             # Its papers were deleted meanwhile: never an empty email.
             if _skip(session, delivery.id, "the selected papers no longer exist", clock):
                 outcome.skipped += 1
@@ -873,7 +940,9 @@ def prepare_messages(
             delivery.id,
             "could not render the digest",
             lambda picks=picks: [  # type: ignore[misc]
-                paper_view(papers[pid], topic) for pid, topic in picks if pid in papers
+                paper_view(papers[pid], topic, terms)
+                for pid, topic, terms in picks
+                if pid in papers
             ],
         )
         if views is None:
@@ -898,10 +967,11 @@ def prepare_messages(
 # element by element in Python (five arrays of ~1,400 cost about 13% of a worker's CPU),
 # json.dumps is C and PostgreSQL's json_to_recordset expands it server-side.
 _INSERT_DELIVERY_PAPERS_PG = text(
-    "INSERT INTO delivery_papers (delivery_id, paper_id, position, matched_topic, score)"
-    " SELECT r.delivery_id, r.paper_id, r.position, r.matched_topic, r.score"
+    "INSERT INTO delivery_papers"
+    " (delivery_id, paper_id, position, matched_topic, matched_terms, score)"
+    " SELECT r.delivery_id, r.paper_id, r.position, r.matched_topic, r.matched_terms, r.score"
     " FROM json_to_recordset(CAST(:rows AS json)) AS r(delivery_id bigint, paper_id text,"
-    " position integer, matched_topic text, score float8)"
+    " position integer, matched_topic text, matched_terms text, score float8)"
     " ON CONFLICT (delivery_id, paper_id) DO NOTHING"
 )
 
@@ -1269,8 +1339,11 @@ def _record_failure(
     limiter: object,
     attempt: _Attempt | None = None,
     clock: Clock = utcnow,
+    tally: list[tuple[str, str]] | None = None,
 ) -> bool:
-    """Record a mailer error; True when the whole run must stop (account-level)."""
+    """Record a mailer error; True when the whole run must stop (account-level).
+
+    ``tally`` gets (what became of it, the error kind) for the batch's metrics."""
     now = clock()
     reason = str(exc)[:2000]
     log.log(
@@ -1281,6 +1354,7 @@ def _record_failure(
         reason,
         extra={"delivery_id": delivery_id, "error_kind": exc.kind},
     )
+    note = tally.append if tally is not None else (lambda _: None)
 
     def settle(state: DeliveryState, label: str, error: str = reason, **values: object) -> None:
         """Move the row on from `sending` and write its finished attempt."""
@@ -1295,12 +1369,14 @@ def _record_failure(
     if isinstance(exc, AmbiguousError):
         settle(DeliveryState.UNKNOWN, "unknown")
         outcome.unknown += 1
+        note(("unknown", exc.kind))
         return False
     if isinstance(exc, AccountError):
         # The provider refused before sending: hand the row back, stop the run.
         settle(DeliveryState.PENDING, "paused", attempts=Delivery.attempts - 1)
         pause_sending(session, f"provider refused sending: {reason}")
         outcome.paused = reason
+        note(("paused", exc.kind))
         return True
     if isinstance(exc, TransientError):
         if isinstance(exc, ThrottledError) and limiter is not None:
@@ -1309,14 +1385,17 @@ def _record_failure(
         if attempts >= settings.max_attempts:
             settle(DeliveryState.FAILED, "failed", f"gave up after {attempts} attempts: {reason}")
             outcome.failed += 1
+            note(("failed", exc.kind))
             return False
         delay = exc.retry_after or backoff_delay(attempts, settings)
         settle(DeliveryState.PENDING, "transient", scheduled_at=now + timedelta(seconds=delay))
         outcome.retry.append((delivery_id, delay))
+        note(("retried", exc.kind))
         return False
     # PermanentError and anything unclassified: fail this message with the reason.
     settle(DeliveryState.FAILED, "failed" if isinstance(exc, PermanentError) else "error")
     outcome.failed += 1
+    note(("failed", exc.kind))
     return False
 
 
@@ -1397,6 +1476,9 @@ def run_in_process(
     with session_scope() as session:
         reap_stale_sending(session, settings)
         plan = plan_edition(session, edition_date, now=now)
+    from worker.account import check_quota
+
+    check_quota(edition_date, len(plan.pending_ids), settings)
     if on_planned:
         on_planned(len(plan.pending_ids))
     total = send_in_process(

@@ -7,6 +7,8 @@ same migrations run unchanged on SQLite and PostgreSQL and a new state is one li
 from __future__ import annotations
 
 import enum
+import json
+from collections.abc import Sequence
 from datetime import UTC, date, datetime
 from typing import Any
 
@@ -274,6 +276,21 @@ class Delivery(Base):
     )
 
 
+def encode_terms(terms: Sequence[str]) -> str | None:
+    """A pick's matched terms as stored in ``delivery_papers.matched_terms``."""
+    return json.dumps(list(terms)) if terms else None
+
+
+def decode_terms(stored: str | None) -> tuple[str, ...]:
+    if not stored:
+        return ()
+    try:
+        value = json.loads(stored)
+    except ValueError:
+        return ()
+    return tuple(t for t in value if isinstance(t, str)) if isinstance(value, list) else ()
+
+
 class DeliveryPaper(Base):
     """Which papers a delivery carried, in order, and why each was chosen."""
 
@@ -286,6 +303,14 @@ class DeliveryPaper(Base):
     paper_id: Mapped[str] = mapped_column(String(64), primary_key=True, index=True)
     position: Mapped[int] = mapped_column(Integer)
     matched_topic: Mapped[str | None] = mapped_column(Text)
+    # JSON list of what in the paper matched the topic (see matched_terms_of); NULL: none.
+    matched_terms: Mapped[str | None] = mapped_column(Text)
+
+    @property
+    def terms(self) -> tuple[str, ...]:
+        """``matched_terms`` decoded: () when none was recorded (or it is unreadable)."""
+        return decode_terms(self.matched_terms)
+
     score: Mapped[float] = mapped_column(Float, default=0.0)
 
     delivery: Mapped[Delivery] = relationship(back_populates="papers")
@@ -387,6 +412,25 @@ class ControlFlag(Base):
     key: Mapped[str] = mapped_column(String(64), primary_key=True)
     value: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+
+
+class Alert(Base):
+    """An alert posted to PAPERMAIL_ALERT_WEBHOOK_URL (worker.alerts): its unique key is
+    what keeps several workers and processes from sending it twice."""
+
+    __tablename__ = "alerts"
+    __table_args__ = (UniqueConstraint("key", name="uq_alerts_key"),)
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    key: Mapped[str] = mapped_column(String(200))  # kind:what, e.g. unknown:2031-03-14
+    kind: Mapped[str] = mapped_column(String(32))
+    edition_date: Mapped[date | None] = mapped_column(Date)
+    message: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    claimed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # a process posting it
+    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    last_error: Mapped[str | None] = mapped_column(Text)
 
 
 class FetchStatus(StrEnum):

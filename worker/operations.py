@@ -302,3 +302,31 @@ def recent_editions(session: Session, limit: int = 7) -> list[date]:
             .limit(limit)
         )
     )
+
+
+def account_quota(settings: Settings | None = None) -> dict[str, object] | None:
+    """The mail provider's 24-hour quota and rate, when its mailer reports one (SES).
+
+    None for mailers without a quota (outbox, SMTP); ``{"error": ...}`` when the provider
+    cannot be asked (stats go on without it). From the shared account cache: at most a
+    minute old, and a provider that just failed is not asked again for a minute.
+    """
+    from worker.account import AccountUnavailable, account_cache
+    from worker.mailers.base import mailer_class
+
+    settings = settings or get_settings()
+    if not mailer_class(settings).reports_quota:
+        return None
+    try:
+        info = account_cache(settings).get()
+    except AccountUnavailable as exc:
+        return {"mailer": settings.mailer, "error": exc.reason}
+    return {
+        "mailer": info.mailer,
+        "max_24h_send": info.max_24h_send,
+        "sent_last_24h": info.sent_last_24h,
+        "remaining_24h": info.remaining_24h,
+        "max_send_rate": info.max_send_rate,
+        "sending_enabled": info.sending_enabled,
+        "production_access": info.production_access,
+    }

@@ -31,12 +31,12 @@ class Preview:
     note: str | None = None
 
 
-def _views(session: Session, picks: list[tuple[str, str | None]]) -> list[object]:
+def _views(session: Session, picks: list[tuple[str, str | None, tuple[str, ...]]]) -> list[object]:
     from worker.rendering import paper_view
 
-    ids = [pid for pid, _ in picks]
+    ids = [pid for pid, *_ in picks]
     papers = {p.id: p for p in session.scalars(select(Paper).where(Paper.id.in_(ids)))}
-    return [paper_view(papers[pid], topic) for pid, topic in picks if pid in papers]
+    return [paper_view(papers[pid], topic, terms) for pid, topic, terms in picks if pid in papers]
 
 
 def previews_for(
@@ -68,7 +68,9 @@ def previews_for(
         res = results[sub.id]
         pv = Preview(sub.email, edition_date, skip_reason=res.skip_reason)
         if res.picks:
-            pv.papers = _views(session, [(p.paper_id, p.matched_topic) for p in res.picks])
+            pv.papers = _views(
+                session, [(p.paper_id, p.matched_topic, p.matched_terms) for p in res.picks]
+            )
             if with_html:
                 msg = renderer.render_digest(recipient_of(sub), edition_date, pv.papers)
                 pv.subject, pv.html, pv.size = msg.subject, msg.html, msg.size
@@ -94,7 +96,7 @@ def preview_digest(
     )
     if existing is not None:
         picks = [
-            (dp.paper_id, dp.matched_topic)
+            (dp.paper_id, dp.matched_topic, dp.terms)
             for dp in session.scalars(
                 select(DeliveryPaper)
                 .where(DeliveryPaper.delivery_id == existing.id)
@@ -127,7 +129,7 @@ def edition_html(session: Session, delivery: Delivery, settings: Settings | None
     from worker.rendering import get_renderer
 
     picks = [
-        (dp.paper_id, dp.matched_topic)
+        (dp.paper_id, dp.matched_topic, dp.terms)
         for dp in session.scalars(
             select(DeliveryPaper)
             .where(DeliveryPaper.delivery_id == delivery.id)
@@ -177,4 +179,35 @@ def dry_run_edition(
         len(subs),
         len(subs) - len(todo),
         previews_for(session, todo, edition_date, settings=settings),
+    )
+
+
+def explain_digest(
+    session: Session,
+    email: str,
+    edition_date: date,
+    settings: Settings | None = None,
+    *,
+    now: datetime | None = None,
+) -> list[object]:
+    """Every candidate's scores for ``email``'s edition D (a fresh selection, nothing
+    written): relevance per topic, field weight, matched terms, trending, freshness, final.
+    A list of :class:`worker.selection.Explained`, best first."""
+    from worker.selection import (
+        SelectionParams,
+        explain_profile,
+        load_candidates,
+        load_profiles,
+    )
+
+    settings = settings or get_settings()
+    sub = session.scalar(select(Subscriber).where(Subscriber.email == email.strip().lower()))
+    if sub is None:
+        raise NotFound(f"no subscriber with address {email}; see `papermail subscribers list`")
+    end = window_end(sub, edition_date, now or utcnow())
+    profiles, voted = load_profiles(session, [sub], {sub.id: end}, settings)
+    prof = profiles[0]
+    cands = load_candidates(session, prof.window_start, prof.window_end)
+    return explain_profile(
+        cands, prof, voted_papers=voted, params=SelectionParams.from_settings(settings)
     )

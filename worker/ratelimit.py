@@ -24,7 +24,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from worker.config import Settings, get_settings
 
@@ -73,9 +74,12 @@ class _Bucket:
 class LocalBucket(_Bucket):
     """Thread-safe token bucket for one process (no broker configured)."""
 
-    def __init__(self, rate: float, burst: int) -> None:
+    def __init__(self, rate: float, burst: int, rate_source: RateSource | None = None) -> None:
         if rate <= 0 or burst < 1:
             raise ValueError("rate must be > 0 and burst >= 1")
+        if rate_source is not None:  # starts full at the rate it follows
+            rate = rate_source.rate()
+            burst = rate_source.burst(rate)
         self._base_rate = rate
         self._burst = burst
         self._tokens = float(burst)
@@ -83,6 +87,19 @@ class LocalBucket(_Bucket):
         self._slow_until = 0.0
         self._factor = 1.0
         self._lock = threading.Lock()
+        self._source = rate_source
+
+    @property
+    def base_rate(self) -> float:
+        """The rate before any slow-down: SEND_RATE, or the account's."""
+        return self._base_rate
+
+    def _follow(self, rate: float) -> None:
+        if self._source is not None and rate != self._base_rate:
+            with self._lock:
+                self._base_rate = rate
+                self._burst = self._source.burst(rate)
+                self._tokens = min(self._tokens, float(self._burst))
 
     @property
     def rate(self) -> float:
@@ -92,6 +109,8 @@ class LocalBucket(_Bucket):
 
     def _take(self, tokens: int) -> float:
         """Take tokens if available; else the seconds until they will be."""
+        if self._source is not None:
+            self._follow(self._source.rate())
         with self._lock:
             now = time.monotonic()
             rate = self.rate
@@ -158,27 +177,48 @@ class RedisBucket(_Bucket):
         burst: int,
         name: str = "send",
         outage_seconds: float = OUTAGE_SECONDS,
+        rate_source: RateSource | None = None,
+        client: Any | None = None,
     ) -> None:
         import redis
         from redis.exceptions import ConnectionError, TimeoutError
 
         if rate <= 0 or burst < 1:
             raise ValueError("rate must be > 0 and burst >= 1")
-        self._client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+        self._client = client or redis.Redis.from_url(
+            url, socket_timeout=5, socket_connect_timeout=5
+        )
         self._script = self._client.register_script(_LUA_TAKE)
-        self._rate = rate
-        self._burst = burst
         self._key = f"papermail:ratelimit:{name}"
         self._slow_key = f"papermail:ratelimit:{name}:factor"
-        # Batch of single tokens per round trip: 1 at ordinary rates (below 100/s).
-        self._batch = max(1, min(burst // 4, int(rate // 50), 64))
-        # Held tokens expire: together they never add more than burst / 4 to a burst.
-        self._hold = burst / (4 * rate)
         self._held = 0
         self._held_until = 0.0
         self._lock = threading.Lock()
         self._outage = outage_seconds
         self._unreachable: tuple[type[Exception], ...] = (ConnectionError, TimeoutError)
+        self._source = rate_source
+        self._tune(rate, burst)
+        if rate_source is not None:
+            self._follow(rate_source.rate())
+
+    def _tune(self, rate: float, burst: int) -> None:
+        self._rate = rate
+        self._burst = burst
+        # Batch of single tokens per round trip: 1 at ordinary rates (below 100/s).
+        self._batch = max(1, min(burst // 4, int(rate // 50), 64))
+        # Held tokens expire: together they never add more than burst / 4 to a burst.
+        self._hold = burst / (4 * rate)
+
+    def _follow(self, rate: float) -> None:
+        if self._source is not None and rate != self._rate:
+            with self._lock:
+                self._held = 0  # taken at the old rate
+                self._tune(rate, self._source.burst(rate))
+
+    @property
+    def base_rate(self) -> float:
+        """The rate before any slow-down: SEND_RATE, or the account's."""
+        return self._rate
 
     @property
     def rate(self) -> float:
@@ -214,6 +254,8 @@ class RedisBucket(_Bucket):
 
     def _take(self, tokens: int) -> float:
         """Take tokens (from the local batch when possible); else the seconds to wait."""
+        if self._source is not None:
+            self._follow(self._source.rate())  # a float compare unless a refresh is due
         now = time.monotonic()
         if tokens == 1 and self._held:
             with self._lock:
@@ -248,10 +290,38 @@ _limiter: RateLimiter | None = None
 _limiter_lock = threading.Lock()
 
 
+class RateSource:
+    """Where a bucket takes its rate when it follows the SES account (SEND_RATE unset)."""
+
+    def __init__(self, rate: Callable[[], float], settings: Settings) -> None:
+        self.rate = rate
+        self._settings = settings
+
+    def burst(self, rate: float) -> int:
+        return self._settings.burst_at(rate)
+
+
+def _is_redis(url: str | None) -> bool:
+    return bool(url) and str(url).startswith(("redis://", "rediss://", "unix://"))
+
+
 def make_limiter(settings: Settings) -> RateLimiter:
-    if settings.broker_url and settings.broker_url.startswith(("redis://", "rediss://", "unix://")):
-        return RedisBucket(settings.broker_url, settings.send_rate, settings.burst)
-    return LocalBucket(settings.send_rate, settings.burst)
+    redis_url = settings.broker_url if _is_redis(settings.broker_url) else None
+    source = None
+    client = None
+    if settings.rate_from_account:
+        from worker.account import account_rate
+
+        if redis_url:
+            import redis
+
+            client = redis.Redis.from_url(redis_url, socket_timeout=5, socket_connect_timeout=5)
+        source = RateSource(account_rate(settings, client).get, settings)
+    if redis_url:
+        return RedisBucket(
+            redis_url, settings.send_rate, settings.burst, rate_source=source, client=client
+        )
+    return LocalBucket(settings.send_rate, settings.burst, rate_source=source)
 
 
 def get_limiter(settings: Settings | None = None) -> RateLimiter:

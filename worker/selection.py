@@ -37,7 +37,7 @@ import re
 import threading
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date, datetime, timedelta
 from functools import lru_cache
 from itertools import chain, pairwise
@@ -47,6 +47,7 @@ import numpy as np
 import scipy.sparse as sp
 from sqlalchemy import and_, or_, select
 
+from worker.concepts import concept_for
 from worker.errors import InvalidInput
 from worker.models import (
     Delivery,
@@ -68,6 +69,7 @@ __all__ = [
     "Candidate",
     "Edition",
     "EditionSelection",
+    "Explained",
     "Pick",
     "Profile",
     "Result",
@@ -75,6 +77,7 @@ __all__ = [
     "SelectionParams",
     "analyse",
     "edition_rounds",
+    "explain_profile",
     "load_candidates",
     "load_profiles",
     "lookback",
@@ -134,6 +137,7 @@ class Candidate:
     abstract: str
     upvotes: int
     published: datetime  # effective date (published_at, or ingested_at), UTC-aware
+    categories: tuple[str, ...] = ()  # arXiv categories, primary first; () when unknown
 
     def __post_init__(self) -> None:
         # The messages are formatted only on failure: a chunk builds hundreds of these.
@@ -184,6 +188,9 @@ class Pick(NamedTuple):
     score: float
     relevance: float  # topic relevance (capped) plus the feedback term
     matched_topic: str | None  # None: no topics, or picked by trending/feedback alone
+    # What in the paper matched the topic (its words, or the concept's phrases), for the
+    # email's reason line; () when no topic matched.
+    matched_terms: tuple[str, ...] = ()
 
 
 class Result(NamedTuple):
@@ -203,6 +210,18 @@ class SelectionParams:
     feedback_weight: float = 2.0  # cosine similarities between papers are small (~0.05-0.3)
     # Relevance above this adds nothing: among strong matches, trending and freshness decide.
     relevance_cap: float = 1.0
+    # Relevance first: every match at least this strong ranks above every weaker one;
+    # upvotes and freshness only order papers within a band.
+    strong_relevance: float = 0.5
+    # A second, higher band (0: none): matches this strong rank above the other strong ones.
+    top_relevance: float = 0.0
+    # A concept phrase (acronym, synonym) counts this much of the topic's own words.
+    phrase_weight: float = 0.9
+    use_concepts: bool = True  # off: a topic is matched by its own words only (as before)
+    # Co-occurrence expansion (see _expand); 0 turns it off.
+    expansion_weight: float = 0.5
+    # A topic or concept phrase of several words matches only papers with the whole phrase.
+    phrase_gate: bool = True
     title_weight: float = 3.0
     bigram_weight: float = 2.0  # a topic's phrase counts this much more than each word
     k1: float = 1.2
@@ -216,6 +235,10 @@ class SelectionParams:
             "feedback_weight",
             "bigram_weight",
             "k1",
+            "strong_relevance",
+            "top_relevance",
+            "phrase_weight",
+            "expansion_weight",
         ):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
@@ -299,7 +322,40 @@ def _clean_topics(topics: Iterable[str]) -> tuple[str, ...]:
     return tuple(out)
 
 
+def _clean_profile_topics(topics: Sequence[str]) -> tuple[str, ...]:
+    """:func:`_clean_topics` of a profile's topics; the same few lists recur across a batch."""
+    if isinstance(topics, tuple):
+        try:
+            return _clean_topics_cached(topics)
+        except TypeError:  # an unhashable item: let _clean_topics name it
+            pass
+    return _clean_topics(topics)
+
+
+@lru_cache(maxsize=4096)
+def _clean_topics_cached(topics: tuple[str, ...]) -> tuple[str, ...]:
+    return _clean_topics(topics)
+
+
 # ------------------------------------------------------------------------------ scoring
+
+
+# Archives of computing: a paper whose primary category is one of these but not one of the
+# concept's (an LLM paper in cs.GT, a GNN in cs.IT) is an application of the method, not a
+# homonym from another science; its match counts this much. The phrase gate keeps their real
+# homonyms ("embeddings of linear codes", "reinforced concrete") out anyway.
+COMPUTING_ARCHIVES = ("cs.", "eess.")
+COMPUTING_WEIGHT = 0.45  # below strong_relevance: never among the strong matches alone
+
+
+def _field_weight(cats: Sequence[str], fields: frozenset[str]) -> float:
+    if cats[0] in fields:
+        return 1.0
+    if not fields.isdisjoint(cats):
+        return 0.5
+    if cats[0].startswith(COMPUTING_ARCHIVES) and "cs.LG" in fields:
+        return COMPUTING_WEIGHT
+    return 0.0
 
 
 class _Corpus:
@@ -353,9 +409,34 @@ class _Corpus:
         presence = tf.copy()
         presence.data = np.ones_like(presence.data)
         self.unigram_presence_t = (presence @ sp.diags(unigram.astype(np.float64))).T.tocsr()
+        self.bigram_presence_t = (presence @ sp.diags((~unigram).astype(np.float64))).T.tocsr()
         # Each topic's relevance row (see _topic_scores), kept for the next chunk: every
         # chunk of a run has these candidates, and topics recur from chunk to chunk.
         self.topic_rows: dict[str, np.ndarray] = {}
+        # Per topic, its alternatives' names and rows (for the matched terms of a pick).
+        self.topic_alts: dict[str, tuple[tuple[str, ...], np.ndarray]] = {}
+        # (lower-cased topic, candidate column) -> matched terms of a pick.
+        self.term_cache: dict[tuple[str, int], tuple[str, ...]] = {}
+        self.categories = [c.categories for c in candidates]
+        self.has_categories = np.fromiter(
+            (bool(c) for c in self.categories), dtype=bool, count=self.n_docs
+        )
+        self._field_masks: dict[frozenset[str], np.ndarray] = {}  # fields -> weights
+
+    def field_mask(self, fields: frozenset[str]) -> np.ndarray:
+        """How much each candidate may belong to these fields (:func:`_field_weight`): 1 when
+        its primary arXiv category is among them, 0.5 when only a cross-list is, 0.45 for
+        another computing category under an ML concept, 0 otherwise. A paper without
+        categories (Hugging Face lists only ML papers) counts as cs.LG."""
+        mask = self._field_masks.get(fields)
+        if mask is None:
+            mask = np.fromiter(
+                (_field_weight(cats or ("cs.LG",), fields) for cats in self.categories),
+                dtype=np.float64,
+                count=self.n_docs,
+            )
+            self._field_masks[fields] = mask
+        return mask
 
     def _doc_terms(
         self, title: str, abstract: str, seen: dict[str, tuple[Counter[str], int]]
@@ -426,7 +507,12 @@ def _corpus_for(cands: Sequence[Candidate], params: SelectionParams) -> _Corpus:
         params.k1,
         params.b,
         params.bigram_weight,  # _topic_scores reads it from the corpus's params
-        tuple((c.id, c.title, c.abstract) for c in cands),
+        params.phrase_weight,
+        params.use_concepts,
+        params.phrase_gate,
+        params.expansion_weight,
+        params.strong_relevance,
+        tuple((c.id, c.title, c.abstract, c.categories) for c in cands),
     )
     with _CORPUS_LOCK:
         corpus = _CORPUS_CACHE.get(key)
@@ -464,22 +550,102 @@ def _topic_scores(corpus: _Corpus, topics: Sequence[str]) -> np.ndarray:
     if new:
         if (len(kept) + len(new)) * 8 * corpus.n_docs > _TOPIC_ROW_BYTES:
             kept.clear()
-        for topic, row in zip(new, _score_topics(corpus, new), strict=True):
+            corpus.topic_alts.clear()
+            corpus.term_cache.clear()
+        for topic, (row, alts) in zip(new, _concept_scores(corpus, new), strict=True):
             rows[topic] = kept[topic] = row
+            corpus.topic_alts[topic] = alts
     return np.array([rows[topic] for topic in topics])
+
+
+def _concept_scores(
+    corpus: _Corpus, topics: Sequence[str]
+) -> list[tuple[np.ndarray, tuple[tuple[str, ...], np.ndarray]]]:
+    """Each topic's relevance row: the best of its alternatives (the topic's own words and,
+    for a topic the concept vocabulary knows, each of its phrases, weighted), times the
+    candidate's field weight for the concept (:meth:`_Corpus.field_mask`), then the
+    co-occurrence check of papers without categories (:func:`_expand`)."""
+    weight = corpus.params.phrase_weight
+    names: list[tuple[str, ...]] = []
+    flat: list[str] = []
+    scale: list[float] = []
+    for topic in topics:
+        concept = concept_for(topic) if corpus.params.use_concepts else None
+        alts = [topic]
+        scale.append(1.0)
+        if concept is not None:
+            own = {topic.lower()}
+            for phrase, w in zip(concept.phrases, concept.weights, strict=True):
+                if phrase not in own:
+                    alts.append(phrase)
+                    scale.append(weight * w)
+        names.append(tuple(alts))
+        flat += alts
+    scores = _score_topics(corpus, flat) * np.asarray(scale)[:, None]
+    out = []
+    lo = 0
+    for topic, alts in zip(topics, names, strict=True):
+        block = scores[lo : lo + len(alts)]
+        lo += len(alts)
+        concept = concept_for(topic) if corpus.params.use_concepts else None
+        if concept is not None and concept.fields is not None:
+            block = block * corpus.field_mask(concept.fields)
+        row = block.max(axis=0)
+        if corpus.params.expansion_weight > 0:
+            row = _expand(corpus, row)
+        out.append((row, (alts, block)))
+    return out
+
+
+def _expand(corpus: _Corpus, row: np.ndarray) -> np.ndarray:
+    """Corpus co-occurrence as evidence of field for papers without arXiv categories.
+
+    The papers of the day that clearly match the topic (relevance >= strong_relevance) and
+    carry categories make a centroid of their terms; a paper without categories that shares
+    little of that context loses up to ``expansion_weight`` of its relevance ("state space
+    copula models" next to the day's Mamba papers). Papers with categories are judged by them.
+    """
+    p = corpus.params
+    known = corpus.has_categories
+    strong = np.flatnonzero((row >= p.strong_relevance) & known)
+    if strong.size < 2:
+        return row
+    centroid = np.asarray(corpus.doc_units[strong].mean(axis=0)).ravel()
+    sim = corpus.doc_units @ centroid
+    typical = float(np.median(sim[strong])) or 1.0
+    context = np.minimum(sim / typical, 1.0)
+    damp = np.where(known, 1.0, 1 - p.expansion_weight + p.expansion_weight * context)
+    return row * damp
+
+
+def _matched_terms(corpus: _Corpus, topic: str, col: int, floor: float) -> tuple[str, ...]:
+    """The alternatives of ``topic`` that match candidate ``col``, strongest first."""
+    hit = corpus.topic_alts.get(topic.lower())
+    if hit is None:
+        return ()
+    alts, block = hit
+    column = block[:, col]
+    order = np.argsort(-column, kind="stable")
+    return tuple(alts[i] for i in order[:4] if column[i] >= floor)
 
 
 def _score_topics(corpus: _Corpus, topics: Sequence[str]) -> np.ndarray:
     """raw BM25 / self-match x coverage: 1.0 is a paper of average length with the topic in
     its title; a paper with only some of a topic's words gets the share of their IDF.
+
+    A phrase of several words matches only a paper that has all of its adjacent pairs
+    (``phrase_gate``): "steel reinforcement in concrete" has the rarer word of "reinforcement
+    learning" but not the phrase, and is no match for it.
     """
     p = corpus.params
     q_rows: list[int] = []
     q_cols: list[int] = []
     q_vals: list[float] = []
     c_vals: list[float] = []
+    g_vals: list[float] = []
     self_scores = np.zeros(len(topics))
     idf_mass = np.zeros(len(topics))
+    n_bigrams = np.zeros(len(topics))
     for row, topic in enumerate(topics):
         counts, _ = analyse(topic)
         for term in sorted(counts):
@@ -489,7 +655,9 @@ def _score_topics(corpus: _Corpus, topics: Sequence[str]) -> np.ndarray:
             idf = corpus.idf_of(term)
             tf = p.title_weight * n  # the topic once in the title of an average paper
             self_scores[row] += weight * idf * tf * (p.k1 + 1) / (tf + p.k1)
-            if not bigram:
+            if bigram:
+                n_bigrams[row] += 1
+            else:
                 idf_mass[row] += idf
             col = corpus.vocab.get(term)
             if col is not None:  # other terms cannot match any candidate
@@ -497,6 +665,7 @@ def _score_topics(corpus: _Corpus, topics: Sequence[str]) -> np.ndarray:
                 q_cols.append(col)
                 q_vals.append(weight)
                 c_vals.append(0.0 if bigram else idf)
+                g_vals.append(1.0 if bigram else 0.0)
     shape = (len(topics), len(corpus.vocab))
     query = sp.csr_matrix((q_vals, (q_rows, q_cols)), shape=shape)
     cover = sp.csr_matrix((c_vals, (q_rows, q_cols)), shape=shape)
@@ -504,6 +673,10 @@ def _score_topics(corpus: _Corpus, topics: Sequence[str]) -> np.ndarray:
     coverage = (cover @ corpus.unigram_presence_t).toarray()
     with np.errstate(divide="ignore", invalid="ignore"):
         rel = (raw / self_scores[:, None]) * (coverage / idf_mass[:, None])
+    if p.phrase_gate:
+        gate = sp.csr_matrix((g_vals, (q_rows, q_cols)), shape=shape)
+        pairs = (gate @ corpus.bigram_presence_t).toarray()
+        rel *= pairs >= n_bigrams[:, None] - 0.5
     return np.nan_to_num(rel, nan=0.0, posinf=0.0, neginf=0.0)
 
 
@@ -552,7 +725,7 @@ def select_batch(
     n_docs = len(cands)
 
     corpus = _corpus_for(cands, params)
-    topics_per_profile = [_clean_topics(prof.topics) for prof in profiles]
+    topics_per_profile = [_clean_profile_topics(prof.topics) for prof in profiles]
     # Unique topics, by their lower-cased text, scored once for the whole batch.
     topic_ids: dict[str, int] = {}
     for topics in topics_per_profile:
@@ -586,6 +759,7 @@ def select_batch(
         voted_col=voted_col,
         voted_sim=voted_sim,
         params=params,
+        corpus=corpus,
     )
     # Rows sorted by number of topics (desc), so "rows with more than t topics" is a prefix.
     order = sorted(range(len(profiles)), key=lambda i: -len(topics_per_profile[i]))
@@ -596,6 +770,96 @@ def select_batch(
             _score_chunk([profiles[i] for i in rows], [topics_per_profile[i] for i in rows], shared)
         )
     return {prof.subscriber_id: results[prof.subscriber_id] for prof in profiles}
+
+
+class Explained(NamedTuple):
+    """Every score of one candidate for one subscriber (``digest preview --explain``)."""
+
+    paper_id: str
+    title: str
+    categories: tuple[str, ...]
+    # Per topic: (topic, relevance, field weight, matched terms); relevance already carries
+    # the field weight (a paper outside the concept's fields scores 0).
+    topics: tuple[tuple[str, float, float, tuple[str, ...]], ...]
+    trending: float  # trending_weight x log1p(upvotes) / best in the window
+    freshness: float
+    score: float | None  # the final score; None when the paper is not eligible
+    picked: bool
+    why_not: str | None  # why it is not eligible: outside the window, received, no match
+
+
+def explain_profile(
+    candidates: Sequence[Candidate],
+    profile: Profile,
+    *,
+    voted_papers: Mapping[str, Candidate] | None = None,
+    params: SelectionParams | None = None,
+) -> list[Explained]:
+    """The scores of every candidate for one profile, best final score first.
+
+    The final scores and picks are :func:`select_batch`'s own (run once with room for every
+    candidate, and once as the subscriber has it), so this explains the real ranking.
+    """
+    params = params or SelectionParams()
+    every = select_batch(
+        candidates,
+        [replace(profile, max_papers=max(1, len(candidates)))],
+        voted_papers=voted_papers,
+        params=params,
+    )[profile.subscriber_id].picks
+    chosen = {
+        p.paper_id
+        for p in select_batch(candidates, [profile], voted_papers=voted_papers, params=params)[
+            profile.subscriber_id
+        ].picks
+    }
+    scored = {p.paper_id: p for p in every}
+    cands = sorted({c.id: c for c in candidates}.values(), key=lambda c: (-c.upvotes, c.id))
+    if not cands:
+        return []
+    corpus = _corpus_for(cands, params)
+    topics = _clean_topics(profile.topics)
+    rel = _topic_scores(corpus, [t.lower() for t in topics])
+    start, end = profile.window_start.timestamp(), profile.window_end.timestamp()
+    log_up = [math.log1p(max(c.upvotes, 0)) for c in cands]
+    in_window = [start <= c.published.timestamp() <= end for c in cands]
+    best = next((u for u, ok in zip(log_up, in_window, strict=True) if ok), 0.0)
+    floor = 0.5 * params.min_relevance
+    out = []
+    for j, c in enumerate(cands):
+        per = []
+        for t, topic in enumerate(topics):
+            concept = concept_for(topic) if params.use_concepts else None
+            weight = 1.0
+            if concept is not None and concept.fields is not None:
+                weight = float(corpus.field_mask(concept.fields)[j])
+            terms = _matched_terms(corpus, topic, j, floor)
+            per.append((topic, float(rel[t, j]), weight, terms))
+        age = max(0.0, end - c.published.timestamp()) / (3600.0 * params.freshness_half_life_hours)
+        pick = scored.get(c.id)
+        why = None
+        if pick is None:
+            if not in_window[j]:
+                why = "outside the window"
+            elif c.id in profile.exclude or c.id in profile.votes:
+                why = "already received"
+            else:
+                why = f"relevance below min_relevance {params.min_relevance}"
+        out.append(
+            Explained(
+                c.id,
+                c.title,
+                c.categories,
+                tuple(per),
+                params.trending_weight * log_up[j] / best if best > 0 else 0.0,
+                params.freshness_weight * 2.0 ** (-age),
+                None if pick is None else pick.score,
+                c.id in chosen,
+                why,
+            )
+        )
+    out.sort(key=lambda e: (e.score is None, -(e.score or 0.0), e.paper_id))
+    return out
 
 
 @dataclass
@@ -611,6 +875,7 @@ class _Shared:
     voted_col: Mapping[str, int]
     voted_sim: np.ndarray  # voted papers x candidates
     params: SelectionParams
+    corpus: _Corpus
 
 
 def _score_chunk(
@@ -699,26 +964,51 @@ def _score_chunk(
     score += age
     score += effective
 
+    # Relevance first: strong matches above weak ones whatever their upvotes.
+    if with_topics and params.strong_relevance > 0:
+        score[:with_topics] += 10.0 * (effective[:with_topics] >= params.strong_relevance)
+    if with_topics and params.top_relevance > 0:
+        score[:with_topics] += 10.0 * (effective[:with_topics] >= params.top_relevance)
+
     chosen = _top_k(score, eligible, k)
     rows_c, cols_c = np.nonzero(chosen)
     order = np.lexsort((cols_c, -score[rows_c, cols_c], rows_c))
     rows_c, cols_c = rows_c[order], cols_c[order]
 
     picks_by_row: list[list[Pick]] = [[] for _ in range(n_rows)]
+    # Matched terms per (topic, candidate), kept on the corpus: topics recur from
+    # subscriber to subscriber and from chunk to chunk.
+    term_cache = shared.corpus.term_cache
+    corpus = shared.corpus
+    floor = 0.5 * params.min_relevance
+    names = list(shared.topic_ids)  # lower-cased topics by id
+    slots = best_slot[rows_c, cols_c]
     named = relevance[rows_c, cols_c] >= params.min_relevance
+    if max_topics:
+        tids = slot_topic[rows_c, np.minimum(slots, max_topics - 1)].tolist()
+    else:
+        tids = [0] * len(rows_c)
     ids = [c.id for c in shared.cands]
-    for i, j, s, r, slot, ok in zip(
+    for i, j, s, r, slot, ok, tid in zip(
         rows_c.tolist(),
         cols_c.tolist(),
         score[rows_c, cols_c].tolist(),
         effective[rows_c, cols_c].tolist(),
-        best_slot[rows_c, cols_c].tolist(),
+        slots.tolist(),
         named.tolist(),
+        tids,
         strict=True,
     ):
         # Only a topic that really matched is named; otherwise trending or feedback chose.
-        topic = topics_per_profile[i][slot] if ok and topics_per_profile[i] else None
-        picks_by_row[i].append(_new_tuple(Pick, (ids[j], s, r, topic)))  # Pick(...), faster
+        if ok and topics_per_profile[i]:
+            topic = topics_per_profile[i][slot]
+            key = (names[tid], j)
+            terms = term_cache.get(key)
+            if terms is None:
+                terms = term_cache[key] = _matched_terms(corpus, topic, j, floor)
+        else:
+            topic, terms = None, ()
+        picks_by_row[i].append(_new_tuple(Pick, (ids[j], s, r, topic, terms)))  # faster
 
     out: dict[int, Result] = {}
     for i, prof in enumerate(profiles):
@@ -797,13 +1087,16 @@ def load_candidates(
             Paper.upvotes,
             Paper.published_at,
             Paper.ingested_at,
+            Paper.categories,
         )
         .where(_effective_between(window_start, window_end))
         .order_by(Paper.id)
     )
     return [
-        Candidate(pid, title or "", abstract or "", upvotes or 0, published or ingested)
-        for pid, title, abstract, upvotes, published, ingested in rows
+        Candidate(
+            pid, title or "", abstract or "", upvotes or 0, published or ingested, tuple(cats or ())
+        )
+        for pid, title, abstract, upvotes, published, ingested, cats in rows
     ]
 
 

@@ -45,15 +45,14 @@ from kombu import Exchange, Queue
 from sqlalchemy import and_, or_, select, update
 
 from worker import delivery, scheduling
+from worker.account import check_quota
 from worker.config import Settings, get_settings
 from worker.db import session_scope
 from worker.errors import PapermailError
 from worker.models import Delivery, DeliveryState, utcnow
+from worker.queues import PLAN_QUEUE, SEND_QUEUE
 
 log = logging.getLogger(__name__)
-
-PLAN_QUEUE = "plan"
-SEND_QUEUE = "send"
 
 # The longest countdown any task here is given (transient retries are clamped to it;
 # delivery.backoff_delay caps at an hour). A countdown longer than the visibility timeout
@@ -114,6 +113,13 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
                 minute=f"{at.minute}-59/{FETCH_RETRY_MINUTES}", hour=f"{at.hour}-23"
             ),
             "options": {"queue": PLAN_QUEUE, "expires": FETCH_RETRY_MINUTES * 60},
+        }
+    if settings.alert_webhook_url:
+        every = settings.alert_check_minutes
+        schedule["check-alerts"] = {
+            "task": "papermail.check_alerts",
+            "schedule": _every(every),
+            "options": {"queue": PLAN_QUEUE, "expires": every * 60},
         }
     if settings.sqs_queue_url:
         schedule["poll-sqs"] = {
@@ -177,6 +183,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             "papermail.reap": {"queue": PLAN_QUEUE},
             "papermail.poll_sqs": {"queue": PLAN_QUEUE},
             "papermail.fetch_papers": {"queue": PLAN_QUEUE},
+            "papermail.check_alerts": {"queue": PLAN_QUEUE},
         },
         "beat_schedule": beat_schedule(settings),
         "timezone": "UTC",
@@ -258,6 +265,31 @@ def _preload_before_fork(**_: Any) -> None:
         get_renderer(settings)
     except Exception:  # a broken template is reported by the chunk that needs it
         log.exception("could not compile the email templates before starting the pool")
+    _start_metrics(settings)
+
+
+def _start_metrics(settings: Settings) -> None:
+    """Before the pool forks: the metrics directory of this worker (emptied of a previous
+    run's files) and, with PAPERMAIL_METRICS_PORT, the parent's /metrics server adding up
+    every pool process's figures (the edition gauges come from `papermail web`)."""
+    from worker import metrics
+
+    if settings.metrics_dir is not None:
+        metrics.wipe_directory(settings.metrics_dir)
+    metrics.configure(settings)
+    if settings.metrics_port:
+        metrics.serve(settings, "0.0.0.0", settings.metrics_port, editions=False)
+        log.info("worker metrics on :%d/metrics", settings.metrics_port)
+
+
+@signals.worker_process_shutdown.connect
+def _pool_process_exit(pid: int | None = None, **_: Any) -> None:
+    """A pool process exits: its live-gauge files go (prometheus_client's bookkeeping)."""
+    import os
+
+    from worker import metrics
+
+    metrics.process_exited(pid or os.getpid())
 
 
 @signals.worker_process_init.connect
@@ -434,6 +466,8 @@ def enqueue_edition(
         ready = set(delivery.pending_delivery_ids(session, edition, now=now))
     plan.pending_ids = [i for i in plan.pending_ids if i in ready]
     enqueue_ids(plan.pending_ids, settings)
+    # After queueing: a slow or absent provider answer never holds the edition back.
+    check_quota(edition, len(plan.pending_ids), settings)
     return plan
 
 
@@ -498,6 +532,9 @@ def send_chunk(
             "queues them again",
             outcome.paused,
         )
+        from worker.alerts import check_quietly
+
+        check_quietly(settings, kinds=["paused"])
     summary = {
         "sent": outcome.sent,
         "skipped": outcome.skipped,
@@ -535,6 +572,7 @@ def plan_due() -> int:
     with session_scope() as session:
         ids = scheduling.plan_due(session, settings=settings)
     chunks = enqueue_ids(ids, settings)
+    check_quota(utcnow().date(), len(ids), settings)  # after queueing, as above
     log.info("plan_due: %d deliveries in %d chunks", len(ids), chunks)
     return len(ids)
 
@@ -553,6 +591,10 @@ def fetch_papers() -> dict[str, Any]:
         with session_scope() as session:
             released = scheduling.release_waiting(session, utcnow(), settings)
         enqueue_ids(released, settings)
+    if any(not r.succeeded for r in reports):
+        from worker.alerts import check_quietly
+
+        check_quietly(settings, kinds=["fetch_failed"])
     summary = {
         "fetched": {r.source: str(r.status) for r in reports},
         "papers": sum(r.papers for r in reports),
@@ -662,6 +704,18 @@ def reap() -> dict[str, Any]:
     """Beat: stale ``sending`` -> ``unknown``; pending rows without a task -> queued again."""
     result = recover()
     return {"unknown": result.unknown, "requeued": result.requeued, "lost": result.lost}
+
+
+@app.task(name="papermail.check_alerts")
+def check_alerts() -> dict[str, Any]:
+    """Beat (when PAPERMAIL_ALERT_WEBHOOK_URL is set): post what needs an operator, once."""
+    from worker import alerts
+
+    result = alerts.check(get_settings())
+    summary = {"found": len(result.findings), "sent": result.sent, "failed": result.failed}
+    if result.sent or result.failed:
+        log.info("check_alerts: %s", summary)
+    return summary
 
 
 @app.task(name="papermail.poll_sqs")

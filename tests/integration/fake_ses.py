@@ -40,6 +40,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 SEND_PATH = "/v2/email/outbound-emails"
+ACCOUNT_PATH = "/v2/email/account"  # GetAccount: answers ``FakeSes.account`` (None: 404)
 STATS_PATH = "/_fake/stats"
 RESET_PATH = "/_fake/reset"
 
@@ -139,6 +140,8 @@ class FakeSes:
         self.requests: list[Received] = []  # every SendEmail request, faulted or not
         self.accepted: Counter[bytes] = Counter()  # raw body -> copies the server "sent"
         self.message_ids: list[str] = []
+        self.account: dict[str, Any] | None = None  # the GetAccount answer; None: no route
+        self.account_requests = 0
         self._server = _Server((host, port), _make_handler(self))
         self._thread: threading.Thread | None = None
 
@@ -291,6 +294,15 @@ def _make_handler(state: FakeSes) -> type[BaseHTTPRequestHandler]:
             self._answer(fault.status, {"message": fault.message}, headers)
 
         def do_GET(self) -> None:
+            if self.path == ACCOUNT_PATH and state.account is not None:
+                with state._lock:
+                    state.account_requests += 1
+                fault = state._next_fault()
+                if fault is not None:
+                    self._error(fault)
+                else:
+                    self._answer(200, state.account, {})
+                return
             if self.path != STATS_PATH:
                 self._error(Fault(404, "NotFoundException", f"no route {self.path}"))
                 return

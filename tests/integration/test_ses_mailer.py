@@ -336,6 +336,7 @@ def test_invalid_parameter_reason_does_not_quote_the_value(fake_ses: FakeSes) ->
         ses_endpoint_url=fake_ses.url,
         aws_access_key_id=AWS_TEST_KEY_ID,
         aws_secret_access_key=AWS_TEST_SECRET,
+        postal_address="Example Lab, 1 Main St, Springfield, USA",
     )
     client = make_client(settings)
     try:

@@ -15,7 +15,7 @@ from worker import delivery, operations
 from worker.cli import main
 from worker.config import Settings
 from worker.db import session_scope
-from worker.models import Delivery, DeliveryAttempt, Subscriber
+from worker.models import Delivery, DeliveryAttempt, Paper, Subscriber
 from worker.papers import load_sample_papers
 from worker.subscribers import SubscriberInput, add_subscriber
 
@@ -349,3 +349,27 @@ def _dry_run_predicts_the_real_outcome(settings: Settings) -> None:
     assert why["alan@example.org"].startswith("paused until")
     assert "ASCII" in why["cárol@example.org"]
     assert (real["sent"], real["skipped"], real["failed"]) == (1, 1, 1)
+
+
+def test_preview_explain_prints_every_candidates_scores(settings: Settings) -> None:
+    with session_scope() as s:
+        load_sample_papers(s, now=NOW)
+        n_papers = len(list(s.scalars(select(Paper.id))))
+        add_subscriber(s, SubscriberInput("ada@example.org", topics="pruning"), confirmed=True)
+    r = cli("digest", "preview", "ada@example.org", "--date", TODAY, "--explain", "--json")
+    assert r.exit_code == 0, r.output
+    rows = [json.loads(line) for line in r.output.splitlines()]
+    assert rows and len(rows) <= n_papers
+    picked = [x for x in rows if x["picked"]]
+    assert picked and all(x["score"] is not None for x in picked)
+    top = rows[0]
+    assert top["topics"][0]["topic"] == "pruning" and top["topics"][0]["relevance"] > 0
+    assert {"field_weight", "matched_terms"} <= set(top["topics"][0])
+    assert {"trending", "freshness", "why_not", "categories"} <= set(top)
+    # Scores are the selection's own: best first, and no paper below a picked one is picked.
+    scores = [x["score"] for x in rows if x["score"] is not None]
+    assert scores == sorted(scores, reverse=True)
+    r = cli("digest", "preview", "ada@example.org", "--date", TODAY, "--explain")
+    assert r.exit_code == 0 and "pruning: relevance" in r.output and "picked (*)" in r.output
+    r = cli("digest", "preview", "ada@example.org", "--json")
+    assert r.exit_code != 0 and "--json goes with --explain" in r.output

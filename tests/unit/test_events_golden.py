@@ -237,7 +237,15 @@ def test_rows_and_outcomes_match_the_golden_file(
                for c in o["changes"])  # fmt: skip
     assert got["outcomes"] == want["outcomes"], f"outcomes differ (batch size {size})"
     for table in TABLES:
-        assert got["rows"][table] == want["rows"][table], f"{table} differs (batch size {size})"
+        rows = got["rows"][table]
+        if want["rows"][table]:
+            # Columns added to the schema after the golden file was written: the seed leaves
+            # them empty and applying events must not write them.
+            known = set(want["rows"][table][0])
+            later = {c for row in rows for c in row} - known
+            assert all(row[c] is None for row in rows for c in later), f"{table}: {later}"
+            rows = [{k: v for k, v in row.items() if k in known} for row in rows]
+        assert rows == want["rows"][table], f"{table} differs (batch size {size})"
 
 
 def _write() -> None:  # pragma: no cover - run by hand

@@ -12,6 +12,7 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from sqlalchemy import event
 
@@ -489,9 +490,13 @@ def test_topic_rows_are_kept_per_corpus_and_equal_fresh_ones(
     cands = sorted(seed_candidates(), key=lambda c: (-c.upvotes, c.id))
     corpus = selection._corpus_for(cands, SelectionParams())
     topics = ["pruning", "gaussian processes", "diffusion models", "no such topic"]
-    together = selection._score_topics(corpus, topics)
+
+    def rows(some: list[str]) -> np.ndarray:
+        return np.array([row for row, _ in selection._concept_scores(corpus, some)])
+
+    together = rows(topics)
     for n, topic in enumerate(topics):
-        alone = selection._score_topics(corpus, [topic])
+        alone = rows([topic])
         assert alone.tobytes() == together[n].tobytes()
     corpus.topic_rows.clear()
     first = selection._topic_scores(corpus, topics[:2])

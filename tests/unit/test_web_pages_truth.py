@@ -153,3 +153,23 @@ def test_pages_and_emails_show_the_same_wordmark(settings: Settings) -> None:
     # The email's copy has its styles inlined by MJML; the same mark, the same words.
     tags = re.sub(r' style="[^"]*"', "", html)
     assert mark in tags
+
+
+def test_what_matched_is_named_in_the_email_and_in_view_in_browser(settings: Settings) -> None:
+    # "RL" is a concept: the paper matches by the concept's phrase, not the topic's words.
+    add_papers([("2611.80002", "Policy Gradient Methods with Off-Policy Correction")])
+    sid = add_sub(topics=["reinforcement learning"])
+    delivery.run_in_process(utcnow().date(), settings=settings)
+    [mail] = outbox_messages(settings)
+    with session_scope() as s:
+        row = s.query(Delivery).filter_by(subscriber_id=sid).one()
+        [dp] = row.papers
+        assert dp.matched_topic == "reinforcement learning"
+        assert "policy gradient" in dp.terms
+    html = mail.get_body(preferencelist=("html",)).get_content()
+    assert "Because you follow <em>reinforcement learning</em>: " in html
+    assert "policy gradient" in html.split("Because you follow", 1)[1].split("</p>", 1)[0]
+    view = next(u for u in html_links(mail) if "/view/" in u)
+    page = make_client(settings).get(path_of(view, settings)).get_data(as_text=True)
+    reason = page.split("Because you follow", 1)[1].split("</p>", 1)[0]
+    assert "policy gradient" in reason

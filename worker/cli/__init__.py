@@ -27,10 +27,13 @@ _COMMAND_MODULES = [
     "resend",
     "deliveries",
     "stats",
+    "health",
     "sending",
     "demo",
     "events",
     "web",
+    "metrics",
+    "alerts",
 ]
 
 

@@ -209,17 +209,34 @@ def _dry_run(edition: object, as_json: bool) -> None:
     type=click.Path(dir_okay=False, path_type=Path),
     help="Write the HTML here (default: print it).",
 )
-def preview(email: str, date_: str | None, output: Path | None) -> None:
+@click.option(
+    "--explain",
+    is_flag=True,
+    help="Print every candidate's scores (relevance per topic, field weight, matched terms, "
+    "trending, final) instead of the email.",
+)
+@click.option("--json", "as_json", is_flag=True, help="With --explain: JSON lines, one a paper.")
+def preview(
+    email: str, date_: str | None, output: Path | None, explain: bool, as_json: bool
+) -> None:
     """Render the digest EMAIL would get for edition D, without sending or recording.
 
     \b
-    Example:
+    Examples:
       papermail digest preview ada@example.org -o ada.html
+      papermail digest preview ada@example.org --explain
     """
     require_schema()
-    from worker.previews import preview_digest
+    from worker.previews import explain_digest, preview_digest
 
     edition = parse_date(date_)
+    if as_json and not explain:
+        raise click.UsageError("--json goes with --explain")
+    if explain:
+        with session_scope() as session:
+            rows = explain_digest(session, email, edition)
+        _print_explained(rows, as_json)
+        return
     with session_scope() as session:
         result = preview_digest(session, email, edition)
     if result.html is None:
@@ -235,3 +252,48 @@ def preview(email: str, date_: str | None, output: Path | None) -> None:
         click.echo(f"wrote {output} ({len(result.papers)} papers)")
     else:
         click.echo(result.html)
+
+
+def _print_explained(rows: list, as_json: bool) -> None:
+    import json
+
+    if as_json:
+        for r in rows:
+            click.echo(
+                json.dumps(
+                    {
+                        "paper_id": r.paper_id,
+                        "title": r.title,
+                        "categories": list(r.categories),
+                        "topics": [
+                            {
+                                "topic": t,
+                                "relevance": round(rel, 4),
+                                "field_weight": w,
+                                "matched_terms": list(terms),
+                            }
+                            for t, rel, w, terms in r.topics
+                        ],
+                        "trending": round(r.trending, 4),
+                        "freshness": round(r.freshness, 4),
+                        "score": None if r.score is None else round(r.score, 4),
+                        "picked": r.picked,
+                        "why_not": r.why_not,
+                    }
+                )
+            )
+        return
+    if not rows:
+        click.echo("no candidate papers in the window")
+        return
+    for r in rows:
+        mark = "*" if r.picked else " "
+        final = "     -" if r.score is None else f"{r.score:6.3f}"
+        cats = ",".join(r.categories[:3]) or "-"
+        click.echo(f"{mark} {final}  {r.paper_id:<14} [{cats}] {r.title[:70]}")
+        for topic, rel, weight, terms in r.topics:
+            said = ", ".join(terms) or "-"
+            click.echo(f"      {topic}: relevance {rel:.3f}  field {weight:.1f}  matched: {said}")
+        tail = f"      trending {r.trending:.3f}  freshness {r.freshness:.3f}"
+        click.echo(tail + (f"  ({r.why_not})" if r.why_not else ""))
+    click.echo(f"{sum(r.picked for r in rows)} picked (*) of {len(rows)} candidates")

@@ -62,6 +62,9 @@ def pause(reason: str) -> None:
     with session_scope() as session:
         delivery.pause_sending(session, reason, by="cli")
     click.echo(f"sending paused: {reason}")
+    from worker.alerts import check_quietly
+
+    check_quietly(kinds=["paused"])
 
 
 @command.command("resume")

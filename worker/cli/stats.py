@@ -20,7 +20,8 @@ def command(date_: str | None, as_json: bool) -> None:
     """Per edition: counts by state, bounce and complaint rates against SES's review
     thresholds, when sending started and ended, achieved rate, oldest pending, and why:
     the top reasons of the failed, skipped and unknown deliveries, with counts (addresses
-    in reasons counted as one; `papermail deliveries list --state S` names them).
+    in reasons counted as one; `papermail deliveries list --state S` names them); with SES,
+    the account's 24-hour quota used and left (GetAccount).
 
     Times are this machine's local time. Exits 1 when the newest edition shown (or --date
     D) has failed or unknown deliveries or a rate over its threshold, when sending is
@@ -45,7 +46,7 @@ def command(date_: str | None, as_json: bool) -> None:
         if date_ and not editions[0]["total"]:
             # Nothing was planned that day: say so instead of a row of zeros (exit 1, like
             # any other question about something that does not exist), with that day's
-            # paper fetches if any: a failed one may be why.
+            # paper fetches, which may say why.
             fetches = [fetch_json(r) for r in recent_fetches(session, dates)]
             if as_json:
                 echo_json({"paused": sending_paused(session), "editions": [], "fetches": fetches})
@@ -61,12 +62,14 @@ def command(date_: str | None, as_json: bool) -> None:
         # The fetches of the dates shown (and today's): what the editions had to go on.
         fetch_dates = sorted({*dates, utcnow().date()}) if not date_ else dates
         fetches = [fetch_json(r) for r in recent_fetches(session, fetch_dates)]
+    account = operations.account_quota()
     if as_json:
-        echo_json({"paused": paused, "editions": editions, "fetches": fetches})
+        echo_json({"paused": paused, "editions": editions, "fetches": fetches, "account": account})
     else:
         _table(editions, paused)
         _why(editions)
         _fetch_table(fetches)
+        _account_line(account)
     newest = editions[0] if editions else None
     bad = bool(paused) or (
         newest is not None
@@ -203,3 +206,22 @@ def _fetch_table(fetches: list[dict[str, object]]) -> None:
                 f"{f['bytes']:,} bytes, at {human_time(f['finished_at'])}"  # type: ignore[arg-type]
             )
         )
+
+
+def _account_line(account: dict[str, object] | None) -> None:
+    if account is None:
+        return
+    if "error" in account:
+        text = f"{account['mailer']} quota: cannot ask the provider: {account['error']}"
+        click.echo(click.style(text, fg="yellow") if is_tty() else text)
+        return
+    limit, sent, left = account["max_24h_send"], account["sent_last_24h"], account["remaining_24h"]
+    rate = account["max_send_rate"]
+    rate_text = f", max {rate:g}/s" if isinstance(rate, int | float) else ""
+    if not isinstance(limit, int | float) or limit < 0:
+        click.echo(f"{account['mailer']} 24 h quota: unlimited{rate_text}")
+        return
+    click.echo(
+        f"{account['mailer']} 24 h quota: {sent or 0:,.0f} of {limit:,.0f} used, "  # type: ignore[str-format]
+        f"{left or 0:,.0f} left{rate_text}"  # type: ignore[str-format]
+    )

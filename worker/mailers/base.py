@@ -15,9 +15,9 @@ from __future__ import annotations
 import os
 import threading
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import TracebackType
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from worker.config import Settings, get_settings
 from worker.errors import InvalidInput
@@ -34,10 +34,57 @@ class SendResult:
     message_id: str  # the provider's id (SES MessageId; the Message-ID header for the outbox)
 
 
+@dataclass(frozen=True)
+class AccountInfo:
+    """What the provider says about the account: may it send, how fast, how much today.
+
+    ``None`` means the provider does not say (an SMTP relay has no quota it reports; the
+    outbox has no limit at all). ``problems`` are the provider's own answers that stop
+    sending, each with what to do; ``warnings`` are those that only limit it.
+    """
+
+    mailer: str
+    sending_enabled: bool | None = True  # None: the provider does not say
+    production_access: bool | None = None  # SES: False while the account is in the sandbox
+    max_send_rate: float | None = None  # emails per second
+    max_24h_send: float | None = None  # emails per rolling 24 hours
+    sent_last_24h: float | None = None
+    enforcement_status: str | None = None  # SES: HEALTHY | PROBATION | SHUTDOWN
+    source: str = ""  # the call (or check) the figures come from
+    details: dict[str, str] = field(default_factory=dict)
+    problems: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def remaining_24h(self) -> float | None:
+        """Emails the 24-hour quota still allows, or None when there is no known quota."""
+        if self.max_24h_send is None or self.max_24h_send < 0:  # SES: -1 is unlimited
+            return None
+        return max(0.0, self.max_24h_send - (self.sent_last_24h or 0.0))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "mailer": self.mailer,
+            "source": self.source,
+            "sending_enabled": self.sending_enabled,
+            "production_access": self.production_access,
+            "max_send_rate": self.max_send_rate,
+            "max_24h_send": self.max_24h_send,
+            "sent_last_24h": self.sent_last_24h,
+            "remaining_24h": self.remaining_24h,
+            "enforcement_status": self.enforcement_status,
+            "details": dict(self.details),
+            "problems": list(self.problems),
+            "warnings": list(self.warnings),
+        }
+
+
 class Mailer(ABC):
     """Send one message; thread-safe; raise a :class:`MailerError` kind on failure."""
 
     name: ClassVar[str]
+    # Whether ``account()`` reports a 24-hour quota (asked before each edition if so).
+    reports_quota: ClassVar[bool] = False
     # Why this mailer cannot deliver to an address with a non-ASCII local part
     # (``tést@example.com``, which needs SMTPUTF8 and RFC 6532 UTF-8 headers).
     non_ascii_local_part: ClassVar[str] = (
@@ -74,6 +121,14 @@ class Mailer(ABC):
     @abstractmethod
     def _send(self, message: OutgoingMessage) -> SendResult:
         """Deliver a message that passed :func:`check_message`."""
+
+    @abstractmethod
+    def account(self) -> AccountInfo:
+        """Ask the provider about the account (one small call, never a message).
+
+        Raises a :class:`MailerError` kind when the provider cannot be asked (unreachable,
+        credentials refused); its reason says what happened.
+        """
 
     def close(self) -> None:  # noqa: B027 - optional hook, most mailers hold nothing
         """Release connections; the mailer must not be used afterwards."""

@@ -16,7 +16,7 @@ import uuid
 from pathlib import Path
 
 from worker.config import Settings
-from worker.mailers.base import Mailer, SendResult
+from worker.mailers.base import AccountInfo, Mailer, SendResult
 from worker.mailers.errors import AccountError
 from worker.message import OutgoingMessage
 
@@ -67,6 +67,47 @@ class OutboxMailer(Mailer):
                 code="OutboxUnwritable",
             ) from exc
         return SendResult(message.message_id)
+
+    def account(self) -> AccountInfo:
+        """No limits; "sending enabled" means the outbox directory can be written to.
+
+        Probed with a hidden file created and removed again; a directory that does not exist
+        yet is judged by its nearest existing parent (the first email creates it).
+        """
+        root = self.root.resolve()
+        problems: list[str] = []
+        existing = root
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir():
+            problems.append(
+                f"the outbox {root} cannot be created: {existing} is not a directory; "
+                "set PAPERMAIL_OUTBOX_DIR to a directory papermail's user can write"
+            )
+        elif existing == root:
+            probe = root / f".health-{uuid.uuid4().hex}.tmp"
+            try:
+                probe.open("xb").close()
+                probe.unlink()
+            except OSError as exc:
+                problems.append(
+                    f"cannot write to the outbox {root}: {exc.strerror or exc}; let "
+                    "papermail's user write there, or set PAPERMAIL_OUTBOX_DIR to another "
+                    "directory"
+                )
+        elif not os.access(existing, os.W_OK | os.X_OK):
+            problems.append(
+                f"the outbox {root} does not exist and {existing} is not writable, so it "
+                "cannot be created; create it for papermail's user, or set "
+                "PAPERMAIL_OUTBOX_DIR to another directory"
+            )
+        return AccountInfo(
+            mailer=self.name,
+            sending_enabled=not problems,
+            source="outbox directory write probe",
+            details={"outbox_dir": str(root)},
+            problems=tuple(problems),
+        )
 
     @staticmethod
     def _write(first: Path, raw: bytes) -> Path:

@@ -27,7 +27,7 @@ from botocore.config import Config
 from worker.clock import utcnow
 from worker.config import ConfigError, Settings
 from worker.mailers import ses_http
-from worker.mailers.base import Mailer, SendResult
+from worker.mailers.base import AccountInfo, Mailer, SendResult
 from worker.mailers.errors import (
     AccountError,
     AmbiguousError,
@@ -42,6 +42,10 @@ from worker.message import OutgoingMessage
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_SECONDS = 5.0
+# GetAccount / GetSendQuota: a question, never a message; asked before editions and by
+# health. Short and never retried, so a provider that is away costs seconds, not minutes.
+ACCOUNT_CONNECT_TIMEOUT_SECONDS = 2.0
+ACCOUNT_READ_TIMEOUT_SECONDS = 3.0
 # At least the sends in flight of one worker process (the threads sharing the client).
 MIN_POOL_CONNECTIONS = 50
 
@@ -102,6 +106,7 @@ def email_tags(tags: Mapping[str, str]) -> list[dict[str, str]]:
 
 class SesMailer(Mailer):
     name = "ses"
+    reports_quota = True
     non_ascii_local_part = (
         "Amazon SES accepts only ASCII before the @ (it does not support SMTPUTF8)"
     )
@@ -114,6 +119,11 @@ class SesMailer(Mailer):
         self._client = client
         self._client_lock = threading.Lock()
         self._session: boto3.session.Session | None = None
+        # The account questions' own clients (sesv2, and ses v1 for endpoints without
+        # GetAccount), built on first use; once an endpoint answered 404 to GetAccount,
+        # it is asked GetSendQuota directly.
+        self._account_clients: dict[str, Any] = {}
+        self._no_get_account = False
         if client is not None:  # the caller's own client: every call goes through it
             return
         botocore_session = botocore.session.Session()
@@ -178,11 +188,61 @@ class SesMailer(Mailer):
             raise AmbiguousError("SES answered without a MessageId", code="NoMessageId")
         return SendResult(message_id)
 
+    def account(self) -> AccountInfo:
+        """sesv2 ``GetAccount``, one attempt with short timeouts (2 s to connect, 3 s to
+        answer), through a client of its own: never the sending client's retries or its
+        SEND_TIMEOUT_SECONDS.
+
+        An SES-compatible API without it (answering 404, as moto's server does) is asked
+        SES v1's ``GetSendQuota`` instead: the same rate and quota, nothing about the sandbox.
+        """
+        if not self._no_get_account:
+            try:
+                answer = self._account_client("sesv2").get_account()
+            except bx.ClientError as exc:
+                if not _unsupported(exc) or self._session is None:
+                    raise classify(exc) from exc
+                self._no_get_account = True
+            except bx.BotoCoreError as exc:
+                raise classify(exc) from exc
+            else:
+                return account_from_get_account(answer, self.settings.ses_region)
+        return self._account_v1()
+
+    def _account_client(self, service: str) -> Any:
+        with self._client_lock:
+            client = self._account_clients.get(service)
+            if client is None:
+                if self._session is None:  # the caller's own client answers everything
+                    assert self._client is not None
+                    return self._client
+                client = self._session.client(
+                    service,
+                    endpoint_url=self.settings.ses_endpoint_url or None,
+                    config=_account_config(),
+                )
+                self._account_clients[service] = client
+            return client
+
+    def _account_v1(self) -> AccountInfo:
+        try:
+            quota = self._account_client("ses").get_send_quota()
+        except (bx.ClientError, bx.BotoCoreError) as exc:
+            raise classify(exc) from exc
+        return account_info(
+            self.settings.ses_region,
+            source="SES v1 GetSendQuota (this endpoint has no sesv2 GetAccount)",
+            quota=quota,
+            sending_enabled=None,
+        )
+
     def close(self) -> None:
         if self.transport is not None:
             self.transport.close()
         if self._client is not None:
             self._client.close()
+        for client in self._account_clients.values():
+            client.close()
 
 
 def _pool_size(settings: Settings) -> int:
@@ -212,7 +272,13 @@ def _session(settings: Settings, botocore_session: Any = None) -> boto3.session.
 def make_client(settings: Settings, session: boto3.session.Session | None = None) -> Any:
     """A sesv2 client: retries off, short connect timeout, pool >= concurrency."""
     session = session or _session(settings)
-    config = Config(
+    return session.client(
+        "sesv2", endpoint_url=settings.ses_endpoint_url or None, config=_config(settings)
+    )
+
+
+def _config(settings: Settings) -> Config:
+    return Config(
         # total_max_attempts counts the first try; botocore's "max_attempts" counts RETRIES,
         # so {"max_attempts": 1} would still send a throttled or timed-out email twice.
         retries={"total_max_attempts": 1, "mode": "standard"},
@@ -221,7 +287,108 @@ def make_client(settings: Settings, session: boto3.session.Session | None = None
         max_pool_connections=_pool_size(settings),
         tcp_keepalive=True,
     )
-    return session.client("sesv2", endpoint_url=settings.ses_endpoint_url or None, config=config)
+
+
+def _account_config() -> Config:
+    # One attempt (botocore's total_max_attempts counts the first try), short timeouts.
+    return Config(
+        retries={"total_max_attempts": 1, "mode": "standard"},
+        connect_timeout=ACCOUNT_CONNECT_TIMEOUT_SECONDS,
+        read_timeout=ACCOUNT_READ_TIMEOUT_SECONDS,
+        max_pool_connections=1,
+    )
+
+
+def _unsupported(exc: bx.ClientError) -> bool:
+    """The endpoint does not implement the operation (not: the account may not call it)."""
+    response: dict[str, Any] = exc.response or {}
+    code = str((response.get("Error") or {}).get("Code") or "")
+    status = int((response.get("ResponseMetadata") or {}).get("HTTPStatusCode") or 0)
+    return status in (404, 501) or code in {"UnknownOperationException", "NotImplemented"}
+
+
+def _number(value: object) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def account_info(
+    region: str,
+    *,
+    source: str,
+    quota: Mapping[str, Any],
+    sending_enabled: bool | None,
+    production_access: bool | None = None,
+    enforcement_status: str | None = None,
+    details: dict[str, str] | None = None,
+) -> AccountInfo:
+    """The figures of a ``SendQuota`` (v2) or ``GetSendQuota`` (v1) answer, with what is
+    wrong in words: each problem or warning says what to do."""
+    max_24h = _number(quota.get("Max24HourSend"))
+    sent = _number(quota.get("SentLast24Hours"))
+    problems: list[str] = []
+    warnings: list[str] = []
+    if sending_enabled is False:
+        problems.append(
+            f"sending is disabled for the SES account in {region} (paused by an operator or "
+            "by SES); fix the cause, then `aws sesv2 put-account-sending-attributes "
+            "--sending-enabled`"
+        )
+    status = (enforcement_status or "").upper()
+    if status == "SHUTDOWN":
+        problems.append(
+            f"SES has shut down sending for the account in {region} (enforcement status "
+            "SHUTDOWN); see the SES console's reputation metrics and contact AWS support"
+        )
+    elif status == "PROBATION":
+        warnings.append(
+            f"the SES account in {region} is on probation (bounces or complaints too high); "
+            "see `papermail stats` and the SES console's reputation metrics before it is shut down"
+        )
+    if production_access is False:
+        warnings.append(
+            f"the SES account in {region} is in the sandbox: only verified addresses receive "
+            "mail, at most 200 a day; request production access in the SES console "
+            "(Account dashboard)"
+        )
+    if max_24h is not None and max_24h >= 0 and sent is not None and sent >= max_24h:
+        problems.append(
+            f"the 24-hour sending quota is used up ({sent:,.0f} of {max_24h:,.0f}); sending "
+            "resumes as the rolling window frees up; ask AWS for a higher quota (Service "
+            "Quotas: Amazon SES, Sending quota)"
+        )
+    return AccountInfo(
+        mailer="ses",
+        sending_enabled=sending_enabled,
+        production_access=production_access,
+        max_send_rate=_number(quota.get("MaxSendRate")),
+        max_24h_send=max_24h,
+        sent_last_24h=sent,
+        enforcement_status=enforcement_status,
+        source=source,
+        details={"region": region, **(details or {})},
+        problems=tuple(problems),
+        warnings=tuple(warnings),
+    )
+
+
+def account_from_get_account(answer: Mapping[str, Any], region: str) -> AccountInfo:
+    """An ``AccountInfo`` from a sesv2 ``GetAccount`` answer."""
+    details: dict[str, str] = {}
+    review = (answer.get("Details") or {}).get("ReviewDetails") or {}
+    if review.get("Status"):
+        details["production_access_review"] = str(review["Status"])
+    enabled = answer.get("SendingEnabled")
+    production = answer.get("ProductionAccessEnabled")
+    status = answer.get("EnforcementStatus")
+    return account_info(
+        region,
+        source="sesv2 GetAccount",
+        quota=answer.get("SendQuota") or {},
+        sending_enabled=enabled if isinstance(enabled, bool) else None,
+        production_access=production if isinstance(production, bool) else None,
+        enforcement_status=str(status) if status else None,
+        details=details,
+    )
 
 
 def _retry_after(headers: Mapping[str, str]) -> float | None:

@@ -17,7 +17,7 @@ import ssl
 import threading
 
 from worker.config import Settings
-from worker.mailers.base import Mailer, SendResult
+from worker.mailers.base import AccountInfo, Mailer, SendResult
 from worker.mailers.errors import (
     AccountError,
     AmbiguousError,
@@ -151,6 +151,35 @@ class SmtpMailer(Mailer):
                 conn.quit()
             _quietly_close(conn)
         self._local = threading.local()
+
+    def account(self) -> AccountInfo:
+        """Connect, EHLO (STARTTLS and login as configured), NOOP, QUIT: a relay reports no
+        quota or rate, only whether it takes a session."""
+        conn = self._connect()  # raises the error kind, with the reason, when it cannot
+        try:
+            code, reply = conn.noop()
+            if code != 250:
+                raise classify_reply(code, reply, "NOOP")
+            details = {
+                "server": f"{self.host}:{self.port}",
+                "starttls": "yes" if self.starttls else "no",
+                "login": "yes" if self.username else "no",
+            }
+            size = (conn.esmtp_features.get("size") or "").strip()
+            if size.isdigit() and int(size):
+                details["max_message_bytes"] = size
+            return AccountInfo(
+                mailer=self.name, source="SMTP EHLO + NOOP", details=details, sending_enabled=True
+            )
+        except (OSError, smtplib.SMTPException) as exc:
+            raise TransientError(
+                f"SMTP server {self.host}:{self.port} dropped the session: {exc}",
+                code="Disconnected",
+            ) from exc
+        finally:
+            with contextlib.suppress(Exception):
+                conn.quit()
+            self._discard(conn)
 
     # -- sending ---------------------------------------------------------------------
 

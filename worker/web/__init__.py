@@ -11,7 +11,10 @@ it) unless called with ``dev=True``: ``papermail web --dev``, or
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from pathlib import Path
+from typing import Any
 
 from flask import Flask, jsonify
 from jinja2 import ChoiceLoader, FileSystemLoader, PrefixLoader
@@ -51,11 +54,12 @@ def create_app(settings: Settings | None = None, *, dev: bool = False) -> Flask:
     app.config["PAPERMAIL_SETTINGS"] = settings
     app.config["SECRET_KEY"] = settings.signing_keys[0]
     app.config["MAX_CONTENT_LENGTH"] = 1024 * 1024  # SNS messages are far smaller
-    from worker.web import guards, pages, webhooks
+    from worker.web import guards, metrics, pages, webhooks
 
     guards.install(app)
     app.register_blueprint(webhooks.bp)
     app.register_blueprint(pages.bp)
+    app.register_blueprint(metrics.bp)
     # SNS's POSTs skip Flask's per-request machinery (same answers); inside ProxyFix, so
     # the client address it logs is the one Flask would see.
     app.wsgi_app = webhooks.SnsFastPath(app, app.wsgi_app)  # type: ignore[method-assign]
@@ -71,10 +75,14 @@ def create_app(settings: Settings | None = None, *, dev: bool = False) -> Flask:
 
     @app.get("/healthz")
     def healthz():  # type: ignore[no-untyped-def]
+        from flask import request
         from sqlalchemy import text
 
         from worker.db import get_engine
 
+        if request.args.get("deep") in ("1", "true", "yes"):
+            report = deep_health(settings)
+            return jsonify(report.as_dict()), 200 if report.ok else 503
         try:
             with get_engine().connect() as conn:
                 conn.execute(text("SELECT 1"))
@@ -84,6 +92,33 @@ def create_app(settings: Settings | None = None, *, dev: bool = False) -> Flask:
         return jsonify(status="ok")
 
     return app
+
+
+# The deep check asks the database, Redis, the broker, SES and SNS: a probe (or anyone) calling
+# it in a loop must not turn into a stream of provider API calls, so one answer serves this
+# process for a few seconds.
+DEEP_CACHE_SECONDS = 10.0
+_deep_lock = threading.Lock()
+_deep_cache: tuple[float, Settings, Any] | None = None
+
+
+def deep_health(settings: Settings) -> Any:
+    """The report of :func:`worker.health.run_checks` (this process's mailer), cached briefly."""
+    global _deep_cache
+    from worker.health import run_checks
+    from worker.mailers.base import get_mailer
+
+    with _deep_lock:
+        now = time.monotonic()
+        if (
+            _deep_cache is not None
+            and _deep_cache[1] is settings
+            and now - _deep_cache[0] < DEEP_CACHE_SECONDS
+        ):
+            return _deep_cache[2]
+        report = run_checks(settings, mailer=get_mailer(settings))
+        _deep_cache = (time.monotonic(), settings, report)
+        return report
 
 
 def app_settings() -> Settings:
