@@ -1538,3 +1538,108 @@ def send_in_process(
         waited += delay
         queue = [i for i, _ in retries]
     return total
+
+
+@dataclass(frozen=True)
+class Forecast:
+    """What the send path would do with one delivery: the state it would leave it in
+    (``sent`` means claimed and handed to the mailer, which may still refuse it)."""
+
+    state: str
+    why: str = ""
+
+
+def forecast_deliveries(
+    prepare: Callable[[Session], Sequence[int]],
+    *,
+    settings: Settings,
+    now: datetime | None = None,
+    include_suppressed: bool = False,
+    attempt_kind: str = "send",
+    reason: str | None = None,
+    actor: str | None = None,
+) -> dict[int, Forecast]:
+    """Run the send path's own decisions in a transaction that is rolled back.
+
+    ``prepare`` makes the changes the real run would start with (a resend's requeue) and
+    returns the delivery ids to send; then :func:`prepare_messages` (subscriber re-check,
+    address check, selection, "nothing new"), :func:`_render_batch` and the claim run
+    exactly as in :func:`process_deliveries`, and each row's resulting state is read
+    before everything is rolled back. Nothing is sent, no rate-limit token is taken.
+
+    The commits inside those functions release SAVEPOINTs of one outer transaction
+    (``join_transaction_mode="create_savepoint"``).
+    """
+    from worker.db import get_engine
+    from worker.mailers.base import address_problem
+
+    clock = anchored(now)
+    engine = get_engine(settings.database_url)
+    with engine.connect() as conn:
+        outer = conn.begin()
+        try:
+            if conn.dialect.name == "sqlite":
+                # pysqlite opens no transaction before the first write, and a RELEASE of
+                # the outermost SAVEPOINT would commit; an explicit BEGIN makes it nested.
+                conn.exec_driver_sql("BEGIN")
+            session = Session(
+                conn, join_transaction_mode="create_savepoint", expire_on_commit=False
+            )
+            try:
+                ids = list(prepare(session))
+                session.commit()
+                start = clock()
+                outcome = ChunkOutcome()
+                prepared, _ = prepare_messages(
+                    session,
+                    ids,
+                    settings,
+                    start,
+                    include_suppressed=include_suppressed,
+                    clock=clock,
+                    address_problem=lambda email: address_problem(email, settings),
+                    attempt_kind=attempt_kind,
+                    reason=reason,
+                    actor=actor,
+                )
+                ready = _render_batch(
+                    session, prepared, outcome, clock, attempt_kind, reason, actor
+                )
+                if ready:
+                    _, claimed = _claim_batch(
+                        session,
+                        [item.delivery_id for item in ready],
+                        clock,
+                        check_subscriber=not include_suppressed,
+                    )
+                    for item in ready:
+                        if item.delivery_id not in claimed:
+                            why = _unclaimable_reason(session, item.delivery_id)
+                            if why:
+                                _skip(session, item.delivery_id, why, clock)
+                session.flush()
+                rows = (
+                    session.execute(
+                        select(
+                            Delivery.id, Delivery.state, Delivery.skip_reason, Delivery.last_error
+                        ).where(Delivery.id.in_(ids))
+                    ).all()
+                    if ids
+                    else []
+                )
+            finally:
+                session.close()
+        finally:
+            outer.rollback()
+    out: dict[int, Forecast] = {}
+    for did, state, skip_reason, last_error in rows:
+        state = str(state)
+        if state == DeliveryState.SENDING:
+            out[did] = Forecast("sent")
+        elif state == DeliveryState.SKIPPED:
+            out[did] = Forecast("skipped", skip_reason or "")
+        elif state == DeliveryState.FAILED:
+            out[did] = Forecast("failed", last_error or "")
+        else:
+            out[did] = Forecast(state, "not claimable now")
+    return out

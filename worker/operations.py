@@ -41,6 +41,10 @@ class ResendItem:
     suppressed: bool
     action: str  # "resend" | "refused"
     why: str = ""
+    # What the send path does (or, in a dry run, would do) with it: "sent", "skipped",
+    # "failed", ... and why; see resend_outcomes and delivery.forecast_deliveries.
+    result: str = ""
+    result_why: str = ""
 
 
 @dataclass
@@ -164,6 +168,56 @@ def requeue_for_resend(
                 )
             )
     return requeued
+
+
+def forecast_resend(
+    plan: ResendPlan,
+    *,
+    settings: Settings,
+    reason: str,
+    include_suppressed: bool = False,
+    actor: str = "cli",
+) -> None:
+    """Fill in each item's ``result`` as the real resend would leave it, without sending:
+    the requeue and the whole send path's decisions run in a rolled-back transaction."""
+    from worker.delivery import forecast_deliveries
+
+    to_send = plan.to_send
+    if not to_send:
+        return
+    forecast = forecast_deliveries(
+        lambda s: requeue_for_resend(s, to_send, reason=reason, actor=actor),
+        settings=settings,
+        include_suppressed=include_suppressed,
+        attempt_kind="resend",
+        reason=reason,
+        actor=actor,
+    )
+    for item in to_send:
+        f = forecast.get(item.delivery_id)
+        if f is None:
+            item.result, item.result_why = "refused", "changed meanwhile (a running edition has it)"
+        else:
+            item.result, item.result_why = f.state, f.why
+
+
+def record_resend_results(session: Session, plan: ResendPlan) -> None:
+    """Fill in each re-sent item's ``result`` from its row after the real resend."""
+    ids = [i.delivery_id for i in plan.to_send]
+    if not ids:
+        return
+    rows = {
+        did: (str(state), skip_reason or last_error or "")
+        for did, state, skip_reason, last_error in session.execute(
+            select(Delivery.id, Delivery.state, Delivery.skip_reason, Delivery.last_error).where(
+                Delivery.id.in_(ids)
+            )
+        )
+    }
+    for item in plan.to_send:
+        state, why = rows.get(item.delivery_id, ("", ""))
+        item.result = state
+        item.result_why = "" if state == DeliveryState.SENT else why
 
 
 # ---------------------------------------------------------------------------------------

@@ -271,6 +271,86 @@ def test_resume_sends_what_the_pause_left_pending(sent_edition: Settings) -> Non
     assert "no pending deliveries" in cli("sending", "resume").output
 
 
+def _resend_json(*args: str) -> dict:
+    r = cli("resend", "--date", TODAY, "--json", *args)
+    return {"exit": r.exit_code, **json.loads(r.stdout)}
+
+
+def _by_row(data: dict) -> dict[int, tuple]:
+    return {
+        i["delivery_id"]: (i["email"], i["action"], i["result"], i["result_why"])
+        for i in data["items"]
+    }
+
+
+def test_resend_dry_run_predicts_the_real_outcome_per_row(settings: Settings) -> None:
+    """The dry run runs the real resend's decisions: on the same data, for every row, the
+    forecast is what the real resend then does (sent, skipped and why, failed and why)."""
+    _dry_run_predicts_the_real_outcome(settings)
+
+
+def test_resend_dry_run_predicts_the_real_outcome_on_postgres(pg_env: dict[str, str]) -> None:
+    """The same on PostgreSQL (its SAVEPOINTs and rollback, not SQLite's)."""
+    from worker.config import get_settings
+
+    _dry_run_predicts_the_real_outcome(get_settings())
+
+
+def _dry_run_predicts_the_real_outcome(settings: Settings) -> None:
+    with session_scope() as s:
+        load_sample_papers(s, now=NOW)
+        for email, topics in [
+            ("ada@example.org", "pruning"),
+            ("grace@example.org", "gaussian processes"),
+            ("alan@example.org", ""),
+            ("carol@example.org", "diffusion"),
+            ("bob@example.org", "lattice quantum chromodynamics"),
+        ]:
+            add_subscriber(s, SubscriberInput(email, topics=topics), confirmed=True)
+    delivery.run_in_process(NOW.date(), settings=settings)
+    with session_scope() as s:
+        states = dict(
+            s.execute(select(Subscriber.email, Delivery.state).join(Delivery.subscriber)).all()
+        )
+    assert states["bob@example.org"] == "skipped", states  # nothing new for bob's topic
+    for email in ("ada", "grace", "alan", "carol"):
+        set_state(f"{email}@example.org", "failed")
+    with session_scope() as s:
+        subs = {x.email: x for x in s.scalars(select(Subscriber))}
+        subs["ada@example.org"].status = "bounced"  # suppressed: refused
+        subs["alan@example.org"].paused_until = NOW.date()  # paused: skipped at send time
+        # An address stored before the door checked it: the mailer's reason, failed.
+        subs["carol@example.org"].email = "cárol@example.org"
+    emails_before = sum(1 for _ in Path(settings.outbox_dir).rglob("*.eml"))
+
+    # "nothing new" stays skipped: the dry run no longer says it would be re-sent.
+    dry = _resend_json("--state", "skipped", "--dry-run")
+    real = _resend_json("--state", "skipped")
+    assert _by_row(dry) == _by_row(real)
+    assert [i["result"] for i in real["items"]] == ["skipped"]
+    assert real["sent"] == 0 and real["skipped"] == 1
+    text = cli("resend", "--date", TODAY, "--state", "skipped", "--dry-run").output
+    assert "would skip" in text and "dry run: 0 would be re-sent, 1 skipped" in text
+
+    dry = _resend_json("--state", "failed", "--dry-run")
+    with session_scope() as s:  # the dry run changed nothing
+        assert s.scalars(select(Delivery.state)).all().count("failed") == 4
+    assert sum(1 for _ in Path(settings.outbox_dir).rglob("*.eml")) == emails_before
+    real = _resend_json("--state", "failed")
+    assert _by_row(dry) == _by_row(real)
+    got = {i["email"]: (i["action"], i["result"]) for i in real["items"]}
+    assert got == {
+        "ada@example.org": ("refused", None),
+        "grace@example.org": ("resend", "sent"),
+        "alan@example.org": ("resend", "skipped"),
+        "cárol@example.org": ("resend", "failed"),
+    }
+    why = {i["email"]: i["result_why"] for i in real["items"]}
+    assert why["alan@example.org"].startswith("paused until")
+    assert "ASCII" in why["cárol@example.org"]
+    assert (real["sent"], real["skipped"], real["failed"]) == (1, 1, 1)
+
+
 def test_preview_explain_prints_every_candidates_scores(settings: Settings) -> None:
     with session_scope() as s:
         load_sample_papers(s, now=NOW)

@@ -51,3 +51,38 @@ def test_stats_of_a_date_without_an_edition_says_so(settings: Settings) -> None:
     assert as_json.exit_code == 1
     assert json.loads(as_json.stdout)["editions"] == []
     assert "no edition on 2020-01-01" in as_json.stderr
+
+
+def test_stats_fetch_lines_fit_100_columns_with_long_errors(settings: Settings) -> None:
+    from worker.models import PaperFetch
+
+    _sent(settings)
+    error = "HTTPError: 503 Service Unavailable from https://huggingface.co/api/daily_papers" + (
+        "?date=2026-11-27&limit=100 retrying\n after backoff " * 6
+    )
+    with session_scope() as s:
+        day = FIXED_NOW.date()
+        s.add(
+            PaperFetch(
+                source="hf", fetch_date=day, status="failed", error=error,
+                started_at=FIXED_NOW, finished_at=FIXED_NOW,
+            )
+        )  # fmt: skip
+        s.add(
+            PaperFetch(
+                source="arxiv", fetch_date=day, status="ok",
+                started_at=FIXED_NOW, finished_at=FIXED_NOW, requests=12_345, pages=9_999,
+                bytes=98_765_432_109, papers=123_456, new=123_456, updated=654_321,
+            )
+        )  # fmt: skip
+    result = CliRunner().invoke(main, ["stats", "--date", FIXED_NOW.date().isoformat()])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert max(len(line) for line in lines) <= 100, result.output
+    [failed] = [line for line in lines if " failed " in line and "hf" in line]
+    assert len(failed) == 100 and failed.endswith("…") and "HTTPError: 503" in failed
+    [ok] = [line for line in lines if "arxiv" in line]
+    assert "123456 papers" in ok
+    # The whole error stays in the JSON.
+    out = CliRunner().invoke(main, ["stats", "--date", day.isoformat(), "--json"]).stdout
+    assert [f["error"] for f in json.loads(out)["fetches"] if f["source"] == "hf"] == [error]

@@ -442,7 +442,9 @@ def test_stats_shows_the_fetches(settings: Any, monkeypatch: Any) -> None:
     assert [(f["date"], f["source"], f["status"], f["papers"]) for f in fetched] == [
         ("2031-03-14", "hf", "ok", 3)
     ]  # today's (the fixed clock's) only: no edition dates yet, and the 15th is not today
+    # No edition on the 15th (exit 1, said first), and its failed fetch, which may be why.
     done = runner.invoke(cli, ["stats", "--date", "2031-03-15"])
+    assert done.exit_code == 1 and done.output.startswith("no edition on 2031-03-15")
     assert "2031-03-15 hf     failed" in done.output and "HTTP 503" in done.output
     done = runner.invoke(cli, ["stats"])
     assert "2031-03-14 hf     ok            3 papers (3 new, 0 updated)" in done.output

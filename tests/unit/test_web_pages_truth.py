@@ -131,6 +131,30 @@ def test_view_in_browser_shows_the_settings_and_state_of_then(settings: Settings
     assert "quantum chemistry" in old and "Robotic Grasping with Tactile Sensing" in old
 
 
+def test_pages_and_emails_show_the_same_wordmark(settings: Settings) -> None:
+    """One file, templates/shared/_wordmark.html, in the pages' header and the emails'."""
+    import re
+
+    from tests.unit.web_support import csrf_from
+    from worker.resources import shared_templates_dir
+
+    source = (shared_templates_dir() / "_wordmark.html").read_text(encoding="utf-8")
+    mark = re.sub(r"\{#.*?#\}", "", source, flags=re.S).strip()
+    assert 'class="pm-wordmark"' in mark
+    client = make_client(settings)
+    page = client.get("/subscribe").get_data(as_text=True)
+    assert f'<header class="site"><div class="brand">{mark}</div></header>' in page
+    css = client.get("/assets/papermail.css").get_data(as_text=True)
+    assert ".pm-wordmark {" in css and ".pm-wordmark-mail {" in css
+    csrf = csrf_from(page)
+    client.post("/subscribe", data={"email": "new@example.org", "csrf_token": csrf})
+    [msg] = outbox_messages(settings, to="new@example.org")
+    html = msg.get_body(("html",)).get_content()
+    # The email's copy has its styles inlined by MJML; the same mark, the same words.
+    tags = re.sub(r' style="[^"]*"', "", html)
+    assert mark in tags
+
+
 def test_what_matched_is_named_in_the_email_and_in_view_in_browser(settings: Settings) -> None:
     # "RL" is a concept: the paper matches by the concept's phrase, not the topic's words.
     add_papers([("2611.80002", "Policy Gradient Methods with Off-Policy Correction")])

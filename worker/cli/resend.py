@@ -85,8 +85,20 @@ def command(
         names = ", ".join(i.email for i in to_send if i.suppressed)
         if not click.confirm(f"send to suppressed address(es) {names}?", default=False):
             raise PapermailError("nothing sent: sending to suppressed addresses was not confirmed")
+    if dry_run:
+        # The real resend's own code, in a transaction rolled back: the same subscriber
+        # re-check, address check and selection ("nothing new" is skipped, not sent).
+        operations.forecast_resend(
+            plan, settings=settings, reason=reason, include_suppressed=include_suppressed
+        )
     if dry_run or not to_send:
         _report(plan, [], None, dry_run, as_json)
+        if dry_run and paused:
+            click.echo(
+                f"note: sending is paused ({paused}); the real resend refuses until "
+                "`papermail sending resume`",
+                err=True,
+            )
         if plan.refused and not to_send:
             raise SystemExit(1)
         return
@@ -116,11 +128,18 @@ def command(
         from worker.tasks import enqueue_chunks
 
         enqueue_chunks(ids, kind="resend", reason=reason, include_suppressed=include_suppressed)
+    if outcome is not None:
+        with session_scope() as session:
+            operations.record_resend_results(session, plan)
     _report(plan, ids, outcome, False, as_json)
     if outcome is not None and (
         outcome.failed or outcome.unknown or outcome.paused or outcome.retry
     ):
         raise SystemExit(1)
+
+
+# How a dry run names each forecast state.
+_VERBS = {"sent": "resend", "skipped": "skip", "failed": "fail"}
 
 
 def _report(
@@ -138,6 +157,9 @@ def _report(
                 "suppressed": i.suppressed,
                 "action": i.action,
                 "why": i.why,
+                # dry run: what the resend would do; after an in-process resend: what it did
+                "result": i.result or None,
+                "result_why": i.result_why or None,
             }
             for i in plan.items
         ],
@@ -154,11 +176,21 @@ def _report(
         echo_json(data)
         return
     for i in plan.items:
-        verb = "would resend" if dry_run and i.action == "resend" else i.action
+        if i.action == "resend" and i.result:
+            verb = f"would {_VERBS.get(i.result, i.result)}" if dry_run else i.result
+            why = i.result_why
+        else:
+            verb, why = i.action, i.why
         line = f"  {verb:<12} {i.email:<36} was {i.state:<9} {len(i.papers)} papers"
-        click.echo(line + (f"  ({i.why})" if i.why else ""))
+        click.echo(line + (f"  ({why})" if why else ""))
     if dry_run:
-        click.echo(f"dry run: {len(plan.to_send)} would be re-sent, {len(plan.refused)} refused")
+        counts = {r: sum(1 for i in plan.to_send if i.result == r) for r in _VERBS}
+        other = len(plan.to_send) - sum(counts.values())
+        click.echo(
+            f"dry run: {counts['sent']} would be re-sent, {counts['skipped']} skipped,"
+            f" {counts['failed']} failed, {len(plan.refused)} refused"
+            + (f", {other} left pending" if other else "")
+        )
     elif outcome is not None:
         click.echo(
             f"re-sent {data['sent']}, failed {data['failed']}, unknown {data['unknown']},"

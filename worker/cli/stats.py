@@ -178,6 +178,14 @@ def _why(editions: list[dict[str, object]]) -> None:
                 click.echo(_paint(line, red=state != "skipped" and n == 0))
 
 
+WIDTH = 100  # columns every line of `papermail stats` fits in
+
+
+def fit(text: str, width: int = WIDTH) -> str:
+    """At most ``width`` characters: a longer text is cut, ending in "…"."""
+    return text if len(text) <= width else text[: width - 1].rstrip() + "…"
+
+
 def _fetch_table(fetches: list[dict[str, object]]) -> None:
     if not fetches:
         click.echo("paper fetches: none yet (`papermail papers fetch`, or the beat at FETCH_AT)")
@@ -186,12 +194,17 @@ def _fetch_table(fetches: list[dict[str, object]]) -> None:
     for f in fetches:
         line = f"  {f['date']} {f['source']:<6} {f['status']:<13}"
         if f["status"] == "failed":
-            click.echo(line + _paint(f" {f['error']}", True))
+            # The whole error is in `stats --json` and the fetch's log line.
+            # One line even for a multi-line error (a traceback's last lines).
+            error = fit(" " + " ".join(str(f["error"] or "").split()), WIDTH - len(line))
+            click.echo(line + _paint(error, True))
             continue
         click.echo(
-            f"{line} {f['papers']} papers ({f['new']} new, {f['updated']} updated), "
-            f"{f['requests']} request{'' if f['requests'] == 1 else 's'}, {f['bytes']:,} bytes, "
-            f"at {human_time(f['finished_at'])}"  # type: ignore[arg-type]
+            fit(
+                f"{line} {f['papers']} papers ({f['new']} new, {f['updated']} updated), "
+                f"{f['requests']} request{'' if f['requests'] == 1 else 's'}, "
+                f"{f['bytes']:,} bytes, at {human_time(f['finished_at'])}"  # type: ignore[arg-type]
+            )
         )
 
 

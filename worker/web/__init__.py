@@ -13,12 +13,15 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from flask import Flask, jsonify
+from jinja2 import ChoiceLoader, FileSystemLoader, PrefixLoader
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from worker.config import DEV_SECRET_KEY, ConfigError, Settings, get_settings
+from worker.resources import shared_templates_dir
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +43,14 @@ def create_app(settings: Settings | None = None, *, dev: bool = False) -> Flask:
     # Tokens never reach a log line: the app's, werkzeug's (papermail web), Flask's own.
     install_filter(*WEB_LOGGERS, "werkzeug")
     app = Flask(__name__)
+    # The partials shared with the emails (the wordmark) as "shared/NAME", as the email
+    # renderer names them (worker.rendering), so both include the same file.
+    app.jinja_loader = ChoiceLoader(  # type: ignore[assignment]
+        [
+            FileSystemLoader(Path(__file__).parent / "templates"),
+            PrefixLoader({"shared": FileSystemLoader(shared_templates_dir())}),
+        ]
+    )
     app.config["PAPERMAIL_SETTINGS"] = settings
     app.config["SECRET_KEY"] = settings.signing_keys[0]
     app.config["MAX_CONTENT_LENGTH"] = 1024 * 1024  # SNS messages are far smaller
