@@ -19,6 +19,7 @@ import argparse
 import json
 import sys
 import tempfile
+from dataclasses import replace
 from datetime import date, timedelta
 from pathlib import Path
 
@@ -31,7 +32,7 @@ from worker.resources import data_dir  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
-TOPICS = ("diffusion models", "neural networks", "graphical models")
+TOPICS = ("pruning", "gaussian processes", "reinforcement learning")
 EDITION = date(2026, 11, 27)
 WIDTHS = (375, 1200)
 SCHEMES = ("light", "dark")
@@ -65,6 +66,44 @@ def sample_papers(count: int) -> list[PaperView]:
     return views
 
 
+def selected(count: int) -> list[PaperView]:
+    """What the ranking picks for a reader of TOPICS from the bundled papers, with its real
+    reasons (matched topic and terms); past the bundled papers (a size-budget sample), the
+    repeated samples with topics assigned in turn."""
+    from datetime import UTC, datetime
+
+    from worker.selection import Candidate, Profile, select_batch
+
+    if count > len(_records()):
+        return sample_papers(count)
+    views = sample_papers(len(_records()))
+    end = datetime.combine(EDITION, datetime.min.time(), tzinfo=UTC) + timedelta(hours=7)
+    cands = [
+        Candidate(
+            v.id,
+            v.title,
+            v.abstract,
+            v.upvotes,
+            end - timedelta(hours=6 + i),
+            (v.primary_category,) if v.primary_category else (),
+        )
+        for i, v in enumerate(views)
+    ]
+    profile = Profile(1, TOPICS, max(1, count), end - timedelta(days=2), end)
+    picks = select_batch(cands, [profile])[1].picks
+    by_id = {v.id: v for v in views}
+    chosen = [
+        replace(by_id[p.paper_id], matched_topic=p.matched_topic, matched_terms=p.matched_terms)
+        for p in picks
+    ]
+    return chosen or sample_papers(count)
+
+
+def _records() -> list[dict[str, object]]:
+    bundled = data_dir() / "sample_papers.jsonl"
+    return [json.loads(line) for line in bundled.read_text().splitlines() if line.strip()]
+
+
 def sample_settings() -> Settings:
     return load_settings(
         base_url="https://papermail.example.org",
@@ -77,7 +116,7 @@ def render_samples(papers: int = 5, *, confirm: bool = False) -> dict[str, str]:
     renderer = Renderer(sample_settings())
     topical = Recipient(1, "reader@example.org", TOPICS, "daily", None, 7, "Europe/Paris")
     trending = Recipient(2, "trends@example.org", (), "daily", None, 7, "UTC")
-    views = sample_papers(papers)
+    views = selected(papers)
     untopical = [
         PaperView(**{**v.__dict__, "matched_topic": None, "matched_terms": ()}) for v in views
     ]

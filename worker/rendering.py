@@ -1398,11 +1398,14 @@ class Renderer:
         items = []
         for n, (paper, parts) in enumerate(zip(papers, all_parts, strict=True)):
             topic = _clean_topic(paper.matched_topic) if paper.matched_topic else None
-            terms = tuple(t for t in map(_clean_topic, paper.matched_terms) if t) if topic else ()
+            found = tuple(t for t in map(_clean_topic, paper.matched_terms) if t) if topic else ()
+            # "Because you follow pruning: pruning" says nothing: the reason names only the
+            # terms beyond the topic; the snippet highlights them all.
+            terms = tuple(t for t in found if topic and t.casefold() != topic.casefold())
             reason_html, reason_text = _reason(
                 topic, terms, has_topics, ranks[n] if ranks else 0, count
             )
-            marked = terms or ((topic,) if topic else ())
+            marked = found or ((topic,) if topic else ())
             items.append(
                 _new_tuple(  # _Item(...) without the named tuple's Python-level __new__
                     _Item,

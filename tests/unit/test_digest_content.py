@@ -236,3 +236,15 @@ def test_budget_setting_is_checked(
     monkeypatch.setenv("PAPERMAIL_EMAIL_MAX_BYTES", value)
     with pytest.raises(config.ConfigError, match="PAPERMAIL_EMAIL_MAX_BYTES"):
         config.load_settings()
+
+
+def test_the_reason_names_only_terms_beyond_the_topic(renderer: Renderer) -> None:
+    out = renderer.render_digest(
+        TOPICAL,
+        EDITION,
+        [_paper(0, matched_topic="pruning", matched_terms=("pruning",)),
+         _paper(1, matched_topic="reinforcement learning",
+                matched_terms=("reinforcement learning", "policy gradient"))],
+    )  # fmt: skip
+    assert "Because you follow <em>pruning</em></p>" in out.html
+    assert "Because you follow <em>reinforcement learning</em>: policy gradient</p>" in out.html
