@@ -294,14 +294,15 @@ def test_an_unreachable_webhook_never_stops_the_send_task(
 # Once, whoever checks
 
 
-def test_concurrent_checks_post_once(alerting: Settings, receiver: Receiver) -> None:
-    receiver.delay = 0.2  # a post in flight while the others check
+def _check_at_once(settings: Settings, receiver: Receiver, checkers: int) -> None:
+    """``checkers`` threads check at once while a post is in flight: one alert in all."""
+    receiver.delay = 0.2
     with session_scope() as s:
         add_deliveries(s, "unknown", 2)
     results: list[alerts.CheckResult] = []
     threads = [
-        threading.Thread(target=lambda: results.append(alerts.check(alerting, clock=clock_at())))
-        for _ in range(4)
+        threading.Thread(target=lambda: results.append(alerts.check(settings, clock=clock_at())))
+        for _ in range(checkers)
     ]
     for t in threads:
         t.start()
@@ -311,26 +312,17 @@ def test_concurrent_checks_post_once(alerting: Settings, receiver: Receiver) -> 
     assert sum(len(r.sent) for r in results) == 1
 
 
+def test_concurrent_checks_post_once(alerting: Settings, receiver: Receiver) -> None:
+    _check_at_once(alerting, receiver, 4)
+
+
 @pytest.mark.postgres
 def test_concurrent_checks_post_once_on_postgres(
     pg_env: dict[str, str], receiver: Receiver, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("PAPERMAIL_ALERT_WEBHOOK_URL", receiver.url)
     config.reset_settings()
-    settings = config.get_settings()
-    receiver.delay = 0.2
-    with session_scope() as s:
-        add_deliveries(s, "unknown", 2)
-    results: list[alerts.CheckResult] = []
-    threads = [
-        threading.Thread(target=lambda: results.append(alerts.check(settings, clock=clock_at())))
-        for _ in range(6)
-    ]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
-    assert len(receiver.texts) == 1 and sum(len(r.sent) for r in results) == 1
+    _check_at_once(config.get_settings(), receiver, 6)
 
 
 def test_without_a_webhook_nothing_is_stored(settings: Settings) -> None:
