@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 from pipeline import create_database, drop_database, seed  # noqa: E402
-from send import Endpoint, analyze  # noqa: E402
+from send import Endpoint, analyze, pg_backend_cpu  # noqa: E402
 from ses_send import KEY_ID, SECRET  # noqa: E402
 
 
@@ -42,6 +42,7 @@ def main() -> None:
     n = int(os.environ.get("N", "4000"))
     latency = float(os.environ.get("LAT", "0.03"))
     db = create_database()
+    db_name = db.rsplit("/", 1)[1]
     endpoint = Endpoint(latency)
     for key in [k for k in os.environ if k.startswith("PAPERMAIL_")]:
         del os.environ[key]
@@ -104,11 +105,16 @@ def main() -> None:
                 )
             if i == 0:
                 t1, w1 = time.process_time(), time.perf_counter()
+                pg1 = pg_backend_cpu(db_name)
         t2, w2 = time.process_time(), time.perf_counter()
+        pg2 = pg_backend_cpu(db_name)
         rest = len(ids) - len(chunks[0])
+        # The pool's connections live through the run: their CPU after the first chunk.
+        pg_cpu = sum(cpu - pg1.get(pid, 0.0) for pid, cpu in pg2.items())
         print(
             f"first chunk {1000 * (t1 - t0):.0f} ms CPU; then {1000 * (t2 - t1) / rest:.3f} "
-            f"ms CPU per email, {rest / (w2 - w1):.0f} emails/s"
+            f"ms CPU per email, {rest / (w2 - w1):.0f} emails/s; PostgreSQL backends "
+            f"{1000 * pg_cpu / rest:.3f} ms CPU per email"
         )
         total = sum(v[1] for v in stats.values())
         print(f"SQL {1000 * total / rest:.3f} ms wall per email (first chunk included)")

@@ -921,7 +921,7 @@ def prepare_messages(
     _record_recipients(session, snapshots)
     session.commit()
 
-    paper_ids = {pid for _, _, picks in chosen for pid, *_ in picks}
+    paper_ids = {pick[0] for _, _, picks in chosen for pick in picks}
     papers = (
         {p.id: p for p in session.scalars(select(Paper).where(Paper.id.in_(paper_ids)))}
         if paper_ids
@@ -930,7 +930,7 @@ def prepare_messages(
     renderer = get_renderer(settings)
     prepared: list[_Prepared] = []
     for delivery, sub, picks in chosen:
-        if not any(pid in papers for pid, *_ in picks):
+        if not any(pick[0] in papers for pick in picks):
             # Its papers were deleted meanwhile: never an empty email.
             if _skip(session, delivery.id, "the selected papers no longer exist", clock):
                 outcome.skipped += 1

@@ -356,3 +356,25 @@ def test_the_worker_parent_loads_the_sending_path_before_forking(tmp_path: Path)
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["[]", "True", "True", "True"]
+
+
+def test_the_preloaded_parent_hides_its_objects_from_the_collector(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """What the worker's parent loads before forking is frozen (gc.freeze): a child's full
+    collection scans only its own objects and leaves the shared pages unwritten."""
+    code = (
+        "import gc; from worker.tasks import _preload_before_fork; "
+        "before = gc.get_freeze_count(); _preload_before_fork(); "
+        "print(before, gc.get_freeze_count(), len(gc.get_objects()))"
+    )
+    child_env = {k: v for k, v in os.environ.items() if not k.startswith("PAPERMAIL_")}
+    child_env.update(env)
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=child_env, cwd=tmp_path, capture_output=True,
+        text=True, timeout=120, check=True,
+    ).stdout.split()  # fmt: skip
+    before, frozen, tracked = map(int, out)
+    assert before == 0
+    assert frozen > 50_000  # the sending path's modules: SQLAlchemy, numpy, botocore...
+    assert tracked < frozen // 10
