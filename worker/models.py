@@ -238,7 +238,19 @@ class Delivery(Base):
         # An edition's rows by state, in id order: counts (index-only), the sweep, and
         # `deliveries list` streaming one state at a time without a sort (worker.reports).
         Index("ix_deliveries_edition_state_id", "edition_date", "state", "id"),
-        Index("ix_deliveries_state_claimed", "state", "claimed_at"),
+        # The sweep's and the recovery's; on PostgreSQL only the rows still to settle, and
+        # only rows with a provider id in the events' index (migration 0014).
+        Index(
+            "ix_deliveries_state_claimed",
+            "state",
+            "claimed_at",
+            postgresql_where=text("state IN ('pending', 'sending')"),
+        ),
+        Index(
+            "ix_deliveries_message_id",
+            "message_id",
+            postgresql_where=text("message_id IS NOT NULL"),
+        ),
     )
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
@@ -246,7 +258,7 @@ class Delivery(Base):
     edition_date: Mapped[date] = mapped_column(Date)
     state: Mapped[str] = mapped_column(String(16), default=DeliveryState.PENDING)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
-    message_id: Mapped[str | None] = mapped_column(String(255), index=True)  # provider's id
+    message_id: Mapped[str | None] = mapped_column(String(255))  # provider's id
     rfc_message_id: Mapped[str | None] = mapped_column(String(255))  # our Message-ID header
     last_error: Mapped[str | None] = mapped_column(Text)
     skip_reason: Mapped[str | None] = mapped_column(Text)
