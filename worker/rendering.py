@@ -605,6 +605,14 @@ def _mac(key: str, payload: bytes, secret: str) -> str:
     return hmac.new(sealer, key.encode() + b"\0" + payload, hashlib.sha256).hexdigest()
 
 
+def cache_file_name(key: str, secret: str) -> str:
+    """The cache file of these sources sealed with this secret: one per secret, so two
+    deployments (or a staging and a production key) sharing a user's cache directory do
+    not overwrite each other's file and recompile on every start."""
+    sealer = hmac.new(secret.encode(), _SEAL, hashlib.sha256).digest()
+    return f"{key}.{hmac.new(sealer, b'file name', hashlib.sha256).hexdigest()[:16]}.json"
+
+
 def _seal(key: str, compiled: Mapping[str, str], secret: str) -> bytes:
     payload = json.dumps(compiled, sort_keys=True).encode()
     return b"\n".join((_SEAL, _mac(key, payload, secret).encode(), payload))
@@ -825,7 +833,7 @@ def load_templates(
             return cached
         where = cache_dir or default_cache_dir()
         directory = _private_dir(where) if secret and where else None
-        path = directory / f"{key}.json" if directory else None
+        path = directory / cache_file_name(key, secret) if directory else None
         compiled = _load_disk(path, key, secret) if path else None
         if compiled is None:
             compiled = compile_sources(sources)

@@ -361,7 +361,9 @@ def test_compile_cache_memory_then_disk(
     third = Renderer(settings, templates_dir=templates, cache_dir=cache)
     assert calls == []  # disk hit
     files = list(cache.iterdir())
-    assert [f.name for f in files] == [f"{third.templates.key}.json"]  # no temp file left over
+    assert [f.name for f in files] == [
+        rendering.cache_file_name(third.templates.key, settings.signing_keys[0])
+    ]  # no temp file left over
     assert third.digest_html(RECIPIENT, EDITION, PAPERS).count("数据") >= 1
 
     # A corrupt cache file is recompiled, not trusted.

@@ -92,11 +92,12 @@ def test_planted_file_at_the_old_temp_path_is_not_run(
     old.mkdir(parents=True)
     marker = tmp_path / "pwned"
     key = _key(templates)
-    (old / f"{key}.json").write_text(json.dumps(_payload(marker)))
+    name = rendering.cache_file_name(key, settings.signing_keys[0])
+    (old / name).write_text(json.dumps(_payload(marker)))
     try:
         _assert_not_run(Renderer(settings, templates_dir=templates), marker)
     finally:  # the default cache (not in the temp dir) got this test's one-off version
-        (rendering.default_cache_dir() / f"{key}.json").unlink(missing_ok=True)
+        (rendering.default_cache_dir() / name).unlink(missing_ok=True)
 
 
 def test_planted_file_at_the_cache_path_is_not_run(
@@ -106,7 +107,7 @@ def test_planted_file_at_the_cache_path_is_not_run(
     marker = tmp_path / "pwned"
     key = _key(templates)
     Renderer(settings, templates_dir=templates, cache_dir=cache)
-    path = cache / f"{key}.json"
+    path = cache / rendering.cache_file_name(key, settings.signing_keys[0])
     good = path.read_bytes()
     # Plain JSON (the old format), then the sealed format with a forged or missing seal.
     plants = [
@@ -134,7 +135,9 @@ def test_even_a_validly_sealed_template_cannot_run_python(
     marker = tmp_path / "pwned"
     key = _key(templates)
     secret = settings.signing_keys[0]
-    (cache / f"{key}.json").write_bytes(rendering._seal(key, _payload(marker), secret))
+    (cache / rendering.cache_file_name(key, secret)).write_bytes(
+        rendering._seal(key, _payload(marker), secret)
+    )
     renderer = Renderer(settings, templates_dir=templates, cache_dir=cache)
     with pytest.raises(SecurityError):
         renderer.render_digest(RECIPIENT, EDITION, PAPERS)
@@ -167,6 +170,11 @@ def test_a_normal_run_caches_once_and_reuses(
     # Another secret (key rotation) cannot verify the file: compiled again, not trusted.
     rendering.clear_memory_cache()
     Renderer(load_settings(secret_key="rotated-key"), templates_dir=templates, cache_dir=cache)
+    assert compiles == ["x", "x"]
+    # ...into a file of its own: the first key's file is still there and still loads.
+    assert len(list(cache.iterdir())) == 2
+    rendering.clear_memory_cache()
+    Renderer(settings, templates_dir=templates, cache_dir=cache)
     assert compiles == ["x", "x"]
 
 
