@@ -316,7 +316,8 @@ class DeliveryPaper(Base):
         ForeignKey("deliveries.id", ondelete="CASCADE"), primary_key=True
     )
     # No foreign key to papers: see migration 0008 (it cost most of the chunk's insert).
-    paper_id: Mapped[str] = mapped_column(String(64), primary_key=True, index=True)
+    # No index of its own: every query starts from a delivery (migration 0014).
+    paper_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     position: Mapped[int] = mapped_column(Integer)
     matched_topic: Mapped[str | None] = mapped_column(Text)
     # JSON list of what in the paper matched the topic (see matched_terms_of); NULL: none.
