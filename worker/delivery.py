@@ -1173,10 +1173,12 @@ def _claim_update(rows: str, check_subscriber: bool):  # type: ignore[no-untyped
     return stmt.where(_SENDABLE) if check_subscriber else stmt
 
 
-# Built once: a statement object SQLAlchemy has compiled before is found in its cache.
+# Built once: a statement object SQLAlchemy has compiled before is found in its cache, and
+# keeps its cache key (0.16 ms to compute for a new object).
 _CLAIMS = {
     (rows, check): _claim_update(rows, check) for rows in _ID_MATCH for check in (True, False)
 }
+_CLAIMS_RETURNING = {key: stmt.returning(_D.c.id) for key, stmt in _CLAIMS.items()}
 
 
 def _claim_batch(
@@ -1191,10 +1193,10 @@ def _claim_batch(
     now = clock()
     conn = session.connection()
     rows = "postgresql" if conn.dialect.name == "postgresql" else "many"
-    stmt = _CLAIMS[rows, check_subscriber]
     params = {"dids": list(delivery_ids), "claimed_at": now, "updated_at": now}
     if conn.dialect.update_returning:
-        return now, set(conn.execute(stmt.returning(_D.c.id), params).scalars())
+        stmt = _CLAIMS_RETURNING[rows, check_subscriber]
+        return now, set(conn.execute(stmt, params).scalars())
     # No RETURNING (SQLite < 3.35): one claim per row, still conditional.
     claimed = set()
     single = _CLAIMS["one", check_subscriber]
