@@ -220,10 +220,14 @@ class SelectionParams:
     strong_relevance: float = 0.5
     # A second, higher band (0: none): matches this strong rank above the other strong ones.
     top_relevance: float = 0.0
+    # Title band (0: none): a strong match whose *title* names the topic (its own words, or
+    # a concept phrase, times the phrase's and the field's weight) at least this much ranks
+    # above the strong matches that name it only in the abstract: the topic is its subject.
+    title_relevance: float = 0.5
     # A concept phrase (acronym, synonym) counts this much of the topic's own words.
     phrase_weight: float = 0.9
     use_concepts: bool = True  # off: a topic is matched by its own words only (as before)
-    # Co-occurrence expansion (see _expand); 0 turns it off.
+    # Co-occurrence expansion (see _expansion_damp); 0 turns it off.
     expansion_weight: float = 0.5
     # A topic or concept phrase of several words matches only papers with the whole phrase.
     phrase_gate: bool = True
@@ -242,6 +246,7 @@ class SelectionParams:
             "k1",
             "strong_relevance",
             "top_relevance",
+            "title_relevance",
             "phrase_weight",
             "expansion_weight",
         ):
@@ -380,6 +385,8 @@ class _Corpus:
         cols: list[int] = []
         tfs: list[float] = []
         lengths: list[float] = []
+        t_indptr = [0]
+        t_cols: list[int] = []
         seen: dict[str, tuple[Counter[str], int]] = {}  # tokenisation cache of this build
         for cand in candidates:
             counts, length = self._doc_terms(cand.title, cand.abstract, seen)
@@ -389,6 +396,8 @@ class _Corpus:
             tfs.extend(counts.values())
             indptr.append(len(cols))
             lengths.append(length)
+            t_cols.extend([vocab[term] for term in seen[cand.title][0]])
+            t_indptr.append(len(t_cols))
         n_terms = len(vocab)
         tf = sp.csr_matrix(
             (
@@ -415,9 +424,20 @@ class _Corpus:
         presence.data = np.ones_like(presence.data)
         self.unigram_presence_t = (presence @ sp.diags(unigram.astype(np.float64))).T.tocsr()
         self.bigram_presence_t = (presence @ sp.diags((~unigram).astype(np.float64))).T.tocsr()
+        # Terms x docs: 1 where the term is in the paper's title (for the title band).
+        self.title_presence_t = sp.csr_matrix(
+            (
+                np.ones(len(t_cols)),
+                np.asarray(t_cols, dtype=np.int64),
+                np.asarray(t_indptr, dtype=np.int64),
+            ),
+            shape=(n, n_terms),
+        ).T.tocsr()
         # Each topic's relevance row (see _topic_scores), kept for the next chunk: every
         # chunk of a run has these candidates, and topics recur from chunk to chunk.
         self.topic_rows: dict[str, np.ndarray] = {}
+        # Per topic, how much each paper's title names it (see SelectionParams.title_relevance).
+        self.title_rows: dict[str, np.ndarray] = {}
         # Per topic, its alternatives' names and rows (for the matched terms of a pick).
         self.topic_alts: dict[str, tuple[tuple[str, ...], np.ndarray]] = {}
         # (lower-cased topic, candidate column) -> matched terms of a pick.
@@ -517,6 +537,7 @@ def _corpus_for(cands: Sequence[Candidate], params: SelectionParams) -> _Corpus:
         params.phrase_gate,
         params.expansion_weight,
         params.strong_relevance,
+        params.title_relevance > 0,  # whether the corpus's title rows are computed
         tuple((c.id, c.title, c.abstract, c.categories) for c in cands),
     )
     with _CORPUS_LOCK:
@@ -553,23 +574,33 @@ def _topic_scores(corpus: _Corpus, topics: Sequence[str]) -> np.ndarray:
     rows = {topic: kept.get(topic) for topic in topics}
     new = [topic for topic, row in rows.items() if row is None]
     if new:
-        if (len(kept) + len(new)) * 8 * corpus.n_docs > _TOPIC_ROW_BYTES:
+        if (len(kept) + len(new)) * 16 * corpus.n_docs > _TOPIC_ROW_BYTES:
             kept.clear()
+            corpus.title_rows.clear()
             corpus.topic_alts.clear()
             corpus.term_cache.clear()
-        for topic, (row, alts) in zip(new, _concept_scores(corpus, new), strict=True):
+        for topic, (row, title, alts) in zip(new, _concept_scores(corpus, new), strict=True):
             rows[topic] = kept[topic] = row
+            corpus.title_rows[topic] = title
             corpus.topic_alts[topic] = alts
     return np.array([rows[topic] for topic in topics])
 
 
+def _title_scores(corpus: _Corpus, topics: Sequence[str]) -> np.ndarray:
+    """How much each candidate's title names each topic (topics x docs); the topics'
+    rows must have been computed (:func:`_topic_scores`)."""
+    if not topics or not corpus.n_docs:
+        return np.zeros((len(topics), corpus.n_docs))
+    return np.array([corpus.title_rows[topic] for topic in topics])
+
+
 def _concept_scores(
     corpus: _Corpus, topics: Sequence[str]
-) -> list[tuple[np.ndarray, tuple[tuple[str, ...], np.ndarray]]]:
+) -> list[tuple[np.ndarray, np.ndarray, tuple[tuple[str, ...], np.ndarray]]]:
     """Each topic's relevance row: the best of its alternatives (the topic's own words and,
     for a topic the concept vocabulary knows, each of its phrases, weighted), times the
     candidate's field weight for the concept (:meth:`_Corpus.field_mask`), then the
-    co-occurrence check of papers without categories (:func:`_expand`)."""
+    co-occurrence check of papers without categories (:func:`_expansion_damp`)."""
     weight = corpus.params.phrase_weight
     names: list[tuple[str, ...]] = []
     flat: list[str] = []
@@ -586,23 +617,31 @@ def _concept_scores(
                     scale.append(weight * w)
         names.append(tuple(alts))
         flat += alts
-    scores = _score_topics(corpus, flat) * np.asarray(scale)[:, None]
+    raw, in_title = _score_topics(corpus, flat)
+    scales = np.asarray(scale)[:, None]
+    scores = raw * scales
+    titles = in_title * scales
     out = []
     lo = 0
     for topic, alts in zip(topics, names, strict=True):
         block = scores[lo : lo + len(alts)]
+        title = titles[lo : lo + len(alts)].max(axis=0)
         lo += len(alts)
         concept = concept_for(topic) if corpus.params.use_concepts else None
         if concept is not None and concept.fields is not None:
-            block = block * corpus.field_mask(concept.fields)
+            fields = corpus.field_mask(concept.fields)
+            block = block * fields
+            title = title * fields
         row = block.max(axis=0)
         if corpus.params.expansion_weight > 0:
-            row = _expand(corpus, row)
-        out.append((row, (alts, block)))
+            damp = _expansion_damp(corpus, row)
+            row = row * damp
+            title = title * damp
+        out.append((row, title, (alts, block)))
     return out
 
 
-def _expand(corpus: _Corpus, row: np.ndarray) -> np.ndarray:
+def _expansion_damp(corpus: _Corpus, row: np.ndarray) -> np.ndarray:
     """Corpus co-occurrence as evidence of field for papers without arXiv categories.
 
     The papers of the day that clearly match the topic (relevance >= strong_relevance) and
@@ -614,13 +653,12 @@ def _expand(corpus: _Corpus, row: np.ndarray) -> np.ndarray:
     known = corpus.has_categories
     strong = np.flatnonzero((row >= p.strong_relevance) & known)
     if strong.size < 2:
-        return row
+        return np.ones_like(row)
     centroid = np.asarray(corpus.doc_units[strong].mean(axis=0)).ravel()
     sim = corpus.doc_units @ centroid
     typical = float(np.median(sim[strong])) or 1.0
     context = np.minimum(sim / typical, 1.0)
-    damp = np.where(known, 1.0, 1 - p.expansion_weight + p.expansion_weight * context)
-    return row * damp
+    return np.where(known, 1.0, 1 - p.expansion_weight + p.expansion_weight * context)
 
 
 def _matched_terms(corpus: _Corpus, topic: str, col: int, floor: float) -> tuple[str, ...]:
@@ -634,13 +672,16 @@ def _matched_terms(corpus: _Corpus, topic: str, col: int, floor: float) -> tuple
     return tuple(alts[i] for i in order[:4] if column[i] >= floor)
 
 
-def _score_topics(corpus: _Corpus, topics: Sequence[str]) -> np.ndarray:
+def _score_topics(corpus: _Corpus, topics: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     """raw BM25 / self-match x coverage: 1.0 is a paper of average length with the topic in
     its title; a paper with only some of a topic's words gets the share of their IDF.
 
     A phrase of several words matches only a paper that has all of its adjacent pairs
     (``phrase_gate``): "steel reinforcement in concrete" has the rarer word of "reinforcement
     learning" but not the phrase, and is no match for it.
+
+    Also returns, per topic and paper, 1.0 where the title alone has every word and adjacent
+    pair of the topic (the topic names the paper's subject), else 0.
     """
     p = corpus.params
     q_rows: list[int] = []
@@ -676,13 +717,23 @@ def _score_topics(corpus: _Corpus, topics: Sequence[str]) -> np.ndarray:
     cover = sp.csr_matrix((c_vals, (q_rows, q_cols)), shape=shape)
     raw = (query @ corpus.doc_weights_t).toarray()
     coverage = (cover @ corpus.unigram_presence_t).toarray()
+    gate = sp.csr_matrix((g_vals, (q_rows, q_cols)), shape=shape)
     with np.errstate(divide="ignore", invalid="ignore"):
         rel = (raw / self_scores[:, None]) * (coverage / idf_mass[:, None])
     if p.phrase_gate:
-        gate = sp.csr_matrix((g_vals, (q_rows, q_cols)), shape=shape)
         pairs = (gate @ corpus.bigram_presence_t).toarray()
         rel *= pairs >= n_bigrams[:, None] - 0.5
-    return np.nan_to_num(rel, nan=0.0, posinf=0.0, neginf=0.0)
+    if p.title_relevance > 0:
+        # Every word's IDF and every pair in the title (a word no candidate has never is).
+        words = (cover @ corpus.title_presence_t).toarray()
+        title_pairs = (gate @ corpus.title_presence_t).toarray()
+        in_title = (words >= idf_mass[:, None] * (1 - 1e-9)) & (idf_mass[:, None] > 0)
+        in_title &= title_pairs >= n_bigrams[:, None] - 0.5
+        in_title &= rel > 0
+        title = in_title.astype(np.float64)
+    else:
+        title = np.zeros_like(rel)
+    return np.nan_to_num(rel, nan=0.0, posinf=0.0, neginf=0.0), title
 
 
 def _nothing_new(prof: Profile) -> str:
@@ -737,6 +788,7 @@ def select_batch(
         for topic in topics:
             topic_ids.setdefault(topic.lower(), len(topic_ids))
     topic_rel = _topic_scores(corpus, list(topic_ids))
+    title_rel = _title_scores(corpus, list(topic_ids)) if params.title_relevance > 0 else None
     # Similarity of each voted paper to each candidate (voted x docs), computed once.
     voted_ids = sorted(
         {pid for prof in profiles for pid in prof.votes if pid in by_id or pid in voted_papers}
@@ -761,6 +813,7 @@ def select_batch(
         log_up=np.log1p(np.array([max(c.upvotes, 0) for c in cands], dtype=np.float64)),
         topic_ids=topic_ids,
         topic_rel=topic_rel,
+        title_rel=title_rel,
         voted_col=voted_col,
         voted_sim=voted_sim,
         params=params,
@@ -879,6 +932,7 @@ class _Shared:
     log_up: np.ndarray  # log1p(upvotes) per candidate
     topic_ids: Mapping[str, int]
     topic_rel: np.ndarray  # unique topics x candidates
+    title_rel: np.ndarray | None  # unique topics x candidates; None: no title band
     voted_col: Mapping[str, int]
     voted_sim: np.ndarray  # voted papers x candidates
     params: SelectionParams
@@ -981,6 +1035,14 @@ def _score_chunk(
         score[:with_topics] += 10.0 * (effective[:with_topics] >= params.strong_relevance)
     if with_topics and params.top_relevance > 0:
         score[:with_topics] += 10.0 * (effective[:with_topics] >= params.top_relevance)
+    if with_topics and shared.title_rel is not None:
+        # The best title evidence of any of the row's topics.
+        named = shared.title_rel[slot_topic[:with_topics, 0]]
+        for slot in range(1, max_topics):
+            m = int(np.count_nonzero(n_topics > slot))
+            np.maximum(named[:m], shared.title_rel[slot_topic[:m, slot]], out=named[:m])
+        strong = effective[:with_topics] >= params.strong_relevance
+        score[:with_topics] += 10.0 * (strong & (named >= params.title_relevance))
 
     chosen = _top_k(score, eligible, k)
     rows_c, cols_c = np.nonzero(chosen)
