@@ -619,19 +619,18 @@ def _concept_scores(
         flat += alts
     raw, in_title = _score_topics(corpus, flat)
     scales = np.asarray(scale)[:, None]
-    scores = raw * scales
-    titles = in_title * scales
     out = []
     lo = 0
     for topic, alts in zip(topics, names, strict=True):
-        block = scores[lo : lo + len(alts)]
-        title = titles[lo : lo + len(alts)].max(axis=0)
+        block = raw[lo : lo + len(alts)] * scales[lo : lo + len(alts)]
+        named = in_title[lo : lo + len(alts)]
         lo += len(alts)
         concept = concept_for(topic) if corpus.params.use_concepts else None
         if concept is not None and concept.fields is not None:
             fields = corpus.field_mask(concept.fields)
             block = block * fields
-            title = title * fields
+            named = named * fields
+        title = (named * scales[lo - len(alts) : lo]).max(axis=0)
         row = block.max(axis=0)
         if corpus.params.expansion_weight > 0:
             damp = _expansion_damp(corpus, row)
