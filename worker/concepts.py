@@ -148,7 +148,7 @@ CONCEPTS: tuple[Concept, ...] = (
         "segmentation; image segmentation",
         "semantic segmentation; image segmentation; pixel-wise classification; scene parsing; "
         "panoptic segmentation; segmentation network; medical image segmentation; segment "
-        "anything; segmentation=0.5",
+        "anything; segmentation=0.6",
     ),
     _c(
         "federated learning",

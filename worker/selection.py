@@ -228,7 +228,7 @@ class SelectionParams:
     phrase_weight: float = 0.9
     use_concepts: bool = True  # off: a topic is matched by its own words only (as before)
     # Co-occurrence expansion (see _expansion_damp); 0 turns it off.
-    expansion_weight: float = 0.5
+    expansion_weight: float = 0.3
     # A topic or concept phrase of several words matches only papers with the whole phrase.
     phrase_gate: bool = True
     title_weight: float = 3.0
