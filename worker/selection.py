@@ -17,7 +17,9 @@ One call scores every (subscriber, paper) pair of a batch with a few matrix oper
 * **Score** = min(relevance, cap) + feedback + trending (log1p(upvotes), relative to the
   best in the subscriber's window) + freshness (exponential decay before the window end).
   Topic subscribers only get papers whose relevance reaches ``min_relevance``; subscribers
-  without topics get the trending top.
+  without topics get the trending top. Bands come first (``strong_relevance``, and above it
+  the *title band*: strong matches whose title names the topic, ``title_relevance``), so
+  trending and freshness only order papers within a band.
 * Ties are broken by upvotes (desc), then paper id (asc): candidates are laid out in that
   order and the top-k is taken stably, so results do not depend on input order.
 
