@@ -789,7 +789,9 @@ def select_batch(
         for topic in topics:
             topic_ids.setdefault(topic.lower(), len(topic_ids))
     topic_rel = _topic_scores(corpus, list(topic_ids))
-    title_rel = _title_scores(corpus, list(topic_ids)) if params.title_relevance > 0 else None
+    title_band = None  # unique topics x candidates: the title names the topic enough
+    if params.title_relevance > 0:
+        title_band = _title_scores(corpus, list(topic_ids)) >= params.title_relevance
     # Similarity of each voted paper to each candidate (voted x docs), computed once.
     voted_ids = sorted(
         {pid for prof in profiles for pid in prof.votes if pid in by_id or pid in voted_papers}
@@ -814,7 +816,7 @@ def select_batch(
         log_up=np.log1p(np.array([max(c.upvotes, 0) for c in cands], dtype=np.float64)),
         topic_ids=topic_ids,
         topic_rel=topic_rel,
-        title_rel=title_rel,
+        title_band=title_band,
         voted_col=voted_col,
         voted_sim=voted_sim,
         params=params,
@@ -933,7 +935,7 @@ class _Shared:
     log_up: np.ndarray  # log1p(upvotes) per candidate
     topic_ids: Mapping[str, int]
     topic_rel: np.ndarray  # unique topics x candidates
-    title_rel: np.ndarray | None  # unique topics x candidates; None: no title band
+    title_band: np.ndarray | None  # unique topics x candidates, bool; None: no title band
     voted_col: Mapping[str, int]
     voted_sim: np.ndarray  # voted papers x candidates
     params: SelectionParams
@@ -1036,14 +1038,14 @@ def _score_chunk(
         score[:with_topics] += 10.0 * (effective[:with_topics] >= params.strong_relevance)
     if with_topics and params.top_relevance > 0:
         score[:with_topics] += 10.0 * (effective[:with_topics] >= params.top_relevance)
-    if with_topics and shared.title_rel is not None:
-        # The best title evidence of any of the row's topics.
-        named = shared.title_rel[slot_topic[:with_topics, 0]]
+    if with_topics and shared.title_band is not None:
+        # The title names any of the row's topics, and the paper is a strong match.
+        named = shared.title_band[slot_topic[:with_topics, 0]]
         for slot in range(1, max_topics):
             m = int(np.count_nonzero(n_topics > slot))
-            np.maximum(named[:m], shared.title_rel[slot_topic[:m, slot]], out=named[:m])
-        strong = effective[:with_topics] >= params.strong_relevance
-        score[:with_topics] += 10.0 * (strong & (named >= params.title_relevance))
+            named[:m] |= shared.title_band[slot_topic[:m, slot]]
+        named &= effective[:with_topics] >= params.strong_relevance
+        score[:with_topics] += 10.0 * named
 
     chosen = _top_k(score, eligible, k)
     rows_c, cols_c = np.nonzero(chosen)
