@@ -847,6 +847,8 @@ class Explained(NamedTuple):
     score: float | None  # the final score; None when the paper is not eligible
     picked: bool
     why_not: str | None  # why it is not eligible: outside the window, received, no match
+    # The topics its title names enough for the title band (SelectionParams.title_relevance).
+    title_names: tuple[str, ...] = ()
 
 
 def explain_profile(
@@ -881,6 +883,9 @@ def explain_profile(
     corpus = _corpus_for(cands, params)
     topics = _clean_topics(profile.topics)
     rel = _topic_scores(corpus, [t.lower() for t in topics])
+    named = np.zeros(rel.shape, dtype=bool)
+    if params.title_relevance > 0:
+        named = _title_scores(corpus, [t.lower() for t in topics]) >= params.title_relevance
     start, end = profile.window_start.timestamp(), profile.window_end.timestamp()
     log_up = [math.log1p(max(c.upvotes, 0)) for c in cands]
     in_window = [start <= c.published.timestamp() <= end for c in cands]
@@ -919,6 +924,7 @@ def explain_profile(
                 None if pick is None else pick.score,
                 c.id in chosen,
                 why,
+                tuple(t for i, t in enumerate(topics) if named[i, j]),
             )
         )
     out.sort(key=lambda e: (e.score is None, -(e.score or 0.0), e.paper_id))

@@ -291,3 +291,20 @@ def test_title_band_takes_the_best_title_of_any_topic() -> None:
         ("named", "transformers"),
         ("gnn", "graph neural networks"),
     ]
+
+
+def test_explain_names_the_topics_a_title_names() -> None:
+    from worker.selection import explain_profile
+
+    named = _paper("named", "A Transformer for Protein Folding", "A transformer.", 0, ("cs.LG",))
+    body = _paper(
+        "body",
+        "Protein Folding at Scale",
+        "A transformer with self-attention; the transformer is trained on every structure.",
+        0,
+        ("cs.LG",),
+    )
+    prof = Profile(1, ("transformers",), 2, END - timedelta(hours=48), END)
+    got = {e.paper_id: e for e in explain_profile([named, body, *FILLER], prof)}
+    assert got["named"].title_names == ("transformers",)
+    assert got["body"].title_names == ()
