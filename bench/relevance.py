@@ -117,16 +117,23 @@ METHODS = {
         strong_relevance=0.0,
         phrase_gate=False,
         expansion_weight=0.0,
+        title_relevance=0.0,
     ),
     # + concept vocabulary (phrases, arXiv fields as evidence) and relevance bands.
-    "+concepts,fields,bands": replace(SelectionParams(), phrase_gate=False, expansion_weight=0.0),
+    "+concepts,fields,bands": replace(
+        SelectionParams(), phrase_gate=False, expansion_weight=0.0, title_relevance=0.0
+    ),
     # + a phrase of several words matches only where the whole phrase is.
-    "+phrase gate": replace(SelectionParams(), expansion_weight=0.0),
+    "+phrase gate": replace(SelectionParams(), expansion_weight=0.0, title_relevance=0.0),
     # + a second band for the strongest matches (not shipped: no gain on dev).
     "+phrase gate,top band 0.9": replace(
-        SelectionParams(), expansion_weight=0.0, top_relevance=0.9
+        SelectionParams(), expansion_weight=0.0, top_relevance=0.9, title_relevance=0.0
     ),
-    # The shipped default: + co-occurrence expansion for papers without categories.
+    # + co-occurrence expansion for papers without categories (the previous default).
+    "+expansion 0.5": replace(SelectionParams(), expansion_weight=0.5, title_relevance=0.0),
+    # + title band: strong matches whose title names the topic first.
+    "+title band": replace(SelectionParams(), expansion_weight=0.5),
+    # The shipped default: + title band, expansion 0.3 (tuned on dev with the band).
     "new": SelectionParams(),
 }
 

@@ -105,29 +105,31 @@ CONCEPTS: tuple[Concept, ...] = (
         "kernel method; kernel machines; kernel learning",
         "kernel method; kernel learning; kernelized; reproducing kernel; rkhs; support vector "
         "machine; svm; one-class svm; gaussian process; kernel trick; kernel regression; kernel "
-        "estimator; maximum mean discrepancy; mmd=0.5; kernelized correlation filter; kernel "
-        "correlation filter; gaussian kernel; random fourier feature; deep kernel; multiple "
-        "kernel",
+        "estimator; kernel-based; maximum mean discrepancy; mmd=0.5; kernelized correlation "
+        "filter; kernel correlation filter; gaussian kernel; random fourier feature; deep kernel; "
+        "multiple kernel",
         ML_FIELDS | STATS_FIELDS,
     ),
     _c(
         "embeddings",
         "embedding; text embeddings; sentence embeddings; word embeddings",
         "embedding model; text embedding; sentence embedding; word embedding; word2vec; "
-        "universal multimodal embedding; contrastive embedding; dense retrieval",
+        "universal multimodal embedding; contrastive embedding; dense retrieval; dense retriever",
     ),
     _c(
         "llm agents",
         "ai agents; agents; agentic ai; language agents; coding agents",
         "llm agent; agentic; ai agent; coding agent; language agent; tool use; autonomous "
-        "agent; multi-agent llm; alphaevolve; web agent; gui agent; agent framework",
+        "agent; multi-agent llm; alphaevolve; web agent; gui agent; agent framework; llm-based "
+        "agent; llm-driven agent; llm-powered agent; llm-powered=0.8; llm-driven=0.8",
     ),
     _c(
         "vision-language models",
         "vlm; vlms; vision language models; multimodal llm; mllm",
         "vision-language model; vision language model; vlm; multimodal large language model; "
         "mllm; visual question answering; vqa; image-text; clip; visual instruction tuning; "
-        "vision-and-language",
+        "vision-and-language; gpt-4v; gpt-4o; llava; large multimodal model; lmm; multimodal "
+        "foundation model",
     ),
     _c(
         "computer vision",
@@ -146,7 +148,7 @@ CONCEPTS: tuple[Concept, ...] = (
         "segmentation; image segmentation",
         "semantic segmentation; image segmentation; pixel-wise classification; scene parsing; "
         "panoptic segmentation; segmentation network; medical image segmentation; segment "
-        "anything; segmentation=0.5",
+        "anything; segmentation=0.6",
     ),
     _c(
         "federated learning",
@@ -164,7 +166,8 @@ CONCEPTS: tuple[Concept, ...] = (
         "anomaly detection",
         "outlier detection; novelty detection",
         "anomaly detection; anomaly; outlier detection; novelty detection; anomalous; "
-        "one-class classification; anomaly segmentation",
+        "one-class classification; anomaly segmentation; out-of-distribution detection; ood "
+        "detection",
     ),
     _c(
         "state space models",
@@ -184,7 +187,8 @@ CONCEPTS: tuple[Concept, ...] = (
         "quantum computing; quantum computation; quantum algorithm; quantum computer; qubit=0.5; "
         "quantum circuit; shor's algorithm; quantum gate; fault-tolerant quantum; quantum error "
         "correction; quantum code; quantum ldpc; stabilizer code; quantum error-correcting; "
-        "variational quantum; qaoa; quantum machine learning; quantum annealing",
+        "variational quantum; qaoa; quantum machine learning; quantum annealing; qudit; css code; "
+        "surface code; logical error rate",
         frozenset({"quant-ph", "cs.ET", "cs.DS", "cs.CC", "cs.LG", "cs.AR"}),
     ),
     _c(

@@ -17,7 +17,9 @@ One call scores every (subscriber, paper) pair of a batch with a few matrix oper
 * **Score** = min(relevance, cap) + feedback + trending (log1p(upvotes), relative to the
   best in the subscriber's window) + freshness (exponential decay before the window end).
   Topic subscribers only get papers whose relevance reaches ``min_relevance``; subscribers
-  without topics get the trending top.
+  without topics get the trending top. Bands come first (``strong_relevance``, and above it
+  the *title band*: strong matches whose title names the topic, ``title_relevance``), so
+  trending and freshness only order papers within a band.
 * Ties are broken by upvotes (desc), then paper id (asc): candidates are laid out in that
   order and the top-k is taken stably, so results do not depend on input order.
 
@@ -220,11 +222,15 @@ class SelectionParams:
     strong_relevance: float = 0.5
     # A second, higher band (0: none): matches this strong rank above the other strong ones.
     top_relevance: float = 0.0
+    # Title band (0: none): a strong match whose *title* names the topic (its own words, or
+    # a concept phrase, times the phrase's and the field's weight) at least this much ranks
+    # above the strong matches that name it only in the abstract: the topic is its subject.
+    title_relevance: float = 0.5
     # A concept phrase (acronym, synonym) counts this much of the topic's own words.
     phrase_weight: float = 0.9
     use_concepts: bool = True  # off: a topic is matched by its own words only (as before)
-    # Co-occurrence expansion (see _expand); 0 turns it off.
-    expansion_weight: float = 0.5
+    # Co-occurrence expansion (see _expansion_damp); 0 turns it off.
+    expansion_weight: float = 0.3
     # A topic or concept phrase of several words matches only papers with the whole phrase.
     phrase_gate: bool = True
     title_weight: float = 3.0
@@ -242,6 +248,7 @@ class SelectionParams:
             "k1",
             "strong_relevance",
             "top_relevance",
+            "title_relevance",
             "phrase_weight",
             "expansion_weight",
         ):
@@ -380,6 +387,8 @@ class _Corpus:
         cols: list[int] = []
         tfs: list[float] = []
         lengths: list[float] = []
+        t_indptr = [0]
+        t_cols: list[int] = []
         seen: dict[str, tuple[Counter[str], int]] = {}  # tokenisation cache of this build
         for cand in candidates:
             counts, length = self._doc_terms(cand.title, cand.abstract, seen)
@@ -389,6 +398,8 @@ class _Corpus:
             tfs.extend(counts.values())
             indptr.append(len(cols))
             lengths.append(length)
+            t_cols.extend([vocab[term] for term in seen[cand.title][0]])
+            t_indptr.append(len(t_cols))
         n_terms = len(vocab)
         tf = sp.csr_matrix(
             (
@@ -415,9 +426,20 @@ class _Corpus:
         presence.data = np.ones_like(presence.data)
         self.unigram_presence_t = (presence @ sp.diags(unigram.astype(np.float64))).T.tocsr()
         self.bigram_presence_t = (presence @ sp.diags((~unigram).astype(np.float64))).T.tocsr()
+        # Terms x docs: 1 where the term is in the paper's title (for the title band).
+        self.title_presence_t = sp.csr_matrix(
+            (
+                np.ones(len(t_cols)),
+                np.asarray(t_cols, dtype=np.int64),
+                np.asarray(t_indptr, dtype=np.int64),
+            ),
+            shape=(n, n_terms),
+        ).T.tocsr()
         # Each topic's relevance row (see _topic_scores), kept for the next chunk: every
         # chunk of a run has these candidates, and topics recur from chunk to chunk.
         self.topic_rows: dict[str, np.ndarray] = {}
+        # Per topic, how much each paper's title names it (see SelectionParams.title_relevance).
+        self.title_rows: dict[str, np.ndarray] = {}
         # Per topic, its alternatives' names and rows (for the matched terms of a pick).
         self.topic_alts: dict[str, tuple[tuple[str, ...], np.ndarray]] = {}
         # (lower-cased topic, candidate column) -> matched terms of a pick.
@@ -517,6 +539,7 @@ def _corpus_for(cands: Sequence[Candidate], params: SelectionParams) -> _Corpus:
         params.phrase_gate,
         params.expansion_weight,
         params.strong_relevance,
+        params.title_relevance > 0,  # whether the corpus's title rows are computed
         tuple((c.id, c.title, c.abstract, c.categories) for c in cands),
     )
     with _CORPUS_LOCK:
@@ -553,23 +576,33 @@ def _topic_scores(corpus: _Corpus, topics: Sequence[str]) -> np.ndarray:
     rows = {topic: kept.get(topic) for topic in topics}
     new = [topic for topic, row in rows.items() if row is None]
     if new:
-        if (len(kept) + len(new)) * 8 * corpus.n_docs > _TOPIC_ROW_BYTES:
+        if (len(kept) + len(new)) * 16 * corpus.n_docs > _TOPIC_ROW_BYTES:
             kept.clear()
+            corpus.title_rows.clear()
             corpus.topic_alts.clear()
             corpus.term_cache.clear()
-        for topic, (row, alts) in zip(new, _concept_scores(corpus, new), strict=True):
+        for topic, (row, title, alts) in zip(new, _concept_scores(corpus, new), strict=True):
             rows[topic] = kept[topic] = row
+            corpus.title_rows[topic] = title
             corpus.topic_alts[topic] = alts
     return np.array([rows[topic] for topic in topics])
 
 
+def _title_scores(corpus: _Corpus, topics: Sequence[str]) -> np.ndarray:
+    """How much each candidate's title names each topic (topics x docs); the topics'
+    rows must have been computed (:func:`_topic_scores`)."""
+    if not topics or not corpus.n_docs:
+        return np.zeros((len(topics), corpus.n_docs))
+    return np.array([corpus.title_rows[topic] for topic in topics])
+
+
 def _concept_scores(
     corpus: _Corpus, topics: Sequence[str]
-) -> list[tuple[np.ndarray, tuple[tuple[str, ...], np.ndarray]]]:
+) -> list[tuple[np.ndarray, np.ndarray, tuple[tuple[str, ...], np.ndarray]]]:
     """Each topic's relevance row: the best of its alternatives (the topic's own words and,
     for a topic the concept vocabulary knows, each of its phrases, weighted), times the
     candidate's field weight for the concept (:meth:`_Corpus.field_mask`), then the
-    co-occurrence check of papers without categories (:func:`_expand`)."""
+    co-occurrence check of papers without categories (:func:`_expansion_damp`)."""
     weight = corpus.params.phrase_weight
     names: list[tuple[str, ...]] = []
     flat: list[str] = []
@@ -586,23 +619,30 @@ def _concept_scores(
                     scale.append(weight * w)
         names.append(tuple(alts))
         flat += alts
-    scores = _score_topics(corpus, flat) * np.asarray(scale)[:, None]
+    raw, in_title = _score_topics(corpus, flat)
+    scales = np.asarray(scale)[:, None]
     out = []
     lo = 0
     for topic, alts in zip(topics, names, strict=True):
-        block = scores[lo : lo + len(alts)]
+        block = raw[lo : lo + len(alts)] * scales[lo : lo + len(alts)]
+        named = in_title[lo : lo + len(alts)]
         lo += len(alts)
         concept = concept_for(topic) if corpus.params.use_concepts else None
         if concept is not None and concept.fields is not None:
-            block = block * corpus.field_mask(concept.fields)
+            fields = corpus.field_mask(concept.fields)
+            block = block * fields
+            named = named * fields
+        title = (named * scales[lo - len(alts) : lo]).max(axis=0)
         row = block.max(axis=0)
         if corpus.params.expansion_weight > 0:
-            row = _expand(corpus, row)
-        out.append((row, (alts, block)))
+            damp = _expansion_damp(corpus, row)
+            row = row * damp
+            title = title * damp
+        out.append((row, title, (alts, block)))
     return out
 
 
-def _expand(corpus: _Corpus, row: np.ndarray) -> np.ndarray:
+def _expansion_damp(corpus: _Corpus, row: np.ndarray) -> np.ndarray:
     """Corpus co-occurrence as evidence of field for papers without arXiv categories.
 
     The papers of the day that clearly match the topic (relevance >= strong_relevance) and
@@ -614,13 +654,12 @@ def _expand(corpus: _Corpus, row: np.ndarray) -> np.ndarray:
     known = corpus.has_categories
     strong = np.flatnonzero((row >= p.strong_relevance) & known)
     if strong.size < 2:
-        return row
+        return np.ones_like(row)
     centroid = np.asarray(corpus.doc_units[strong].mean(axis=0)).ravel()
     sim = corpus.doc_units @ centroid
     typical = float(np.median(sim[strong])) or 1.0
     context = np.minimum(sim / typical, 1.0)
-    damp = np.where(known, 1.0, 1 - p.expansion_weight + p.expansion_weight * context)
-    return row * damp
+    return np.where(known, 1.0, 1 - p.expansion_weight + p.expansion_weight * context)
 
 
 def _matched_terms(corpus: _Corpus, topic: str, col: int, floor: float) -> tuple[str, ...]:
@@ -634,13 +673,16 @@ def _matched_terms(corpus: _Corpus, topic: str, col: int, floor: float) -> tuple
     return tuple(alts[i] for i in order[:4] if column[i] >= floor)
 
 
-def _score_topics(corpus: _Corpus, topics: Sequence[str]) -> np.ndarray:
+def _score_topics(corpus: _Corpus, topics: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     """raw BM25 / self-match x coverage: 1.0 is a paper of average length with the topic in
     its title; a paper with only some of a topic's words gets the share of their IDF.
 
     A phrase of several words matches only a paper that has all of its adjacent pairs
     (``phrase_gate``): "steel reinforcement in concrete" has the rarer word of "reinforcement
     learning" but not the phrase, and is no match for it.
+
+    Also returns, per topic and paper, 1.0 where the title alone has every word and adjacent
+    pair of the topic (the topic names the paper's subject), else 0.
     """
     p = corpus.params
     q_rows: list[int] = []
@@ -676,13 +718,23 @@ def _score_topics(corpus: _Corpus, topics: Sequence[str]) -> np.ndarray:
     cover = sp.csr_matrix((c_vals, (q_rows, q_cols)), shape=shape)
     raw = (query @ corpus.doc_weights_t).toarray()
     coverage = (cover @ corpus.unigram_presence_t).toarray()
+    gate = sp.csr_matrix((g_vals, (q_rows, q_cols)), shape=shape)
     with np.errstate(divide="ignore", invalid="ignore"):
         rel = (raw / self_scores[:, None]) * (coverage / idf_mass[:, None])
     if p.phrase_gate:
-        gate = sp.csr_matrix((g_vals, (q_rows, q_cols)), shape=shape)
         pairs = (gate @ corpus.bigram_presence_t).toarray()
         rel *= pairs >= n_bigrams[:, None] - 0.5
-    return np.nan_to_num(rel, nan=0.0, posinf=0.0, neginf=0.0)
+    if p.title_relevance > 0:
+        # Every word's IDF and every pair in the title (a word no candidate has never is).
+        words = (cover @ corpus.title_presence_t).toarray()
+        title_pairs = (gate @ corpus.title_presence_t).toarray()
+        in_title = (words >= idf_mass[:, None] * (1 - 1e-9)) & (idf_mass[:, None] > 0)
+        in_title &= title_pairs >= n_bigrams[:, None] - 0.5
+        in_title &= rel > 0
+        title = in_title.astype(np.float64)
+    else:
+        title = np.zeros_like(rel)
+    return np.nan_to_num(rel, nan=0.0, posinf=0.0, neginf=0.0), title
 
 
 def _nothing_new(prof: Profile) -> str:
@@ -737,6 +789,9 @@ def select_batch(
         for topic in topics:
             topic_ids.setdefault(topic.lower(), len(topic_ids))
     topic_rel = _topic_scores(corpus, list(topic_ids))
+    title_band = None  # unique topics x candidates: the title names the topic enough
+    if params.title_relevance > 0:
+        title_band = _title_scores(corpus, list(topic_ids)) >= params.title_relevance
     # Similarity of each voted paper to each candidate (voted x docs), computed once.
     voted_ids = sorted(
         {pid for prof in profiles for pid in prof.votes if pid in by_id or pid in voted_papers}
@@ -761,6 +816,7 @@ def select_batch(
         log_up=np.log1p(np.array([max(c.upvotes, 0) for c in cands], dtype=np.float64)),
         topic_ids=topic_ids,
         topic_rel=topic_rel,
+        title_band=title_band,
         voted_col=voted_col,
         voted_sim=voted_sim,
         params=params,
@@ -791,6 +847,8 @@ class Explained(NamedTuple):
     score: float | None  # the final score; None when the paper is not eligible
     picked: bool
     why_not: str | None  # why it is not eligible: outside the window, received, no match
+    # The topics its title names enough for the title band (SelectionParams.title_relevance).
+    title_names: tuple[str, ...] = ()
 
 
 def explain_profile(
@@ -825,6 +883,9 @@ def explain_profile(
     corpus = _corpus_for(cands, params)
     topics = _clean_topics(profile.topics)
     rel = _topic_scores(corpus, [t.lower() for t in topics])
+    named = np.zeros(rel.shape, dtype=bool)
+    if params.title_relevance > 0:
+        named = _title_scores(corpus, [t.lower() for t in topics]) >= params.title_relevance
     start, end = profile.window_start.timestamp(), profile.window_end.timestamp()
     log_up = [math.log1p(max(c.upvotes, 0)) for c in cands]
     in_window = [start <= c.published.timestamp() <= end for c in cands]
@@ -863,6 +924,7 @@ def explain_profile(
                 None if pick is None else pick.score,
                 c.id in chosen,
                 why,
+                tuple(t for i, t in enumerate(topics) if named[i, j]),
             )
         )
     out.sort(key=lambda e: (e.score is None, -(e.score or 0.0), e.paper_id))
@@ -879,6 +941,7 @@ class _Shared:
     log_up: np.ndarray  # log1p(upvotes) per candidate
     topic_ids: Mapping[str, int]
     topic_rel: np.ndarray  # unique topics x candidates
+    title_band: np.ndarray | None  # unique topics x candidates, bool; None: no title band
     voted_col: Mapping[str, int]
     voted_sim: np.ndarray  # voted papers x candidates
     params: SelectionParams
@@ -981,6 +1044,14 @@ def _score_chunk(
         score[:with_topics] += 10.0 * (effective[:with_topics] >= params.strong_relevance)
     if with_topics and params.top_relevance > 0:
         score[:with_topics] += 10.0 * (effective[:with_topics] >= params.top_relevance)
+    if with_topics and shared.title_band is not None:
+        # The title names any of the row's topics, and the paper is a strong match.
+        named = shared.title_band[slot_topic[:with_topics, 0]]
+        for slot in range(1, max_topics):
+            m = int(np.count_nonzero(n_topics > slot))
+            named[:m] |= shared.title_band[slot_topic[:m, slot]]
+        named &= effective[:with_topics] >= params.strong_relevance
+        score[:with_topics] += 10.0 * named
 
     chosen = _top_k(score, eligible, k)
     rows_c, cols_c = np.nonzero(chosen)

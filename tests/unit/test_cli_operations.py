@@ -365,7 +365,7 @@ def test_preview_explain_prints_every_candidates_scores(settings: Settings) -> N
     top = rows[0]
     assert top["topics"][0]["topic"] == "pruning" and top["topics"][0]["relevance"] > 0
     assert {"field_weight", "matched_terms"} <= set(top["topics"][0])
-    assert {"trending", "freshness", "why_not", "categories"} <= set(top)
+    assert {"trending", "freshness", "why_not", "categories", "title_names"} <= set(top)
     # Scores are the selection's own: best first, and no paper below a picked one is picked.
     scores = [x["score"] for x in rows if x["score"] is not None]
     assert scores == sorted(scores, reverse=True)

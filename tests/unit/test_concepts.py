@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+
+import pytest
 
 from worker.concepts import ML_FIELDS, concept_for
 from worker.selection import Candidate, Profile, SelectionParams, _field_weight, select_batch
@@ -144,8 +147,164 @@ def test_expansion_checks_the_context_of_papers_without_categories() -> None:
         res = select_batch([*mamba, copula, *FILLER], [prof], params=params)[1]
         return {p.paper_id: p.relevance for p in res.picks}
 
-    from dataclasses import replace
-
     off, on = rel(replace(SelectionParams(), expansion_weight=0.0)), rel(SelectionParams())
     assert on["copula"] < off["copula"]
     assert all(on[m.id] == off[m.id] for m in mamba)  # categories: judged by them
+
+
+def _paper(pid: str, title: str, abstract: str, upvotes: int = 0, cats: tuple[str, ...] = ()):
+    return Candidate(pid, title, abstract, upvotes, END - timedelta(hours=2), cats)
+
+
+def test_title_band_puts_the_papers_about_the_topic_first() -> None:
+    # Names the topic in its title: a transformer is the paper's subject.
+    about = _paper(
+        "about",
+        "Streaming Transformer Transducer for Speech Recognition",
+        "A streaming transducer whose encoder is a transformer with chunked self-attention, "
+        "for real-time recognition on a large-scale dataset.",
+        0,
+        ("eess.AS",),
+    )
+    # A strong match too, but the transformer is what it compares with, not its subject.
+    compares = _paper(
+        "compares",
+        "Selective State Space Models for Visual Recognition",
+        "A Mamba backbone for recognition that is faster than a vision transformer; against "
+        "transformer baselines with self-attention, a transformer of the same size and a Swin "
+        "transformer, it keeps their accuracy at linear cost.",
+        5_000,
+        ("cs.CV",),
+    )
+    prof = Profile(1, ("transformers",), 2, END - timedelta(hours=48), END)
+    cands = [compares, about, *FILLER]
+    picks = select_batch(cands, [prof])[1].picks
+    assert [p.paper_id for p in picks] == ["about", "compares"]
+    assert all(p.relevance >= SelectionParams().strong_relevance for p in picks)
+    without = replace(SelectionParams(), title_relevance=0.0)
+    got = select_batch(cands, [prof], params=without)[1].picks
+    assert [p.paper_id for p in got] == ["compares", "about"]  # upvotes decided
+
+
+def test_title_band_needs_the_field_and_the_whole_phrase() -> None:
+    ml = _paper(
+        "ml",
+        "Policy Gradient Methods with Learned Baselines",
+        "Reinforcement learning with policy gradient and actor-critic updates for Markov "
+        "decision processes.",
+        0,
+        ("cs.LG",),
+    )
+    # "Reinforcement" and "learning" in the title, not the phrase; steel in cond-mat.
+    steel = _paper(
+        "steel",
+        "Learning the Fatigue of Steel Reinforcement from Cyclic Tests",
+        "Reinforcement learning is not used here: we learn fatigue curves of reinforcement bars.",
+        9_000,
+        ("cond-mat.mtrl-sci",),
+    )
+    # The phrase in the title, but the paper is from another science: no match at all.
+    physics = _paper(
+        "physics",
+        "Reinforcement Learning of Spin Glass Ground States",
+        "Reinforcement learning finds ground states of spin glasses.",
+        9_000,
+        ("cond-mat.dis-nn",),
+    )
+    assert _pick([steel, physics, ml, *FILLER], "RL") == ["ml"]
+
+
+@pytest.mark.parametrize(
+    ("topic", "title", "abstract"),
+    [
+        (
+            "anomaly detection",
+            "Few-Shot Out-of-Distribution Detection with CLIP Adapters",
+            "We score test images for out-of-distribution detection (OOD detection) with a "
+            "Gaussian process on frozen CLIP features.",
+        ),
+        (
+            "VLMs",
+            "Can GPT-4V Read Chest X-Rays?",
+            "We evaluate GPT-4V and LLaVA on report generation from chest radiographs.",
+        ),
+        (
+            "LLM agents",
+            "A Plan Cache for LLM-Driven Agents",
+            "An LLM-driven agent generates plans and calls tools; we reuse plans of similar "
+            "requests to cut latency.",
+        ),
+        (
+            "text embeddings",
+            "When Should Dense Retrievers Be Updated?",
+            "Dense retrievers encode documents into vectors; we detect when a dense retriever "
+            "must be re-trained on an evolving corpus.",
+        ),
+        (
+            "quantum computing",
+            "Precoded Polar CSS Codes",
+            "CSS codes from precoded polar codes reach logical error rates of a surface code "
+            "with fewer qudits.",
+        ),
+        (
+            "kernel methods",
+            "Bayesian Optimisation with a Kernel-Based Acquisition",
+            "A kernel-based, derivative-free acquisition for Bayesian optimisation.",
+        ),
+    ],
+)
+def test_vocabulary_matches_a_paper_by_its_synonyms(topic: str, title: str, abstract: str) -> None:
+    concept = concept_for(topic)
+    assert concept is not None
+    field = "quant-ph" if topic == "quantum computing" else "cs.LG"
+    paper = _paper("p", title, abstract, 0, (field,))
+    prof = Profile(1, (topic,), 3, END - timedelta(hours=48), END)
+    picks = select_batch([paper, *FILLER], [prof])[1].picks
+    assert [p.paper_id for p in picks] == ["p"]
+    assert picks[0].matched_topic == topic
+    assert set(picks[0].matched_terms) <= {topic.lower(), *concept.phrases}
+    off = replace(SelectionParams(), use_concepts=False)
+    # The topic's own words are not in the paper: only the vocabulary makes it a match.
+    if topic != "kernel methods":
+        assert select_batch([paper, *FILLER], [prof], params=off)[1].picks == []
+
+
+def test_title_band_takes_the_best_title_of_any_topic() -> None:
+    gnn_abstract = _paper(
+        "gnn",
+        "Molecular Property Prediction at Scale",
+        "A graph neural network with message passing over atoms; the graph neural network is "
+        "trained on millions of molecules and beats every graph neural network baseline.",
+        5_000,
+        ("cs.LG",),
+    )
+    named = _paper(
+        "named",
+        "A Transformer for Protein Folding",
+        "An encoder transformer with self-attention over residues predicts structures.",
+        0,
+        ("cs.LG",),
+    )
+    prof = Profile(1, ("graph neural networks", "transformers"), 2, END - timedelta(hours=48), END)
+    picks = select_batch([gnn_abstract, named, *FILLER], [prof])[1].picks
+    assert [(p.paper_id, p.matched_topic) for p in picks] == [
+        ("named", "transformers"),
+        ("gnn", "graph neural networks"),
+    ]
+
+
+def test_explain_names_the_topics_a_title_names() -> None:
+    from worker.selection import explain_profile
+
+    named = _paper("named", "A Transformer for Protein Folding", "A transformer.", 0, ("cs.LG",))
+    body = _paper(
+        "body",
+        "Protein Folding at Scale",
+        "A transformer with self-attention; the transformer is trained on every structure.",
+        0,
+        ("cs.LG",),
+    )
+    prof = Profile(1, ("transformers",), 2, END - timedelta(hours=48), END)
+    got = {e.paper_id: e for e in explain_profile([named, body, *FILLER], prof)}
+    assert got["named"].title_names == ("transformers",)
+    assert got["body"].title_names == ()

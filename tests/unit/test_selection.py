@@ -492,7 +492,7 @@ def test_topic_rows_are_kept_per_corpus_and_equal_fresh_ones(
     topics = ["pruning", "gaussian processes", "diffusion models", "no such topic"]
 
     def rows(some: list[str]) -> np.ndarray:
-        return np.array([row for row, _ in selection._concept_scores(corpus, some)])
+        return np.array([row for row, _, _ in selection._concept_scores(corpus, some)])
 
     together = rows(topics)
     for n, topic in enumerate(topics):

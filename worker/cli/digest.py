@@ -213,7 +213,7 @@ def _dry_run(edition: object, as_json: bool) -> None:
     "--explain",
     is_flag=True,
     help="Print every candidate's scores (relevance per topic, field weight, matched terms, "
-    "trending, final) instead of the email.",
+    "topics its title names, trending, final) instead of the email.",
 )
 @click.option("--json", "as_json", is_flag=True, help="With --explain: JSON lines, one a paper.")
 def preview(
@@ -279,6 +279,7 @@ def _print_explained(rows: list, as_json: bool) -> None:
                         "score": None if r.score is None else round(r.score, 4),
                         "picked": r.picked,
                         "why_not": r.why_not,
+                        "title_names": list(r.title_names),
                     }
                 )
             )
@@ -295,5 +296,7 @@ def _print_explained(rows: list, as_json: bool) -> None:
             said = ", ".join(terms) or "-"
             click.echo(f"      {topic}: relevance {rel:.3f}  field {weight:.1f}  matched: {said}")
         tail = f"      trending {r.trending:.3f}  freshness {r.freshness:.3f}"
+        if r.title_names:
+            tail += "  title names: " + ", ".join(r.title_names)
         click.echo(tail + (f"  ({r.why_not})" if r.why_not else ""))
     click.echo(f"{sum(r.picked for r in rows)} picked (*) of {len(rows)} candidates")
