@@ -439,3 +439,30 @@ def test_driver_errors_come_out_as_sqlalchemy_errors(pg_env: dict[str, str]) -> 
         event_rows._run(session, "SELECT pg_terminate_backend(pg_backend_pid())", ())
     with session_scope() as session:  # the pool hands out a working connection again
         assert event_rows._run(session, "SELECT 1", ()) == [(1,)]
+
+
+@pytest.mark.postgres
+def test_array_literals_carry_any_string(pg_env: dict[str, str]) -> None:
+    """The statements take their keys and message ids as one array literal: every
+    character of an untrusted string stands for itself (quotes, backslashes, braces,
+    commas, spaces, NULL, non-ASCII), and a batch finds rows by such keys and ids."""
+    from worker import event_rows
+
+    hostile = ['a"b', "c\\d", "{e,f}", " g ", "NULL", "", "é✓", '\\"', "h,i"]
+    with session_scope() as session:
+        got = event_rows._run(session, "SELECT %s::text[]", (event_rows.array(hostile),))
+        assert got == [(hostile,)]
+        assert event_rows._run(
+            session, "SELECT %s::bigint[]", (event_rows.array([3, -1, 2**40]),)
+        ) == [([3, -1, 2**40],)]
+        assert event_rows._run(session, "SELECT %s::text[]", (event_rows.array([]),)) == [([],)]
+    with clock.installed(lambda: NOW), session_scope() as session:
+        sub = add_subscriber(session, "quote@example.org")
+        message_id = add_delivery(session, sub, message_id='m-"q\\{x,y}').message_id or ""
+        session.flush()
+        note = delivered(message_id, ["quote@example.org"])
+        first = events.apply_batch(session, [(note, 'k-"\\{,}')], via="x")
+        again = events.apply_batch(session, [(note, 'k-"\\{,}')], via="x")
+    assert [o.status for o in first + again] == ["applied", "duplicate"]  # type: ignore[union-attr]
+    assert first[0].delivery_id is not None  # type: ignore[union-attr]
+    assert again[0].event_id == first[0].event_id  # type: ignore[union-attr]
