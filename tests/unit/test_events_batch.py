@@ -275,6 +275,52 @@ def test_coalescer_keeps_a_failure_to_its_caller(
     assert [r["dedupe_key"] for r in snapshot()["provider_events"]] == ["ok"]
 
 
+def test_coalescer_gathers_callers_that_come_back_together(
+    backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With ``gather``, a leader waits for the callers still on their way (until all of
+    ``callers`` are there) and applies them as one batch, each with its own answer; a lone
+    caller is not held: the gathering ends when nobody comes."""
+    import threading
+
+    reset(backend)
+    with session_scope() as session:
+        ids = world(session)
+    real = events.apply_batch
+    sizes: list[int] = []
+
+    def counted(session: Session, items: Any, **kw: Any) -> Any:
+        sizes.append(len(items))
+        return real(session, items, **kw)
+
+    monkeypatch.setattr(events, "apply_batch", counted)
+    coalescer = events.Coalescer(config.get_settings(), via="sns", gather=60, callers=4)
+    answers: dict[int, str] = {}
+
+    def call(n: int) -> None:
+        found = coalescer.apply([(delivered(ids[f"g{n}"], [f"g{n}@example.org"]), f"c{n}")])
+        answers[n] = found[0].status  # type: ignore[union-attr]
+
+    first = threading.Thread(target=call, args=(0,))
+    first.start()
+    for _ in range(3000):  # the first caller leads and is gathering
+        with coalescer._lock:
+            if coalescer._gathering:
+                break
+        threading.Event().wait(0.01)
+    later = [threading.Thread(target=call, args=(n,)) for n in (1, 2, 3)]
+    for thread in later:
+        thread.start()
+    for thread in [first, *later]:
+        thread.join(30)
+    assert sizes == [4]
+    assert answers == {0: "applied", 1: "applied", 2: "applied", 3: "applied"}
+
+    alone = events.Coalescer(config.get_settings(), via="sns", gather=0.2)
+    found = alone.apply([(delivered(ids["g4"], ["g4@example.org"]), "c4")])
+    assert found[0].status == "applied" and sizes == [4, 1]  # type: ignore[union-attr]
+
+
 @pytest.mark.parametrize("order", ["bounce first", "complaint first"])
 def test_bounce_and_complaint_of_one_message_in_one_batch(backend: str, order: str) -> None:
     """One message bounced and complained about in the same batch: the delivery and its
