@@ -493,6 +493,9 @@ def _recipients(kind: str, notification: Mapping[str, Any], detail: Mapping[str,
 
 
 BATCH_SIZE = 500  # notifications per transaction (events apply, the SQS consumer)
+# How long a shared batch waits for the other receive loops' messages (Coalescer.gather):
+# a few milliseconds against an SQS round trip of tens.
+SQS_GATHER_SECONDS = 0.005
 
 
 def apply_notification(
@@ -677,9 +680,24 @@ class Coalescer:
     the one it would get alone; a batch that fails is retried caller by caller, so one
     request's failure stays its own."""
 
-    def __init__(self, settings: Settings, *, via: str, max_batch: int = 200) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        via: str,
+        max_batch: int = 200,
+        gather: float = 0.0,
+        callers: int | None = None,
+    ) -> None:
         self.settings, self.via, self.max_batch = settings, via, max_batch
+        # A leader waits up to ``gather`` seconds for more callers before it applies the
+        # batch: until ``callers`` (all there can be) are waiting, or none came for a
+        # quarter of it. Callers answered together come back together: without it the
+        # first one back leads a batch of two or three, and the rest wait for the next.
+        self.gather, self.callers = gather, callers
         self._lock = threading.Lock()
+        self._arrived = threading.Condition(self._lock)
+        self._gathering = False
         self._waiting: list[_Job] = []
         self._running = False
 
@@ -694,6 +712,8 @@ class Coalescer:
             self._waiting.append(job)
             job.lead = not self._running
             self._running = True
+            if self._gathering:
+                self._arrived.notify()
         while not job.lead and job.outcomes is None and job.error is None:
             job.wake.wait()
             job.wake.clear()
@@ -707,6 +727,7 @@ class Coalescer:
     def _lead(self, mine: _Job) -> None:
         while mine.outcomes is None and mine.error is None:
             with self._lock:
+                self._gather()
                 jobs = self._waiting[: self.max_batch]
                 del self._waiting[: self.max_batch]
             self._run(jobs)
@@ -717,6 +738,25 @@ class Coalescer:
                 successor.wake.set()
             else:
                 self._running = False
+
+    def _gather(self) -> None:
+        """Wait (the lock held, released while waiting) for more callers to join."""
+        if self.gather <= 0:
+            return
+        enough = min(self.callers or self.max_batch, self.max_batch)
+        deadline = time.monotonic() + self.gather
+        self._gathering = True
+        try:
+            while len(self._waiting) < enough:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                before = len(self._waiting)
+                self._arrived.wait(min(self.gather / 4, left))
+                if len(self._waiting) == before:
+                    return  # a quiet spell: nobody else is on the way
+        finally:
+            self._gathering = False
 
     def _run(self, jobs: list[_Job]) -> None:
         try:
@@ -1457,7 +1497,11 @@ def poll_sqs(
     shares = [PollCounts() for _ in range(receivers)]
     # Receive loops side by side share their database batches: up to 10 messages a
     # receive (SQS's limit) is a small batch, several receives' worth is not.
-    shared = Coalescer(settings, via="sqs") if receivers > 1 else None
+    shared = (
+        Coalescer(settings, via="sqs", gather=SQS_GATHER_SECONDS, callers=receivers)
+        if receivers > 1
+        else None
+    )
     lock = threading.Lock()
     taken = [0]  # receives started, all loops together (for ``limit``)
 

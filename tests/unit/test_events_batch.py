@@ -275,6 +275,52 @@ def test_coalescer_keeps_a_failure_to_its_caller(
     assert [r["dedupe_key"] for r in snapshot()["provider_events"]] == ["ok"]
 
 
+def test_coalescer_gathers_callers_that_come_back_together(
+    backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With ``gather``, a leader waits for the callers still on their way (until all of
+    ``callers`` are there) and applies them as one batch, each with its own answer; a lone
+    caller is not held: the gathering ends when nobody comes."""
+    import threading
+
+    reset(backend)
+    with session_scope() as session:
+        ids = world(session)
+    real = events.apply_batch
+    sizes: list[int] = []
+
+    def counted(session: Session, items: Any, **kw: Any) -> Any:
+        sizes.append(len(items))
+        return real(session, items, **kw)
+
+    monkeypatch.setattr(events, "apply_batch", counted)
+    coalescer = events.Coalescer(config.get_settings(), via="sns", gather=60, callers=4)
+    answers: dict[int, str] = {}
+
+    def call(n: int) -> None:
+        found = coalescer.apply([(delivered(ids[f"g{n}"], [f"g{n}@example.org"]), f"c{n}")])
+        answers[n] = found[0].status  # type: ignore[union-attr]
+
+    first = threading.Thread(target=call, args=(0,))
+    first.start()
+    for _ in range(3000):  # the first caller leads and is gathering
+        with coalescer._lock:
+            if coalescer._gathering:
+                break
+        threading.Event().wait(0.01)
+    later = [threading.Thread(target=call, args=(n,)) for n in (1, 2, 3)]
+    for thread in later:
+        thread.start()
+    for thread in [first, *later]:
+        thread.join(30)
+    assert sizes == [4]
+    assert answers == {0: "applied", 1: "applied", 2: "applied", 3: "applied"}
+
+    alone = events.Coalescer(config.get_settings(), via="sns", gather=0.2)
+    found = alone.apply([(delivered(ids["g4"], ["g4@example.org"]), "c4")])
+    assert found[0].status == "applied" and sizes == [4, 1]  # type: ignore[union-attr]
+
+
 @pytest.mark.parametrize("order", ["bounce first", "complaint first"])
 def test_bounce_and_complaint_of_one_message_in_one_batch(backend: str, order: str) -> None:
     """One message bounced and complained about in the same batch: the delivery and its
@@ -439,3 +485,30 @@ def test_driver_errors_come_out_as_sqlalchemy_errors(pg_env: dict[str, str]) -> 
         event_rows._run(session, "SELECT pg_terminate_backend(pg_backend_pid())", ())
     with session_scope() as session:  # the pool hands out a working connection again
         assert event_rows._run(session, "SELECT 1", ()) == [(1,)]
+
+
+@pytest.mark.postgres
+def test_array_literals_carry_any_string(pg_env: dict[str, str]) -> None:
+    """The statements take their keys and message ids as one array literal: every
+    character of an untrusted string stands for itself (quotes, backslashes, braces,
+    commas, spaces, NULL, non-ASCII), and a batch finds rows by such keys and ids."""
+    from worker import event_rows
+
+    hostile = ['a"b', "c\\d", "{e,f}", " g ", "NULL", "", "é✓", '\\"', "h,i"]
+    with session_scope() as session:
+        got = event_rows._run(session, "SELECT %s::text[]", (event_rows.array(hostile),))
+        assert got == [(hostile,)]
+        assert event_rows._run(
+            session, "SELECT %s::bigint[]", (event_rows.array([3, -1, 2**40]),)
+        ) == [([3, -1, 2**40],)]
+        assert event_rows._run(session, "SELECT %s::text[]", (event_rows.array([]),)) == [([],)]
+    with clock.installed(lambda: NOW), session_scope() as session:
+        sub = add_subscriber(session, "quote@example.org")
+        message_id = add_delivery(session, sub, message_id='m-"q\\{x,y}').message_id or ""
+        session.flush()
+        note = delivered(message_id, ["quote@example.org"])
+        first = events.apply_batch(session, [(note, 'k-"\\{,}')], via="x")
+        again = events.apply_batch(session, [(note, 'k-"\\{,}')], via="x")
+    assert [o.status for o in first + again] == ["applied", "duplicate"]  # type: ignore[union-attr]
+    assert first[0].delivery_id is not None  # type: ignore[union-attr]
+    assert again[0].event_id == first[0].event_id  # type: ignore[union-attr]
