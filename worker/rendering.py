@@ -133,8 +133,10 @@ def paper_view(
         abstract, url, pdf_url, hf_url = row["abstract"], row["url"], row["pdf_url"], row["hf_url"]
         categories, published_at = row["categories"], row["published_at"]
     except KeyError:
+        # Only the missing columns go through getattr (a Paper built in Python and never
+        # flushed lacks the ones it was not given, such as categories: None, as before).
         pid, title, authors, upvotes, abstract, url, pdf_url, hf_url, categories, published_at = (
-            getattr(paper, name, None) for name in _VIEW_COLUMNS
+            row[name] if name in row else getattr(paper, name, None) for name in _VIEW_COLUMNS
         )
     arxiv = bool(pid) and looks_like_arxiv_id(pid)
     # The frozen dataclass's __init__ sets each field through object.__setattr__; its
@@ -1039,6 +1041,16 @@ def _qp_piece(piece: str) -> bytes:
     return text if piece.endswith("\n") else text + _SOFT
 
 
+def _qp_link(piece: str) -> bytes:
+    """``_qp_piece(piece)``, without its calls for the usual signed link: one line of
+    printable ASCII without "=", 76 to 150 characters (a soft break after the 75th)."""
+    if 75 < len(piece) <= 2 * _QP_WIDTH and piece.isascii() and piece.isprintable():
+        data = piece.encode("ascii")
+        if b"=" not in data:
+            return data[:_QP_WIDTH] + _SOFT + data[_QP_WIDTH:] + _SOFT
+    return _qp_piece(piece)
+
+
 _ENTRY_BYTES = 200  # a cache entry's own objects: its key's hash slot, the bytes object
 
 
@@ -1120,7 +1132,7 @@ def _qp_bodies(*bodies: Sequence[str], own: Sequence[str] = ()) -> list[bytes]:
     up front and put in the young generation for the time of the lookups, instead of each
     taking the miss path twice (text, HTML) and the doorkeeper's bookkeeping."""
     young = _QP_PIECES.young
-    mine = {piece: _qp_piece(piece) for piece in own if "\r" not in piece}
+    mine = {piece: _qp_link(piece) for piece in own if "\r" not in piece}
     young.update(mine)
     try:
         out = []
@@ -1295,21 +1307,24 @@ class Renderer:
         self._mint: dict[str, Callable[[dict[str, Any]], str]] = {
             purpose: links.minter(purpose, settings) for purpose in links.PURPOSES
         }
-        self._mint_json = {p: links.json_minter(p, settings) for p in links.PURPOSES}
-        self._mint_feedback_many = links.json_many_minter("feedback", settings)
+        self._mint_many = {p: links.json_many_minter(p, settings) for p in links.PURPOSES}
+        self._mint_feedback_many = self._mint_many["feedback"]
         # Papers repeat across thousands of emails (in fresh PaperViews each time): their
         # cleaned text is computed once per content. Hashing the key is cheap because the
         # strings are the same objects, whose hashes Python caches.
         self._parts: dict[tuple[Any, ...], _Parts] = {}
         self._more_block: int | None = None  # bytes of the "more on the web" block
+        # Each paper's card fields but its vote links, by place and reason (see digest_context).
+        self._cards: dict[tuple[Any, ...], tuple[_Parts, tuple[Any, ...], tuple[Any, ...]]] = {}
 
     # -- links
 
     def _url(self, purpose: str, payload: dict[str, Any]) -> str:
         return f"{self._base}/{links.ROUTES[purpose]}/{self._mint[purpose](payload)}"
 
-    def _url_json(self, purpose: str, payload_json: bytes) -> str:
-        return f"{self._base}/{links.ROUTES[purpose]}/{self._mint_json[purpose](payload_json)}"
+    def _url_json(self, purpose: str, payload_json: bytes, now: int | None = None) -> str:
+        token = self._mint_many[purpose]((payload_json,), now)[0]
+        return f"{self._base}/{links.ROUTES[purpose]}/{token}"
 
     # -- digest
 
@@ -1366,6 +1381,38 @@ class Renderer:
         self._parts[key] = parts
         return parts
 
+    def _card(
+        self, paper: PaperView, parts: _Parts, n: int, has_topics: bool, rank: int, count: int
+    ) -> tuple[_Parts, tuple[Any, ...], tuple[Any, ...]]:
+        """(parts, the _Item fields before its vote links, the fields after them)."""
+        topic = _clean_topic(paper.matched_topic) if paper.matched_topic else None
+        found = tuple(t for t in map(_clean_topic, paper.matched_terms) if t) if topic else ()
+        # "Because you follow pruning: pruning" says nothing: the reason names only the
+        # terms beyond the topic; the snippet highlights them all.
+        terms = tuple(t for t in found if topic and t.casefold() != topic.casefold())
+        reason_html, reason_text = _reason(topic, terms, has_topics, rank, count)
+        marked = found or ((topic,) if topic else ())
+        head = (
+            paper.id,
+            parts.title,
+            _wrap(parts.title_plain, "   ", f"{n + 1}. "),
+            reason_html,
+            _wrap(reason_text, "   "),
+            parts.meta,
+            parts.meta_text,
+            parts.abstract,
+            marked,
+            highlight(parts.abstract, marked),
+            _wrap(parts.abstract, "   "),
+            int(paper.upvotes or 0),
+            topic,
+            parts.read_url,
+            parts.pdf_url,
+            parts.hf_url,
+            parts.page_url,
+        )
+        return parts, head, (parts.arxiv_id, parts.category)
+
     def digest_context(
         self,
         recipient: Recipient,
@@ -1381,14 +1428,17 @@ class Renderer:
         sid = int(recipient.subscriber_id)
         fb = f"{self._base}/{links.ROUTES['feedback']}/"
         all_parts = [self._paper_parts(paper) for paper in papers]
-        # The votes of every paper, minted in one call: one clock read, no per-link setup.
+        # Every link of the email stamped with one clock read; the votes of every paper
+        # minted in one call, no per-link setup.
+        now = links.now_second()
         votes = iter(
             self._mint_feedback_many(
                 [
                     b'{"s":%d,"p":%s,"v":%s}' % (sid, parts.id_json, vote)
                     for parts in all_parts
                     for vote in (b"1", b"-1")
-                ]
+                ],
+                now,
             )
         )
         topics = [t for t in (_clean_topic(t) for t in recipient.topics) if t]
@@ -1396,44 +1446,22 @@ class Renderer:
         count = len(papers)
         ranks = _upvote_ranks([int(p.upvotes or 0) for p in papers]) if not has_topics else None
         items = []
+        cards = self._cards
         for n, (paper, parts) in enumerate(zip(papers, all_parts, strict=True)):
-            topic = _clean_topic(paper.matched_topic) if paper.matched_topic else None
-            found = tuple(t for t in map(_clean_topic, paper.matched_terms) if t) if topic else ()
-            # "Because you follow pruning: pruning" says nothing: the reason names only the
-            # terms beyond the topic; the snippet highlights them all.
-            terms = tuple(t for t in found if topic and t.casefold() != topic.casefold())
-            reason_html, reason_text = _reason(
-                topic, terms, has_topics, ranks[n] if ranks else 0, count
-            )
-            marked = found or ((topic,) if topic else ())
-            items.append(
-                _new_tuple(  # _Item(...) without the named tuple's Python-level __new__
-                    _Item,
-                    (
-                        paper.id,
-                        parts.title,
-                        _wrap(parts.title_plain, "   ", f"{n + 1}. "),
-                        reason_html,
-                        _wrap(reason_text, "   "),
-                        parts.meta,
-                        parts.meta_text,
-                        parts.abstract,
-                        marked,
-                        highlight(parts.abstract, marked),
-                        _wrap(parts.abstract, "   "),
-                        int(paper.upvotes or 0),
-                        topic,
-                        parts.read_url,
-                        parts.pdf_url,
-                        parts.hf_url,
-                        parts.page_url,
-                        fb + next(votes),
-                        fb + next(votes),
-                        parts.arxiv_id,
-                        parts.category,
-                    ),
-                )
-            )
+            rank = ranks[n] if ranks else 0
+            # The card is the same for every subscriber who gets this paper at this place
+            # for the same reason: only its two vote links are theirs (parts identifies
+            # the paper's content, id, upvotes included; it is kept alive in the value).
+            terms = tuple(paper.matched_terms)  # the same object when it is a tuple
+            key = (id(parts), n, paper.matched_topic, terms, has_topics, rank, count)
+            hit = cards.get(key)
+            if hit is None or hit[0] is not parts:
+                hit = self._card(paper, parts, n, has_topics, rank, count)
+                if len(cards) > 20_000:
+                    cards.clear()
+                cards[key] = hit
+            # _Item(...) without the named tuple's Python-level __new__.
+            items.append(_new_tuple(_Item, (*hit[1], fb + next(votes), fb + next(votes), *hit[2])))
         long_label, short_label = _date_labels(edition_date)
         iso = edition_date.isoformat()
         weekly = recipient.frequency == "weekly"
@@ -1475,9 +1503,9 @@ class Renderer:
             "more_on_web": 0,
             "more_on_web_label": "",
             "more_on_web_text": "",
-            "preferences_url": self._url_json("preferences", b'{"s":%d}' % sid),
-            "unsubscribe_url": self._url_json("unsubscribe", b'{"s":%d}' % sid),
-            "view_url": self._url_json("view", b'{"s":%d,"d":"%s"}' % (sid, iso.encode())),
+            "preferences_url": self._url_json("preferences", b'{"s":%d}' % sid, now),
+            "unsubscribe_url": self._url_json("unsubscribe", b'{"s":%d}' % sid, now),
+            "view_url": self._url_json("view", b'{"s":%d,"d":"%s"}' % (sid, iso.encode()), now),
             "email": email_addr,
             "topics": topics,
             "schedule": schedule_text(recipient),
