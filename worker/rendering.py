@@ -798,6 +798,74 @@ def _render(template: Template, values: dict[str, Any]) -> str:
     return template.environment.concat(_render_pieces(template, values))  # type: ignore[attr-defined]
 
 
+class _Split(NamedTuple):
+    """A template cut around its paper loop: rendering ``head``, then ``card`` once per
+    paper (``p`` in its context), then ``tail`` yields the pieces of the whole."""
+
+    head: Template
+    card: Template
+    tail: Template
+
+
+# Nodes whose effect would not carry from one part of a split template to the next.
+_UNSPLITTABLE = (
+    nodes.Assign, nodes.AssignBlock, nodes.Macro, nodes.CallBlock, nodes.Import,
+    nodes.FromImport, nodes.Include, nodes.Extends, nodes.Block, nodes.Scope, nodes.With,
+    nodes.FilterBlock, nodes.EvalContextModifier,
+)  # fmt: skip
+_SPLITS: dict[int, tuple[Template, _Split]] = {}
+
+
+def _split_paper_loop(env: Environment, source: str) -> _Split | None:
+    """The parts of a template whose cards depend on ``p`` alone: one top-level
+    ``{% for p in papers %}`` (no else, filter or recursion; no other loop) whose body
+    reads no other variable, and nothing anywhere that assigns, defines or includes.
+    Anything else: None, and the template renders whole."""
+    tree = env.parse(source)
+    if any(True for _ in tree.find_all(_UNSPLITTABLE)):
+        return None
+    at = [i for i, node in enumerate(tree.body) if isinstance(node, nodes.For)]
+    if len(at) != 1 or sum(1 for _ in tree.find_all(nodes.For)) != 1:
+        return None
+    loop = tree.body[at[0]]
+    target, over = loop.target, loop.iter
+    if not (
+        isinstance(target, nodes.Name)
+        and target.name == "p"
+        and isinstance(over, nodes.Name)
+        and over.name == "papers"
+        and not loop.else_
+        and loop.test is None
+        and not loop.recursive
+    ):
+        return None
+    body = nodes.Template(loop.body)
+    if {name.name for name in body.find_all(nodes.Name)} != {"p"}:
+        return None
+
+    def part(nodes_: list[nodes.Node]) -> Template:
+        code = env.compile(nodes.Template(nodes_, lineno=1))
+        return env.template_class.from_code(env, code, env.make_globals(None), None)
+
+    return _Split(part(tree.body[: at[0]]), part(loop.body), part(tree.body[at[0] + 1 :]))
+
+
+def _template(env: Environment, source: str) -> Template:
+    """``env.from_string(source)``, its paper-loop split registered when it has one."""
+    template = env.from_string(source)
+    split = _split_paper_loop(env, source)
+    if split is not None:
+        if len(_SPLITS) > 64:
+            _SPLITS.clear()
+        _SPLITS[id(template)] = (template, split)
+    return template
+
+
+def _split_of(template: Template) -> _Split | None:
+    hit = _SPLITS.get(id(template))
+    return hit[1] if hit is not None and hit[0] is template else None
+
+
 class _Templates(NamedTuple):
     key: str
     digest_html: Template
@@ -836,8 +904,8 @@ def load_templates(
         html, text = _html_env(), _text_env()
         templates = _Templates(
             key,
-            html.from_string(compiled["digest.html"]),
-            text.from_string(compiled["digest.txt"]),
+            _template(html, compiled["digest.html"]),
+            _template(text, compiled["digest.txt"]),
             text.from_string(compiled["digest.subject"]),
             html.from_string(compiled["confirm.html"]),
             text.from_string(compiled["confirm.txt"]),
@@ -1246,6 +1314,7 @@ class _Item(NamedTuple):
 
 
 _new_tuple = tuple.__new__
+_MORE_AT = _Item._fields.index("more_url")  # less_url follows it
 
 # Attributes the sandbox may hand out unchecked: data fields, no callables or internals.
 _ITEM_FIELDS = frozenset(_Item._fields)
@@ -1314,6 +1383,10 @@ class Renderer:
         # strings are the same objects, whose hashes Python caches.
         self._parts: dict[tuple[Any, ...], _Parts] = {}
         self._more_block: int | None = None  # bytes of the "more on the web" block
+        # Each card's rendered pieces, by its fields but its vote links (see _pieces): only
+        # when every link is the same text escaped for HTML or not (no "&<>'\"" in it).
+        self._card_pieces: dict[tuple[Any, ...], tuple[_Split, list[str], Any]] = {}
+        self._split_ok = _escape_str(self._base) == self._base
         # Each paper's card fields but its vote links, by place and reason (see digest_context).
         self._cards: dict[tuple[Any, ...], tuple[_Parts, tuple[Any, ...], tuple[Any, ...]]] = {}
 
@@ -1521,7 +1594,61 @@ class Renderer:
         """The subject, and the pieces of the text and of the HTML (see _render_pieces)."""
         subject = shorten(_render(subj_t, ctx), MAX_SUBJECT_CHARS - 1)  # "…" is the 70th
         ctx["subject"] = subject
-        return subject, _render_pieces(text_t, ctx), _render_pieces(html_t, ctx)
+        return subject, self._pieces(text_t, ctx), self._pieces(html_t, ctx)
+
+    def _pieces(self, template: Template, ctx: dict[str, Any]) -> list[str]:
+        """``_render_pieces(template, ctx)``; for a split digest template, each paper's
+        card from its rendered pieces (cached by the card's fields but its vote links,
+        so the same card for the next subscriber is two list stores, not a Jinja run)."""
+        split = _split_of(template) if self._split_ok else None
+        if split is None:
+            return _render_pieces(template, ctx)
+        cards = self._card_pieces
+        out = _render_pieces(split.head, ctx)
+        for item in ctx["papers"]:
+            key = (id(split), item[:_MORE_AT], item[_MORE_AT + 2 :])
+            hit = cards.get(key)
+            if hit is None or hit[0] is not split:
+                hit = self._card_render(split, item, ctx)
+                if hit is None:  # this card reads its links otherwise: the whole, as is
+                    return _render_pieces(template, ctx)
+                if len(cards) > 20_000:
+                    cards.clear()
+                cards[key] = hit
+            _, pieces, slots = hit
+            pieces = pieces.copy()
+            for at, field in slots:
+                pieces[at] = item[field]
+            out += pieces
+        out += _render_pieces(split.tail, ctx)
+        return out
+
+    def _card_render(
+        self, split: _Split, item: _Item, ctx: dict[str, Any]
+    ) -> tuple[_Split, list[str], tuple[tuple[int, int], ...]] | None:
+        """(split, the card's pieces, where its vote links go: (index, _Item field)), from
+        two renders with stand-ins of different lengths for the links: the card must
+        output each link whole as a piece of its own and depend on it in no other way;
+        None if it does not."""
+        renders = []
+        for more, less in (("\0pm-more\0", "\0pm-less\0"), ("\0pm-more-link\0", "\0l\0")):
+            stand_in = item._replace(more_url=more, less_url=less)
+            pieces = _render_pieces(split.card, {**ctx, "p": stand_in})
+            slots = tuple(
+                (at, _MORE_AT if piece == more else _MORE_AT + 1)
+                for at, piece in enumerate(pieces)
+                if piece in (more, less)
+            )
+            if any("\0" in piece for n, piece in enumerate(pieces) if n not in dict(slots)):
+                return None
+            renders.append((pieces, slots))
+        (first, slots), (second, slots2) = renders
+        if slots != slots2 or len(first) != len(second):
+            return None
+        fixed = dict(slots)
+        if any(a != b for n, (a, b) in enumerate(zip(first, second)) if n not in fixed):
+            return None
+        return split, first, slots
 
     def digest_html(
         self,
