@@ -24,6 +24,7 @@ import contextlib
 import email.utils
 import hashlib
 import hmac
+import itertools
 import json
 import logging
 import os
@@ -1202,11 +1203,22 @@ def _qp_bodies(*bodies: Sequence[str], own: Sequence[str] = ()) -> list[bytes]:
     young = _QP_PIECES.young
     mine = {piece: _qp_link(piece) for piece in own if "\r" not in piece}
     young.update(mine)
+    get = young.__getitem__
     try:
         out = []
         for pieces in bodies:
             try:  # a turn of generations during the map leaves the lookups valid, if stale
-                body = b"".join(map(young.__getitem__, pieces))
+                if type(pieces) is _Pieces:  # the cards' encodings are at hand
+                    head_end, plan, tail_start = pieces.plan
+                    chunks = [b"".join(map(get, pieces[:head_end]))]
+                    for qp_runs, card_links in plan:
+                        chunks.append(qp_runs[0])
+                        for run, link in zip(qp_runs[1:], card_links, strict=True):
+                            chunks += (get(link), run)
+                    chunks.append(b"".join(map(get, pieces[tail_start:])))
+                    body = b"".join(chunks)
+                else:
+                    body = b"".join(map(get, pieces))
             except _CarriageReturn:
                 text = "".join(pieces).replace("\r\n", "\n").replace("\r", "\n")
                 body = _qp_piece(text) if text else b""
@@ -1218,6 +1230,19 @@ def _qp_bodies(*bodies: Sequence[str], own: Sequence[str] = ()) -> list[bytes]:
     finally:
         for piece in mine:
             young.pop(piece, None)
+
+
+def _qp_join(pieces: Sequence[str]) -> bytes:
+    """The encodings of these pieces, joined (what _qp_bodies makes of them in a body)."""
+    return b"".join(map(_QP_PIECES.young.__getitem__, pieces))
+
+
+class _Pieces(list[str]):
+    """A split template's pieces, with where its cards are (see Renderer._pieces):
+    (end of the head, [(the encodings between a card's links, its links)], tail start)."""
+
+    __slots__ = ("plan",)
+    plan: tuple[int, list[tuple[list[bytes], list[str]]], int]
 
 
 def _unique_hex(bits: int) -> str:
@@ -1324,8 +1349,10 @@ _LOOP_FIELDS = frozenset(
 
 
 def _own_links(ctx: Mapping[str, Any]) -> list[str]:
-    """The links of a digest that no other email has (see _qp_bodies)."""
+    """The links of a digest that no other email has (see _qp_bodies), and its footer's
+    "You get this because ... with <address>" (in the HTML as is unless escaped)."""
     own = [ctx["preferences_url"], ctx["unsubscribe_url"], ctx["view_url"]]
+    own += (ctx["reason"], ctx["reason_text"])
     for item in ctx["papers"]:
         own += (item.more_url, item.less_url)
     return own
@@ -1599,12 +1626,15 @@ class Renderer:
     def _pieces(self, template: Template, ctx: dict[str, Any]) -> list[str]:
         """``_render_pieces(template, ctx)``; for a split digest template, each paper's
         card from its rendered pieces (cached by the card's fields but its vote links,
-        so the same card for the next subscriber is two list stores, not a Jinja run)."""
+        so the same card for the next subscriber is two list stores, not a Jinja run),
+        with the plan _qp_bodies encodes it by (each card's quoted-printable cached too)."""
         split = _split_of(template) if self._split_ok else None
         if split is None:
             return _render_pieces(template, ctx)
         cards = self._card_pieces
-        out = _render_pieces(split.head, ctx)
+        out = _Pieces(_render_pieces(split.head, ctx))
+        head_end = len(out)
+        plan = []
         for item in ctx["papers"]:
             key = (id(split), item[:_MORE_AT], item[_MORE_AT + 2 :])
             hit = cards.get(key)
@@ -1612,24 +1642,27 @@ class Renderer:
                 hit = self._card_render(split, item, ctx)
                 if hit is None:  # this card reads its links otherwise: the whole, as is
                     return _render_pieces(template, ctx)
-                if len(cards) > 20_000:
+                if len(cards) > 4_000:  # ~6 KB each, its quoted-printable included
                     cards.clear()
                 cards[key] = hit
-            _, pieces, slots = hit
+            _, pieces, slots, qp_runs = hit
             pieces = pieces.copy()
             for at, field in slots:
                 pieces[at] = item[field]
+            plan.append((qp_runs, [item[field] for _, field in slots]))
             out += pieces
+        tail_start = len(out)
         out += _render_pieces(split.tail, ctx)
+        out.plan = (head_end, plan, tail_start)
         return out
 
     def _card_render(
         self, split: _Split, item: _Item, ctx: dict[str, Any]
-    ) -> tuple[_Split, list[str], tuple[tuple[int, int], ...]] | None:
-        """(split, the card's pieces, where its vote links go: (index, _Item field)), from
-        two renders with stand-ins of different lengths for the links: the card must
-        output each link whole as a piece of its own and depend on it in no other way;
-        None if it does not."""
+    ) -> tuple[_Split, list[str], tuple[tuple[int, int], ...], list[bytes]] | None:
+        """(split, the card's pieces, where its vote links go: (index, _Item field), the
+        quoted-printable of the pieces between them), from two renders with stand-ins of
+        different lengths for the links: the card must output each link whole as a piece
+        of its own and depend on it in no other way; None if it does not."""
         renders = []
         for more, less in (("\0pm-more\0", "\0pm-less\0"), ("\0pm-more-link\0", "\0l\0")):
             stand_in = item._replace(more_url=more, less_url=less)
@@ -1646,9 +1679,16 @@ class Renderer:
         if slots != slots2 or len(first) != len(second):
             return None
         fixed = dict(slots)
-        if any(a != b for n, (a, b) in enumerate(zip(first, second)) if n not in fixed):
+        if any(
+            a != b for n, (a, b) in enumerate(zip(first, second, strict=True)) if n not in fixed
+        ):
             return None
-        return split, first, slots
+        bounds = [-1, *fixed, len(first)]
+        try:
+            qp_runs = [_qp_join(first[a + 1 : b]) for a, b in itertools.pairwise(bounds)]
+        except _CarriageReturn:  # encoded from the joined text instead: no plan
+            return None
+        return split, first, slots, qp_runs
 
     def digest_html(
         self,
