@@ -829,6 +829,7 @@ def _split_paper_loop(env: Environment, source: str) -> _Split | None:
     if len(at) != 1 or sum(1 for _ in tree.find_all(nodes.For)) != 1:
         return None
     loop = tree.body[at[0]]
+    assert isinstance(loop, nodes.For)
     target, over = loop.target, loop.iter
     if not (
         isinstance(target, nodes.Name)
@@ -1237,6 +1238,10 @@ def _qp_join(pieces: Sequence[str]) -> bytes:
     return b"".join(map(_QP_PIECES.young.__getitem__, pieces))
 
 
+# (split, a card's pieces, where its links go: (index, _Item field), the encodings between)
+_Card = tuple["_Split", list[str], tuple[tuple[int, int], ...], list[bytes]]
+
+
 class _Pieces(list[str]):
     """A split template's pieces, with where its cards are (see Renderer._pieces):
     (end of the head, [(the encodings between a card's links, its links)], tail start)."""
@@ -1412,7 +1417,7 @@ class Renderer:
         self._more_block: int | None = None  # bytes of the "more on the web" block
         # Each card's rendered pieces, by its fields but its vote links (see _pieces): only
         # when every link is the same text escaped for HTML or not (no "&<>'\"" in it).
-        self._card_pieces: dict[tuple[Any, ...], tuple[_Split, list[str], Any]] = {}
+        self._card_pieces: dict[tuple[Any, ...], _Card] = {}
         self._split_ok = _escape_str(self._base) == self._base
         # Each paper's card fields but its vote links, by place and reason (see digest_context).
         self._cards: dict[tuple[Any, ...], tuple[_Parts, tuple[Any, ...], tuple[Any, ...]]] = {}
@@ -1656,9 +1661,7 @@ class Renderer:
         out.plan = (head_end, plan, tail_start)
         return out
 
-    def _card_render(
-        self, split: _Split, item: _Item, ctx: dict[str, Any]
-    ) -> tuple[_Split, list[str], tuple[tuple[int, int], ...], list[bytes]] | None:
+    def _card_render(self, split: _Split, item: _Item, ctx: dict[str, Any]) -> _Card | None:
         """(split, the card's pieces, where its vote links go: (index, _Item field), the
         quoted-printable of the pieces between them), from two renders with stand-ins of
         different lengths for the links: the card must output each link whole as a piece
