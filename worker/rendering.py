@@ -1137,19 +1137,24 @@ class _PieceCache:
     dropped, and what recurs (the templates' own pieces, each paper's) is kept. The kept
     ones live in two generations: looked up in the young one, then in the old one (and
     moved to the young one); when the young one holds about ``limit`` bytes it becomes
-    the old one, so memory stays bounded without emptying the whole cache at once.
+    the old one, so memory stays bounded without emptying the whole cache at once. A
+    piece in ``recent`` met again by a later body (``body`` counts them) is kept: else a
+    static piece first met when ``recent`` was nearly empty would stay there, served by
+    the miss path in every email (dozens per digest).
     Threads may race on a turn; the worst outcome is a piece encoded twice."""
 
-    __slots__ = ("limit", "old", "recent", "seen", "size", "young")
+    __slots__ = ("body", "limit", "old", "recent", "seen", "size", "young")
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.young = _Generation(self)
         self.old: dict[str, bytes] = {}
         self.seen: set[int] = set()
-        # The last pieces seen once: a link is in the text and then in the HTML.
-        self.recent: dict[str, bytes] = {}
+        # The last pieces seen once, with the body they were seen in: a link is in the
+        # text and then in the HTML.
+        self.recent: dict[str, tuple[bytes, int]] = {}
         self.size = 0
+        self.body = 0
 
 
 class _Generation(dict[str, bytes]):
@@ -1164,12 +1169,16 @@ class _Generation(dict[str, bytes]):
 
     def __missing__(self, piece: str) -> bytes:
         cache = self.cache
-        encoded = cache.recent.get(piece)
-        if encoded is not None:
-            return encoded
-        if "\r" in piece:  # a CRLF may straddle two pieces
+        first = cache.recent.get(piece)
+        if first is not None:
+            encoded, body = first
+            if body == cache.body:  # twice in one email's bodies: not yet a recurring piece
+                return encoded
+            del cache.recent[piece]
+        elif "\r" in piece:  # a CRLF may straddle two pieces
             raise _CarriageReturn
-        encoded = cache.old.get(piece)
+        else:
+            encoded = cache.old.get(piece)
         if encoded is None:
             encoded = _qp_piece(str(piece))
             seen, mark = cache.seen, hash(piece)
@@ -1179,7 +1188,7 @@ class _Generation(dict[str, bytes]):
                 seen.add(mark)
                 if len(cache.recent) >= 256:
                     cache.recent.clear()
-                cache.recent[piece] = encoded
+                cache.recent[piece] = (encoded, cache.body)
                 return encoded
             if len(piece) > cache.limit // 64:  # a one-off whole text: not kept
                 return encoded
@@ -1201,6 +1210,7 @@ def _qp_bodies(*bodies: Sequence[str], own: Sequence[str] = ()) -> list[bytes]:
     ``own`` are pieces known to be this email's alone (its signed links): they are encoded
     up front and put in the young generation for the time of the lookups, instead of each
     taking the miss path twice (text, HTML) and the doorkeeper's bookkeeping."""
+    _QP_PIECES.body += 1  # the bodies of one call count as one (see _PieceCache)
     young = _QP_PIECES.young
     mine = {piece: _qp_link(piece) for piece in own if "\r" not in piece}
     young.update(mine)
