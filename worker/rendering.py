@@ -1819,14 +1819,17 @@ class Renderer:
         subject, text, html = self._fill(ctx, t.digest_html, t.digest_text, t.digest_subject)
         # The size budget, checked for free on the usual digest: the HTML's characters
         # are at most its UTF-8 bytes, which are at most its quoted-printable bytes.
+        # (The joined HTML is the message's html anyway: its length is free.)
         budget = self.max_bytes
-        over = sum(map(len, html)) > budget
+        html_str = "".join(html)
+        over = len(html_str) > budget
         if not over:
             text_qp, html_qp = _qp_bodies(text, html, own=_own_links(ctx))
-            over = len(html_qp) > budget and len("".join(html).encode()) > budget
+            over = len(html_qp) > budget and len(html_str.encode()) > budget
         if over:
             ctx, text, html = self._fit(ctx, html)
             text_qp, html_qp = _qp_bodies(text, html, own=_own_links(ctx))
+            html_str = "".join(html)
         iso = edition_date.isoformat()
         ref = str(delivery_id) if delivery_id is not None else f"s{recipient.subscriber_id}"
         message_id = f"<{iso}.{ref}.{_unique_hex(48)}@{self.domain}>"
@@ -1849,7 +1852,7 @@ class Renderer:
             subject=subject,
             message_id=message_id,
             raw=_mime(headers, text_qp, html_qp),
-            html="".join(html),
+            html=html_str,
             text="".join(text),
             tags=tags,
         )
