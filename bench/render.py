@@ -81,6 +81,9 @@ def synthesise_papers(count: int, rng: random.Random) -> list[Paper]:
                 url=f"https://huggingface.co/papers/{pid}",
                 pdf_url=f"https://arxiv.org/pdf/{pid}",
                 hf_url=f"https://huggingface.co/papers/{pid}",
+                # What a stored Hugging Face paper holds (the column's default, set at
+                # flush): every column a worker reads is loaded, none left to getattr.
+                categories=[],
             )
         )
     return papers

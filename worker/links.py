@@ -126,9 +126,11 @@ class _Minter:
         """Mint from the payload already in compact JSON (a hot loop's shortcut)."""
         return self.mint_json_many((payload_json,))[0]
 
-    def mint_json_many(self, payloads_json: Sequence[bytes]) -> list[str]:
-        """Mint several links at once (one email's), all stamped with the same second."""
-        now = int(_clock())
+    def mint_json_many(self, payloads_json: Sequence[bytes], now: int | None = None) -> list[str]:
+        """Mint several links at once (one email's), all stamped with the same second:
+        ``now`` (from :func:`now_second`, so an email's minters share one clock read)."""
+        if now is None:
+            now = int(_clock())
         at, stamp = self._stamp
         if now != at:  # racing threads may both recompute: harmless
             stamp = b"." + _b64(int_to_bytes(now))
@@ -169,10 +171,16 @@ def _keys(settings: Settings | None) -> tuple[str, ...]:
     return tuple((settings or get_settings()).signing_keys)
 
 
+def now_second() -> int:
+    """The second links are stamped with now (the process clock, see :func:`_clock`)."""
+    return int(_clock())
+
+
 def json_many_minter(
     purpose: str, settings: Settings | None = None
-) -> Callable[[Sequence[bytes]], list[str]]:
-    """Like :func:`json_minter` for a batch of payloads (one clock read for all)."""
+) -> Callable[[Sequence[bytes], int | None], list[str]]:
+    """Like :func:`json_minter` for a batch of payloads (one clock read for all, or
+    none given the second from :func:`now_second`)."""
     return _minter(_check_purpose(purpose), _keys(settings)).mint_json_many
 
 

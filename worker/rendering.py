@@ -24,6 +24,7 @@ import contextlib
 import email.utils
 import hashlib
 import hmac
+import itertools
 import json
 import logging
 import os
@@ -133,8 +134,10 @@ def paper_view(
         abstract, url, pdf_url, hf_url = row["abstract"], row["url"], row["pdf_url"], row["hf_url"]
         categories, published_at = row["categories"], row["published_at"]
     except KeyError:
+        # Only the missing columns go through getattr (a Paper built in Python and never
+        # flushed lacks the ones it was not given, such as categories: None, as before).
         pid, title, authors, upvotes, abstract, url, pdf_url, hf_url, categories, published_at = (
-            getattr(paper, name, None) for name in _VIEW_COLUMNS
+            row[name] if name in row else getattr(paper, name, None) for name in _VIEW_COLUMNS
         )
     arxiv = bool(pid) and looks_like_arxiv_id(pid)
     # The frozen dataclass's __init__ sets each field through object.__setattr__; its
@@ -804,6 +807,75 @@ def _render(template: Template, values: dict[str, Any]) -> str:
     return template.environment.concat(_render_pieces(template, values))  # type: ignore[attr-defined]
 
 
+class _Split(NamedTuple):
+    """A template cut around its paper loop: rendering ``head``, then ``card`` once per
+    paper (``p`` in its context), then ``tail`` yields the pieces of the whole."""
+
+    head: Template
+    card: Template
+    tail: Template
+
+
+# Nodes whose effect would not carry from one part of a split template to the next.
+_UNSPLITTABLE = (
+    nodes.Assign, nodes.AssignBlock, nodes.Macro, nodes.CallBlock, nodes.Import,
+    nodes.FromImport, nodes.Include, nodes.Extends, nodes.Block, nodes.Scope, nodes.With,
+    nodes.FilterBlock, nodes.EvalContextModifier,
+)  # fmt: skip
+_SPLITS: dict[int, tuple[Template, _Split]] = {}
+
+
+def _split_paper_loop(env: Environment, source: str) -> _Split | None:
+    """The parts of a template whose cards depend on ``p`` alone: one top-level
+    ``{% for p in papers %}`` (no else, filter or recursion; no other loop) whose body
+    reads no other variable, and nothing anywhere that assigns, defines or includes.
+    Anything else: None, and the template renders whole."""
+    tree = env.parse(source)
+    if any(True for _ in tree.find_all(_UNSPLITTABLE)):
+        return None
+    at = [i for i, node in enumerate(tree.body) if isinstance(node, nodes.For)]
+    if len(at) != 1 or sum(1 for _ in tree.find_all(nodes.For)) != 1:
+        return None
+    loop = tree.body[at[0]]
+    assert isinstance(loop, nodes.For)
+    target, over = loop.target, loop.iter
+    if not (
+        isinstance(target, nodes.Name)
+        and target.name == "p"
+        and isinstance(over, nodes.Name)
+        and over.name == "papers"
+        and not loop.else_
+        and loop.test is None
+        and not loop.recursive
+    ):
+        return None
+    body = nodes.Template(loop.body)
+    if {name.name for name in body.find_all(nodes.Name)} != {"p"}:
+        return None
+
+    def part(nodes_: list[nodes.Node]) -> Template:
+        code = env.compile(nodes.Template(nodes_, lineno=1))
+        return env.template_class.from_code(env, code, env.make_globals(None), None)
+
+    return _Split(part(tree.body[: at[0]]), part(loop.body), part(tree.body[at[0] + 1 :]))
+
+
+def _template(env: Environment, source: str) -> Template:
+    """``env.from_string(source)``, its paper-loop split registered when it has one."""
+    template = env.from_string(source)
+    split = _split_paper_loop(env, source)
+    if split is not None:
+        if len(_SPLITS) > 64:
+            _SPLITS.clear()
+        _SPLITS[id(template)] = (template, split)
+    return template
+
+
+def _split_of(template: Template) -> _Split | None:
+    hit = _SPLITS.get(id(template))
+    return hit[1] if hit is not None and hit[0] is template else None
+
+
 class _Templates(NamedTuple):
     key: str
     digest_html: Template
@@ -842,8 +914,8 @@ def load_templates(
         html, text = _html_env(), _text_env()
         templates = _Templates(
             key,
-            html.from_string(compiled["digest.html"]),
-            text.from_string(compiled["digest.txt"]),
+            _template(html, compiled["digest.html"]),
+            _template(text, compiled["digest.txt"]),
             text.from_string(compiled["digest.subject"]),
             html.from_string(compiled["confirm.html"]),
             text.from_string(compiled["confirm.txt"]),
@@ -1047,6 +1119,16 @@ def _qp_piece(piece: str) -> bytes:
     return text if piece.endswith("\n") else text + _SOFT
 
 
+def _qp_link(piece: str) -> bytes:
+    """``_qp_piece(piece)``, without its calls for the usual signed link: one line of
+    printable ASCII without "=", 76 to 150 characters (a soft break after the 75th)."""
+    if 75 < len(piece) <= 2 * _QP_WIDTH and piece.isascii() and piece.isprintable():
+        data = piece.encode("ascii")
+        if b"=" not in data:
+            return data[:_QP_WIDTH] + _SOFT + data[_QP_WIDTH:] + _SOFT
+    return _qp_piece(piece)
+
+
 _ENTRY_BYTES = 200  # a cache entry's own objects: its key's hash slot, the bytes object
 
 
@@ -1063,19 +1145,24 @@ class _PieceCache:
     dropped, and what recurs (the templates' own pieces, each paper's) is kept. The kept
     ones live in two generations: looked up in the young one, then in the old one (and
     moved to the young one); when the young one holds about ``limit`` bytes it becomes
-    the old one, so memory stays bounded without emptying the whole cache at once.
+    the old one, so memory stays bounded without emptying the whole cache at once. A
+    piece in ``recent`` met again by a later body (``body`` counts them) is kept: else a
+    static piece first met when ``recent`` was nearly empty would stay there, served by
+    the miss path in every email (dozens per digest).
     Threads may race on a turn; the worst outcome is a piece encoded twice."""
 
-    __slots__ = ("limit", "old", "recent", "seen", "size", "young")
+    __slots__ = ("body", "limit", "old", "recent", "seen", "size", "young")
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.young = _Generation(self)
         self.old: dict[str, bytes] = {}
         self.seen: set[int] = set()
-        # The last pieces seen once: a link is in the text and then in the HTML.
-        self.recent: dict[str, bytes] = {}
+        # The last pieces seen once, with the body they were seen in: a link is in the
+        # text and then in the HTML.
+        self.recent: dict[str, tuple[bytes, int]] = {}
         self.size = 0
+        self.body = 0
 
 
 class _Generation(dict[str, bytes]):
@@ -1090,12 +1177,16 @@ class _Generation(dict[str, bytes]):
 
     def __missing__(self, piece: str) -> bytes:
         cache = self.cache
-        encoded = cache.recent.get(piece)
-        if encoded is not None:
-            return encoded
-        if "\r" in piece:  # a CRLF may straddle two pieces
+        first = cache.recent.get(piece)
+        if first is not None:
+            encoded, body = first
+            if body == cache.body:  # twice in one email's bodies: not yet a recurring piece
+                return encoded
+            del cache.recent[piece]
+        elif "\r" in piece:  # a CRLF may straddle two pieces
             raise _CarriageReturn
-        encoded = cache.old.get(piece)
+        else:
+            encoded = cache.old.get(piece)
         if encoded is None:
             encoded = _qp_piece(str(piece))
             seen, mark = cache.seen, hash(piece)
@@ -1105,7 +1196,7 @@ class _Generation(dict[str, bytes]):
                 seen.add(mark)
                 if len(cache.recent) >= 256:
                     cache.recent.clear()
-                cache.recent[piece] = encoded
+                cache.recent[piece] = (encoded, cache.body)
                 return encoded
             if len(piece) > cache.limit // 64:  # a one-off whole text: not kept
                 return encoded
@@ -1127,14 +1218,26 @@ def _qp_bodies(*bodies: Sequence[str], own: Sequence[str] = ()) -> list[bytes]:
     ``own`` are pieces known to be this email's alone (its signed links): they are encoded
     up front and put in the young generation for the time of the lookups, instead of each
     taking the miss path twice (text, HTML) and the doorkeeper's bookkeeping."""
+    _QP_PIECES.body += 1  # the bodies of one call count as one (see _PieceCache)
     young = _QP_PIECES.young
-    mine = {piece: _qp_piece(piece) for piece in own if "\r" not in piece}
+    mine = {piece: _qp_link(piece) for piece in own if "\r" not in piece}
     young.update(mine)
+    get = young.__getitem__
     try:
         out = []
         for pieces in bodies:
             try:  # a turn of generations during the map leaves the lookups valid, if stale
-                body = b"".join(map(young.__getitem__, pieces))
+                if type(pieces) is _Pieces:  # the cards' encodings are at hand
+                    head_end, plan, tail_start = pieces.plan
+                    chunks = [b"".join(map(get, pieces[:head_end]))]
+                    for qp_runs, card_links in plan:
+                        chunks.append(qp_runs[0])
+                        for run, link in zip(qp_runs[1:], card_links, strict=True):
+                            chunks += (get(link), run)
+                    chunks.append(b"".join(map(get, pieces[tail_start:])))
+                    body = b"".join(chunks)
+                else:
+                    body = b"".join(map(get, pieces))
             except _CarriageReturn:
                 text = "".join(pieces).replace("\r\n", "\n").replace("\r", "\n")
                 body = _qp_piece(text) if text else b""
@@ -1146,6 +1249,23 @@ def _qp_bodies(*bodies: Sequence[str], own: Sequence[str] = ()) -> list[bytes]:
     finally:
         for piece in mine:
             young.pop(piece, None)
+
+
+def _qp_join(pieces: Sequence[str]) -> bytes:
+    """The encodings of these pieces, joined (what _qp_bodies makes of them in a body)."""
+    return b"".join(map(_QP_PIECES.young.__getitem__, pieces))
+
+
+# (split, a card's pieces, where its links go: (index, _Item field), the encodings between)
+_Card = tuple["_Split", list[str], tuple[tuple[int, int], ...], list[bytes]]
+
+
+class _Pieces(list[str]):
+    """A split template's pieces, with where its cards are (see Renderer._pieces):
+    (end of the head, [(the encodings between a card's links, its links)], tail start)."""
+
+    __slots__ = ("plan",)
+    plan: tuple[int, list[tuple[list[bytes], list[str]]], int]
 
 
 def _unique_hex(bits: int) -> str:
@@ -1242,6 +1362,7 @@ class _Item(NamedTuple):
 
 
 _new_tuple = tuple.__new__
+_MORE_AT = _Item._fields.index("more_url")  # less_url follows it
 
 # Attributes the sandbox may hand out unchecked: data fields, no callables or internals.
 _ITEM_FIELDS = frozenset(_Item._fields)
@@ -1251,8 +1372,10 @@ _LOOP_FIELDS = frozenset(
 
 
 def _own_links(ctx: Mapping[str, Any]) -> list[str]:
-    """The links of a digest that no other email has (see _qp_bodies)."""
+    """The links of a digest that no other email has (see _qp_bodies), and its footer's
+    "You get this because ... with <address>" (in the HTML as is unless escaped)."""
     own = [ctx["preferences_url"], ctx["unsubscribe_url"], ctx["view_url"]]
+    own += (ctx["reason"], ctx["reason_text"])
     for item in ctx["papers"]:
         own += (item.more_url, item.less_url)
     return own
@@ -1303,21 +1426,28 @@ class Renderer:
         self._mint: dict[str, Callable[[dict[str, Any]], str]] = {
             purpose: links.minter(purpose, settings) for purpose in links.PURPOSES
         }
-        self._mint_json = {p: links.json_minter(p, settings) for p in links.PURPOSES}
-        self._mint_feedback_many = links.json_many_minter("feedback", settings)
+        self._mint_many = {p: links.json_many_minter(p, settings) for p in links.PURPOSES}
+        self._mint_feedback_many = self._mint_many["feedback"]
         # Papers repeat across thousands of emails (in fresh PaperViews each time): their
         # cleaned text is computed once per content. Hashing the key is cheap because the
         # strings are the same objects, whose hashes Python caches.
         self._parts: dict[tuple[Any, ...], _Parts] = {}
         self._more_block: int | None = None  # bytes of the "more on the web" block
+        # Each card's rendered pieces, by its fields but its vote links (see _pieces): only
+        # when every link is the same text escaped for HTML or not (no "&<>'\"" in it).
+        self._card_pieces: dict[tuple[Any, ...], _Card] = {}
+        self._split_ok = _escape_str(self._base) == self._base
+        # Each paper's card fields but its vote links, by place and reason (see digest_context).
+        self._cards: dict[tuple[Any, ...], tuple[_Parts, tuple[Any, ...], tuple[Any, ...]]] = {}
 
     # -- links
 
     def _url(self, purpose: str, payload: dict[str, Any]) -> str:
         return f"{self._base}/{links.ROUTES[purpose]}/{self._mint[purpose](payload)}"
 
-    def _url_json(self, purpose: str, payload_json: bytes) -> str:
-        return f"{self._base}/{links.ROUTES[purpose]}/{self._mint_json[purpose](payload_json)}"
+    def _url_json(self, purpose: str, payload_json: bytes, now: int | None = None) -> str:
+        token = self._mint_many[purpose]((payload_json,), now)[0]
+        return f"{self._base}/{links.ROUTES[purpose]}/{token}"
 
     # -- digest
 
@@ -1374,6 +1504,38 @@ class Renderer:
         self._parts[key] = parts
         return parts
 
+    def _card(
+        self, paper: PaperView, parts: _Parts, n: int, has_topics: bool, rank: int, count: int
+    ) -> tuple[_Parts, tuple[Any, ...], tuple[Any, ...]]:
+        """(parts, the _Item fields before its vote links, the fields after them)."""
+        topic = _clean_topic(paper.matched_topic) if paper.matched_topic else None
+        found = tuple(t for t in map(_clean_topic, paper.matched_terms) if t) if topic else ()
+        # "Because you follow pruning: pruning" says nothing: the reason names only the
+        # terms beyond the topic; the snippet highlights them all.
+        terms = tuple(t for t in found if topic and t.casefold() != topic.casefold())
+        reason_html, reason_text = _reason(topic, terms, has_topics, rank, count)
+        marked = found or ((topic,) if topic else ())
+        head = (
+            paper.id,
+            parts.title,
+            _wrap(parts.title_plain, "   ", f"{n + 1}. "),
+            reason_html,
+            _wrap(reason_text, "   "),
+            parts.meta,
+            parts.meta_text,
+            parts.abstract,
+            marked,
+            highlight(parts.abstract, marked),
+            _wrap(parts.abstract, "   "),
+            int(paper.upvotes or 0),
+            topic,
+            parts.read_url,
+            parts.pdf_url,
+            parts.hf_url,
+            parts.page_url,
+        )
+        return parts, head, (parts.arxiv_id, parts.category)
+
     def digest_context(
         self,
         recipient: Recipient,
@@ -1389,14 +1551,17 @@ class Renderer:
         sid = int(recipient.subscriber_id)
         fb = f"{self._base}/{links.ROUTES['feedback']}/"
         all_parts = [self._paper_parts(paper) for paper in papers]
-        # The votes of every paper, minted in one call: one clock read, no per-link setup.
+        # Every link of the email stamped with one clock read; the votes of every paper
+        # minted in one call, no per-link setup.
+        now = links.now_second()
         votes = iter(
             self._mint_feedback_many(
                 [
                     b'{"s":%d,"p":%s,"v":%s}' % (sid, parts.id_json, vote)
                     for parts in all_parts
                     for vote in (b"1", b"-1")
-                ]
+                ],
+                now,
             )
         )
         topics = [t for t in (_clean_topic(t) for t in recipient.topics) if t]
@@ -1404,44 +1569,22 @@ class Renderer:
         count = len(papers)
         ranks = _upvote_ranks([int(p.upvotes or 0) for p in papers]) if not has_topics else None
         items = []
+        cards = self._cards
         for n, (paper, parts) in enumerate(zip(papers, all_parts, strict=True)):
-            topic = _clean_topic(paper.matched_topic) if paper.matched_topic else None
-            found = tuple(t for t in map(_clean_topic, paper.matched_terms) if t) if topic else ()
-            # "Because you follow pruning: pruning" says nothing: the reason names only the
-            # terms beyond the topic; the snippet highlights them all.
-            terms = tuple(t for t in found if topic and t.casefold() != topic.casefold())
-            reason_html, reason_text = _reason(
-                topic, terms, has_topics, ranks[n] if ranks else 0, count
-            )
-            marked = found or ((topic,) if topic else ())
-            items.append(
-                _new_tuple(  # _Item(...) without the named tuple's Python-level __new__
-                    _Item,
-                    (
-                        paper.id,
-                        parts.title,
-                        _wrap(parts.title_plain, "   ", f"{n + 1}. "),
-                        reason_html,
-                        _wrap(reason_text, "   "),
-                        parts.meta,
-                        parts.meta_text,
-                        parts.abstract,
-                        marked,
-                        highlight(parts.abstract, marked),
-                        _wrap(parts.abstract, "   "),
-                        int(paper.upvotes or 0),
-                        topic,
-                        parts.read_url,
-                        parts.pdf_url,
-                        parts.hf_url,
-                        parts.page_url,
-                        fb + next(votes),
-                        fb + next(votes),
-                        parts.arxiv_id,
-                        parts.category,
-                    ),
-                )
-            )
+            rank = ranks[n] if ranks else 0
+            # The card is the same for every subscriber who gets this paper at this place
+            # for the same reason: only its two vote links are theirs (parts identifies
+            # the paper's content, id, upvotes included; it is kept alive in the value).
+            terms = tuple(paper.matched_terms)  # the same object when it is a tuple
+            key = (id(parts), n, paper.matched_topic, terms, has_topics, rank, count)
+            hit = cards.get(key)
+            if hit is None or hit[0] is not parts:
+                hit = self._card(paper, parts, n, has_topics, rank, count)
+                if len(cards) > 20_000:
+                    cards.clear()
+                cards[key] = hit
+            # _Item(...) without the named tuple's Python-level __new__.
+            items.append(_new_tuple(_Item, (*hit[1], fb + next(votes), fb + next(votes), *hit[2])))
         long_label, short_label = _date_labels(edition_date)
         iso = edition_date.isoformat()
         weekly = recipient.frequency == "weekly"
@@ -1483,9 +1626,9 @@ class Renderer:
             "more_on_web": 0,
             "more_on_web_label": "",
             "more_on_web_text": "",
-            "preferences_url": self._url_json("preferences", b'{"s":%d}' % sid),
-            "unsubscribe_url": self._url_json("unsubscribe", b'{"s":%d}' % sid),
-            "view_url": self._url_json("view", b'{"s":%d,"d":"%s"}' % (sid, iso.encode())),
+            "preferences_url": self._url_json("preferences", b'{"s":%d}' % sid, now),
+            "unsubscribe_url": self._url_json("unsubscribe", b'{"s":%d}' % sid, now),
+            "view_url": self._url_json("view", b'{"s":%d,"d":"%s"}' % (sid, iso.encode()), now),
             "email": email_addr,
             "topics": topics,
             "schedule": schedule_text(recipient),
@@ -1501,7 +1644,72 @@ class Renderer:
         """The subject, and the pieces of the text and of the HTML (see _render_pieces)."""
         subject = shorten(_render(subj_t, ctx), MAX_SUBJECT_CHARS - 1)  # "…" is the 70th
         ctx["subject"] = subject
-        return subject, _render_pieces(text_t, ctx), _render_pieces(html_t, ctx)
+        return subject, self._pieces(text_t, ctx), self._pieces(html_t, ctx)
+
+    def _pieces(self, template: Template, ctx: dict[str, Any]) -> list[str]:
+        """``_render_pieces(template, ctx)``; for a split digest template, each paper's
+        card from its rendered pieces (cached by the card's fields but its vote links,
+        so the same card for the next subscriber is two list stores, not a Jinja run),
+        with the plan _qp_bodies encodes it by (each card's quoted-printable cached too)."""
+        split = _split_of(template) if self._split_ok else None
+        if split is None:
+            return _render_pieces(template, ctx)
+        cards = self._card_pieces
+        out = _Pieces(_render_pieces(split.head, ctx))
+        head_end = len(out)
+        plan = []
+        for item in ctx["papers"]:
+            key = (id(split), item[:_MORE_AT], item[_MORE_AT + 2 :])
+            hit = cards.get(key)
+            if hit is None or hit[0] is not split:
+                hit = self._card_render(split, item, ctx)
+                if hit is None:  # this card reads its links otherwise: the whole, as is
+                    return _render_pieces(template, ctx)
+                if len(cards) > 4_000:  # ~6 KB each, its quoted-printable included
+                    cards.clear()
+                cards[key] = hit
+            _, pieces, slots, qp_runs = hit
+            pieces = pieces.copy()
+            for at, field in slots:
+                pieces[at] = item[field]
+            plan.append((qp_runs, [item[field] for _, field in slots]))
+            out += pieces
+        tail_start = len(out)
+        out += _render_pieces(split.tail, ctx)
+        out.plan = (head_end, plan, tail_start)
+        return out
+
+    def _card_render(self, split: _Split, item: _Item, ctx: dict[str, Any]) -> _Card | None:
+        """(split, the card's pieces, where its vote links go: (index, _Item field), the
+        quoted-printable of the pieces between them), from two renders with stand-ins of
+        different lengths for the links: the card must output each link whole as a piece
+        of its own and depend on it in no other way; None if it does not."""
+        renders = []
+        for more, less in (("\0pm-more\0", "\0pm-less\0"), ("\0pm-more-link\0", "\0l\0")):
+            stand_in = item._replace(more_url=more, less_url=less)
+            pieces = _render_pieces(split.card, {**ctx, "p": stand_in})
+            slots = tuple(
+                (at, _MORE_AT if piece == more else _MORE_AT + 1)
+                for at, piece in enumerate(pieces)
+                if piece in (more, less)
+            )
+            if any("\0" in piece for n, piece in enumerate(pieces) if n not in dict(slots)):
+                return None
+            renders.append((pieces, slots))
+        (first, slots), (second, slots2) = renders
+        if slots != slots2 or len(first) != len(second):
+            return None
+        fixed = dict(slots)
+        if any(
+            a != b for n, (a, b) in enumerate(zip(first, second, strict=True)) if n not in fixed
+        ):
+            return None
+        bounds = [-1, *fixed, len(first)]
+        try:
+            qp_runs = [_qp_join(first[a + 1 : b]) for a, b in itertools.pairwise(bounds)]
+        except _CarriageReturn:  # encoded from the joined text instead: no plan
+            return None
+        return split, first, slots, qp_runs
 
     def digest_html(
         self,
@@ -1619,14 +1827,17 @@ class Renderer:
         subject, text, html = self._fill(ctx, t.digest_html, t.digest_text, t.digest_subject)
         # The size budget, checked for free on the usual digest: the HTML's characters
         # are at most its UTF-8 bytes, which are at most its quoted-printable bytes.
+        # (The joined HTML is the message's html anyway: its length is free.)
         budget = self.max_bytes
-        over = sum(map(len, html)) > budget
+        html_str = "".join(html)
+        over = len(html_str) > budget
         if not over:
             text_qp, html_qp = _qp_bodies(text, html, own=_own_links(ctx))
-            over = len(html_qp) > budget and len("".join(html).encode()) > budget
+            over = len(html_qp) > budget and len(html_str.encode()) > budget
         if over:
             ctx, text, html = self._fit(ctx, html)
             text_qp, html_qp = _qp_bodies(text, html, own=_own_links(ctx))
+            html_str = "".join(html)
         iso = edition_date.isoformat()
         ref = str(delivery_id) if delivery_id is not None else f"s{recipient.subscriber_id}"
         message_id = f"<{iso}.{ref}.{_unique_hex(48)}@{self.domain}>"
@@ -1649,7 +1860,7 @@ class Renderer:
             subject=subject,
             message_id=message_id,
             raw=_mime(headers, text_qp, html_qp),
-            html="".join(html),
+            html=html_str,
             text="".join(text),
             tags=tags,
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import email
 import email.policy
 import re
@@ -644,3 +645,82 @@ def test_arxiv_id_category_and_abstract_link(renderer: Renderer) -> None:
     assert "Read:           https://arxiv.org/abs/2401.12345" in text
     assert "Hugging Face:   https://huggingface.co/papers/2401.12345" in text
     assert text.count("https://arxiv.org/abs/2401.54321") == 1  # each URL once
+
+
+def _digest_variants() -> list[tuple[Recipient, list[PaperView]]]:
+    trending = Recipient(7, "t@example.org", (), "weekly", 2, 9, "UTC")
+    many = [_paper(f"2611.{n:05d}", f"Paper {n} & <co>", upvotes=n) for n in range(1, 11)]
+    return [
+        (RECIPIENT, PAPERS),
+        (RECIPIENT, PAPERS[::-1]),  # the same cards at other places
+        (dataclasses.replace(RECIPIENT, subscriber_id=43), PAPERS),  # other vote links
+        (trending, many),
+        (trending, many[:1]),
+        (RECIPIENT, [_paper("2611.00009", "Terms", matched_terms=("denoising", "score"))]),
+    ]
+
+
+def test_split_cards_render_what_the_whole_template_renders(renderer: Renderer) -> None:
+    t = renderer.templates
+    assert rendering._split_of(t.digest_html) and rendering._split_of(t.digest_text)
+    for _ in range(2):  # cards rendered, then from the cache
+        for recipient, papers in _digest_variants():
+            ctx = renderer.digest_context(recipient, EDITION, papers)
+            ctx["subject"] = "s"
+            pieces = [renderer._pieces(x, ctx) for x in (t.digest_text, t.digest_html)]
+            whole = [rendering._render_pieces(x, ctx) for x in (t.digest_text, t.digest_html)]
+            assert pieces == whole
+            assert all(type(p) is rendering._Pieces for p in pieces)  # the planned path
+            own = rendering._own_links(ctx)
+            # The cards' cached encodings give the bytes the pieces one by one give.
+            assert rendering._qp_bodies(*pieces, own=own) == rendering._qp_bodies(
+                *map(list, whole), own=own
+            )
+    assert renderer._card_pieces
+
+
+def test_over_budget_digest_is_the_same_with_split_cards(
+    settings: Settings, tmp_path: Path
+) -> None:
+    small = Renderer(settings.model_copy(update={"email_max_bytes": 20_000}), cache_dir=tmp_path)
+    papers = [_paper(f"2611.{n:05d}", f"P{n}", abstract="words " * 60) for n in range(10)]
+    out = small.render_digest(RECIPIENT, EDITION, papers, delivery_id=1)
+    whole = Renderer(settings.model_copy(update={"email_max_bytes": 20_000}), cache_dir=tmp_path)
+    whole._split_ok = False
+    ref = whole.render_digest(RECIPIENT, EDITION, papers, delivery_id=1)
+    assert "more papers of this edition" in out.text  # the budget moved some to the web
+    assert out.html == ref.html and out.text == ref.text
+    text, html = _parts(_parse(out.raw))
+    assert html.replace("\r\n", "\n") == out.html and text.replace("\r\n", "\n") == out.text
+
+
+@pytest.mark.parametrize(
+    "card",
+    [
+        "{{ loop.index }} {{ p.title }}",  # the loop's own variable
+        "{{ email }} {{ p.title }}",  # another variable: not the same card for everyone
+        "{% set x = p.title %}{{ x }}",  # an assignment
+    ],
+)
+def test_loops_that_are_not_one_card_per_paper_are_not_split(card: str) -> None:
+    env = rendering._text_env()
+    source = "a{% for p in papers %}" + card + "{% endfor %}b"
+    assert rendering._split_paper_loop(env, source) is None
+
+
+@pytest.mark.parametrize(
+    "card",
+    [
+        "{{ p.more_url|length }}",  # depends on the link's text
+        "{{ p.more_url[:12] }}",  # a cut link
+        "<{{ p.more_url ~ p.less_url }}>",  # not a piece of its own
+    ],
+)
+def test_cards_that_use_their_links_otherwise_render_whole(renderer: Renderer, card: str) -> None:
+    env = rendering._text_env()
+    source = "head {% for p in papers %}[{{ p.title }} " + card + "]{% endfor %} tail"
+    template = rendering._template(env, source)
+    assert rendering._split_of(template) is not None
+    ctx = renderer.digest_context(RECIPIENT, EDITION, PAPERS)
+    assert renderer._pieces(template, ctx) == rendering._render_pieces(template, ctx)
+    assert "".join(renderer._pieces(template, ctx)) == template.render(ctx)
