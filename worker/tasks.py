@@ -32,7 +32,6 @@ from __future__ import annotations
 import gc
 import logging
 import math
-import os
 import threading
 import time
 import uuid
@@ -263,7 +262,6 @@ def _preload_before_fork(**_: Any) -> None:
     # The engine, not a connection: it imports the database driver (psycopg: about 0.3 s
     # of CPU per child otherwise); each child drops it and connects on its own.
     get_engine(settings.database_url)
-    _compile_templates_in_a_child(settings)
     try:
         get_renderer(settings)
     except Exception:  # a broken template is reported by the chunk that needs it
@@ -275,27 +273,6 @@ def _preload_before_fork(**_: Any) -> None:
     # (their reference headers), which copy-on-write would then duplicate in every child.
     gc.collect()
     gc.freeze()
-
-
-def _compile_templates_in_a_child(settings: Settings) -> None:
-    """Compile the templates into the disk cache in a forked child, so this parent (and
-    the pool forked from it) loads them from the cache and never imports MJML, premailer,
-    cssutils and lxml: 17 MB in every worker process for the life of the worker, after a
-    deploy that changed a template. Nothing to do when the cache is already there; where
-    there is no disk cache the parent compiles in memory as before."""
-    if not hasattr(os, "fork"):
-        return
-    pid = os.fork()
-    if pid == 0:  # the child: compile, write the cache, leave without cleaning up
-        code = 1
-        try:
-            from worker.rendering import get_renderer
-
-            get_renderer(settings)
-            code = 0
-        finally:
-            os._exit(code)
-    os.waitpid(pid, 0)
 
 
 def _start_metrics(settings: Settings) -> None:
